@@ -1,0 +1,101 @@
+"""Evaluating a loaded model on labelled files: the report that
+``training.fit`` writes for its validation split, ``training.evaluate`` writes
+for any folder, and the dashboard reads."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .checkpoint import atomic_write_text
+from .inference import LoadedModel
+from .metrics import calibrated, evaluation_report, expected_calibration_error
+from .preprocess import load_squares
+
+
+def evaluate_files(model: LoadedModel, paths: list[Path], labels: list[int], *, dedupe: bool = False,
+                   workers: int = 2, root: Path | None = None,
+                   on_progress: Callable[[int, int], None] | None = None) -> tuple[dict, list[dict]]:
+    """Report and per-image rows for ``paths`` with true ``labels`` (indices into
+    the model's classes). Unreadable files are listed, not fatal; with
+    ``dedupe`` an image repeated under several names counts once."""
+    paths = [Path(p) for p in paths]
+    loaded = load_squares(paths, model.preprocess, workers=workers, on_progress=on_progress)
+    keep, seen, skipped = [], set(), 0
+    for i, (error, digest) in enumerate(zip(loaded.errors, loaded.digests)):
+        if error:
+            continue
+        if dedupe and digest in seen:
+            skipped += 1
+            continue
+        seen.add(digest)
+        keep.append(i)
+    if not keep:
+        raise ValueError("no readable images to evaluate")
+    y_true = np.asarray(labels)[keep]
+    logits, features = model.forward_batch(loaded.images[keep])
+    probs = calibrated(logits, model.temperature)
+    ood_scores = model.ood.score(features) if model.ood is not None else np.full(len(keep), np.nan)
+
+    def rel(p: Path) -> str:
+        return str(p.relative_to(root)) if root is not None and p.is_relative_to(root) else str(p)
+
+    report = evaluation_report(y_true, probs, model.class_names, model.display_names)
+    report.update(
+        images_found=len(paths),
+        duplicates_skipped=skipped,
+        dedupe=dedupe,
+        unreadable={rel(paths[i]): e for i, e in enumerate(loaded.errors) if e},
+        ece_uncalibrated=expected_calibration_error(calibrated(logits, 1.0), y_true),
+        temperature=model.temperature,
+        model=model.name,
+        model_version=model.version,
+        arch=model.arch,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    threshold = model.ood.threshold if model.ood is not None else None
+    if threshold is not None:
+        report["ood_flagged"] = float(np.mean(ood_scores > threshold))
+    rows = []
+    for i, p, score in zip(keep, probs, ood_scores):
+        rows.append({
+            "path": rel(paths[i]),
+            "true": model.class_names[int(labels[i])],
+            "pred": model.class_names[int(p.argmax())],
+            "confidence": float(p.max()),
+            **{f"p_{name}": float(v) for name, v in zip(model.class_names, p)},
+            "ood_score": float(score),
+        })
+    return report, rows
+
+
+def predictions_path(report_path: Path) -> Path:
+    return Path(report_path).with_suffix(".csv")
+
+
+def write_report(report: dict, rows: list[dict], path: str | Path) -> Path:
+    """Write ``path`` (JSON) and the per-image CSV beside it; returns the CSV path."""
+    path = Path(path)
+    csv_path = predictions_path(path)
+    report = {**report, "predictions_csv": csv_path.name}
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    atomic_write_text(buffer.getvalue(), csv_path)
+    atomic_write_text(json.dumps(report, indent=2), path)
+    return csv_path
+
+
+def read_predictions(report_path: str | Path) -> list[dict]:
+    csv_path = predictions_path(Path(report_path))
+    if not csv_path.is_file():
+        return []
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))

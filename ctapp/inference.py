@@ -1,0 +1,317 @@
+"""Loading trained models and using them: prediction with calibrated
+probabilities and an out-of-distribution check, and Grad-CAM explanations.
+
+One :class:`LoadedModel` may be shared by many threads (the app caches one per
+process): every forward pass holds the model's lock, so Grad-CAM hooks of one
+request never see another request's activations.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, load_model_file
+from .imaging import ImageSource, Slice, decode
+from .models import get_spec
+from .preprocess import PreprocessConfig, cam_to_image, model_input, normalize
+
+WEIGHTS_FILE = "model.pt"
+CARD_FILE = "model_card.json"
+REPORT_FILE = "eval_report.json"
+MODELS_ENV = "CTAPP_MODELS_DIR"
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+def cam_methods() -> dict[str, type]:
+    from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
+
+    return {"Grad-CAM": GradCAM, "Grad-CAM++": GradCAMPlusPlus, "EigenCAM": EigenCAM,
+            "HiResCAM": HiResCAM, "XGradCAM": XGradCAM, "LayerCAM": LayerCAM}
+
+
+@torch.inference_mode()
+def batched_forward(model: nn.Module, images: torch.Tensor, config: PreprocessConfig, *, batch_size: int = 64,
+                    features_of: nn.Module | None = None, device: torch.device | str = "cpu",
+                    autocast=nullcontext) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits for cached (N, 1, S, S) grey squares, and with ``features_of`` the
+    input of that module (the penultimate features)."""
+    model.eval()
+    outputs, features = [], []
+    handle = features_of.register_forward_pre_hook(lambda _m, a: features.append(a[0].float().cpu())) \
+        if features_of is not None else None
+    try:
+        for i in range(0, len(images), batch_size):
+            x = normalize(images[i:i + batch_size].to(device), config).contiguous(memory_format=torch.channels_last)
+            with autocast():
+                outputs.append(model(x).float().cpu())
+    finally:
+        if handle is not None:
+            handle.remove()
+    logits = torch.cat(outputs).numpy() if outputs else np.zeros((0, 0), np.float32)
+    return logits, (torch.cat(features).flatten(1).numpy() if features else None)
+
+
+class MahalanobisOOD:
+    """Out-of-distribution score: the smallest Mahalanobis distance of an
+    image's penultimate features to a training-class mean, after a PCA to at
+    most ``dims`` dimensions, with one covariance shared by all classes."""
+
+    def __init__(self, mean, components, class_means, precision, threshold: float | None = None):
+        self.mean = torch.as_tensor(mean, dtype=torch.float64)
+        self.components = torch.as_tensor(components, dtype=torch.float64)
+        self.class_means = torch.as_tensor(class_means, dtype=torch.float64)
+        self.precision = torch.as_tensor(precision, dtype=torch.float64)
+        self.threshold = threshold
+
+    @classmethod
+    def fit(cls, features: np.ndarray, labels: np.ndarray, dims: int = 64) -> "MahalanobisOOD":
+        from sklearn.covariance import LedoitWolf
+        from sklearn.decomposition import PCA
+
+        features = np.asarray(features, dtype=np.float64)
+        pca = PCA(n_components=min(dims, features.shape[0] - 1, features.shape[1]), random_state=0).fit(features)
+        z = pca.transform(features)
+        classes = np.unique(labels)
+        means = np.stack([z[labels == c].mean(axis=0) for c in classes])
+        centred = z - means[np.searchsorted(classes, labels)]
+        precision = LedoitWolf().fit(centred).precision_
+        return cls(pca.mean_, pca.components_, means, precision)
+
+    def score(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
+        f = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+        z = (f - self.mean) @ self.components.T
+        diff = z[:, None, :] - self.class_means[None]
+        distances = torch.einsum("ncd,de,nce->nc", diff, self.precision, diff)
+        return distances.min(dim=1).values.numpy()
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean.float(), "components": self.components.float(),
+                "class_means": self.class_means.float(), "precision": self.precision.float(),
+                "threshold": self.threshold}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MahalanobisOOD":
+        return cls(d["mean"], d["components"], d["class_means"], d["precision"], d.get("threshold"))
+
+
+@dataclass
+class Prediction:
+    label: str  # class key, e.g. "adenocarcinoma"
+    display_label: str  # e.g. "Adenocarcinoma"
+    probabilities: dict[str, float]  # class key -> calibrated probability
+    confidence: float
+    uncertain: bool
+    out_of_distribution: bool
+    ood_score: float | None
+    reasons: list[str] = field(default_factory=list)  # why the result is flagged
+    notes: list[str] = field(default_factory=list)  # how the image was read
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Analysis:
+    """A prediction with its Grad-CAM over the original image and the decoded slice."""
+
+    prediction: Prediction
+    cam: np.ndarray  # (H, W) in [0, 1]
+    cam_class: str
+    image: Slice
+
+
+class LoadedModel:
+    def __init__(self, model: nn.Module, meta: dict, path: Path | None = None, card: dict | None = None):
+        self.meta = meta
+        self.path = path
+        self.card = card or {}
+        self.arch = meta["arch"]
+        self.spec = get_spec(self.arch)
+        self.class_names: list[str] = list(meta["class_names"])
+        self.display_names: list[str] = list(meta.get("display_names") or self.class_names)
+        self.preprocess = PreprocessConfig.from_dict(meta["preprocess"])
+        self.temperature = float(meta.get("temperature") or 1.0)
+        self.ood = MahalanobisOOD.from_dict(meta["ood"]) if meta.get("ood") else None
+        n = len(self.class_names)
+        self.confidence_threshold = float(meta.get("confidence_threshold") or (0.5 + 0.5 / n))
+        self.name = (path.name if path else None) or meta.get("name") or self.arch
+        self.version = str(meta.get("created", ""))[:19]
+        self._lock = threading.RLock()
+        self.model = model.eval().to(memory_format=torch.channels_last)
+        # Grad-CAM needs gradients at the target layer only: enabling them on the
+        # last backbone parameter keeps the backward pass to the head and one layer.
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        backbone = [p for name, p in self.model.named_parameters() if not name.startswith(self.spec.head + ".")]
+        backbone[-1].requires_grad_(True)
+        self.head = self.model.get_submodule(self.spec.head)
+        self.cam_layer = self.model.get_submodule(meta.get("cam_layer") or self.spec.cam_layer)
+
+    # -- shared forward -----------------------------------------------------
+    def _decode(self, image: ImageSource | Slice) -> Slice:
+        return image if isinstance(image, Slice) else decode(image, window=self.preprocess.window)
+
+    def _capture_features(self, store: list):
+        return self.head.register_forward_pre_hook(lambda _m, args: store.append(args[0].detach()))
+
+    def _prediction(self, logits: torch.Tensor, features: torch.Tensor, image: Slice) -> Prediction:
+        scaled = logits.double() / self.temperature
+        probs = torch.softmax(scaled, dim=1)[0].numpy()
+        top = int(probs.argmax())
+        reasons = []
+        ood_score, ood = None, False
+        if self.ood is not None:
+            ood_score = float(self.ood.score(features.flatten(1))[0])
+            if self.ood.threshold is not None and ood_score > self.ood.threshold:
+                ood = True
+                reasons.append("this does not look like a chest CT slice the model was trained on")
+        if probs[top] < self.confidence_threshold:
+            reasons.append(f"low confidence: the top probability {probs[top]:.0%} is below {self.confidence_threshold:.0%}")
+        return Prediction(
+            label=self.class_names[top],
+            display_label=self.display_names[top],
+            probabilities={name: float(p) for name, p in zip(self.class_names, probs)},
+            confidence=float(probs[top]),
+            uncertain=bool(reasons),
+            out_of_distribution=ood,
+            ood_score=ood_score,
+            reasons=reasons,
+            notes=list(image.notes),
+        )
+
+    def predict(self, image: ImageSource | Slice) -> Prediction:
+        """Label and calibrated probabilities of every class for one slice."""
+        image = self._decode(image)
+        x, _ = model_input(image.pixels, self.preprocess)
+        x = x.contiguous(memory_format=torch.channels_last)
+        features: list = []
+        with self._lock, torch.inference_mode():
+            handle = self._capture_features(features)
+            try:
+                logits = self.model(x)
+            finally:
+                handle.remove()
+        return self._prediction(logits, features[0], image)
+
+    def forward_batch(self, images: torch.Tensor, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """Raw logits and penultimate features of cached (N, 1, S, S) grey squares."""
+        with self._lock:
+            return batched_forward(self.model, images, self.preprocess, batch_size=batch_size, features_of=self.head)
+
+    def class_index(self, target: int | str | None) -> int | None:
+        if target is None or isinstance(target, int):
+            return target
+        for names in (self.class_names, self.display_names):
+            if target in names:
+                return names.index(target)
+        raise ValueError(f"unknown class {target!r}; this model knows {self.class_names}")
+
+    def analyse(self, image: ImageSource | Slice, target: int | str | None = None,
+                method: str = "Grad-CAM") -> Analysis:
+        """Prediction and a class-activation map in one forward and one short backward pass.
+
+        The map explains the predicted class unless ``target`` names another.
+        """
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        methods = cam_methods()
+        if method not in methods:
+            raise ValueError(f"unknown CAM method {method!r}; choose one of {list(methods)}")
+        image = self._decode(image)
+        x, geometry = model_input(image.pixels, self.preprocess)
+        x = x.contiguous(memory_format=torch.channels_last)
+        index = self.class_index(target)
+        features: list = []
+        with self._lock:
+            handle = self._capture_features(features)
+            try:
+                with methods[method](model=self.model, target_layers=[self.cam_layer]) as cam:
+                    # None explains the top class (the prediction).
+                    targets = None if index is None else [ClassifierOutputTarget(index)]
+                    maps = cam(input_tensor=x, targets=targets)
+                    logits = cam.outputs.detach()
+            finally:
+                handle.remove()
+                self.model.zero_grad(set_to_none=True)
+        prediction = self._prediction(logits, features[0], image)
+        cam_index = index if index is not None else self.class_names.index(prediction.label)
+        heat = np.clip(cam_to_image(maps[0], geometry), 0.0, 1.0)
+        return Analysis(prediction, heat, self.class_names[cam_index], image)
+
+    def explain(self, image: ImageSource | Slice, target: int | str | None = None,
+                method: str = "Grad-CAM") -> np.ndarray:
+        """Grad-CAM heat map (H, W) in [0, 1] at the image's own resolution."""
+        return self.analyse(image, target, method).cam
+
+
+def _read_card(folder: Path) -> dict:
+    card_path = folder / CARD_FILE
+    if not card_path.is_file():
+        return {}
+    try:
+        return json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{card_path}: unreadable model card ({exc})") from None
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """Load a model folder (``model.pt`` plus ``model_card.json``) or a checkpoint file.
+
+    The weights' SHA-256 is checked against the model card when the card records it.
+    """
+    path = Path(path)
+    folder, weights = (path, path / WEIGHTS_FILE) if path.is_dir() else (path.parent, path)
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: no model here (expected {WEIGHTS_FILE} in the folder)")
+    card = _read_card(folder) if weights.name == WEIGHTS_FILE else {}
+    model, meta = load_model_file(weights, expected_sha256=card.get("weights_sha256"))
+    return LoadedModel(model, meta, path=folder if weights.name == WEIGHTS_FILE else weights, card=card)
+
+
+@dataclass
+class ModelEntry:
+    path: Path
+    name: str
+    card: dict
+
+    @property
+    def task(self) -> str:
+        return self.card.get("task") or "/".join(self.card.get("classes", [])) or "unknown task"
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / REPORT_FILE
+
+
+def model_dirs() -> list[Path]:
+    dirs = [DEFAULT_MODELS_DIR]
+    extra = os.environ.get(MODELS_ENV, "")
+    dirs += [Path(p) for p in extra.split(os.pathsep) if p]
+    return dirs
+
+
+def list_models(dirs: list[Path] | None = None) -> list[ModelEntry]:
+    """Every model folder (holding ``model.pt``) directly under the model directories."""
+    found, seen = [], set()
+    for root in dirs if dirs is not None else model_dirs():
+        if not root.is_dir():
+            continue
+        for folder in sorted(p for p in root.iterdir() if (p / WEIGHTS_FILE).is_file()):
+            key = folder.resolve()
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                card = _read_card(folder)
+            except CheckpointError:
+                card = {}
+            found.append(ModelEntry(folder, card.get("name", folder.name), card))
+    return found
