@@ -1,0 +1,45 @@
+"""Folders on the server that users may point the app at.
+
+The operator lists data roots in ``CTAPP_DATA_ROOTS`` (separated by the OS path
+separator); a user-supplied path is accepted only when it resolves (following
+symlinks) to a folder inside one of them.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DATA_ROOTS_ENV = "CTAPP_DATA_ROOTS"
+DEFAULT_DATA_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+class PathNotAllowed(ValueError):
+    """A path outside the configured data roots (or not an existing folder)."""
+
+
+def data_roots() -> list[Path]:
+    configured = os.environ.get(DATA_ROOTS_ENV)
+    roots = [Path(p) for p in configured.split(os.pathsep) if p] if configured else [DEFAULT_DATA_ROOT]
+    return [r.resolve() for r in roots if r.is_dir()]
+
+
+def resolve_data_folder(user_path: str, roots: list[Path] | None = None) -> Path:
+    """The real folder ``user_path`` names, relative to a data root (absolute
+    paths are accepted only inside a root); refuses '..' escapes and symlinks
+    leading outside."""
+    roots = data_roots() if roots is None else [Path(r).resolve() for r in roots]
+    if not roots:
+        raise PathNotAllowed(f"no data folders are configured on this server (set {DATA_ROOTS_ENV})")
+    text = (user_path or "").strip()
+    if not text or "\x00" in text:
+        raise PathNotAllowed("enter a folder path")
+    candidate = Path(text)
+    options = [candidate] if candidate.is_absolute() else [root / candidate for root in roots]
+    for option in options:
+        real = option.resolve()
+        for root in roots:
+            if real == root or real.is_relative_to(root):
+                if not real.is_dir():
+                    raise PathNotAllowed(f"{text}: no such folder")
+                return real
+    raise PathNotAllowed(f"{text}: outside the data folders this server allows ({', '.join(map(str, roots))})")
