@@ -209,7 +209,8 @@ def audit_dataset(index: DatasetIndex, *, workers: int = 2,
     split_rank = {s: i for i, s in enumerate(SPLIT_ORDER)}
 
     def order(r: ImageRecord):
-        return split_rank.get(r.sample.split, -1), str(r.sample.path)
+        # Training copy first; within a split the shortest name ("x.png" before "x - Copy.png").
+        return split_rank.get(r.sample.split, -1), len(r.sample.path.name), str(r.sample.path)
 
     duplicate_groups, conflict_groups, cross_split = [], [], []
     dropped: dict[Path, str] = {}

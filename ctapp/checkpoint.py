@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -86,10 +87,15 @@ def safe_load(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: refused: the file contains Python objects other than tensors and plain data "
-            f"(possibly code); only checkpoints written by this project's training are loaded ({exc})"
-        ) from None
+        detail = str(exc)
+        if "global" in detail.lower() or "reduce" in detail.lower():
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", detail)
+            raise CheckpointError(
+                f"{path}: refused: the file asks to load Python code or objects"
+                f"{f' ({found.group(1)})' if found else ''}, not just tensors and plain data; "
+                "only checkpoints written by this project's training are loaded"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt, or not written by torch.save)") from None
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
 

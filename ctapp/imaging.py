@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Union
@@ -20,6 +21,9 @@ from PIL import Image, ImageFile, ImageSequence, UnidentifiedImageError
 # Pillow refuses images above ~179 megapixels; a CT slice is at most a few
 # megapixels, so anything above this is refused long before Pillow's limit.
 MAX_PIXELS = 40_000_000
+# Reaching frame k of an animated GIF/PNG decodes frames 1..k onto the full
+# canvas: a 9 kB GIF of 400 one-pixel frames on a 4000x4000 canvas took 10 s.
+MAX_FRAME_PIXELS = 4 * MAX_PIXELS
 MIN_SIDE = 16
 # Uploads and files larger than this are refused before they are read.
 MAX_FILE_BYTES = 200 * 1024 * 1024
@@ -118,9 +122,7 @@ def decode(source: ImageSource, *, window: Window = LUNG_WINDOW, frame: int | No
 def _read_bytes(source) -> tuple[bytes, str]:
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) > MAX_FILE_BYTES:
-            raise ImageDecodeError(
-                f"the file is {len(source) / 1e6:.0f} MB; the limit is {MAX_FILE_BYTES / 1e6:.0f} MB"
-            )
+            raise ImageDecodeError(f"the file is {_megabytes(len(source))}; the limit is {_megabytes(MAX_FILE_BYTES)}")
         return bytes(source), "upload"
     path = Path(source)
     name = path.name
@@ -130,8 +132,15 @@ def _read_bytes(source) -> tuple[bytes, str]:
         raise ImageDecodeError(f"{name}: not a file")
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
-        raise ImageDecodeError(f"{name}: the file is {size / 1e6:.0f} MB; the limit is {MAX_FILE_BYTES / 1e6:.0f} MB")
+        raise ImageDecodeError(f"{name}: the file is {_megabytes(size)}; the limit is {_megabytes(MAX_FILE_BYTES)}")
     return path.read_bytes(), name
+
+
+def _megabytes(size: int) -> str:
+    """Sizes in MB (2**20 bytes, as MAX_FILE_BYTES is defined) with enough
+    digits that a file over the limit never reads as equal to it."""
+    mb = size / 2**20
+    return f"{mb:.0f} MB" if mb >= 10 and mb == round(mb) else f"{mb:.{1 if mb >= 10 else 2}f} MB"
 
 
 def _check_size(result: Slice, name: str) -> Slice:
@@ -164,7 +173,10 @@ def _from_raster(data: bytes, name: str, frame: int | None) -> Slice:
         kind = _guess_non_image(data)
         raise ImageDecodeError(f"{name}: not an image file{kind}; upload a PNG, JPEG or DICOM slice") from None
     except Image.DecompressionBombError:
-        raise ImageDecodeError(f"{name}: refused as a possible decompression bomb (too many pixels)") from None
+        raise ImageDecodeError(
+            f"{name}: refused as a possible decompression bomb (too many pixels; this app accepts at most "
+            f"{MAX_PIXELS / 1e6:.0f} megapixels)"
+        ) from None
     except (OSError, SyntaxError, EOFError) as exc:
         raise ImageDecodeError(f"{name}: the file is truncated or corrupt ({exc})") from None
     if image.format and Path(name).suffix:
@@ -195,6 +207,13 @@ def _from_pil(image: Image.Image, frame: int | None) -> Slice:
         index = n_frames // 2 if frame is None else frame
         if not 0 <= index < n_frames:
             raise ImageDecodeError(f"frame {index} requested but the image has {n_frames} frames")
+        work = (index + 1) * image.width * image.height
+        if work > MAX_FRAME_PIXELS:
+            raise ImageDecodeError(
+                f"the image has {n_frames} frames of {image.width}x{image.height} pixels; reaching frame {index + 1} "
+                f"means decoding {work / 1e6:.0f} megapixels, more than this app accepts "
+                f"({MAX_FRAME_PIXELS / 1e6:.0f}); export the slice as a single image"
+            )
         image = ImageSequence.Iterator(image)[index]
         notes.append(f"multi-frame image: used frame {index + 1} of {n_frames}")
     fmt = image.format or "image"
@@ -258,8 +277,9 @@ def _as_uint8(pixels: np.ndarray) -> np.ndarray:
 
 def _from_dicom(data: bytes, window: Window, frame: int | None) -> Slice:
     import pydicom
-    from pydicom.pixels import apply_modality_lut
+    from pydicom.pixels import apply_modality_lut, pixel_array
 
+    _check_inflated_size(data)
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
     except Exception as exc:
@@ -268,24 +288,26 @@ def _from_dicom(data: bytes, window: Window, frame: int | None) -> Slice:
         raise ImageDecodeError("the DICOM file has no pixel data (it may be a report or a structured document)")
     rows, cols = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
     _check_pixels(cols, rows, "DICOM")
+    notes: list[str] = []
+    n_frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    samples = int(dataset.get("SamplesPerPixel", 1) or 1)
+    index = None
+    if n_frames > 1:
+        index = n_frames // 2 if frame is None else frame
+        if not 0 <= index < n_frames:
+            raise ImageDecodeError(f"frame {index} requested but the DICOM file has {n_frames} frames")
+        notes.append(f"multi-frame DICOM: used frame {index + 1} of {n_frames}")
     try:
-        array = dataset.pixel_array
+        # Only the frame used is decoded: a compressed multi-frame file would
+        # otherwise inflate every frame (RLE: up to 64x the file size).
+        array = dataset.pixel_array if index is None else pixel_array(dataset, index=index)
     except Exception as exc:
         syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
         syntax_name = getattr(syntax, "name", str(syntax))
         raise ImageDecodeError(
             f"the DICOM pixel data could not be decoded (transfer syntax: {syntax_name}); "
-            f"it may need an image codec that is not installed ({exc})"
+            f"it may need an image codec that is not installed ({' '.join(str(exc).split())})"
         ) from None
-    notes: list[str] = []
-    n_frames = int(dataset.get("NumberOfFrames", 1) or 1)
-    samples = int(dataset.get("SamplesPerPixel", 1) or 1)
-    if n_frames > 1:
-        index = n_frames // 2 if frame is None else frame
-        if not 0 <= index < n_frames:
-            raise ImageDecodeError(f"frame {index} requested but the DICOM file has {n_frames} frames")
-        array = array[index]
-        notes.append(f"multi-frame DICOM: used frame {index + 1} of {n_frames}")
     if samples > 1:
         rgb = _as_uint8(np.asarray(array))
         return Slice(np.asarray(Image.fromarray(rgb[..., :3]).convert("L"), np.float32) / 255.0, "DICOM", notes, mode="DICOM")
@@ -298,3 +320,30 @@ def _from_dicom(data: bytes, window: Window, frame: int | None) -> Slice:
         return Slice(_min_max(hu), "DICOM", notes, mode="DICOM")
     notes.append(f"lung window: center {window.center:g} HU, width {window.width:g} HU")
     return Slice(window.apply(hu), "DICOM", notes, hu=hu, mode="DICOM")
+
+
+def _check_inflated_size(data: bytes) -> None:
+    """A deflated DICOM (transfer syntax 1.2.840.10008.1.2.1.99) is inflated
+    whole by pydicom before anything can be checked; 1 MB of zeros inflates to
+    1 GB. Refuse the file when it inflates beyond MAX_FILE_BYTES."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    stream = io.BytesIO(data)
+    try:
+        read_preamble(stream, False)
+        meta = _read_file_meta_info(stream)
+    except Exception:
+        return  # not readable here: dcmread reports it
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflater.decompress(data[stream.tell():], MAX_FILE_BYTES + 1)
+    except zlib.error as exc:
+        raise ImageDecodeError(f"the deflated DICOM file is corrupt ({exc})") from None
+    if inflater.unconsumed_tail:
+        raise ImageDecodeError(
+            f"the deflated DICOM file inflates to more than {_megabytes(MAX_FILE_BYTES)} "
+            "(a possible decompression bomb)"
+        )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -98,6 +99,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="output model folder")
     g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (the last completed epoch)")
+    g.add_argument("--stop-after", type=int, default=0, metavar="N",
+                   help="stop after N epochs in this invocation, as if interrupted (continue later with --resume)")
     g.add_argument("--seed", type=int, default=0, help="random seed (splits, initialisation, augmentation)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
@@ -212,9 +215,9 @@ def schedule_factor(args, epoch: int) -> float:
         return (epoch + 1) / (args.warmup_epochs + 1)
     if args.schedule == "cosine":
         span = max(args.epochs - args.warmup_epochs, 1)
-        return 0.5 * (1 + np.cos(np.pi * (epoch - args.warmup_epochs) / span)) * 0.99 + 0.01
+        return 0.5 * (1 + math.cos(math.pi * (epoch - args.warmup_epochs) / span)) * 0.99 + 0.01
     if args.schedule == "step":
-        return args.gamma ** ((epoch - args.warmup_epochs) // args.step_size)
+        return float(args.gamma ** ((epoch - args.warmup_epochs) // args.step_size))
     return 1.0
 
 
@@ -299,7 +302,8 @@ def main(args: argparse.Namespace) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(json.dumps(audit_report, indent=2), out / "audit.json")
 
-    for epoch in range(state["epoch"], args.epochs):
+    first_epoch, paused = state["epoch"], False
+    for epoch in range(state["epoch"], state["epoch"] if state.get("early_stopped") else args.epochs):
         new_phase = "head" if epoch < args.freeze_epochs else "finetune"
         if new_phase != phase:
             phase, optimizer = make_phase(epoch)
@@ -339,6 +343,7 @@ def main(args: argparse.Namespace) -> Path:
         else:
             state["stale"] += 1
         state["epoch"] = epoch + 1
+        state["early_stopped"] = bool(args.patience and state["stale"] >= args.patience)
         log(f"epoch {epoch + 1}: loss {stats['train_loss']:.4f} | val loss {val_loss:.4f} acc {report['accuracy']:.4f} "
             f"macro-F1 {report['macro_f1']:.4f} AUC {_fmt(report['roc_auc']['macro'])} | "
             f"{stats['images_per_second']:.1f} img/s" + (" | best" if improved else ""))
@@ -351,12 +356,16 @@ def main(args: argparse.Namespace) -> Path:
                          "scheduler": plateau.state_dict() if plateau is not None else None,
                          "state": state}, out / STATE_FILE)
             _write_history(state["history"], out)
-        if args.patience and state["stale"] >= args.patience:
+        if state["early_stopped"]:
             log(f"early stop: no better validation macro-F1 for {args.patience} epochs")
+            break
+        if args.stop_after and epoch + 1 - first_epoch >= args.stop_after and epoch + 1 < args.epochs:
+            log(f"stopping after {args.stop_after} epoch(s) as asked; continue with --resume")
+            paused = True
             break
     if world > 1:
         dist.barrier()
-    if is_main:
+    if is_main and not paused:
         finalize(args, out, meta_base, state, index, train_images, valid_images, valid_labels, precision, log)
     if dist.is_initialized():
         dist.barrier()

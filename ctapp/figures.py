@@ -1,0 +1,318 @@
+"""Figures and tables of the app, as plain functions: each takes an evaluation
+report (or a prediction, per-image rows, a training history) and returns a
+plotly figure, a list of table rows or an RGB array. Nothing here knows about
+Streamlit, so every chart can be tested without a browser.
+
+Reports are the dictionaries of :func:`ctapp.metrics.evaluation_report`;
+functions comparing models take a mapping ``{label: report}`` and keep its order.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+# Calm, colour-blind-friendly colours (Okabe-Ito, darkened blue first); one per model.
+PALETTE = ("#1f6f8b", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#7f7f7f")
+ACCENT = PALETTE[0]
+MUTED = "#b8c4cc"
+GRID = "#e5e9ec"
+FONT = dict(family="Source Sans Pro, Helvetica, Arial, sans-serif", size=13, color="#1b2631")
+
+
+def model_color(index: int) -> str:
+    return PALETTE[index % len(PALETTE)]
+
+
+def _layout(fig: go.Figure, *, title: str | None = None, height: int | None = None) -> go.Figure:
+    fig.update_layout(
+        title=dict(text=title, x=0, xanchor="left", font=dict(size=15)) if title else None,
+        height=height, font=FONT, template="plotly_white",
+        margin=dict(l=10, r=10, t=50 if title else 30, b=10),
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0),
+    )
+    return fig
+
+
+def _display(report: Mapping) -> dict[str, str]:
+    """Class key -> readable name, from a report (or a model card)."""
+    keys = list(report.get("class_names") or report.get("classes") or [])
+    names = list(report.get("display_names") or keys)
+    return dict(zip(keys, names))
+
+
+# --------------------------------------------------------------------------- one prediction
+
+
+def probability_bars(probabilities: Mapping[str, float], display_names: Mapping[str, str] | Sequence[str] | None = None,
+                     *, predicted: str | None = None, threshold: float | None = None,
+                     title: str | None = None) -> go.Figure:
+    """Horizontal bars of calibrated class probabilities, in the model's class
+    order; the predicted class in the accent colour, a dashed line at the
+    confidence threshold below which the app calls a result uncertain."""
+    keys = list(probabilities)
+    if display_names is None:
+        names = keys
+    elif isinstance(display_names, Mapping):
+        names = [display_names.get(k, k) for k in keys]
+    else:
+        names = list(display_names)
+    values = [float(probabilities[k]) for k in keys]
+    if predicted is None and keys:
+        predicted = keys[int(np.argmax(values))]
+    colors = [ACCENT if k == predicted else MUTED for k in keys]
+    fig = go.Figure(go.Bar(
+        x=values, y=names, orientation="h", marker_color=colors,
+        text=[f"{v:.0%}" if v >= 0.005 else "<1%" for v in values], textposition="outside", cliponaxis=False,
+        hovertemplate="%{y}: %{x:.1%}<extra></extra>",
+    ))
+    if threshold is not None:
+        fig.add_vline(x=threshold, line=dict(color="#7f8c8d", dash="dash", width=1),
+                      annotation=dict(text=f"confidence threshold {threshold:.0%}", font=dict(size=11),
+                                      yanchor="bottom"), annotation_position="top")
+    fig.update_xaxes(range=[0, 1.12], tickformat=".0%", title="calibrated probability", gridcolor=GRID,
+                     tickvals=[0, 0.25, 0.5, 0.75, 1.0])
+    fig.update_yaxes(autorange="reversed", automargin=True)
+    _layout(fig, title=title, height=90 + 42 * len(keys) + (30 if threshold is not None else 0))
+    fig.update_layout(showlegend=False, margin=dict(t=60 if title or threshold is not None else 20))
+    return fig
+
+
+def cam_overlay(grey: np.ndarray, cam: np.ndarray, opacity: float = 0.4,
+                colormap: int = cv2.COLORMAP_JET) -> np.ndarray:
+    """RGB uint8 image: the grey slice blended with a colour map of the
+    class-activation map (``opacity`` 0 shows the slice only, 1 the map only),
+    as pytorch-grad-cam's ``show_cam_on_image`` draws it."""
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"opacity must be between 0 and 1, got {opacity}")
+    grey = np.asarray(grey)
+    if grey.ndim != 2:
+        raise ValueError(f"expected a 2-D grey image, got shape {grey.shape}")
+    base = grey.astype(np.float32) / 255.0 if grey.dtype == np.uint8 else np.clip(grey.astype(np.float32), 0, 1)
+    cam = np.nan_to_num(np.asarray(cam, dtype=np.float32), nan=0.0)
+    if cam.shape != base.shape:
+        cam = cv2.resize(cam, (base.shape[1], base.shape[0]), interpolation=cv2.INTER_LINEAR)
+    heat = cv2.applyColorMap(np.round(np.clip(cam, 0, 1) * 255).astype(np.uint8), colormap)
+    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+    blended = (1.0 - opacity) * base[..., None] + opacity * heat
+    return np.round(np.clip(blended, 0, 1) * 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- evaluation reports
+
+
+def roc_figure(reports: Mapping[str, Mapping], *, title: str | None = None) -> go.Figure:
+    """One-vs-rest ROC curves, one panel per class and one line per model, with
+    each model's AUC written in the panel. Binary tasks show the positive class."""
+    reports = {k: r for k, r in reports.items() if r}
+    first = next(iter(reports.values()), {})
+    display = _display(first)
+    classes = list(display)
+    if len(classes) == 2 and first.get("positive_class") in classes:
+        classes = [first["positive_class"]]
+    cols = min(len(classes), 2) or 1
+    rows = max(1, math.ceil(len(classes) / cols))
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[display[c] for c in classes] or ["ROC"],
+                        horizontal_spacing=0.08, vertical_spacing=0.14)
+    for i, cls in enumerate(classes):
+        row, col = i // cols + 1, i % cols + 1
+        fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="#aab4bb", dash="dot", width=1),
+                                 hoverinfo="skip", showlegend=False), row=row, col=col)
+        lines = []
+        for m, (label, report) in enumerate(reports.items()):
+            curve = (report.get("roc_curves") or {}).get(cls)
+            auc = ((report.get("roc_auc") or {}).get("per_class") or {}).get(cls)
+            color = model_color(m)
+            lines.append(f"<span style='color:{color}'>{label}: AUC {'n/a' if auc is None else f'{auc:.3f}'}</span>")
+            if not curve:
+                continue
+            fig.add_trace(go.Scatter(
+                x=curve["fpr"], y=curve["tpr"], mode="lines", name=label, legendgroup=label, showlegend=i == 0,
+                line=dict(color=color, width=2, shape="hv"),
+                hovertemplate=f"{label}<br>false positive rate %{{x:.2f}}<br>true positive rate %{{y:.2f}}<extra></extra>",
+            ), row=row, col=col)
+        axis = "" if i == 0 else str(i + 1)
+        fig.add_annotation(xref=f"x{axis} domain", yref=f"y{axis} domain", x=0.98, y=0.02, xanchor="right",
+                           yanchor="bottom", align="right", showarrow=False, text="<br>".join(lines),
+                           bgcolor="rgba(255,255,255,0.85)", font=dict(size=12))
+    fig.update_xaxes(range=[0, 1], title="false positive rate (1 - specificity)", gridcolor=GRID, constrain="domain")
+    fig.update_yaxes(range=[0, 1.02], title="true positive rate (sensitivity)", gridcolor=GRID)
+    _layout(fig, title=title, height=60 + 380 * rows)
+    return fig
+
+
+def confusion_figure(report: Mapping, *, normalize: bool = False, title: str | None = None) -> go.Figure:
+    """Confusion matrix heat map, true class down, predicted class across; with
+    ``normalize`` each row is divided by its total (the per-class recall on the
+    diagonal) and the counts stay in the cell text."""
+    display = _display(report)
+    names = list(display.values())
+    counts = np.asarray(report.get("confusion_matrix") or np.zeros((len(names), len(names))), dtype=float)
+    totals = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    z = shares if normalize else counts
+    text = [[f"{shares[i, j]:.0%}<br>({int(counts[i, j])})" if normalize else f"{int(counts[i, j])}"
+             for j in range(counts.shape[1])] for i in range(counts.shape[0])]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=names, y=names, text=text, texttemplate="%{text}", textfont=dict(size=13),
+        colorscale="Blues", zmin=0, zmax=1 if normalize else max(float(counts.max()), 1.0),
+        colorbar=dict(title="share of row" if normalize else "images", tickformat=".0%" if normalize else None,
+                      thickness=12),
+        hovertemplate="true %{y}<br>predicted %{x}<br>%{text}<extra></extra>",
+    ))
+    fig.update_xaxes(title="predicted class", side="bottom", tickangle=0 if len(names) <= 3 else -20, automargin=True)
+    fig.update_yaxes(title="true class", autorange="reversed", automargin=True)
+    side = 130 + 70 * len(names)
+    return _layout(fig, title=title, height=max(320, side))
+
+
+def reliability_figure(reports: Mapping[str, Mapping], *, title: str | None = None) -> go.Figure:
+    """Reliability diagram: accuracy against mean confidence per confidence bin
+    (perfect calibration on the diagonal), with the number of images per bin below."""
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.72, 0.28], vertical_spacing=0.06)
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration",
+                             line=dict(color="#aab4bb", dash="dot", width=1), hoverinfo="skip"), row=1, col=1)
+    for m, (label, report) in enumerate(reports.items()):
+        bins = report.get("reliability") or []
+        if not bins:
+            continue
+        color = model_color(m)
+        ece = report.get("ece")
+        name = f"{label} (ECE {ece:.3f})" if ece is not None else label
+        counts = np.array([b["count"] for b in bins], dtype=float)
+        sizes = 6 + 14 * np.sqrt(counts / counts.max())
+        fig.add_trace(go.Scatter(
+            x=[b["confidence"] for b in bins], y=[b["accuracy"] for b in bins], mode="lines+markers", name=name,
+            legendgroup=label, line=dict(color=color, width=2), marker=dict(size=sizes, color=color),
+            customdata=[[b["low"], b["high"], b["count"]] for b in bins],
+            hovertemplate=(f"{label}<br>confidence %{{customdata[0]:.2f}}-%{{customdata[1]:.2f}}"
+                           "<br>mean confidence %{x:.2f}<br>accuracy %{y:.2f}<br>%{customdata[2]} images<extra></extra>"),
+        ), row=1, col=1)
+        fig.add_trace(go.Bar(
+            x=[(b["low"] + b["high"]) / 2 for b in bins], y=counts, width=[(b["high"] - b["low"]) * 0.9 for b in bins],
+            marker_color=color, opacity=0.75, name=label, legendgroup=label, showlegend=False,
+            hovertemplate=f"{label}<br>%{{y}} images<extra></extra>",
+        ), row=2, col=1)
+    fig.update_xaxes(range=[0, 1], gridcolor=GRID)
+    fig.update_xaxes(title="confidence (calibrated top-class probability)", row=2, col=1)
+    fig.update_yaxes(range=[0, 1.02], title="accuracy", gridcolor=GRID, row=1, col=1)
+    fig.update_yaxes(title="images", gridcolor=GRID, row=2, col=1)
+    fig.update_layout(barmode="group")
+    return _layout(fig, title=title, height=520)
+
+
+# --------------------------------------------------------------------------- training history
+
+HISTORY_PANELS = (
+    ("Loss", (("train_loss", "training"), ("val_loss", "validation"))),
+    ("Accuracy and macro-F1", (("train_accuracy", "training accuracy"), ("val_accuracy", "validation accuracy"),
+                               ("val_macro_f1", "validation macro-F1"))),
+    ("Validation AUC and calibration error", (("val_auc", "validation ROC AUC"), ("val_ece", "validation ECE"))),
+    ("Learning rate", (("lr", "learning rate"),)),
+)
+
+
+def read_history(path: str | Path) -> list[dict]:
+    """Rows of a ``history.csv`` with numbers as floats (empty or 'nan' as None)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _number(value):
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return value if value not in ("", None) else None
+    return None if math.isnan(number) else number
+
+
+def training_curves(history: Sequence[Mapping] | str | Path, *, title: str | None = None) -> go.Figure:
+    """Loss, accuracy/macro-F1, validation AUC/ECE and learning rate per epoch."""
+    rows = read_history(history) if isinstance(history, (str, Path)) else [
+        {k: _number(v) for k, v in row.items()} for row in history]
+    fig = make_subplots(rows=2, cols=2, subplot_titles=[p[0] for p in HISTORY_PANELS],
+                        horizontal_spacing=0.09, vertical_spacing=0.16)
+    epochs = [r.get("epoch") for r in rows]
+    n = 0
+    for p, (_, series) in enumerate(HISTORY_PANELS):
+        row, col = p // 2 + 1, p % 2 + 1
+        for column, name in series:
+            values = [r.get(column) for r in rows]
+            if all(v is None for v in values):
+                continue
+            fig.add_trace(go.Scatter(x=epochs, y=values, mode="lines+markers", name=name,
+                                     line=dict(color=model_color(n), width=2), marker=dict(size=5),
+                                     hovertemplate=f"{name}<br>epoch %{{x}}: %{{y:.4g}}<extra></extra>"),
+                          row=row, col=col)
+            n += 1
+    fig.update_xaxes(title="epoch", gridcolor=GRID, rangemode="tozero" if len(rows) <= 1 else "normal")
+    fig.update_yaxes(gridcolor=GRID)
+    fig.update_yaxes(range=[0, 1.02], row=1, col=2)
+    fig.update_yaxes(range=[0, 1.02], row=2, col=1)
+    fig.update_yaxes(exponentformat="e", row=2, col=2)
+    _layout(fig, title=title, height=620)
+    fig.update_layout(legend=dict(y=-0.12, yanchor="top", orientation="h"), margin=dict(b=60))
+    return fig
+
+
+# --------------------------------------------------------------------------- comparison tables
+
+
+def _size_mb(card: Mapping) -> float | None:
+    size = card.get("size_bytes")
+    return round(size / 1e6, 1) if isinstance(size, (int, float)) else None
+
+
+def card_latency_ms(card: Mapping) -> float | None:
+    """Latency per image in milliseconds when the card records one
+    (``latency_ms``, or ``benchmark.latency_ms``)."""
+    value = card.get("latency_ms")
+    if value is None and isinstance(card.get("benchmark"), Mapping):
+        value = card["benchmark"].get("latency_ms")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def metrics_table(reports: Mapping[str, Mapping], cards: Mapping[str, Mapping] | None = None) -> list[dict]:
+    """One row per report: overall metrics, sensitivity/specificity of binary
+    tasks, calibration error, model size and latency from the model card."""
+    cards = cards or {}
+    rows = []
+    for label, r in reports.items():
+        card = cards.get(label) or {}
+        row = {
+            "Model": label,
+            "Evaluated on": r.get("evaluated_on") or r.get("split") or "",
+            "Images": r.get("images"),
+            "Accuracy": r.get("accuracy"),
+            "Macro-F1": r.get("macro_f1"),
+            "ROC AUC (macro)": (r.get("roc_auc") or {}).get("macro"),
+        }
+        if "sensitivity" in r or "specificity" in r:
+            positive = _display(r).get(r.get("positive_class"), r.get("positive_class"))
+            row[f"Sensitivity ({positive})"] = r.get("sensitivity")
+            row["Specificity"] = r.get("specificity")
+        row["ECE"] = r.get("ece")
+        row["ECE before calibration"] = r.get("ece_uncalibrated")
+        row["Size (MB)"] = _size_mb(card)
+        row["Latency (ms/image)"] = card_latency_ms(card)
+        rows.append(row)
+    return rows
+
+
+def per_class_table(reports: Mapping[str, Mapping]) -> list[dict]:
+    """One row per model and class: precision, recall, F1, AUC and support."""
+    rows = []
+    for label, r in reports.items():
+        display = _display(r)
+        aucs = (r.get("roc_auc") or {}).get("per_class") or {}
+        for key, stats in (r.get("per_class") or {}).items():
+            rows.append({"Model": label, "Class": display.get(key, key), "Precision": stats.get("precision"),
+                         "Recall": stats.get("recall"), "F1": stats.get("f1"), "AUC": aucs.get(key),
+                         "Images": stats.get("support")})
+    return rows

@@ -1,0 +1,120 @@
+"""A one-page, self-contained HTML report of one slice: the image and its
+Grad-CAM overlay embedded as PNG, the prediction and calibrated probabilities
+of one or more models, the model names and versions, the date and the
+research-use disclaimer.
+
+Only what the app computed goes in: never a DICOM header field, so no patient
+name, ID, birth date or study identifier can reach the report.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+from PIL import Image
+
+from .inference import Prediction
+
+DISCLAIMER = ("Research use only. Not a medical device: not for diagnosis or treatment decisions. "
+              "Results must be reviewed by a qualified clinician.")
+OOD_MESSAGE = "this does not look like a chest CT slice the model was trained on"
+
+
+@dataclass
+class ModelResult:
+    """One model's reading of the slice, as the report shows it."""
+
+    model_name: str
+    model_version: str
+    prediction: Prediction
+    display_names: dict[str, str] = field(default_factory=dict)  # class key -> readable name
+    overlay: np.ndarray | None = None  # RGB uint8 Grad-CAM overlay
+    cam_method: str = "Grad-CAM"
+    cam_class: str = ""  # readable name of the explained class
+
+
+def png_data_uri(image: np.ndarray) -> str:
+    """A grey (H, W) or RGB (H, W, 3) array (uint8, or float in [0, 1]) as a PNG data URI."""
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        array = np.round(np.clip(array.astype(np.float32), 0, 1) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def verdict(prediction: Prediction, display_label: str | None = None) -> str:
+    """The result in plain words: the class, or why there is no confident answer."""
+    label = display_label or prediction.display_label
+    if prediction.out_of_distribution:
+        return f"No reliable answer: {OOD_MESSAGE}."
+    if prediction.uncertain:
+        return f"Uncertain: no confident answer (most likely {label}, {prediction.confidence:.0%})."
+    return f"{label} ({prediction.confidence:.0%} calibrated probability)"
+
+
+_STYLE = """
+body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;color:#1b2631;max-width:1000px;margin:24px auto;
+padding:0 16px;line-height:1.4}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:18px 0 6px}
+.meta{color:#5d6d7e;font-size:13px} .disclaimer{border:1px solid #e0b252;background:#fff7e0;padding:8px 12px;
+border-radius:6px;font-size:13px;margin:12px 0}
+.images{display:flex;gap:16px;flex-wrap:wrap} figure{margin:0;flex:1;min-width:260px}
+figure img{width:100%;max-width:460px;image-rendering:auto;border:1px solid #d5dbdf;border-radius:4px;background:#000}
+figcaption{font-size:13px;color:#5d6d7e}
+.verdict{font-size:18px;font-weight:600;padding:8px 12px;border-radius:6px;background:#e8f1f5}
+.verdict.flagged{background:#fdecea}
+table{border-collapse:collapse;font-size:14px;margin:6px 0} td,th{padding:3px 10px;border-bottom:1px solid #e5e9ec;
+text-align:left} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.bar{display:inline-block;height:10px;background:#1f6f8b;border-radius:2px;vertical-align:middle}
+ul{margin:4px 0 4px 18px;padding:0} @media print{.disclaimer{break-inside:avoid}}
+"""
+
+
+def slice_report(*, image: np.ndarray, results: list[ModelResult], filename: str = "", sha256: str = "",
+                 notes: list[str] | None = None, created: datetime | None = None) -> str:
+    """The report as one HTML string (no external resources)."""
+    e = html.escape
+    created = created or datetime.now(timezone.utc)
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<title>CT slice report{(' - ' + e(filename)) if filename else ''}</title><style>{_STYLE}</style></head><body>",
+        "<h1>CT slice classification report</h1>",
+        f"<div class='meta'>Created {e(created.strftime('%Y-%m-%d %H:%M UTC'))}"
+        + (f" &middot; file {e(filename)}" if filename else "")
+        + (f" &middot; SHA-256 <code>{e(sha256[:16])}&hellip;</code>" if sha256 else "") + "</div>",
+        f"<div class='disclaimer'><strong>{e(DISCLAIMER)}</strong></div>",
+        "<div class='images'>",
+        f"<figure><img alt='CT slice' src='{png_data_uri(image)}'><figcaption>Slice as shown</figcaption></figure>",
+    ]
+    for r in results:
+        if r.overlay is not None:
+            what = f"{r.cam_method} for {r.cam_class}" if r.cam_class else r.cam_method
+            parts.append(f"<figure><img alt='{e(what)} overlay' src='{png_data_uri(r.overlay)}'>"
+                         f"<figcaption>{e(r.model_name)}: {e(what)} (warm colours: regions that weighed most)"
+                         f"</figcaption></figure>")
+    parts.append("</div>")
+    for r in results:
+        p = r.prediction
+        names = r.display_names or {p.label: p.display_label}
+        flagged = p.uncertain or p.out_of_distribution
+        parts += [
+            f"<h2>{e(r.model_name)} <span class='meta'>version {e(r.model_version or 'unknown')}</span></h2>",
+            f"<div class='verdict{' flagged' if flagged else ''}'>{e(verdict(p, names.get(p.label)))}</div>",
+        ]
+        if p.reasons:
+            parts.append("<ul>" + "".join(f"<li>{e(reason)}</li>" for reason in p.reasons) + "</ul>")
+        parts.append("<table><tr><th>Class</th><th>Calibrated probability</th><th></th></tr>")
+        for key, value in p.probabilities.items():
+            parts.append(f"<tr><td>{e(names.get(key, key))}</td><td class='num'>{value:.1%}</td>"
+                         f"<td><span class='bar' style='width:{max(1, round(value * 200))}px'></span></td></tr>")
+        parts.append("</table>")
+    if notes:
+        parts.append("<h2>How the image was read</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
+    parts.append(f"<p class='meta'>Generated by the CT slice classifier app. {e(DISCLAIMER)}</p></body></html>")
+    return "\n".join(parts)

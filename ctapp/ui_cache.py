@@ -1,0 +1,155 @@
+"""Streamlit caches of the app; the only module of ``ctapp`` that imports Streamlit.
+
+* Loaded models are resources (``st.cache_resource``): one instance per
+  process, shared by every session; :class:`~ctapp.inference.LoadedModel`
+  serialises its forward passes, so sharing is safe.
+* Reports, model lists, training histories, predictions and Grad-CAMs are data
+  (``st.cache_data``), keyed by the file's modification time so that a
+  retrained model or a rewritten report is read again.
+* The audit log is a resource, one per log path.
+
+Uploaded images are keyed by their SHA-256, never by name.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import streamlit as st
+
+from .auditlog import AuditLog, default_path
+from .evaluation import predictions_path, read_predictions
+from .figures import read_history
+from .inference import WEIGHTS_FILE, Analysis, LoadedModel, ModelEntry, Prediction, list_models, load_model, model_dirs
+
+HISTORY_FILE = "history.csv"
+AUDIT_FILE = "audit.json"
+
+
+def stamp(path: str | Path) -> float:
+    """Modification time of ``path`` (0 when it does not exist): part of every cache key."""
+    try:
+        return Path(path).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+# --------------------------------------------------------------------------- models
+
+
+@st.cache_data(ttl=20, show_spinner=False)
+def _models(dirs: tuple[str, ...], stamps: tuple[float, ...]) -> list[ModelEntry]:
+    return list_models([Path(d) for d in dirs])
+
+
+def models() -> list[ModelEntry]:
+    """Every model folder of the model directories (re-listed when one is added)."""
+    dirs = model_dirs()
+    return _models(tuple(str(d) for d in dirs), tuple(stamp(d) for d in dirs))
+
+
+def models_by_task() -> dict[str, list[ModelEntry]]:
+    """The models grouped by task, tasks in the order their first model is listed."""
+    tasks: dict[str, list[ModelEntry]] = {}
+    for entry in models():
+        tasks.setdefault(entry.task, []).append(entry)
+    return tasks
+
+
+@st.cache_resource(max_entries=6, show_spinner="Loading the model...")
+def _load_model(path: str, weights_stamp: float) -> LoadedModel:
+    return load_model(path)
+
+
+def loaded_model(path: str | Path) -> LoadedModel:
+    """The process-wide instance of the model in folder ``path``."""
+    path = Path(path).resolve()
+    return _load_model(str(path), stamp(path / WEIGHTS_FILE))
+
+
+@st.cache_data(max_entries=1024, show_spinner=False)
+def _predict(path: str, weights_stamp: float, sha256: str, _data: bytes) -> Prediction:
+    return _load_model(path, weights_stamp).predict(_data)
+
+
+def predict(path: str | Path, sha256: str, data: bytes) -> Prediction:
+    """Prediction of the model in ``path`` for uploaded file bytes with hash ``sha256``.
+
+    Raises :class:`~ctapp.imaging.ImageDecodeError` for a file that is not a usable slice.
+    """
+    path = Path(path).resolve()
+    return _predict(str(path), stamp(path / WEIGHTS_FILE), sha256, data)
+
+
+@st.cache_data(max_entries=128, show_spinner=False)
+def _analyse(path: str, weights_stamp: float, sha256: str, method: str, target: str | None,
+             _data: bytes) -> Analysis:
+    return _load_model(path, weights_stamp).analyse(_data, target=target, method=method)
+
+
+def analyse(path: str | Path, sha256: str, data: bytes, *, method: str = "Grad-CAM",
+            target: str | None = None) -> Analysis:
+    """Prediction plus class-activation map (``method``) for class ``target``
+    (a class key; None explains the predicted class)."""
+    path = Path(path).resolve()
+    return _analyse(str(path), stamp(path / WEIGHTS_FILE), sha256, method, target, data)
+
+
+# --------------------------------------------------------------------------- reports and cards
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def _read_json(path: str, file_stamp: float) -> dict | None:
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_json(path: str | Path) -> dict | None:
+    """A JSON object file (evaluation report, audit, card); None when absent or unreadable."""
+    return _read_json(str(path), stamp(path))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _predictions(report_path: str, csv_stamp: float) -> list[dict]:
+    return read_predictions(report_path)
+
+
+def predictions(report_path: str | Path) -> list[dict]:
+    """Per-image rows of an evaluation report (empty when it has no CSV)."""
+    return _predictions(str(report_path), stamp(predictions_path(Path(report_path))))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _history(path: str, file_stamp: float) -> list[dict]:
+    try:
+        return read_history(path)
+    except (OSError, ValueError, csv.Error):
+        return []
+
+
+def history(model_folder: str | Path) -> list[dict]:
+    """The model folder's training history (``history.csv``); empty when absent."""
+    path = Path(model_folder) / HISTORY_FILE
+    return _history(str(path), stamp(path)) if path.is_file() else []
+
+
+def dataset_audit(model_folder: str | Path) -> dict | None:
+    """The full dataset audit training wrote beside the model (``audit.json``)."""
+    return read_json(Path(model_folder) / AUDIT_FILE)
+
+
+# --------------------------------------------------------------------------- audit log
+
+
+@st.cache_resource(show_spinner=False)
+def _audit_log(path: str) -> AuditLog:
+    return AuditLog(path)
+
+
+def audit_log() -> AuditLog:
+    """The diagnosis audit log at ``CTAPP_AUDIT_LOG`` (or the default path)."""
+    return _audit_log(str(default_path()))

@@ -1,0 +1,410 @@
+"""Model comparison: every model of a task side by side, from their evaluation reports.
+
+Metrics (accuracy, macro-F1, per-class precision/recall/F1, AUC, sensitivity
+and specificity for binary tasks, calibration error, size, latency), ROC
+curves, confusion matrices, reliability diagrams, an exact McNemar test between
+two models on the images both were evaluated on, the images they disagree on
+with both Grad-CAMs, and evaluation of a model on a server folder (written to
+the user-reports folder and added to this dashboard).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from ctapp import figures, ui_cache
+from ctapp.data import DatasetError, scan_dataset
+from ctapp.evaluation import evaluate_files, write_report
+from ctapp.imaging import ImageDecodeError
+from ctapp.inference import ModelEntry
+from ctapp.metrics import mcnemar
+from ctapp.paths import PathNotAllowed, data_roots, resolve_data_folder
+from ctapp.report import DISCLAIMER
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+REPORTS_ENV = "CTAPP_REPORTS_DIR"
+DEFAULT_REPORTS_DIR = REPO / "reports"
+SPLIT_NAMES = {"valid": "validation split", "test": "test split", "train": "training split"}
+MAX_DISAGREEMENTS_LISTED = 200
+
+
+@dataclass
+class ReportEntry:
+    label: str  # unique on the dashboard, e.g. "lung-resnet50 · validation split"
+    model: ModelEntry
+    path: Path
+    report: dict
+
+
+@dataclass
+class Pairing:
+    """Two reports' per-image rows matched on the same image files."""
+
+    pairs: list[tuple[dict, dict]]
+    label_mismatches: int  # images both evaluated but with different true labels (left out)
+
+    @property
+    def correct(self) -> tuple[np.ndarray, np.ndarray]:
+        a = np.array([ra["pred"] == ra["true"] for ra, _ in self.pairs], dtype=bool)
+        b = np.array([rb["pred"] == rb["true"] for _, rb in self.pairs], dtype=bool)
+        return a, b
+
+    @property
+    def disagreements(self) -> list[tuple[dict, dict]]:
+        return [(ra, rb) for ra, rb in self.pairs if ra["pred"] != rb["pred"]]
+
+
+# --------------------------------------------------------------------------- plain functions
+
+
+def reports_dir() -> Path:
+    return Path(os.environ.get(REPORTS_ENV) or DEFAULT_REPORTS_DIR)
+
+
+def evaluated_on(report: dict) -> str:
+    """Where a report's images came from, in words."""
+    if report.get("evaluated_on"):
+        return str(report["evaluated_on"])
+    split = SPLIT_NAMES.get(report.get("split", ""), report.get("split") or "")
+    return split or (Path(report["data"]).name if report.get("data") else "unknown images")
+
+
+def collect_reports(models: list[ModelEntry], user_dir: Path) -> list[ReportEntry]:
+    """Each model's own validation report, then the user reports (written by
+    "Evaluate on a folder") of these models, newest first."""
+    found: list[ReportEntry] = []
+    labels: set[str] = set()
+
+    def add(model: ModelEntry, path: Path, report: dict) -> None:
+        base = f"{model.name} · {evaluated_on(report)}"
+        label, n = base, 2
+        while label in labels:
+            label, n = f"{base} ({n})", n + 1
+        labels.add(label)
+        found.append(ReportEntry(label, model, path, report))
+
+    for model in models:
+        report = ui_cache.read_json(model.report_path)
+        if report:
+            add(model, model.report_path, report)
+    if user_dir.is_dir():
+        by_path = {str(m.path.resolve()): m for m in models}
+        user = []
+        for path in user_dir.glob("*.json"):
+            report = ui_cache.read_json(path)
+            model = by_path.get(str(Path(report.get("model_path", "")).resolve())) if report else None
+            if model is not None:
+                user.append((report.get("created", ""), path, model, report))
+        for _, path, model, report in sorted(user, key=lambda u: u[0], reverse=True):
+            add(model, path, report)
+    return found
+
+
+def image_path(report: dict, row_path: str) -> Path:
+    """The file a per-image row names: relative rows are under the report's data folder
+    (itself relative to the repository when it is a relative path)."""
+    path = Path(row_path)
+    if not path.is_absolute() and report.get("data"):
+        path = Path(report["data"]) / path
+    return path if path.is_absolute() else REPO / path
+
+
+def pair_predictions(report_a: dict, rows_a: list[dict], report_b: dict, rows_b: list[dict]) -> Pairing:
+    """Match two reports' per-image rows on the image file."""
+    def key(report, row):
+        return os.path.normpath(str(image_path(report, row["path"])))
+
+    b_rows = {key(report_b, row): row for row in rows_b}
+    pairs, mismatches = [], 0
+    for row in rows_a:
+        other = b_rows.get(key(report_a, row))
+        if other is None:
+            continue
+        if other["true"] != row["true"]:
+            mismatches += 1
+            continue
+        pairs.append((row, other))
+    return Pairing(pairs, mismatches)
+
+
+def significance_sentence(result: dict, name_a: str, name_b: str, n: int) -> str:
+    p = result["p_value"]
+    if result["only_a_correct"] + result["only_b_correct"] == 0:
+        return f"On these {n} images both models are right and wrong on exactly the same images: no difference to test."
+    better = name_a if result["only_a_correct"] > result["only_b_correct"] else name_b
+    if result["significant_at_0.05"]:
+        return (f"The difference is statistically significant at the 5% level (exact McNemar test, p = {p:.3g}): "
+                f"{better} is right more often on these {n} images.")
+    return (f"The difference is not statistically significant at the 5% level (exact McNemar test, p = {p:.3g}); "
+            f"on these {n} images the two models cannot be told apart.")
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:60] or "data"
+
+
+def user_report_path(model_name: str, folder: Path, split: str, now: datetime | None = None) -> Path:
+    now = now or datetime.now(timezone.utc)
+    parts = [safe_name(model_name), safe_name(folder.name)] + ([split] if split != "all" else [])
+    return reports_dir() / f"{'--'.join(parts)}--{now.strftime('%Y%m%dT%H%M%S')}.json"
+
+
+def evaluate_folder(model_entry: ModelEntry, folder: Path, split: str, dedupe: bool, on_progress=None) -> Path:
+    """Evaluate a model on the labelled images of ``folder`` (every split, or one)
+    and write the report and per-image CSV to the user-reports folder."""
+    model = ui_cache.loaded_model(model_entry.path)
+    index = scan_dataset(folder, class_names=model.class_names)
+    samples = [s for s in index.samples if split == "all" or s.split == split]
+    if not samples:
+        raise DatasetError(f"{folder.name}: no images in the {split} split (found splits: "
+                           f"{', '.join(index.splits) or 'none, only class folders'})")
+    report, rows = evaluate_files(model, [s.path for s in samples], [s.label for s in samples], dedupe=dedupe,
+                                  on_progress=on_progress, root=folder)
+    where = folder.name + ("" if split == "all" else f" ({SPLIT_NAMES.get(split, split)})")
+    report.update(data=str(folder), split=split, evaluated_on=where, task=model_entry.task,
+                  model_path=str(model_entry.path.resolve()))
+    path = user_report_path(model.name, folder, split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_report(report, rows, path)
+    return path
+
+
+# --------------------------------------------------------------------------- UI
+
+
+PERCENT = ("Accuracy", "Precision", "Recall", "Sensitivity", "Specificity", "Out-of-distribution")
+
+
+def _column_config(rows: list[dict]) -> dict:
+    config = {}
+    for name in rows[0] if rows else []:
+        if name.startswith(PERCENT):
+            config[name] = st.column_config.NumberColumn(name, format="percent")
+        elif name.startswith(("Macro-F1", "F1", "ROC AUC", "AUC", "ECE")):
+            config[name] = st.column_config.NumberColumn(name, format="%.3f")
+    return config
+
+
+def show_metrics(chosen: list[ReportEntry]) -> None:
+    reports = {e.label: e.report for e in chosen}
+    rows = figures.metrics_table(reports, {e.label: e.model.card for e in chosen})
+    for row, entry in zip(rows, chosen):
+        if "ood_flagged" in entry.report:
+            row["Out-of-distribution flagged"] = entry.report["ood_flagged"]
+    st.dataframe(rows, hide_index=True, column_config=_column_config(rows), key="metrics_table")
+    st.caption("ECE: expected calibration error of the calibrated probabilities (0 is perfect). Size: the "
+               "stored weights. Latency appears when the model card records one.")
+    st.markdown("**Per class**")
+    per_class = figures.per_class_table(reports)
+    st.dataframe(per_class, hide_index=True, column_config=_column_config(per_class), key="per_class_table")
+
+
+def show_confusions(chosen: list[ReportEntry]) -> None:
+    for n, entry in enumerate(chosen):
+        st.markdown(f"**{entry.label}** ({entry.report.get('images', '?')} images)")
+        left, right = st.columns(2, gap="medium")
+        left.plotly_chart(figures.confusion_figure(entry.report, title="Counts"), key=f"cm_counts_{n}")
+        right.plotly_chart(figures.confusion_figure(entry.report, normalize=True, title="Share of each true class"),
+                           key=f"cm_norm_{n}")
+
+
+def local_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes() if path.is_file() else None
+    except OSError:
+        return None
+
+
+def show_paired(chosen: list[ReportEntry], opacity: float = 0.4) -> None:
+    if len(chosen) < 2:
+        st.info("Choose at least two reports above to compare two models on the same images.")
+        return
+    labels = [e.label for e in chosen]
+    left, right = st.columns(2)
+    a = left.selectbox("Model A", range(len(chosen)), format_func=lambda i: labels[i], key="pair_a")
+    b = right.selectbox("Model B", range(len(chosen)), index=1, format_func=lambda i: labels[i], key="pair_b")
+    if a == b:
+        st.info("Choose two different reports.")
+        return
+    ea, eb = chosen[a], chosen[b]
+    rows_a, rows_b = ui_cache.predictions(ea.path), ui_cache.predictions(eb.path)
+    if not rows_a or not rows_b:
+        st.warning("A per-image CSV is missing for one of these reports, so images cannot be matched.")
+        return
+    pairing = pair_predictions(ea.report, rows_a, eb.report, rows_b)
+    if not pairing.pairs:
+        st.warning("These two reports share no images: McNemar's test needs both models evaluated on the same "
+                   "images. Evaluate both on one folder below.")
+        return
+    correct_a, correct_b = pairing.correct
+    result = mcnemar(correct_a, correct_b)
+    n = len(pairing.pairs)
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric("Images in common", n)
+    c2.metric(f"Only {ea.model.name} right", result["only_a_correct"])
+    c3.metric(f"Only {eb.model.name} right", result["only_b_correct"])
+    c4.metric("McNemar p-value", f"{result['p_value']:.3g}")
+    st.markdown(significance_sentence(result, ea.model.name, eb.model.name, n))
+    if pairing.label_mismatches:
+        st.caption(f"{pairing.label_mismatches} image(s) carry different true labels in the two reports and were "
+                   "left out.")
+
+    disagreements = pairing.disagreements
+    st.markdown(f"#### Images the models disagree on ({len(disagreements)})")
+    if not disagreements:
+        st.caption("The two models give the same class on every shared image.")
+        return
+    names = dict(zip(ea.report.get("class_names", []), ea.report.get("display_names", [])))
+    table = [{"Image": ra["path"], "True class": names.get(ra["true"], ra["true"]),
+              f"{ea.model.name}": names.get(ra["pred"], ra["pred"]), f"{ea.model.name} confidence": float(ra["confidence"]),
+              f"{eb.model.name}": names.get(rb["pred"], rb["pred"]), f"{eb.model.name} confidence": float(rb["confidence"]),
+              "Right": ea.model.name if ra["pred"] == ra["true"] else eb.model.name if rb["pred"] == rb["true"]
+              else "neither"} for ra, rb in disagreements[:MAX_DISAGREEMENTS_LISTED]]
+    confidence = {k: st.column_config.ProgressColumn(k, format="percent", min_value=0.0, max_value=1.0)
+                  for k in table[0] if k.endswith("confidence")}
+    st.dataframe(table, hide_index=True, column_config=confidence, key="disagreements")
+    pick = st.selectbox("Image to explain", range(len(table)), format_func=lambda i: table[i]["Image"],
+                        key="disagreement_pick")
+    ra, _ = disagreements[pick]
+    path = image_path(ea.report, ra["path"])
+    data = local_bytes(path)
+    if data is None:
+        st.info("This image file is not available on this server, so its Grad-CAMs cannot be shown.")
+        return
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        analyses = [ui_cache.analyse(e.model.path, sha, data) for e in (ea, eb)]
+    except ImageDecodeError as exc:
+        st.error(f"The image could not be read: {exc}")
+        return
+    cols = st.columns(3, gap="medium")
+    cols[0].image(analyses[0].image.pixels, caption=f"{Path(ra['path']).name} (true: {table[pick]['True class']})",
+                  clamp=True, width="stretch", output_format="PNG")
+    for col, e, analysis in zip(cols[1:], (ea, eb), analyses):
+        p = analysis.prediction
+        label = dict(zip(e.report.get("class_names", []), e.report.get("display_names", []))).get(p.label, p.label)
+        col.image(figures.cam_overlay(analysis.image.pixels, analysis.cam, opacity), width="stretch",
+                  output_format="PNG", caption=f"{e.model.name}: {label} ({p.confidence:.0%}), Grad-CAM of {label}")
+
+
+def evaluation_form(models: list[ModelEntry]) -> tuple[ModelEntry, str, str, bool] | None:
+    """The 'Evaluate on a folder' form; returns its values when submitted."""
+    roots = data_roots()
+    with st.form("evaluate_form"):
+        paths = {str(m.path): m for m in models}
+        model = st.selectbox("Model", list(paths), format_func=lambda p: paths[p].name, key="eval_model")
+        folder = st.text_input(
+            "Data folder on the server", key="eval_folder", placeholder="e.g. chest-ct-scan-images/Data/test",
+            help="A folder of class sub-folders (or train/valid/test folders of class sub-folders), relative to "
+                 "a data folder of this server: " + (", ".join(map(str, roots)) or "none configured"),
+        )
+        split = st.selectbox("Images", ["all", "test", "valid", "train"], key="eval_split",
+                             format_func=lambda s: "every image in the folder" if s == "all" else f"the {s} split only")
+        dedupe = st.checkbox("Count an image repeated under several names once", value=True, key="eval_dedupe")
+        submitted = st.form_submit_button("Evaluate", type="primary")
+    return (paths[model], folder, split, dedupe) if submitted else None
+
+
+def run_evaluation(model: ModelEntry, folder_text: str, split: str, dedupe: bool) -> str | None:
+    """Validate the folder, evaluate with a progress bar; returns the new report's path or None."""
+    try:
+        folder = resolve_data_folder(folder_text)
+    except PathNotAllowed as exc:
+        st.error(f"This folder cannot be used: {exc}")
+        return None
+    bar = st.progress(0.0, text="Reading images...")
+    try:
+        path = evaluate_folder(model, folder, split, dedupe, on_progress=lambda done, total: bar.progress(
+            done / total, text=f"Reading images: {done} of {total}"))
+    except (DatasetError, ValueError) as exc:
+        bar.empty()
+        st.error(f"The evaluation could not run: {exc}")
+        return None
+    except Exception as exc:
+        log.exception("evaluation of %s on %s failed", model.name, folder)
+        bar.empty()
+        st.error(f"The evaluation failed ({type(exc).__name__}); the server log has details.")
+        return None
+    bar.empty()
+    return str(path)
+
+
+def choose_reports(task: str, available: list[ReportEntry]) -> None:
+    """Prepare the report selection: each model's validation report when the
+    task changes; a report written by the form on the previous run joins it."""
+    state = st.session_state
+    labels = [e.label for e in available]
+    if state.get("compare_reports_task") != task or "compare_reports" not in state:
+        state["compare_reports"] = [e.label for e in available if e.path == e.model.report_path] or labels
+        state["compare_reports_task"] = task
+    selected = [x for x in state["compare_reports"] if x in labels]
+    added = state.pop("eval_added", None)
+    if added:
+        st.success(f"Evaluation finished: {added[1]} is on the dashboard.", icon=":material/check_circle:")
+        selected += [e.label for e in available if str(e.path) == added[0] and e.label not in selected]
+    state["compare_reports"] = selected
+
+
+def main() -> None:
+    st.title("Model comparison")
+    st.warning(DISCLAIMER, icon=":material/warning:")
+    by_task = ui_cache.models_by_task()
+    if not by_task:
+        st.info("No trained models were found: train one with `python -m training.fit ... --out models/NAME`, "
+                "or list model folders in `CTAPP_MODELS_DIR`.", icon=":material/info:")
+        return
+    task = st.selectbox("Task", list(by_task), key="compare_task")
+    models = by_task[task]
+    available = collect_reports(models, reports_dir())
+
+    choose_reports(task, available)
+    st.multiselect("Reports to compare", [e.label for e in available], key="compare_reports",
+                   help="Each model's validation report, plus the evaluations run on this page.")
+    chosen = [e for e in available if e.label in st.session_state["compare_reports"]]
+    without = [m.name for m in models if not any(e.model is m for e in available)]
+    if without:
+        st.caption("No evaluation report yet: " + ", ".join(without))
+
+    tabs = st.tabs(["Metrics", "ROC curves", "Confusion matrices", "Calibration", "Two models on the same images",
+                    "Evaluate on a folder"])
+    if not chosen:
+        tabs[0].info("No evaluation report to show for this task yet: evaluate a model on a folder "
+                     "(last tab).", icon=":material/info:")
+    else:
+        reports = {e.label: e.report for e in chosen}
+        with tabs[0]:
+            show_metrics(chosen)
+        with tabs[1]:
+            st.plotly_chart(figures.roc_figure(reports), key="roc")
+            st.caption("One-vs-rest ROC curve of each class; the AUC of each model is written in each panel.")
+        with tabs[2]:
+            show_confusions(chosen)
+        with tabs[3]:
+            st.plotly_chart(figures.reliability_figure(reports), key="reliability")
+            st.caption("Points on the dotted diagonal mean the stated probability matches how often the model is "
+                       "right; the bars show how many images fall in each confidence bin.")
+        with tabs[4]:
+            show_paired(chosen)
+    with tabs[5]:
+        st.markdown("Evaluate a model on a labelled folder on this server. The report is saved in the reports "
+                    f"folder (`{reports_dir()}`) and joins this dashboard.")
+        values = evaluation_form(models)
+        if values:
+            written = run_evaluation(*values)
+            if written:
+                st.session_state["eval_added"] = (written, Path(written).name)
+                st.rerun()
+
+
+if __name__ == "__main__":
+    main()

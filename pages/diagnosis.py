@@ -1,0 +1,389 @@
+"""Diagnosis (landing page): classify uploaded CT slices and explain each result.
+
+Upload one or many slices (PNG, JPEG or DICOM, with or without a file
+extension: the format is read from the content). Each slice gets the predicted
+class in plain words with its calibrated probabilities, or an explicit
+"uncertain" state with the reasons; a class-activation map beside the slice;
+and a one-page HTML report. Every diagnosis goes to the audit log (file hash,
+model, result; never names or pixels). DICOM header fields are never shown.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import streamlit as st
+
+from ctapp import figures, ui_cache
+from ctapp.checkpoint import CheckpointError
+from ctapp.imaging import LUNG_WINDOW, MEDIASTINUM_WINDOW, ImageDecodeError, Slice, Window
+from ctapp.inference import Analysis, LoadedModel, ModelEntry, Prediction, cam_methods
+from ctapp.report import DISCLAIMER, OOD_MESSAGE, ModelResult, slice_report
+
+log = logging.getLogger(__name__)
+
+PREDICTED = ""  # "class to explain": the predicted class
+WINDOW_PRESETS = {"Lung": LUNG_WINDOW, "Mediastinum": MEDIASTINUM_WINDOW}
+BATCH_PROGRESS_FROM = 3  # show a progress bar from this many files on
+
+
+@dataclass(frozen=True)
+class Upload:
+    name: str
+    data: bytes = field(repr=False)
+    sha256: str
+
+
+@dataclass
+class SliceResult:
+    upload: Upload
+    predictions: list[Prediction] = field(default_factory=list)  # one per chosen model
+    error: str = ""
+
+
+@dataclass
+class Explanation:
+    model: LoadedModel
+    analysis: Analysis
+    cam_class: str  # readable name of the explained class
+
+
+# --------------------------------------------------------------------------- plain functions
+
+
+def read_uploads(files) -> list[Upload]:
+    """Uploaded files (anything with ``.name`` and ``.getvalue()``) with their SHA-256."""
+    uploads = []
+    for f in files or []:
+        data = f.getvalue()
+        uploads.append(Upload(f.name, data, hashlib.sha256(data).hexdigest()))
+    return uploads
+
+
+def model_label(entry: ModelEntry) -> str:
+    card = entry.card
+    parts = [entry.name]
+    if card.get("architecture_title") or card.get("architecture"):
+        parts.append(card.get("architecture_title") or card["architecture"])
+    f1 = (card.get("validation") or {}).get("macro_f1")
+    if f1 is not None:
+        parts.append(f"validation macro-F1 {f1:.2f}")
+    return " · ".join(parts)
+
+
+def clean_error(message: str) -> str:
+    """An ImageDecodeError message without the 'upload: ' prefix decode gives bytes."""
+    return re.sub(r"^upload: ", "", message)
+
+
+def flags(prediction: Prediction) -> list[str]:
+    """Short flags for the table, the CSV and the audit log."""
+    out = []
+    if prediction.out_of_distribution:
+        out.append("out of distribution")
+    if any(reason.startswith("low confidence") for reason in prediction.reasons):
+        out.append("low confidence")
+    return out
+
+
+def classify(uploads: list[Upload], models: list[ModelEntry], on_progress=None) -> list[SliceResult]:
+    """Every upload through every chosen model; an unreadable file gets its
+    error message and the others are still classified."""
+    results = []
+    for i, upload in enumerate(uploads):
+        result = SliceResult(upload)
+        try:
+            result.predictions = [ui_cache.predict(m.path, upload.sha256, upload.data) for m in models]
+        except ImageDecodeError as exc:
+            result.error = clean_error(str(exc))
+        except Exception as exc:  # never a traceback in front of a user
+            log.exception("classifying %s failed", upload.sha256)
+            result.error = f"the file could not be analysed ({type(exc).__name__}); the server log has details"
+        results.append(result)
+        if on_progress:
+            on_progress(i + 1, len(uploads))
+    return results
+
+
+def record_diagnoses(results: list[SliceResult], models: list[ModelEntry], loaded: list[LoadedModel],
+                     logged: set) -> int:
+    """Append each new (image, model) diagnosis to the audit log once per
+    session (``logged`` holds what this session already recorded); returns the
+    number of records written."""
+    written = 0
+    audit = None
+    for result in results:
+        if result.error:
+            continue
+        for entry, model, prediction in zip(models, loaded, result.predictions):
+            key = (result.upload.sha256, str(entry.path), model.version)
+            if key in logged:
+                continue
+            audit = audit or ui_cache.audit_log()
+            audit.record(model=model.name, model_version=model.version, image_sha256=result.upload.sha256,
+                         prediction=prediction.label, probabilities=prediction.probabilities, flags=flags(prediction))
+            logged.add(key)
+            written += 1
+    return written
+
+
+def result_word(prediction: Prediction, display_label: str) -> str:
+    return "Uncertain" if prediction.uncertain else display_label
+
+
+def results_table(results: list[SliceResult], models: list[ModelEntry], loaded: list[LoadedModel]) -> list[dict]:
+    """One row per file: result, most likely class, confidence and flags per model."""
+    rows = []
+    several = len(models) > 1
+    for result in results:
+        row: dict = {"File": result.upload.name}
+        for entry, model, i in zip(models, loaded, range(len(models))):
+            prefix = f"{entry.name}: " if several else ""
+            p = result.predictions[i] if not result.error else None
+            label = _display(model, p.label) if p else ""
+            row[prefix + "Result"] = result_word(p, label) if p else "Unreadable"
+            row[prefix + "Most likely"] = label
+            row[prefix + "Confidence"] = p.confidence if p else None
+            row[prefix + "Flags"] = ", ".join(flags(p)) if p else result.error
+        if several:
+            labels = [p.label for p in result.predictions]
+            row["Models agree"] = (len(set(labels)) == 1) if labels else None
+        rows.append(row)
+    return rows
+
+
+def table_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _display(model: LoadedModel, key: str) -> str:
+    return model.display_names[model.class_names.index(key)] if key in model.class_names else key
+
+
+def display_map(model: LoadedModel) -> dict[str, str]:
+    return dict(zip(model.class_names, model.display_names))
+
+
+def explain(upload: Upload, models: list[ModelEntry], loaded: list[LoadedModel], method: str,
+            target: str) -> list[Explanation]:
+    """One class-activation map per model; a target class a model does not know
+    falls back to its predicted class."""
+    out = []
+    for entry, model in zip(models, loaded):
+        key = target if target in model.class_names else None
+        analysis = ui_cache.analyse(entry.path, upload.sha256, upload.data, method=method, target=key)
+        out.append(Explanation(model, analysis, _display(model, analysis.cam_class)))
+    return out
+
+
+def build_report(upload: Upload, shown: Slice, explanations: list[Explanation], overlays: list, method: str) -> str:
+    results = [ModelResult(e.model.name, e.model.version, e.analysis.prediction, display_map(e.model), overlay,
+                           method, e.cam_class) for e, overlay in zip(explanations, overlays)]
+    return slice_report(image=shown.pixels, results=results, filename=upload.name, sha256=upload.sha256,
+                        notes=shown.notes)
+
+
+def report_file_name(upload_name: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(upload_name).stem).strip("._") or "slice"
+    return f"{stem[:60]}-report.html"
+
+
+# --------------------------------------------------------------------------- UI: widgets in, plain values out
+
+
+def no_models_message() -> None:
+    st.warning(
+        "**No trained models were found.** Train one, for example\n\n"
+        "`python -m training.fit --data DATA_FOLDER --arch resnet50 --out models/NAME`\n\n"
+        "then reload this page. Models are read from `models/` in the app folder and from the folders "
+        "listed in the `CTAPP_MODELS_DIR` environment variable.",
+        icon=":material/info:",
+    )
+
+
+def choose_models(by_task: dict[str, list[ModelEntry]]) -> list[ModelEntry]:
+    """Sidebar: task, model and optionally a second model of the same task."""
+    st.sidebar.header("Model")
+    task = st.sidebar.selectbox("Task", list(by_task), key="task")
+    paths = {str(e.path): e for e in by_task[task]}
+    first = st.sidebar.selectbox("Model", list(paths), format_func=lambda p: model_label(paths[p]), key="model")
+    chosen = [paths[first]]
+    compare = st.sidebar.toggle("Compare with a second model", key="compare", disabled=len(paths) < 2,
+                                help="Runs a second model of the same task on the same slices, side by side."
+                                if len(paths) > 1 else "This task has only one model.")
+    if compare and len(paths) > 1:
+        others = [p for p in paths if p != first]
+        second = st.sidebar.selectbox("Second model", others, format_func=lambda p: model_label(paths[p]),
+                                      key="model_b")
+        chosen.append(paths[second])
+    return chosen
+
+
+def explanation_controls(model: LoadedModel) -> tuple[str, str, float]:
+    """Sidebar: CAM method, class to explain (a class key, or PREDICTED) and overlay opacity."""
+    st.sidebar.header("Explanation")
+    method = st.sidebar.selectbox("Method", list(cam_methods()), key="cam_method",
+                                  help="Grad-CAM and Grad-CAM++ explain one class; EigenCAM shows the main "
+                                       "activation pattern whatever the class.")
+    names = display_map(model)
+    target = st.sidebar.selectbox("Class to explain", [PREDICTED, *model.class_names], key="cam_target",
+                                  format_func=lambda k: "Predicted class" if k == PREDICTED else names[k])
+    opacity = st.sidebar.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05, key="opacity")
+    return method, target, opacity
+
+
+def window_controls() -> Window:
+    """The display window of a DICOM slice (the model always reads its own training window)."""
+    preset = st.radio("DICOM display window", [*WINDOW_PRESETS, "Custom"], horizontal=True, key="window_preset",
+                      help="Changes how the slice is displayed. The model reads the slice with the window "
+                           "it was trained with, so the prediction does not change.")
+    if preset in WINDOW_PRESETS:
+        window = WINDOW_PRESETS[preset]
+        st.caption(f"center {window.center:g} HU, width {window.width:g} HU")
+        return window
+    left, right = st.columns(2)
+    center = left.slider("Center (HU)", -1400, 1000, int(LUNG_WINDOW.center), 10, key="window_center")
+    width = right.slider("Width (HU)", 50, 4000, int(LUNG_WINDOW.width), 10, key="window_width")
+    return Window(float(center), float(width))
+
+
+def show_verdict(prediction: Prediction, model: LoadedModel) -> None:
+    """The result in plain words, or a clear uncertain state with its reasons."""
+    label = _display(model, prediction.label)
+    others = [r for r in prediction.reasons if r != OOD_MESSAGE]
+    reasons = "".join(f"\n- {r}" for r in others)
+    if prediction.out_of_distribution:
+        st.error(f"**Uncertain: no reliable answer.** This does not look like a chest CT slice the model was "
+                 f"trained on.{reasons}\n\nMost likely class, for reference only: {label} "
+                 f"({prediction.confidence:.0%}).", icon=":material/help:")
+    elif prediction.uncertain:
+        st.warning(f"**Uncertain: no confident answer.**{reasons}\n\nMost likely class, for reference only: "
+                   f"{label} ({prediction.confidence:.0%}).", icon=":material/help:")
+    else:
+        st.info(f"**Prediction: {label}**  \nCalibrated probability {prediction.confidence:.0%} "
+                f"(above the model's confidence threshold of {model.confidence_threshold:.0%}).",
+                icon=":material/check_circle:")
+
+
+def show_probabilities(prediction: Prediction, model: LoadedModel, key: str) -> None:
+    fig = figures.probability_bars(prediction.probabilities, display_map(model), predicted=prediction.label,
+                                   threshold=model.confidence_threshold)
+    st.plotly_chart(fig, key=key, config={"displayModeBar": False})
+
+
+def show_results_table(rows: list[dict]) -> None:
+    st.subheader("All slices")
+    config = {k: st.column_config.ProgressColumn(k, format="percent", min_value=0.0, max_value=1.0)
+              for k in rows[0] if k.endswith("Confidence")}
+    config["File"] = st.column_config.TextColumn("File", width="medium")
+    st.dataframe(rows, hide_index=True, column_config=config, key="results_table")
+    st.download_button("Download table (CSV)", table_csv(rows), file_name="ct-slice-results.csv", mime="text/csv",
+                       on_click="ignore", icon=":material/download:", key="results_csv")
+    st.caption("Click a column header to sort. Confidence is the calibrated probability of the most likely class.")
+
+
+def pick_slice(results: list[SliceResult]) -> SliceResult:
+    if len(results) == 1:
+        return results[0]
+    index = st.selectbox("Slice to view in detail", range(len(results)), key="detail_slice",
+                         format_func=lambda i: results[i].upload.name)
+    return results[index]
+
+
+def show_detail(result: SliceResult, models: list[ModelEntry], loaded: list[LoadedModel], method: str,
+                target: str, opacity: float) -> None:
+    upload = result.upload
+    st.subheader(upload.name)
+    try:
+        explanations = explain(upload, models, loaded, method, target)
+    except Exception:  # an explanation failure must not hide the prediction
+        log.exception("explaining %s failed", upload.sha256)
+        st.error("The explanation could not be computed for this slice; the prediction above still stands.")
+        return
+    image = explanations[0].analysis.image
+    shown = image.rewindow(window_controls()) if image.hu is not None else image
+    overlays = [figures.cam_overlay(shown.pixels, e.analysis.cam, opacity) for e in explanations]
+    columns = st.columns(1 + len(explanations) if len(explanations) > 1 else [1, 1, 1.15], gap="medium")
+    columns[0].image(shown.pixels, caption=f"Slice ({image.source_format}, {image.size[0]}x{image.size[1]} px)",
+                     clamp=True, width="stretch")
+    for column, e, overlay in zip(columns[1:], explanations, overlays):
+        who = f"{e.model.name}: " if len(explanations) > 1 else ""
+        column.image(overlay, caption=f"{who}{method} for {e.cam_class} (warm colours weighed most)",
+                     width="stretch")
+    panels = [columns[2]] if len(explanations) == 1 else st.columns(len(explanations), gap="medium")
+    for panel, entry, e in zip(panels, models, explanations):
+        with panel:
+            if len(explanations) > 1:
+                st.markdown(f"**{entry.name}**")
+            show_verdict(e.analysis.prediction, e.model)
+            show_probabilities(e.analysis.prediction, e.model, key=f"probs_{upload.sha256[:12]}_{entry.name}")
+    if shown.notes:
+        st.caption("How the image was read: " + "; ".join(shown.notes) + ".")
+    st.download_button("Download report (HTML)", build_report(upload, shown, explanations, overlays, method),
+                       file_name=report_file_name(upload.name), mime="text/html", on_click="ignore",
+                       icon=":material/download:", key="report_html", type="primary")
+
+
+# --------------------------------------------------------------------------- page
+
+
+def main() -> None:
+    st.title("CT slice diagnosis")
+    st.warning(DISCLAIMER, icon=":material/warning:")
+    by_task = ui_cache.models_by_task()
+    if not by_task:
+        no_models_message()
+        return
+    models = choose_models(by_task)
+    try:
+        loaded = [ui_cache.loaded_model(m.path) for m in models]
+    except (CheckpointError, OSError, ValueError) as exc:
+        st.error(f"The model could not be loaded: {exc}")
+        return
+    method, target, opacity = explanation_controls(loaded[0])
+
+    files = st.file_uploader(
+        "Upload CT slices", type=None, accept_multiple_files=True, key="uploads",
+        help="PNG, JPEG or DICOM (.dcm or no extension); the format is detected from the file content.",
+    )
+    uploads = read_uploads(files)
+    if not uploads:
+        st.info("Upload one or more chest CT slices (PNG, JPEG or DICOM) to classify them. "
+                "Each result shows calibrated probabilities and a map of the regions that weighed most.",
+                icon=":material/upload_file:")
+        return
+
+    progress = st.progress(0.0, text="Classifying...") if len(uploads) >= BATCH_PROGRESS_FROM else None
+    results = classify(uploads, models, on_progress=(lambda done, total: progress.progress(
+        done / total, text=f"Classifying {done} of {total}...")) if progress else None)
+    if progress:
+        progress.empty()
+    for result in results:
+        if result.error:
+            st.error(f"**{result.upload.name}** could not be read: {result.error}", icon=":material/error:")
+    try:
+        record_diagnoses(results, models, loaded, st.session_state.setdefault("audit_logged", set()))
+    except Exception as exc:
+        log.exception("audit log write failed")
+        st.warning(f"The audit log could not be written ({type(exc).__name__}); results are shown but not recorded.")
+
+    readable = [r for r in results if not r.error]
+    if len(results) > 1:
+        show_results_table(results_table(results, models, loaded))
+    if readable:
+        st.divider()
+        show_detail(pick_slice(readable), models, loaded, method, target, opacity)
+
+
+if __name__ == "__main__":
+    main()

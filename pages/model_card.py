@@ -1,0 +1,263 @@
+"""Model cards: everything recorded about each model (``model_card.json``),
+its training curves (``history.csv``) and the audit of its training data
+(``audit.json``): class balance, duplicates, label conflicts, the shortcut probe
+and the warnings training raised.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import streamlit as st
+
+from ctapp import figures, ui_cache
+from ctapp.inference import ModelEntry
+from ctapp.report import DISCLAIMER
+
+# Card keys shown in their own sections; anything else appears under "Other fields".
+SHOWN = {"name", "task", "classes", "display_names", "architecture", "architecture_title", "weights_origin",
+         "parameters", "weight_storage", "weights_file", "weights_sha256", "size_bytes", "preprocessing",
+         "gradcam_layer", "training_data", "training", "validation", "calibration", "out_of_distribution",
+         "confidence_threshold", "created", "code_version", "intended_use", "limitations", "disclaimer",
+         "weight_storage_check"}
+
+
+# --------------------------------------------------------------------------- plain functions
+
+
+def fmt(value) -> str:
+    """A card value in words: numbers rounded, lists joined, nested objects as compact JSON."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(fmt(v) for v in value) if all(not isinstance(v, (dict, list)) for v in value) \
+            else json.dumps(value)
+    if isinstance(value, Mapping):
+        return json.dumps(value)
+    return str(value)
+
+
+def key_values(mapping: Mapping | None, names: Mapping[str, str] | None = None) -> list[dict]:
+    """Rows {Field, Value} of a flat mapping (nested values as JSON)."""
+    names = names or {}
+    return [{"Field": names.get(k, k.replace("_", " ")), "Value": fmt(v)} for k, v in (mapping or {}).items()]
+
+
+def headline_metrics(card: Mapping) -> list[tuple[str, str, str]]:
+    """(label, value, help) of the validation figures shown at the top of a card."""
+    validation = card.get("validation") or {}
+    calibration = card.get("calibration") or {}
+    auc = (validation.get("roc_auc") or {}).get("macro")
+
+    def pct(v):
+        return "n/a" if v is None else f"{v:.1%}"
+
+    out = [
+        ("Validation accuracy", pct(validation.get("accuracy")), f"on {validation.get('images', '?')} images"),
+        ("Macro-F1", "n/a" if validation.get("macro_f1") is None else f"{validation['macro_f1']:.3f}",
+         "mean F1 over classes"),
+        ("ROC AUC (macro)", "n/a" if auc is None else f"{auc:.3f}", "one-vs-rest, averaged over classes"),
+        ("ECE after calibration", "n/a" if calibration.get("ece_after") is None else f"{calibration['ece_after']:.3f}",
+         "expected calibration error of the calibrated probabilities"),
+    ]
+    if "sensitivity" in validation:
+        positive = dict(zip(card.get("classes", []), card.get("display_names", []))).get(
+            validation.get("positive_class"), validation.get("positive_class"))
+        out.append((f"Sensitivity ({positive})", pct(validation.get("sensitivity")), "recall of the positive class"))
+        out.append(("Specificity", pct(validation.get("specificity")), "recall of the negative class"))
+    return out
+
+
+def per_class_rows(card: Mapping) -> list[dict]:
+    validation = card.get("validation") or {}
+    names = dict(zip(card.get("classes", []), card.get("display_names", [])))
+    aucs = (validation.get("roc_auc") or {}).get("per_class") or {}
+    return [{"Class": names.get(k, k), "Precision": v.get("precision"), "Recall": v.get("recall"), "F1": v.get("f1"),
+             "AUC": aucs.get(k), "Images": v.get("support")} for k, v in (validation.get("per_class") or {}).items()]
+
+
+def class_balance_rows(audit: Mapping) -> list[dict]:
+    """Images per split and class, as found and as kept by the audit policy."""
+    names = dict(zip(audit.get("classes", []), audit.get("display_names", [])))
+    found, kept = audit.get("class_balance") or {}, audit.get("class_balance_kept") or {}
+    rows = []
+    for split, counts in found.items():
+        for key, n in counts.items():
+            rows.append({"Split": split, "Class": names.get(key, key), "Images found": n,
+                         "Images used": (kept.get(split) or {}).get(key)})
+    return rows
+
+
+def audit_summary(audit: Mapping) -> list[dict]:
+    fields = [("images", "Files found"), ("readable", "Readable"), ("unique_images", "Unique images"),
+              ("duplicate_groups", "Groups of exact duplicates"), ("redundant_copies", "Redundant copies"),
+              ("cross_split_copies", "Evaluation images also in training"), ("label_conflicts", "Label conflicts"),
+              ("dropped", "Dropped by the audit policy"), ("kept", "Kept")]
+    rows = []
+    for key, label in fields:
+        if key in audit:
+            value = audit[key]
+            rows.append({"Check": label, "Result": len(value) if isinstance(value, (list, dict)) else value})
+    return rows
+
+
+def shortcut_text(probe: Mapping | None) -> str | None:
+    if not probe or probe.get("accuracy") is None:
+        return None
+    return (f"A {probe.get('classifier', 'classifier')} that sees only {', '.join(probe.get('features', []))} "
+            f"reaches {probe['accuracy']:.0%} accuracy (chance: {probe.get('chance', 0):.0%}). The closer this is to "
+            f"the model's own accuracy, the more the model may be reading where an image came from rather than "
+            f"what it shows.")
+
+
+# --------------------------------------------------------------------------- UI
+
+
+def choose_model(by_task: dict[str, list[ModelEntry]]) -> ModelEntry:
+    entries = [e for models in by_task.values() for e in models]
+    paths = {str(e.path): e for e in entries}
+    chosen = st.selectbox("Model", list(paths), key="card_model",
+                          format_func=lambda p: f"{paths[p].name} · {paths[p].task}")
+    return paths[chosen]
+
+
+def show_overview(card: Mapping) -> None:
+    st.markdown(f"**Intended use.** {card.get('intended_use') or 'not stated'}")
+    limitations = card.get("limitations") or []
+    if limitations:
+        st.markdown("**Limitations**\n" + "".join(f"\n- {item}" for item in limitations))
+    left, right = st.columns(2, gap="large")
+    with left:
+        st.markdown("**Model**")
+        model = {"architecture": card.get("architecture_title") or card.get("architecture"),
+                 "weights_origin": card.get("weights_origin"), "parameters": card.get("parameters"),
+                 "weight_storage": card.get("weight_storage"),
+                 "size": f"{card['size_bytes'] / 1e6:.1f} MB" if card.get("size_bytes") else None,
+                 "weights_sha256": card.get("weights_sha256"), "gradcam_layer": card.get("gradcam_layer"),
+                 "confidence_threshold": card.get("confidence_threshold"), "created": card.get("created"),
+                 "code_version": card.get("code_version")}
+        st.dataframe(key_values({k: v for k, v in model.items() if v is not None},
+                                {"gradcam_layer": "Grad-CAM layer", "weights_sha256": "weights SHA-256"}),
+                     hide_index=True, key="card_model_table")
+        st.markdown("**Preprocessing**")
+        st.dataframe(key_values(card.get("preprocessing")), hide_index=True, key="card_preprocessing")
+    with right:
+        st.markdown("**Validation, per class**")
+        rows = per_class_rows(card)
+        if rows:
+            st.dataframe(rows, hide_index=True, key="card_per_class", column_config={
+                k: st.column_config.NumberColumn(k, format="%.3f") for k in ("Precision", "Recall", "F1", "AUC")})
+        st.markdown("**Calibration**")
+        st.dataframe(key_values(card.get("calibration")), hide_index=True, key="card_calibration")
+        st.markdown("**Out-of-distribution check**")
+        st.dataframe(key_values(card.get("out_of_distribution")), hide_index=True, key="card_ood")
+    check = card.get("weight_storage_check")
+    if check:
+        st.markdown("**Effect of the stored weight precision** (validation, before calibration)")
+        st.dataframe([{"Weights": k, **v} for k, v in check.items()], hide_index=True, key="card_storage_check")
+    other = {k: v for k, v in card.items() if k not in SHOWN}
+    if other:
+        st.markdown("**Other fields**")
+        st.dataframe(key_values(other), hide_index=True, key="card_other")
+
+
+def show_training(entry: ModelEntry, card: Mapping) -> None:
+    history = ui_cache.history(entry.path)
+    if history:
+        st.plotly_chart(figures.training_curves(history), key="training_curves")
+    else:
+        st.info("No training history (history.csv) in this model's folder.")
+    training = dict(card.get("training") or {})
+    settings = training.pop("settings", None)
+    st.markdown("**Run**")
+    st.dataframe(key_values(training), hide_index=True, key="card_training")
+    if settings:
+        st.markdown("**Training settings**")
+        st.dataframe(key_values(settings), hide_index=True, key="card_settings")
+
+
+def show_data(entry: ModelEntry, card: Mapping) -> None:
+    data = dict(card.get("training_data") or {})
+    audit = ui_cache.dataset_audit(entry.path) or data.pop("audit", None) or {}
+    data.pop("audit", None)
+    splits = data.pop("splits", None)
+    st.markdown("**Training data**")
+    st.dataframe(key_values(data), hide_index=True, key="card_data")
+    if splits:
+        st.dataframe([{"Split": s, **counts} for s, counts in splits.items()], hide_index=True, key="card_splits")
+    if not audit:
+        st.info("No dataset audit was recorded for this model.")
+        return
+    st.markdown("**Dataset audit**")
+    for warning in audit.get("warnings") or []:
+        st.warning(warning, icon=":material/warning:")
+    left, right = st.columns(2, gap="large")
+    left.dataframe(audit_summary(audit), hide_index=True, key="audit_summary")
+    balance = class_balance_rows(audit)
+    if balance:
+        right.dataframe(balance, hide_index=True, key="audit_balance")
+    probe = shortcut_text(audit.get("shortcut_probe"))
+    if probe:
+        st.markdown(f"**Shortcut probe.** {probe}")
+    if audit.get("policy"):
+        st.caption(f"Audit policy: {audit['policy']}.")
+    for note in audit.get("notes") or []:
+        st.caption(note)
+    conflicts = audit.get("label_conflicts") or []
+    if conflicts:
+        with st.expander(f"Label conflicts ({len(conflicts)}): the same image under two labels"):
+            st.dataframe([{"Files": " | ".join(group)} for group in conflicts], hide_index=True)
+    duplicates = audit.get("duplicates") or []
+    if duplicates:
+        with st.expander(f"Exact duplicates ({len(duplicates)} groups)"):
+            st.dataframe([{"Files": " | ".join(group)} for group in duplicates], hide_index=True)
+    dropped = audit.get("dropped_paths") or {}
+    if dropped:
+        with st.expander(f"Images left out of training and validation ({len(dropped)})"):
+            st.dataframe([{"File": k, "Why": v} for k, v in dropped.items()], hide_index=True)
+    unreadable = audit.get("unreadable_reasons") or {}
+    if unreadable:
+        with st.expander(f"Unreadable files ({len(unreadable)})"):
+            st.dataframe([{"File": k, "Why": v} for k, v in unreadable.items()], hide_index=True)
+
+
+def main() -> None:
+    st.title("Model cards")
+    st.warning(DISCLAIMER, icon=":material/warning:")
+    by_task = ui_cache.models_by_task()
+    if not by_task:
+        st.info("No trained models were found: train one with `python -m training.fit ... --out models/NAME`, "
+                "or list model folders in `CTAPP_MODELS_DIR`.", icon=":material/info:")
+        return
+    entry = choose_model(by_task)
+    card = entry.card
+    if not card:
+        st.warning(f"{entry.name} has no readable model card (model_card.json).")
+        return
+    st.header(card.get("name", entry.name))
+    classes = ", ".join(card.get("display_names") or card.get("classes") or [])
+    st.caption(f"Task: {card.get('task', entry.task)} · classes: {classes} · folder: {entry.path.name}")
+    if card.get("disclaimer"):
+        st.caption(f"Model card disclaimer: {card['disclaimer']}")
+    cols = st.columns(len(metrics := headline_metrics(card)))
+    for col, (label, value, help_text) in zip(cols, metrics):
+        col.metric(label, value, help=help_text)
+    overview, training, data, raw = st.tabs(["Overview", "Training", "Training data and audit", "Full card (JSON)"])
+    with overview:
+        show_overview(card)
+    with training:
+        show_training(entry, card)
+    with data:
+        show_data(entry, card)
+    with raw:
+        st.json(card, expanded=1)
+
+
+if __name__ == "__main__":
+    main()

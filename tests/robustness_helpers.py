@@ -1,0 +1,787 @@
+"""Builders and checks shared by the robustness tests and ``benchmarks/robustness.py``.
+
+Everything here is plain functions over temporary folders, so the tests and the
+benchmark exercise exactly the same cases:
+
+* :func:`bad_input_cases` writes one file per awkward input (empty, text, PDF,
+  truncated, decompression bombs, 1x1, 16-bit, palette, CMYK, animated, DICOM
+  without pixels, with a missing codec, multi-frame, too large) and says what
+  must happen to each;
+* :func:`fuzz_decode` feeds ``decode`` random and mutated bytes;
+* :func:`tiny_model` builds an untrained baseline :class:`LoadedModel`;
+  :func:`hammer_model` shares it between threads;
+* :func:`audit_writer` / :func:`hammer_audit_log` write the audit log from many
+  threads and processes;
+* :func:`train_cmd`, :func:`kill_during_training` and :func:`compare_runs`
+  interrupt ``training.fit`` with SIGKILL and check what survives.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import resource
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+PYTHON = sys.executable
+
+# -------------------------------------------------------------------- bad inputs
+
+# The upload limit used by tests and the benchmark instead of the real 200 MiB,
+# so that an over-limit file is 3 MB, not 200 MB. Every other case is smaller.
+SMALL_FILE_LIMIT = 2_000_000
+
+
+@dataclass
+class BadInput:
+    """One awkward file and what must happen to it.
+
+    ``error`` lists words the ImageDecodeError message must contain (case
+    insensitive); ``None`` means the file must decode, with ``notes`` words in
+    one of the slice's notes."""
+
+    name: str
+    path: Path
+    error: tuple[str, ...] | None = None
+    notes: tuple[str, ...] = ()
+    check: str = ""  # an extra check for the tests: "16bit", "frame", ...
+    needs_small_limit: bool = False  # only fails with MAX_FILE_BYTES = SMALL_FILE_LIMIT
+
+
+def ct_pattern(size: int = 64, seed: int = 0) -> np.ndarray:
+    """A CT-like grey picture in [0, 1] (body ellipse and a blob)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    img = np.where((((x - 0.5) / 0.42) ** 2 + ((y - 0.5) / 0.36) ** 2) < 1, 0.3, 0.0)
+    img = img + 0.5 * (np.hypot(x - 0.55, y - 0.45) < 0.12) + rng.normal(0, 0.02, (size, size))
+    return np.clip(img, 0, 1)
+
+
+def png_bytes(image: Image.Image, **kw) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **kw)
+    return buffer.getvalue()
+
+
+def jpeg_bytes(image: Image.Image, **kw) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", **kw)
+    return buffer.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_bomb(width: int, height: int, *, full: bool = True) -> bytes:
+    """An 8-bit grey PNG of ``width`` x ``height`` black pixels.
+
+    ``full``: a complete, valid zlib stream of every row (compresses about
+    1000:1, so 64 megapixels are ~65 kB); otherwise only the header and a
+    token IDAT (for sizes whose stream would take long to build; the size
+    check must refuse the file before any pixel is decoded)."""
+    header = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    if full:
+        packer = zlib.compressobj(9)
+        row = bytes(width + 1)  # filter byte 0 + zeros
+        rows_per_block = max(1, (1 << 22) // len(row))
+        parts = []
+        for start in range(0, height, rows_per_block):
+            parts.append(packer.compress(row * min(rows_per_block, height - start)))
+        parts.append(packer.flush())
+        idat = b"".join(parts)
+    else:
+        idat = zlib.compress(bytes(width + 1) * 4)
+    return header + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def gif_frame_bomb(side: int, frames: int) -> bytes:
+    """An animated GIF: a ``side`` x ``side`` canvas and ``frames`` one-pixel
+    frames (23 bytes each). Reaching the middle frame composes every earlier
+    frame onto the full canvas: CPU time grows with frames x canvas."""
+    out = bytearray(b"GIF89a" + struct.pack("<HHBBB", side, side, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff")
+    out += b"\x21\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00"
+    for k in range(frames):
+        out += b"\x21\xf9\x04\x00\x01\x00\x00\x00"  # graphic control extension
+        out += b"\x2c" + struct.pack("<HHHHB", k % side, 0, 1, 1, 0)  # a 1x1 frame at (k, 0)
+        out += b"\x02\x02\x44\x01\x00"  # LZW: one black pixel
+    return bytes(out + b"\x3b")
+
+
+def dicom_bytes(pixels: np.ndarray | None = None, *, frames: int = 1, syntax: str | None = None,
+                encapsulated: bytes | None = None, modality: str = "CT", rows: int | None = None,
+                cols: int | None = None) -> bytes:
+    """A minimal CT DICOM file: 16-bit signed HU pixels (``frames`` x (H, W)),
+    no pixel data when ``pixels`` and ``encapsulated`` are None, or
+    ``encapsulated`` bytes as one compressed fragment under ``syntax``."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["robustness"])
+    meta.TransferSyntaxUID = syntax or ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    ds.PatientName = "Anonymous"
+    if pixels is not None or encapsulated is not None:
+        shape = pixels.shape[-2:] if pixels is not None else (rows or 64, cols or 64)
+        ds.Rows, ds.Columns = int(rows or shape[0]), int(cols or shape[1])
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        if frames > 1:
+            ds.NumberOfFrames = frames
+        if encapsulated is not None:
+            ds.PixelData = encapsulate([encapsulated] * frames)
+            ds["PixelData"].VR = "OB"
+        else:
+            ds.PixelData = np.ascontiguousarray(pixels, dtype="<i2").tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def deflated_dicom(pixels: np.ndarray, padding: int = 0) -> bytes:
+    """A DICOM in the Deflated Explicit VR Little Endian transfer syntax; with
+    ``padding`` a private element of that many zero bytes follows the pixels
+    (it deflates about 230:1, so 256 MiB cost ~1 MB and 0.6 s)."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    plain = dicom_bytes(pixels)
+    meta_end = _dicom_meta_end(plain)
+    body = plain[meta_end:]
+    if padding:
+        creator = b"BOMB"
+        body += struct.pack("<HH2sH", 0x7FE1, 0x0010, b"LO", len(creator)) + creator
+        body += struct.pack("<HH2sHI", 0x7FE1, 0x1010, b"OB", 0, padding)
+    packer = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [packer.compress(body)]
+    zeros = bytes(min(padding, 1 << 22))
+    left = padding
+    while left > 0:
+        parts.append(packer.compress(zeros[:left] if left < len(zeros) else zeros))
+        left -= len(zeros)
+    parts.append(packer.flush())
+    return _with_transfer_syntax(plain[:meta_end], DeflatedExplicitVRLittleEndian) + b"".join(parts)
+
+
+def _dicom_meta_end(data: bytes) -> int:
+    """Offset of the first byte after the file meta group (explicit VR LE)."""
+    group_length = struct.unpack("<I", data[132 + 8:132 + 12])[0]  # (0002,0000) UL, value after 8 header bytes
+    return 132 + 12 + group_length
+
+
+def _with_transfer_syntax(head: bytes, syntax: str) -> bytes:
+    """Preamble + file meta of ``head`` with (0002,0010) replaced."""
+    import pydicom
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    meta = pydicom.dcmread(io.BytesIO(head + b""), stop_before_pixels=True).file_meta
+    meta.TransferSyntaxUID = syntax
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, False
+    write_file_meta_info(out, meta, enforce_standard=True)
+    return head[:132] + out.getvalue()
+
+
+def hu_slice(size: int = 64, seed: int = 0) -> np.ndarray:
+    """A CT slice in stored values (HU + 1024): air outside, soft tissue, a dense blob."""
+    return np.round(ct_pattern(size, seed) * 2000).astype(np.int16)
+
+
+BAD_INPUT_NAMES = (
+    "empty file", "text named .png", "PDF named .png", "truncated PNG", "truncated JPEG",
+    "PNG bomb 8000x8000 (project limit)", "PNG bomb 40000x40000", "1x1 image", "16-bit grey PNG", "palette PNG",
+    "CMYK JPEG", "animated GIF", "animated PNG", "animated GIF bomb (400 frames of 4000x4000)", "DICOM without pixel data", "DICOM needing a missing codec (JPEG-LS)",
+    "multi-frame DICOM", "good DICOM", "deflated DICOM", "deflated DICOM bomb (1 MB -> 256 MiB)",
+    "file over the upload limit", "good PNG", "good JPEG",
+)
+
+
+def bad_input_cases(folder: Path) -> list[BadInput]:
+    """Write every awkward input into ``folder``; return the cases (in the
+    order of BAD_INPUT_NAMES)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    grey = Image.fromarray(np.round(ct_pattern(64) * 255).astype(np.uint8))
+    good_png, good_jpeg = png_bytes(grey), jpeg_bytes(grey.convert("RGB"), quality=90)
+    cases: list[BadInput] = []
+
+    def add(name: str, filename: str, data: bytes, **kw) -> None:
+        path = folder / filename
+        path.write_bytes(data)
+        cases.append(BadInput(name, path, **kw))
+
+    add("empty file", "empty.png", b"", error=("empty",))
+    add("text named .png", "notes.png", b"Patient was scanned on Monday.\nNo findings.\n" * 3,
+        error=("not an image", "text"))
+    add("PDF named .png", "report.png", b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog >>\nendobj\ntrailer\n%%EOF\n",
+        error=("not an image", "PDF"))
+    add("truncated PNG", "truncated.png", good_png[: len(good_png) // 2], error=("truncated",))
+    add("truncated JPEG", "truncated.jpg", good_jpeg[: len(good_jpeg) // 2], error=("truncated",))
+    # 64 megapixels: Pillow would decode it (below Image.MAX_IMAGE_PIXELS, 89 M);
+    # the project's MAX_PIXELS (40 M) refuses it before any pixel is inflated.
+    add("PNG bomb 8000x8000 (project limit)", "bomb_64mp.png", png_bomb(8000, 8000),
+        error=("decompression bomb", "8000x8000"))
+    # 1.6 gigapixels: above Pillow's own hard limit too.
+    add("PNG bomb 40000x40000", "bomb_1600mp.png", png_bomb(40000, 40000, full=False),
+        error=("decompression bomb",))
+    add("1x1 image", "dot.png", png_bytes(Image.new("L", (1, 1), 128)), error=("1x1", "at least"))
+    sixteen = (ct_pattern(64) * 60000 + 1000).astype(np.uint16)
+    add("16-bit grey PNG", "sixteen.png", png_bytes(Image.fromarray(sixteen)), notes=("16-bit",), check="16bit")
+    add("palette PNG", "palette.png", png_bytes(grey.convert("RGB").quantize(64)))
+    add("CMYK JPEG", "cmyk.jpg", jpeg_bytes(grey.convert("CMYK"), quality=95))
+    frames = [Image.fromarray(np.round(ct_pattern(64, seed) * 255).astype(np.uint8)) for seed in range(5)]
+    animated = io.BytesIO()
+    frames[0].save(animated, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    add("animated GIF", "animated.gif", animated.getvalue(), notes=("frame 3 of 5",), check="frame")
+    apng = io.BytesIO()
+    frames[0].save(apng, format="PNG", save_all=True, append_images=frames[1:], duration=100)
+    add("animated PNG", "animated.png", apng.getvalue(), notes=("frame 3 of 5",), check="frame")
+    # 9 kB; decoding frame 201 took 10 s before the frame budget existed.
+    add("animated GIF bomb (400 frames of 4000x4000)", "frame_bomb.gif", gif_frame_bomb(4000, 400),
+        error=("400 frames", "megapixels"))
+    add("DICOM without pixel data", "report.dcm", dicom_bytes(None), error=("no pixel data",))
+    from pydicom.uid import JPEGLSLossless
+    add("DICOM needing a missing codec (JPEG-LS)", "jpegls.dcm",
+        dicom_bytes(encapsulated=b"\xff\xd8\xff\xf7" + bytes(range(256)) * 4, syntax=JPEGLSLossless),
+        error=("JPEG-LS", "codec", "not installed"))
+    stack = np.stack([hu_slice(64, seed) for seed in range(5)])
+    add("multi-frame DICOM", "multiframe.dcm", dicom_bytes(stack, frames=5), notes=("frame 3 of 5",),
+        check="dicom-frame")
+    add("good DICOM", "good.dcm", dicom_bytes(hu_slice(64)), notes=("lung window",))
+    add("deflated DICOM", "deflated.dcm", deflated_dicom(hu_slice(64)), notes=("lung window",))
+    # 256 MiB of zeros in a 1 MB file: pydicom inflates a deflated data set
+    # whole before anything can look at it.
+    add("deflated DICOM bomb (1 MB -> 256 MiB)", "deflate_bomb.dcm", deflated_dicom(hu_slice(64), 256 << 20),
+        error=("deflated", "decompression bomb"))
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8))
+    big = png_bytes(noise, compress_level=0)
+    assert len(big) > SMALL_FILE_LIMIT
+    add("file over the upload limit", "huge.png", big, error=("limit", "MB"), needs_small_limit=True)
+    add("good PNG", "good.png", good_png)
+    add("good JPEG", "good.jpg", good_jpeg)
+    assert tuple(c.name for c in cases) == BAD_INPUT_NAMES
+    return cases
+
+
+def check_decoded(case: BadInput, image) -> list[str]:
+    """Problems with a successful decode of ``case`` ([] when fine)."""
+    problems = []
+    pixels = image.pixels
+    if pixels.dtype != np.float32 or pixels.ndim != 2:
+        problems.append(f"pixels are {pixels.dtype} {pixels.shape}, not 2-D float32")
+    if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
+        problems.append("pixels not finite values in [0, 1]")
+    if pixels.size and float(pixels.std()) < 0.02:
+        problems.append("the picture is flat: its content was lost")
+    joined = " | ".join(image.notes).lower()
+    for word in case.notes:
+        if word.lower() not in joined:
+            problems.append(f"no note mentions {word!r} (notes: {image.notes})")
+    if case.check == "16bit":
+        # The 16-bit picture spans 1000..61000; scaled, it must use the whole
+        # range and keep the picture (correlate with the source pattern).
+        expected = ct_pattern(64)
+        if not (pixels.min() <= 0.01 and pixels.max() >= 0.99):
+            problems.append(f"16-bit values not spread over [0, 1]: {pixels.min()}..{pixels.max()}")
+        if np.corrcoef(expected.ravel(), pixels.ravel())[0, 1] < 0.99:
+            problems.append("16-bit picture does not match its source")
+    if case.check in ("frame", "dicom-frame"):
+        # The middle of five frames (seed 2) is the one used.
+        corr = [np.corrcoef(ct_pattern(64, s).ravel(), pixels.ravel())[0, 1] for s in range(5)]
+        if int(np.argmax(corr)) != 2:
+            problems.append(f"not the middle frame: correlation with frames {np.round(corr, 3).tolist()}")
+    return problems
+
+
+def check_error(case: BadInput, message: str) -> list[str]:
+    low = message.lower()
+    return [f"message {message!r} does not mention {word!r}" for word in case.error or () if word.lower() not in low]
+
+
+def try_bad_inputs(folder: Path) -> tuple[int, list[str]]:
+    """Decode every case from its path and from its bytes; (cases, problems)."""
+    import ctapp.imaging as imaging
+
+    cases = bad_input_cases(folder)
+    problems = []
+    saved = imaging.MAX_FILE_BYTES
+    try:
+        for case in cases:
+            # Over-limit cases under the small limit; the others under the real
+            # one (the deflate bomb must be refused by its inflated size).
+            imaging.MAX_FILE_BYTES = SMALL_FILE_LIMIT if case.needs_small_limit else saved
+            for source in (case.path, case.path.read_bytes()):
+                try:
+                    image = imaging.decode(source)
+                except imaging.ImageDecodeError as exc:
+                    if case.error is None:
+                        problems.append(f"{case.name}: failed: {exc}")
+                    else:
+                        problems += [f"{case.name}: {p}" for p in check_error(case, str(exc))]
+                except Exception as exc:  # noqa: BLE001 - the point is to catch anything
+                    problems.append(f"{case.name}: {type(exc).__name__} escaped decode: {exc}")
+                else:
+                    if case.error is not None:
+                        problems.append(f"{case.name}: decoded although it must fail")
+                    else:
+                        problems += [f"{case.name}: {p}" for p in check_decoded(case, image)]
+    finally:
+        imaging.MAX_FILE_BYTES = saved
+    return len(cases), problems
+
+
+def run_predict_cli(files: list[Path], model_dir: Path, *, max_file_bytes: int | None = None,
+                    json_lines: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m ctapp.predict`` on ``files``; with ``max_file_bytes`` the
+    upload limit is lowered in the child first (run through runpy)."""
+    args = [*map(str, files), "--model", str(model_dir)] + (["--json"] if json_lines else [])
+    if max_file_bytes is None:
+        cmd = [PYTHON, "-m", "ctapp.predict", *args]
+    else:
+        code = ("import runpy, sys, ctapp.imaging as m; m.MAX_FILE_BYTES = int(sys.argv.pop(1)); "
+                "sys.argv[0] = 'ctapp.predict'; runpy.run_module('ctapp.predict', run_name='__main__', alter_sys=True)")
+        cmd = [PYTHON, "-c", code, str(max_file_bytes), *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=child_env())
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", **extra}
+    env.pop("CTAPP_MODELS_DIR", None)
+    return env
+
+
+# -------------------------------------------------------------------- fuzzing
+
+
+def seed_files() -> dict[str, bytes]:
+    """Small valid files to mutate: PNG (8- and 16-bit), JPEG, GIF, DICOM."""
+    grey = Image.fromarray(np.round(ct_pattern(32) * 255).astype(np.uint8))
+    return {
+        "png": png_bytes(grey),
+        "png16": png_bytes(Image.fromarray((ct_pattern(32) * 65535).astype(np.uint16))),
+        "jpeg": jpeg_bytes(grey, quality=80),
+        "gif": _gif(grey),
+        "dicom": dicom_bytes(hu_slice(32)),
+        "dicom3": dicom_bytes(np.stack([hu_slice(32, s) for s in range(3)]), frames=3),
+    }
+
+
+def _gif(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="GIF")
+    return buffer.getvalue()
+
+
+def mutate(data: bytes, rng: random.Random) -> bytes:
+    """Flip, overwrite, insert, delete or truncate a few bytes; sometimes
+    poke interesting values into header fields."""
+    data = bytearray(data)
+    for _ in range(rng.randint(1, 6)):
+        op = rng.randrange(6)
+        pos = rng.randrange(max(len(data), 1))
+        if op == 0 and data:
+            data[pos] ^= 1 << rng.randrange(8)
+        elif op == 1 and data:
+            data[pos] = rng.choice((0, 1, 0x7F, 0x80, 0xFF, rng.randrange(256)))
+        elif op == 2:
+            data[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
+        elif op == 3 and data:
+            del data[pos:pos + rng.randint(1, 32)]
+        elif op == 4:
+            del data[rng.randint(0, len(data)):]
+        elif op == 5 and len(data) > 4:
+            value = rng.choice((0, 1, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, rng.randrange(1 << 32)))
+            pos = min(pos, len(data) - 4)
+            data[pos:pos + 4] = struct.pack(rng.choice(("<I", ">I")), value)
+    return bytes(data)
+
+
+def decode_outcome(data: bytes) -> str:
+    """'ok' or 'refused' for a decode that behaved; raises AssertionError when
+    anything but ImageDecodeError escaped or a success is malformed."""
+    from ctapp.imaging import ImageDecodeError, decode
+
+    try:
+        image = decode(data)
+    except ImageDecodeError as exc:
+        assert str(exc), "empty error message"
+        return "refused"
+    except BaseException as exc:
+        raise AssertionError(f"{type(exc).__name__} escaped decode: {exc}") from exc
+    pixels = image.pixels
+    assert isinstance(pixels, np.ndarray) and pixels.dtype == np.float32 and pixels.ndim == 2, \
+        (type(pixels), getattr(pixels, "dtype", None), getattr(pixels, "shape", None))
+    assert np.isfinite(pixels).all(), "non-finite pixels"
+    assert pixels.min() >= 0.0 and pixels.max() <= 1.0, (pixels.min(), pixels.max())
+    return "ok"
+
+
+def fuzz_decode(cases: int, seed: int = 0) -> dict[str, int]:
+    """Random and mutated inputs through ``decode`` (no hypothesis, for the
+    benchmark); returns outcome counts. Raises AssertionError on a failure."""
+    rng = random.Random(seed)
+    seeds = list(seed_files().values())
+    counts = {"ok": 0, "refused": 0}
+    for i in range(cases):
+        if i % 10 == 0:
+            data = bytes(rng.randrange(256) for _ in range(rng.randint(0, 600)))
+        elif i % 10 == 1:  # a valid magic number followed by junk
+            head = rng.choice(seeds)[: rng.randint(4, 160)]
+            data = head + bytes(rng.randrange(256) for _ in range(rng.randint(0, 300)))
+        else:
+            data = mutate(rng.choice(seeds), rng)
+        counts[decode_outcome(data)] += 1
+    return counts
+
+
+# -------------------------------------------------------------------- models and threads
+
+
+def tiny_network(num_classes: int = 2, img_size: int = 48, seed: int = 0):
+    """An untrained baseline CNN (seeded weights) and checkpoint metadata."""
+    import torch
+
+    from ctapp.models import create_model
+    from ctapp.preprocess import PreprocessConfig
+
+    torch.manual_seed(seed)
+    model = create_model("baseline", num_classes).eval()
+    meta = {"arch": "baseline", "class_names": [f"class{i}" for i in range(num_classes)],
+            "preprocess": PreprocessConfig(img_size=img_size).to_dict(), "name": "tiny"}
+    return model, meta
+
+
+def tiny_model(num_classes: int = 2, img_size: int = 48, seed: int = 0):
+    """An untrained baseline CNN as a LoadedModel."""
+    from ctapp.inference import LoadedModel
+
+    return LoadedModel(*tiny_network(num_classes, img_size, seed))
+
+
+def write_model_folder(folder: Path, num_classes: int = 2, seed: int = 0) -> Path:
+    """A model folder as training writes it: model.pt plus a model card that
+    records the weights' SHA-256."""
+    from ctapp.checkpoint import save_model_file, sha256_file
+
+    model, meta = tiny_network(num_classes, seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model_file(folder / "model.pt", model, meta)
+    card = {"name": folder.name, "classes": meta["class_names"], "weights_sha256": sha256_file(folder / "model.pt")}
+    (folder / "model_card.json").write_text(json.dumps(card), encoding="utf-8")
+    return folder
+
+
+def sample_images(count: int, size: int = 64) -> list[np.ndarray]:
+    """Distinct grey uint8 pictures (passed to predict/explain as arrays)."""
+    return [np.round(ct_pattern(size, seed) * 255).astype(np.uint8) for seed in range(count)]
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+@dataclass
+class HammerResult:
+    requests: int = 0
+    mismatches: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    rss_after_warmup: int = 0
+    rss_end: int = 0
+
+
+def hammer_model(loaded, images: list[np.ndarray], *, threads: int = 8, seconds: float = 10.0,
+                 explain_every: int = 3, rtol: float = 1e-5, atol: float = 1e-6) -> HammerResult:
+    """Many threads call ``predict`` and ``explain`` on one shared model for
+    ``seconds``; every answer is compared with the single-threaded one."""
+    expected_probs = [np.array(list(loaded.predict(img).probabilities.values())) for img in images]
+    expected_cams = [loaded.explain(img) for img in images]
+    result = HammerResult()
+    lock = threading.Lock()
+    # Warm-up: a round of concurrent requests so that allocator pools and
+    # thread-local caches exist before the memory baseline is taken.
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda i: loaded.explain(images[i % len(images)]), range(threads * 2)))
+    result.rss_after_warmup = rss_bytes()
+    stop = time.monotonic() + seconds
+
+    def worker(k: int) -> None:
+        n = 0
+        while time.monotonic() < stop:
+            i = (k * 7 + n) % len(images)
+            try:
+                if n % explain_every == 0:
+                    got = loaded.explain(images[i])
+                    ok = got.shape == expected_cams[i].shape and np.allclose(got, expected_cams[i], rtol=rtol, atol=atol)
+                    what = "explain"
+                else:
+                    probs = np.array(list(loaded.predict(images[i]).probabilities.values()))
+                    ok = np.allclose(probs, expected_probs[i], rtol=rtol, atol=atol)
+                    what = "predict"
+            except Exception as exc:  # noqa: BLE001
+                with lock:
+                    result.errors.append(f"thread {k}: {type(exc).__name__}: {exc}")
+                return
+            with lock:
+                result.requests += 1
+                if not ok:
+                    result.mismatches.append(f"thread {k}: {what} of image {i} differs from single-threaded")
+            n += 1
+
+    workers = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    result.rss_end = rss_bytes()
+    return result
+
+
+# -------------------------------------------------------------------- audit log
+
+
+def audit_writer(path: str, writer: str, count: int) -> int:
+    """Write ``count`` records tagged ``writer``; returns how many were written.
+    Runs in threads and in child processes."""
+    from ctapp.auditlog import AuditLog
+
+    log = AuditLog(path)
+    try:
+        for i in range(count):
+            log.record(model=f"model-{writer}", model_version="v1", image_sha256=f"{writer}:{i:06d}",
+                       prediction="class0", probabilities={"class0": 0.75, "class1": 0.25},
+                       flags=["low confidence"] if i % 2 else [])
+    finally:
+        log.close()
+    return count
+
+
+def _thread_group(path: str, prefix: str, threads: int, count: int) -> int:
+    with ThreadPoolExecutor(threads) as pool:
+        return sum(pool.map(lambda k: audit_writer(path, f"{prefix}t{k}", count), range(threads)))
+
+
+def hammer_audit_log(path: Path, *, processes: int = 4, threads: int = 4, count: int = 50) -> dict:
+    """``processes`` processes each running ``threads`` writer threads (plus as
+    many threads here) write ``count`` records each; then every record is
+    checked (present once, intact) in a fresh connection."""
+    from ctapp.auditlog import AuditLog
+
+    path = Path(path)
+    AuditLog(path).close()  # create the schema before the race
+    ctx = get_context("spawn")  # a clean interpreter per writer, as separate servers would be
+    with ctx.Pool(processes) as pool:
+        pending = [pool.apply_async(_thread_group, (str(path), f"p{p}", threads, count)) for p in range(processes)]
+        here = _thread_group(str(path), "main", threads, count)
+        written = here + sum(job.get(timeout=300) for job in pending)
+    return {"written": written, **verify_audit_log(path, processes, threads, count)}
+
+
+def verify_audit_log(path: Path, processes: int, threads: int, count: int) -> dict:
+    """Reopen the log (as after a restart) and check every expected record."""
+    import sqlite3
+
+    from ctapp.auditlog import AuditLog
+
+    log = AuditLog(path)
+    try:
+        stored = log.count()
+        rows = log._connect().execute("SELECT image_sha256, model, probabilities, flags, confidence FROM diagnoses").fetchall()
+    finally:
+        log.close()
+    expected = {f"{prefix}t{k}:{i:06d}" for prefix in [f"p{p}" for p in range(processes)] + ["main"]
+                for k in range(threads) for i in range(count)}
+    seen = [r[0] for r in rows]
+    corrupt = 0
+    for sha, model, probs, flags, confidence in rows:
+        try:
+            ok = (model == f"model-{sha.split(':')[0]}" and json.loads(probs) == {"class0": 0.75, "class1": 0.25}
+                  and isinstance(json.loads(flags), list) and confidence == 0.75)
+        except (ValueError, IndexError):
+            ok = False
+        corrupt += not ok
+    with sqlite3.connect(path) as db:
+        integrity = db.execute("PRAGMA integrity_check").fetchone()[0]
+    return {"stored": stored, "lost": len(expected - set(seen)), "duplicated": len(seen) - len(set(seen)),
+            "unexpected": len(set(seen) - expected), "corrupt": corrupt, "integrity": integrity}
+
+
+# -------------------------------------------------------------------- interrupted training
+
+TRAIN_ARGS = ["--arch", "baseline", "--img-size", "48", "--batch-size", "8", "--workers", "1",
+              "--weight-storage", "fp32", "--seed", "3", "--quiet"]
+
+
+def make_tiny_dataset(root: Path, classes: tuple[str, ...] = ("alpha", "beta"), train: int = 12,
+                      valid: int = 4) -> Path:
+    from tests.synthetic import make_split_dataset
+
+    return make_split_dataset(root, list(classes), train=train, valid=valid)
+
+
+def train_cmd(data: Path, out: Path, epochs: int, *extra: str) -> list[str]:
+    return [PYTHON, "-m", "training.fit", "--data", str(data), "--out", str(out), "--epochs", str(epochs),
+            *TRAIN_ARGS, *extra]
+
+
+def run_training(data: Path, out: Path, epochs: int, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(data, out, epochs, *extra), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=child_env())
+
+
+def _temp_checkpoint(out: Path) -> bool:
+    try:
+        return any(p.name.startswith((".last.pt.", ".best.pt.")) and p.name.endswith(".tmp") for p in out.iterdir())
+    except FileNotFoundError:
+        return False
+
+
+@dataclass
+class KillReport:
+    kills: int = 0
+    kills_during_write: int = 0
+    finished_early: int = 0
+    checkpoints_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def check_checkpoints(out: Path, epochs: int) -> list[str]:
+    """The checkpoints left in ``out`` after a kill: each present one loads."""
+    from ctapp.checkpoint import CheckpointError, load_model_file, safe_load
+
+    problems = []
+    if (out / "best.pt").exists():
+        try:
+            load_model_file(out / "best.pt", arch="baseline", num_classes=2)
+        except CheckpointError as exc:
+            problems.append(f"best.pt does not load: {exc}")
+    if (out / "last.pt").exists():
+        try:
+            state = safe_load(out / "last.pt")
+            done = state["state"]["epoch"]
+            if not 1 <= done <= epochs or len(state["state"]["history"]) != done:
+                problems.append(f"last.pt is inconsistent: epoch {done}, {len(state['state']['history'])} history rows")
+        except (CheckpointError, KeyError, TypeError) as exc:
+            problems.append(f"last.pt does not load: {exc}")
+    return problems
+
+
+def kill_during_training(data: Path, out: Path, epochs: int, *, kills: int = 4, seed: int = 0,
+                         timeout: float = 240) -> KillReport:
+    """Start (or resume) training, SIGKILL it, check the checkpoints, repeat.
+
+    Kill moments alternate between 'as soon as a checkpoint temp file exists'
+    (mid-write) and a random delay after the first checkpoint exists."""
+    rng = random.Random(seed)
+    report = KillReport()
+    deadline = time.monotonic() + timeout
+    attempt = 0
+    while report.kills < kills and time.monotonic() < deadline:
+        resume = ["--resume"] if (out / "last.pt").exists() else []
+        proc = subprocess.Popen(train_cmd(data, out, epochs, *resume), cwd=REPO, env=child_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        during_write = attempt % 2 == 0
+        attempt += 1
+        killed = False
+        started = time.monotonic()
+        delay = rng.uniform(0.0, 1.5)
+        while proc.poll() is None and time.monotonic() < deadline:
+            if during_write:
+                if _temp_checkpoint(out):
+                    proc.send_signal(signal.SIGKILL)
+                    killed = True
+                    break
+                time.sleep(0.0005)
+            else:
+                if time.monotonic() - started > 4.0 + delay or ((out / "last.pt").exists() and
+                                                                time.monotonic() - started > delay):
+                    proc.send_signal(signal.SIGKILL)
+                    killed = True
+                    break
+                time.sleep(0.01)
+        _, stderr = proc.communicate(timeout=60)
+        if killed and proc.returncode == -signal.SIGKILL:
+            report.kills += 1
+            report.kills_during_write += during_write
+        elif proc.returncode == 0:
+            report.finished_early += 1
+            break
+        elif proc.returncode is not None and proc.returncode != -signal.SIGKILL:
+            report.problems.append(f"training exited {proc.returncode}: {stderr.decode()[-2000:]}")
+            break
+        problems = check_checkpoints(out, epochs)
+        report.checkpoints_checked += 1
+        report.problems += problems
+        leftovers = [p.name for p in out.glob(".*.tmp")] if out.exists() else []
+        if leftovers:
+            # A killed writer cannot clean up; the temp files must not be mistaken for checkpoints.
+            for p in leftovers:
+                (out / p).unlink()
+    return report
+
+
+def final_weights(out: Path) -> dict:
+    from ctapp.checkpoint import load_model_file
+
+    model, meta = load_model_file(out / "model.pt")
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "meta": meta}
+
+
+def compare_runs(a: Path, b: Path, *, atol: float = 0.0) -> list[str]:
+    """Differences between two finished runs: final weights, best epoch, history."""
+    import torch
+
+    problems = []
+    wa, wb = final_weights(a), final_weights(b)
+    for name, tensor in wa["state"].items():
+        other = wb["state"][name]
+        if tensor.is_floating_point():
+            diff = float((tensor - other).abs().max()) if tensor.numel() else 0.0
+            if diff > atol:
+                problems.append(f"model.pt {name} differs by {diff:.3g}")
+        elif not torch.equal(tensor, other):
+            problems.append(f"model.pt {name} differs")
+    ma, mb = wa["meta"], wb["meta"]
+    for key in ("epoch", "metrics", "temperature"):
+        if json.dumps(ma.get(key), sort_keys=True) != json.dumps(mb.get(key), sort_keys=True):
+            problems.append(f"{key} differs: {ma.get(key)} vs {mb.get(key)}")
+    ha = _history(a)
+    hb = _history(b)
+    if ha != hb:
+        problems.append(f"history differs:\n{ha}\nvs\n{hb}")
+    return problems
+
+
+def _history(out: Path) -> list[dict]:
+    """history.csv without the timing columns (seconds, speed)."""
+    lines = (out / "history.csv").read_text().strip().splitlines()
+    names = lines[0].split(",")
+    keep = [i for i, n in enumerate(names) if n not in ("seconds", "images_per_second")]
+    return [{names[i]: row.split(",")[i] for i in keep} for row in lines[1:]]

@@ -1,0 +1,227 @@
+"""AppTest smoke and behaviour tests of every page: uploads (PNG, DICOM, a
+batch with bad files), the comparison dashboard, evaluation of a folder, and
+the model cards. Uploads go through ``st.file_uploader`` itself: AppTest's
+``FileUploader.set_value`` registers the bytes as a browser upload would."""
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from app_fixtures import APP, PATIENT_ID, PATIENT_NAME, TASK, app_env, app_settings, dicom_bytes, png_bytes  # noqa: F401
+
+TIMEOUT = 120  # seconds per script run: the CPU is shared with a training job
+
+
+def start(page: str | None = None) -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    if page:
+        at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def run(at: AppTest) -> AppTest:
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def choose_tiny_task(at: AppTest, key: str) -> AppTest:
+    # models/ of the repository may hold real models of other tasks.
+    if at.selectbox(key=key).value != TASK:
+        run(at.selectbox(key=key).set_value(TASK))
+    return at
+
+
+def all_text(at: AppTest) -> str:
+    parts = []
+    for kind in ("title", "header", "subheader", "markdown", "caption", "info", "warning", "error", "success", "text"):
+        parts += [str(element.value) for element in getattr(at, kind)]
+    parts += [f"{m.label} {m.value}" for m in at.metric]
+    parts += [df.value.to_string() for df in at.dataframe]
+    parts += [caption for image in at.image for caption in image.captions]
+    parts += [str(option) for box in at.selectbox for option in box.options]
+    return "\n".join(parts)
+
+
+def audit_rows(path) -> list[tuple]:
+    if not path.exists():
+        return []
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT model, image_sha256, prediction, probabilities, flags FROM diagnoses").fetchall()
+
+
+def plotly_charts(at: AppTest) -> list:
+    return at.get("plotly_chart")
+
+
+# --------------------------------------------------------------------------- diagnosis
+
+
+def test_no_models_gives_a_helpful_message(tmp_path, monkeypatch):
+    import ctapp.inference
+
+    monkeypatch.setattr(ctapp.inference, "DEFAULT_MODELS_DIR", tmp_path / "none")
+    monkeypatch.setenv("CTAPP_MODELS_DIR", str(tmp_path / "empty"))
+    at = start()
+    assert "No trained models were found" in all_text(at)
+    assert "Research use only" in at.warning[0].value
+    for page in ("pages/compare.py", "pages/model_card.py"):
+        at.switch_page(page).run()
+        assert not at.exception
+        assert "No trained models were found" in all_text(at)
+
+
+def test_png_upload_shows_prediction_overlay_and_report(app_settings):
+    at = choose_tiny_task(start(), "task")
+    assert "Research use only" in at.warning[0].value
+    assert at.file_uploader(key="uploads").allowed_type == []  # any file: the format is read from the content
+    data = png_bytes(label=0, seed=3)
+    before = len(audit_rows(app_settings.audit_log))
+    run(at.file_uploader(key="uploads").set_value(("slice.png", data, "image/png")))
+
+    assert at.subheader[0].value == "slice.png"
+    assert len(at.image) == 2  # the slice and its Grad-CAM overlay, side by side
+    assert "Grad-CAM for" in at.image[1].captions[0]
+    verdict = [*at.info, *at.warning[1:], *at.error]
+    assert len(verdict) == 1
+    text = verdict[0].value
+    assert "Prediction: " in text or "Uncertain" in text
+    assert len(plotly_charts(at)) == 1  # probabilities
+    assert at.download_button(key="report_html").label == "Download report (HTML)"
+    assert not at.dataframe  # one file: no batch table
+
+    rows = audit_rows(app_settings.audit_log)
+    assert len(rows) == before + 1
+    import hashlib
+
+    model, sha, prediction, probabilities, flags = rows[-1]
+    assert model == "tiny-a" and sha == hashlib.sha256(data).hexdigest() and prediction in ("alpha", "beta")
+    assert "slice.png" not in "".join(map(str, rows[-1]))
+
+    # Another method, class and opacity: explanation only, no new diagnosis in the log.
+    at.sidebar.selectbox(key="cam_method").set_value("EigenCAM")
+    at.sidebar.selectbox(key="cam_target").set_value("alpha")
+    run(at.sidebar.slider(key="opacity").set_value(0.8))
+    assert "EigenCAM for Alpha" in at.image[1].captions[0]
+    assert len(audit_rows(app_settings.audit_log)) == before + 1
+
+
+def test_dicom_upload_is_windowed_and_shows_no_patient_identifiers(app_settings):
+    at = choose_tiny_task(start(), "task")
+    run(at.file_uploader(key="uploads").set_value(("IM000123", dicom_bytes(), "application/octet-stream")))
+    assert len(at.image) == 2
+    assert "DICOM" in at.image[0].captions[0]
+    assert at.radio(key="window_preset").value == "Lung"
+    assert "lung window" in all_text(at)
+    run(at.radio(key="window_preset").set_value("Custom"))
+    run(at.slider(key="window_width").set_value(400))
+    run(at.radio(key="window_preset").set_value("Mediastinum"))
+    text = all_text(at)
+    for identifier in (PATIENT_NAME, "Doe", "Jane", PATIENT_ID, "19510203", "Nowhere"):
+        assert identifier not in text
+
+
+def test_batch_with_bad_files_table_csv_and_detail(app_settings):
+    at = choose_tiny_task(start(), "task")
+    good = [(f"ok{i}.png", png_bytes(label=i % 2, seed=10 + i), "image/png") for i in range(3)]
+    bad = [("notes.txt", b"patient notes, not an image", "text/plain"),
+           ("cut.png", png_bytes(seed=1)[:120], "image/png")]
+    run(at.file_uploader(key="uploads").set_value(good[:2] + bad + good[2:]))
+
+    errors = [e.value for e in at.error]
+    assert any("notes.txt" in e and "not an image file" in e for e in errors)
+    assert any("cut.png" in e for e in errors)
+    assert "Traceback" not in all_text(at)
+    table = at.dataframe(key="results_table").value
+    assert list(table["File"]) == ["ok0.png", "ok1.png", "notes.txt", "cut.png", "ok2.png"]
+    assert list(table.columns) == ["File", "Result", "Most likely", "Confidence", "Flags"]
+    assert list(table["Result"][2:4]) == ["Unreadable", "Unreadable"]
+    assert table["Confidence"][0] > 0.0
+    assert at.download_button(key="results_csv").label == "Download table (CSV)"
+
+    picker = at.selectbox(key="detail_slice")
+    assert [picker.format_func(o) for o in picker.options] == ["ok0.png", "ok1.png", "ok2.png"]
+    run(picker.set_value(2))
+    assert at.subheader[-1].value == "ok2.png"
+    assert len(at.image) == 2
+
+
+def test_two_models_side_by_side(app_settings):
+    at = choose_tiny_task(start(), "task")
+    run(at.sidebar.toggle(key="compare").set_value(True))
+    assert at.sidebar.selectbox(key="model_b").value != at.sidebar.selectbox(key="model").value
+    files = [("a.png", png_bytes(seed=5), "image/png"), ("b.png", png_bytes(label=1, seed=6), "image/png")]
+    run(at.file_uploader(key="uploads").set_value(files))
+    assert len(at.image) == 3  # the slice and one overlay per model
+    captions = [c for image in at.image for c in image.captions]
+    assert any(c.startswith("tiny-a: ") for c in captions) and any(c.startswith("tiny-b: ") for c in captions)
+    assert len(plotly_charts(at)) == 2
+    columns = list(at.dataframe(key="results_table").value.columns)
+    assert "tiny-a: Result" in columns and "tiny-b: Confidence" in columns and "Models agree" in columns
+
+
+# --------------------------------------------------------------------------- comparison dashboard
+
+
+def test_compare_dashboard_metrics_figures_and_mcnemar(app_settings):
+    at = choose_tiny_task(start("pages/compare.py"), "compare_task")
+    assert "Research use only" in at.warning[0].value
+    assert at.multiselect(key="compare_reports").value == ["tiny-a · validation split", "tiny-b · validation split"]
+    metrics = at.dataframe(key="metrics_table").value
+    assert list(metrics["Model"]) == ["tiny-a · validation split", "tiny-b · validation split"]
+    for column in ("Accuracy", "Macro-F1", "ROC AUC (macro)", "Specificity", "ECE", "Size (MB)", "Latency (ms/image)"):
+        assert column in metrics.columns
+    assert any(c.startswith("Sensitivity (") for c in metrics.columns)
+    assert metrics["Latency (ms/image)"].iloc[1] == pytest.approx(4.2)
+    assert len(at.dataframe(key="per_class_table").value) == 4  # 2 models x 2 classes
+    assert len(plotly_charts(at)) == 1 + 4 + 1  # ROC, 2 confusion matrices per model, reliability
+
+    values = {m.label: m.value for m in at.metric}
+    assert values["Images in common"] == "8"
+    assert "McNemar p-value" in values
+    assert "exact McNemar test" in all_text(at)
+    disagreements = at.dataframe(key="disagreements").value
+    assert len(disagreements) == 3  # every third prediction of tiny-b is flipped
+    assert len(at.image) == 3  # the image and both Grad-CAMs (the files exist locally)
+
+
+def test_evaluate_on_a_folder_adds_a_report(app_settings):
+    at = choose_tiny_task(start("pages/compare.py"), "compare_task")
+    at.text_input(key="eval_folder").input("../../../etc")
+    run(at.form_submit_button[0].click())
+    assert any("cannot be used" in e.value for e in at.error)
+    assert not app_settings.reports.exists() or not list(app_settings.reports.glob("*.json"))
+
+    at.text_input(key="eval_folder").input(str(app_settings.data))
+    at.selectbox(key="eval_split").set_value("valid")
+    run(at.form_submit_button[0].click())
+    written = list(app_settings.reports.glob("*.json"))
+    assert len(written) == 1 and written[0].with_suffix(".csv").is_file()
+    assert any("Evaluation finished" in s.value for s in at.success)
+    selected = at.multiselect(key="compare_reports").value
+    assert len(selected) == 3 and selected[-1].startswith("tiny-a · ")
+    assert len(at.dataframe(key="metrics_table").value) == 3
+
+
+# --------------------------------------------------------------------------- model card
+
+
+def test_model_card_page_shows_card_curves_and_audit(app_settings):
+    at = start("pages/model_card.py")
+    box = at.selectbox(key="card_model")
+    run(box.set_value(next(o for o in box.options if o.endswith("tiny-b"))))
+    assert "Research use only" in at.warning[0].value
+    assert at.header[0].value == "tiny-b"
+    labels = [m.label for m in at.metric]
+    assert labels[:4] == ["Validation accuracy", "Macro-F1", "ROC AUC (macro)", "ECE after calibration"]
+    assert [t.label for t in at.tabs] == ["Overview", "Training", "Training data and audit", "Full card (JSON)"]
+    text = all_text(at)
+    for expected in ("Intended use", "Limitations", "Baseline CNN", "Grad-CAM layer", "Calibration",
+                     "Out-of-distribution", "Shortcut probe", "Dataset audit", "latency ms"):
+        assert expected in text, expected
+    assert any("predict the class" in w.value for w in at.warning)  # the audit's shortcut warning
+    assert len(plotly_charts(at)) == 1  # training curves
+    assert at.json[0].value  # the full card

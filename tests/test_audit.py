@@ -1,0 +1,96 @@
+"""The dataset audit on planted problems (exact counts) and on the real data."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+from ctapp.audit import audit_dataset
+from ctapp.data import scan_dataset
+from synthetic import write_classes
+
+
+@pytest.fixture
+def planted(tmp_path):
+    """train: a 6, b 6; valid: a 2, b 2; then plant known problems."""
+    root = tmp_path / "data"
+    write_classes(root / "train", ["a_stage1", "b"], 6, seed=0, size=32)
+    write_classes(root / "valid", ["a", "b"], 2, seed=1, size=32)
+    train_a, train_b = root / "train" / "a_stage1", root / "train" / "b"
+    # 1) a duplicate group of three inside train/a (two redundant copies), one saved as RGBA
+    shutil.copy(train_a / "a (0).png", train_a / "a (0) - Copy.png")
+    Image.open(train_a / "a (0).png").convert("RGBA").save(train_a / "a (0) - Copy (2).png")
+    # 2) two validation images that are copies of training images (cross-split)
+    shutil.copy(train_b / "b (1).png", root / "valid" / "b" / "copied b.png")
+    shutil.copy(train_a / "a (2).png", root / "valid" / "a" / "copied a.png")
+    # 3) one image under two labels
+    shutil.copy(train_a / "a (3).png", train_b / "mislabelled.png")
+    # 4) an unreadable file and a JPEG named .png
+    (train_b / "broken.png").write_bytes(b"not an image at all")
+    Image.open(train_b / "b (4).png").convert("RGB").save(train_b / "jpeg inside.png", format="JPEG")
+    return root
+
+
+def test_audit_counts_planted_problems(planted):
+    report = audit_dataset(scan_dataset(planted))
+    d = report.to_dict()
+    assert d["images"] == 6 * 2 + 2 * 2 + 2 + 2 + 1 + 2  # 23 files
+    assert d["readable"] == 22
+    assert d["unreadable"] == ["train/b/broken.png"]
+    assert d["duplicate_groups"] == 4  # a(0) x3, b(1)+valid copy, a(2)+valid copy, a(3)+mislabelled
+    assert d["redundant_copies"] == 2 + 1 + 1 + 1
+    assert d["unique_images"] == 22 - 5
+    assert d["cross_split_copies"] == 2
+    assert sorted(d["cross_split_copy_paths"]) == ["valid/a/copied a.png", "valid/b/copied b.png"]
+    assert d["label_conflicts"] == [["train/a_stage1/a (3).png", "train/b/mislabelled.png"]]
+    # policy: drop the 2 redundant copies, the 2 evaluation copies and both conflicting images
+    assert d["dropped"] == 6
+    assert d["kept"] == 22 - 6
+    assert d["class_balance_kept"]["valid"] == {"a": 2, "b": 2}
+    assert any("extension" in note for note in d["notes"])
+    assert "train/a_stage1/a (0).png" not in d["dropped_paths"]  # the first copy is kept
+
+
+def test_audit_cli_json_keys(planted):
+    result = subprocess.run([sys.executable, "-m", "training.audit", "--data", str(planted), "--json"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for key in ("images", "unique_images", "duplicate_groups", "redundant_copies", "cross_split_copies",
+                "label_conflicts", "unreadable"):
+        assert key in report
+    assert isinstance(report["label_conflicts"], list) and isinstance(report["unreadable"], list)
+    assert report["cross_split_copies"] == 2
+
+
+def test_shortcut_probe_sees_brightness(tmp_path):
+    """Classes that differ only in brightness are 'solved' by the probe."""
+    rng = np.random.default_rng(0)
+    for name, level in (("dark", 40), ("bright", 160)):
+        (tmp_path / name).mkdir()
+        for i in range(15):
+            pixels = np.clip(rng.normal(level, 10, (32, 32)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / name / f"{i}.png")
+    probe = audit_dataset(scan_dataset(tmp_path)).to_dict()["shortcut_probe"]
+    assert probe["accuracy"] > 0.9 and probe["chance"] == 0.5
+
+
+@pytest.mark.shared_data
+def test_real_chest_ct_audit_matches_hand_count(shared_data):
+    """Hand count (file hashes and decoded pixels agree): 59 groups of identical images
+    with 107 redundant copies, 10 validation images that are training images, and
+    l4.png (large cell) == sq2.png (squamous)."""
+    report = audit_dataset(scan_dataset(shared_data / "chest-ct-scan-images" / "Data")).to_dict()
+    assert report["images"] == 685 and report["unreadable"] == []
+    assert report["duplicate_groups"] == 59
+    assert report["redundant_copies"] == 107
+    assert report["cross_split_copies"] == 10
+    assert all(p.startswith("valid/normal/") for p in report["cross_split_copy_paths"])
+    assert len(report["label_conflicts"]) == 1
+    conflict = sorted(p.rsplit("/", 1)[1] for p in report["label_conflicts"][0])
+    assert conflict == ["l4.png", "sq2.png"]
+    assert report["unique_images"] == 578

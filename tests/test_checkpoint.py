@@ -1,0 +1,124 @@
+"""Checkpoint format: round trips in every storage, refusals, atomic writes."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from ctapp.checkpoint import (CheckpointError, atomic_save, load_model_file, pack_state, safe_load,
+                              save_model_file, sha256_file, unpack_state)
+from ctapp.models import create_model
+from ctapp.preprocess import PreprocessConfig
+
+META = {"arch": "baseline", "class_names": ["a", "b", "c"], "preprocess": PreprocessConfig(img_size=48).to_dict()}
+
+
+def trained_like_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create_model("baseline", 3)
+    with torch.no_grad():  # non-trivial batch-norm statistics, as after training
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("storage, tolerance", [("fp32", 0.0), ("fp16", 1e-2), ("int8", 5e-2)])
+def test_round_trip(tmp_path, storage, tolerance):
+    model = trained_like_model()
+    path = tmp_path / "model.pt"
+    save_model_file(path, model, {**META, "temperature": 1.5}, storage=storage)
+    loaded, meta = load_model_file(path)
+    assert meta["arch"] == "baseline" and meta["class_names"] == ["a", "b", "c"] and meta["temperature"] == 1.5
+    assert meta["weight_storage"] == storage
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    x = torch.randn(4, 3, 48, 48)
+    with torch.no_grad():
+        expected, actual = torch.softmax(model(x), 1), torch.softmax(loaded(x), 1)
+    assert (expected - actual).abs().max().item() <= tolerance + 1e-6
+
+
+def test_int8_is_about_a_quarter_of_fp32(tmp_path):
+    model = create_model("resnet50", 4)
+    save_model_file(tmp_path / "fp32.pt", model, {**META, "arch": "resnet50", "class_names": list("abcd")})
+    save_model_file(tmp_path / "int8.pt", model, {**META, "arch": "resnet50", "class_names": list("abcd")},
+                    storage="int8")
+    ratio = (tmp_path / "int8.pt").stat().st_size / (tmp_path / "fp32.pt").stat().st_size
+    assert 0.24 < ratio < 0.30
+
+
+def test_int8_scales_are_per_output_channel():
+    weight = torch.stack([torch.full((3, 3, 3), 0.001), torch.full((3, 3, 3), 10.0)])
+    packed, scales = pack_state({"w": weight}, "int8")
+    assert packed["w"].dtype == torch.int8 and scales["w"].shape == (2,)
+    torch.testing.assert_close(unpack_state(packed, scales)["w"], weight, rtol=1e-2, atol=0)
+
+
+def test_mismatched_architecture_or_classes_is_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    save_model_file(path, trained_like_model(), META)
+    with pytest.raises(CheckpointError, match="is a baseline model, not resnet50"):
+        load_model_file(path, arch="resnet50")
+    with pytest.raises(CheckpointError, match="has 3 classes, not 4"):
+        load_model_file(path, num_classes=4)
+
+
+def test_weights_that_do_not_fit_are_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    save_model_file(path, create_model("baseline", 2), META)  # 2-class weights, 3 class names
+    with pytest.raises(CheckpointError, match="do not fit a baseline with 3 classes"):
+        load_model_file(path)
+
+
+def test_other_files_are_refused(tmp_path):
+    plain = tmp_path / "plain.pt"
+    torch.save({"hello": torch.zeros(1)}, plain)
+    with pytest.raises(CheckpointError, match="not a model checkpoint"):
+        load_model_file(plain)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(os.urandom(256))
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_model_file(garbage)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickled_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "ctapp.model", "payload": _Payload(marker)}, path, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="refused"):
+        safe_load(path)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_model_file(path)
+    assert not marker.exists()
+
+
+def test_sha256_mismatch_is_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    save_model_file(path, trained_like_model(), META)
+    load_model_file(path, expected_sha256=sha256_file(path))
+    with pytest.raises(CheckpointError, match="does not match the model card"):
+        load_model_file(path, expected_sha256="0" * 64)
+
+
+def test_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path):
+    path = tmp_path / "last.pt"
+    atomic_save({"epoch": 1}, path)
+
+    class Unsaveable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_save({"epoch": 2, "bad": Unsaveable()}, path)
+    assert safe_load(path) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind

@@ -1,0 +1,215 @@
+"""Decoding every kind of slice, and reading datasets in both layouts."""
+import io
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from ctapp.data import DatasetError, assign_splits, class_key, display_name, scan_dataset, split_groups
+from ctapp.imaging import LUNG_WINDOW, ImageDecodeError, Window, decode
+from synthetic import write_classes
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def make_dicom(pixels: np.ndarray, slope: float = 1.0, intercept: float = -1024.0, **extra) -> bytes:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    ds.PatientName = "Doe^Jane"
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    for key, value in extra.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.astype(np.int16).tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+# -- decoding ------------------------------------------------------------------
+
+
+def test_grey_rgb_rgba_give_the_same_pixels():
+    grey = np.random.default_rng(0).integers(0, 256, (40, 50), dtype=np.uint8)
+    rgb = Image.fromarray(np.stack([grey] * 3, axis=-1))
+    rgba = Image.fromarray(np.dstack([grey, grey, grey, np.full_like(grey, 255)]))
+    results = [decode(png_bytes(im)) for im in (Image.fromarray(grey), rgb, rgba)]
+    for result in results:
+        assert result.pixels.shape == (40, 50) and result.pixels.dtype == np.float32
+        np.testing.assert_allclose(result.pixels, grey / 255.0, atol=1 / 255)
+    assert len({r.content_hash() for r in results}) == 1
+    assert [r.mode for r in results] == ["L", "RGB", "RGBA"]
+
+
+def test_transparent_pixels_become_black():
+    rgba = np.zeros((20, 20, 4), np.uint8)
+    rgba[..., :3] = 200
+    rgba[:10, :, 3] = 255  # top half opaque, bottom half transparent
+    result = decode(png_bytes(Image.fromarray(rgba)))
+    assert result.pixels[:10].mean() == pytest.approx(200 / 255, abs=1e-3)
+    assert result.pixels[10:].max() == 0.0
+    assert any("transparent" in n for n in result.notes)
+
+
+def test_extension_that_lies_is_read_by_content(tmp_path):
+    path = tmp_path / "slice.png"
+    path.write_bytes(png_bytes(Image.fromarray(np.full((32, 32, 3), 90, np.uint8)), "JPEG"))
+    result = decode(path)
+    assert result.source_format == "JPEG"
+    assert any("although its name ends in .png" in n for n in result.notes)
+
+
+def test_16_bit_png_is_scaled_to_its_range():
+    values = np.linspace(1000, 3000, 64 * 64).reshape(64, 64).astype(np.uint16)
+    result = decode(png_bytes(Image.fromarray(values)))
+    assert result.pixels.min() == 0.0 and result.pixels.max() == 1.0
+    assert result.pixels[32, 32] == pytest.approx((values[32, 32] - 1000) / 2000, abs=1e-4)
+    assert any("16-bit" in n for n in result.notes)
+
+
+def test_large_and_tiny_images():
+    big = decode(png_bytes(Image.new("L", (3000, 2500), 7)))
+    assert big.size == (3000, 2500)
+    with pytest.raises(ImageDecodeError, match="1x1 pixels"):
+        decode(png_bytes(Image.new("L", (1, 1))))
+
+
+def test_dicom_applies_rescale_and_lung_window():
+    hu = np.array([[-1400, -1350], [-600, 150]] * 16, dtype=np.int16).repeat(16, axis=1)
+    stored = (hu + 1024) // 2  # slope 2, intercept -1024 gives back hu
+    result = decode(make_dicom(stored, slope=2.0, intercept=-1024.0))
+    assert result.source_format == "DICOM"
+    np.testing.assert_allclose(result.hu, ((hu + 1024) // 2) * 2 - 1024)
+    low = LUNG_WINDOW.center - LUNG_WINDOW.width / 2
+    expected = np.clip((result.hu - low) / LUNG_WINDOW.width, 0, 1)
+    np.testing.assert_allclose(result.pixels, expected, atol=1e-6)
+    assert result.pixels[0, 0] == 0.0 and result.pixels[1, 16] == 1.0  # below and above the window
+    windowed = result.rewindow(Window(40, 400))
+    assert windowed.pixels[0, 16] == 0.0  # -600 HU is black in a mediastinal window
+
+
+def test_dicom_is_detected_without_extension(tmp_path):
+    path = tmp_path / "IM0001"
+    path.write_bytes(make_dicom(np.zeros((32, 32), np.int16)))
+    assert decode(path).source_format == "DICOM"
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty"),
+    (b"hello, this is not an image", "not an image"),
+    (b"%PDF-1.4 fake", "PDF"),
+])
+def test_bad_bytes_get_a_clear_message(data, message):
+    with pytest.raises(ImageDecodeError, match=message):
+        decode(data)
+
+
+def test_truncated_png_is_reported():
+    data = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)))
+    with pytest.raises(ImageDecodeError, match="truncated or corrupt"):
+        decode(data[: len(data) // 2])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageDecodeError, match="no such file"):
+        decode(tmp_path / "nope.png")
+
+
+def test_numpy_and_pil_inputs():
+    grey = np.random.default_rng(1).integers(0, 256, (30, 40), dtype=np.uint8)
+    np.testing.assert_allclose(decode(grey).pixels, grey / 255.0)
+    np.testing.assert_allclose(decode(Image.fromarray(grey)).pixels, grey / 255.0)
+    with pytest.raises(ImageDecodeError, match="shape"):
+        decode(np.zeros((2, 3, 4, 5)))
+
+
+# -- dataset layouts -------------------------------------------------------------
+
+
+def test_class_names_are_normalised():
+    assert class_key("adenocarcinoma_left.lower.lobe_T2_N0_M0_Ib") == class_key("adenocarcinoma") == "adenocarcinoma"
+    assert class_key("large.cell.carcinoma_left.hilum_T2_N2_M0_IIIa") == "large-cell-carcinoma"
+    assert class_key("Viral Pneumonia") == "viral-pneumonia"
+    assert display_name("squamous.cell.carcinoma_left.hilum") == "Squamous cell carcinoma"
+    assert display_name("COVID") == "COVID" and display_name("non-COVID") == "Non-COVID"
+
+
+def test_split_layout_merges_spellings(tmp_path):
+    write_classes(tmp_path / "train", ["adenocarcinoma_left.lower.lobe_T2", "normal"], 3, size=24)
+    write_classes(tmp_path / "val", ["adenocarcinoma_left.lower.lobe_T2", "normal"], 2, size=24)
+    write_classes(tmp_path / "test", ["adenocarcinoma", "normal"], 2, size=24)
+    index = scan_dataset(tmp_path)
+    assert index.layout == "splits"
+    assert index.class_names == ["adenocarcinoma", "normal"]
+    assert index.display_names == ["Adenocarcinoma", "Normal"]
+    assert index.splits == ["train", "valid", "test"]
+    assert index.counts() == {"train": {"adenocarcinoma": 3, "normal": 3}, "valid": {"adenocarcinoma": 2, "normal": 2},
+                              "test": {"adenocarcinoma": 2, "normal": 2}}
+    assert any("spelled 2 ways" in note for note in index.notes)
+
+
+def test_class_layout_split_is_stratified_and_seeded(tmp_path):
+    write_classes(tmp_path, ["covid", "non-covid"], 20, size=24)
+    index = scan_dataset(tmp_path)
+    assert index.layout == "classes" and index.splits == []
+    a = assign_splits(index, val_fraction=0.25, seed=3)
+    b = assign_splits(index, val_fraction=0.25, seed=3)
+    assert [s.split for s in a.samples] == [s.split for s in b.samples]
+    assert a.counts()["valid"] == {"covid": 5, "non-covid": 5}
+
+
+def test_block_split_keeps_consecutive_numbers_together(tmp_path):
+    write_classes(tmp_path, ["covid", "non-covid"], 40, size=24)
+    index = assign_splits(scan_dataset(tmp_path), val_fraction=0.25, seed=0, block_size=10)
+    blocks = {}
+    for s in index.samples:
+        number = int(s.path.stem.split("(")[1].rstrip(")"))
+        blocks.setdefault((s.label, number // 10), set()).add(s.split)
+    assert all(len(splits) == 1 for splits in blocks.values())
+    assert {s.split for s in index.samples} == {"train", "valid"}
+
+
+def test_split_groups_by_file_number(tmp_path):
+    paths = write_classes(tmp_path, ["a"], 25, size=24)
+    index = scan_dataset(tmp_path)
+    groups = split_groups(index.samples, 10)
+    by_number = {int(s.path.stem.split("(")[1].rstrip(")")): g for s, g in zip(index.samples, groups)}
+    assert by_number[0] == by_number[9] != by_number[10] == by_number[19] != by_number[20]
+    assert len(paths) == 25
+
+
+def test_empty_and_missing_folders(tmp_path):
+    with pytest.raises(DatasetError, match="no such folder"):
+        scan_dataset(tmp_path / "missing")
+    with pytest.raises(DatasetError, match="no sub-folders"):
+        scan_dataset(tmp_path)
+    (tmp_path / "normal").mkdir()
+    with pytest.raises(DatasetError, match="hold no files"):
+        scan_dataset(tmp_path)
+
+
+def test_one_class_cannot_be_split(tmp_path):
+    write_classes(tmp_path, ["normal"], 6, size=24)
+    with pytest.raises(DatasetError, match="two classes"):
+        assign_splits(scan_dataset(tmp_path))
+
+
+def test_unknown_class_for_a_model_is_refused(tmp_path):
+    write_classes(tmp_path, ["covid", "pneumonia"], 2, size=24)
+    with pytest.raises(DatasetError, match="pneumonia"):
+        scan_dataset(tmp_path, class_names=["covid", "non-covid"])

@@ -1,0 +1,221 @@
+"""Figures, tables and the HTML report as plain functions (no Streamlit, no browser)."""
+from __future__ import annotations
+
+import base64
+import io
+import re
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+from PIL import Image
+
+from ctapp import figures
+from ctapp.imaging import decode
+from ctapp.inference import Prediction
+from ctapp.metrics import evaluation_report
+from ctapp.report import DISCLAIMER, ModelResult, slice_report, verdict
+
+
+def report_for(class_names, y_true, probs, display=None) -> dict:
+    return evaluation_report(np.asarray(y_true), np.asarray(probs, dtype=float), class_names, display)
+
+
+@pytest.fixture(scope="module")
+def three_class() -> dict:
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 20)
+    logits = rng.normal(size=(60, 3)) + 2.0 * np.eye(3)[y]
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return report_for(["adenocarcinoma", "normal", "squamous-cell-carcinoma"], y, probs,
+                      ["Adenocarcinoma", "Normal", "Squamous cell carcinoma"])
+
+
+@pytest.fixture(scope="module")
+def binary() -> dict:
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p1 = np.array([0.1, 0.4, 0.7, 0.8, 0.6, 0.3])
+    return report_for(["covid", "non-covid"], y, np.stack([1 - p1, p1], axis=1), ["COVID", "non-COVID"])
+
+
+def prediction(**kw) -> Prediction:
+    values = dict(label="beta", display_label="Beta", probabilities={"alpha": 0.2, "beta": 0.8}, confidence=0.8,
+                  uncertain=False, out_of_distribution=False, ood_score=1.0, reasons=[], notes=[])
+    values.update(kw)
+    return Prediction(**values)
+
+
+# --------------------------------------------------------------------------- probability bars and overlay
+
+
+def test_probability_bars_highlight_the_prediction_and_show_the_threshold():
+    fig = figures.probability_bars({"alpha": 0.2, "beta": 0.8}, {"alpha": "Alpha", "beta": "Beta"},
+                                   threshold=0.75)
+    bar = fig.data[0]
+    assert list(bar.y) == ["Alpha", "Beta"] and list(bar.x) == [0.2, 0.8]
+    assert list(bar.text) == ["20%", "80%"]
+    assert bar.marker.color[1] == figures.ACCENT and bar.marker.color[0] != figures.ACCENT
+    assert fig.layout.shapes[0].x0 == 0.75
+    assert fig.layout.xaxis.range == (0, 1.12)
+
+
+def test_probability_bars_accept_a_list_of_names_and_tiny_values():
+    fig = figures.probability_bars({"a": 0.999, "b": 0.001}, ["A", "B"])
+    assert list(fig.data[0].text) == ["100%", "<1%"]
+    assert not fig.layout.shapes
+
+
+def test_cam_overlay_blends_a_colour_map_onto_the_slice():
+    grey = np.full((20, 30), 0.5, np.float32)
+    cam = np.zeros((20, 30), np.float32)
+    cam[:, 15:] = 1.0
+    out = figures.cam_overlay(grey, cam, opacity=0.5)
+    assert out.shape == (20, 30, 3) and out.dtype == np.uint8
+    # JET: 0 is dark blue, 1 is dark red; half of each blended with grey 128.
+    assert tuple(out[0, 0]) == pytest.approx((64, 64, 192), abs=2)
+    assert tuple(out[0, -1]) == pytest.approx((192, 64, 64), abs=2)
+    np.testing.assert_array_equal(figures.cam_overlay(grey, cam, opacity=0.0)[..., 0], np.full((20, 30), 128))
+
+
+def test_cam_overlay_resizes_the_map_and_accepts_uint8():
+    grey = np.zeros((40, 60), np.uint8)
+    out = figures.cam_overlay(grey, np.ones((7, 7)), opacity=1.0)
+    assert out.shape == (40, 60, 3) and (out[..., 0] > 100).all()
+
+
+@pytest.mark.parametrize("kwargs", [dict(opacity=1.5), dict(opacity=-0.1)])
+def test_cam_overlay_refuses_bad_opacity(kwargs):
+    with pytest.raises(ValueError, match="opacity"):
+        figures.cam_overlay(np.zeros((8, 8)), np.zeros((8, 8)), **kwargs)
+
+
+def test_cam_overlay_refuses_colour_images():
+    with pytest.raises(ValueError, match="2-D grey"):
+        figures.cam_overlay(np.zeros((8, 8, 3)), np.zeros((8, 8)))
+
+
+# --------------------------------------------------------------------------- evaluation figures
+
+
+def test_roc_figure_has_one_panel_per_class_and_the_auc_of_each_model(three_class):
+    other = {**three_class, "roc_auc": {"per_class": {k: 0.5 for k in three_class["class_names"]}, "macro": 0.5}}
+    fig = figures.roc_figure({"model A": three_class, "model B": other})
+    titles = [a.text for a in fig.layout.annotations[:3]]
+    assert titles == ["Adenocarcinoma", "Normal", "Squamous cell carcinoma"]
+    curves = [t for t in fig.data if t.name in ("model A", "model B")]
+    assert len(curves) == 6 and sum(t.showlegend for t in curves) == 2
+    auc_text = fig.layout.annotations[3].text
+    assert f"model A: AUC {three_class['roc_auc']['per_class']['adenocarcinoma']:.3f}" in auc_text
+    assert "model B: AUC 0.500" in auc_text
+
+
+def test_roc_figure_of_a_binary_task_shows_the_positive_class(binary):
+    fig = figures.roc_figure({"m": binary})
+    assert fig.layout.annotations[0].text == "COVID"
+    curve = [t for t in fig.data if t.name == "m"][0]
+    assert list(curve.x) == binary["roc_curves"]["covid"]["fpr"]
+
+
+def test_confusion_figure_counts_and_row_normalised(three_class):
+    counts = np.array(three_class["confusion_matrix"])
+    fig = figures.confusion_figure(three_class)
+    np.testing.assert_array_equal(np.array(fig.data[0].z), counts)
+    assert list(fig.data[0].x) == three_class["display_names"]
+    norm = figures.confusion_figure(three_class, normalize=True)
+    np.testing.assert_allclose(np.array(norm.data[0].z).sum(axis=1), 1.0)
+    assert norm.data[0].zmax == 1
+    assert f"({counts[0, 0]})" in norm.data[0].text[0][0]
+
+
+def test_confusion_figure_with_an_empty_class_row():
+    report = {"class_names": ["a", "b"], "confusion_matrix": [[0, 0], [1, 3]]}
+    z = np.array(figures.confusion_figure(report, normalize=True).data[0].z)
+    np.testing.assert_allclose(z, [[0, 0], [0.25, 0.75]])
+
+
+def test_reliability_figure_plots_each_bin(three_class, binary):
+    fig = figures.reliability_figure({"A": three_class, "B": binary})
+    lines = [t for t in fig.data if isinstance(t, go.Scatter) and t.legendgroup in ("A", "B")]
+    assert [t.name.split(" (")[0] for t in lines] == ["A", "B"]
+    assert f"ECE {three_class['ece']:.3f}" in lines[0].name
+    assert list(lines[0].y) == [b["accuracy"] for b in three_class["reliability"]]
+    bars = [t for t in fig.data if isinstance(t, go.Bar)]
+    assert sum(bars[0].y) == three_class["images"]
+
+
+def test_metrics_and_per_class_tables(three_class, binary):
+    rows = figures.metrics_table({"A": three_class, "B": binary},
+                                 {"A": {"size_bytes": 2_500_000, "latency_ms": 12.5}, "B": {}})
+    assert rows[0]["Accuracy"] == three_class["accuracy"] and rows[0]["Size (MB)"] == 2.5
+    assert rows[0]["Latency (ms/image)"] == 12.5 and rows[1]["Latency (ms/image)"] is None
+    assert "Specificity" not in rows[0]
+    assert rows[1]["Sensitivity (COVID)"] == binary["sensitivity"] and rows[1]["Specificity"] == binary["specificity"]
+    per_class = figures.per_class_table({"A": three_class})
+    assert [r["Class"] for r in per_class] == three_class["display_names"]
+    assert per_class[1]["Recall"] == three_class["per_class"]["normal"]["recall"]
+    assert figures.card_latency_ms({"benchmark": {"latency_ms": 3}}) == 3.0
+
+
+# --------------------------------------------------------------------------- training curves
+
+
+def test_training_curves_from_a_history_csv(tmp_path):
+    path = tmp_path / "history.csv"
+    path.write_text("epoch,lr,train_loss,train_accuracy,images_per_second,seconds,val_loss,val_accuracy,"
+                    "val_macro_f1,val_auc,val_ece\n"
+                    "1,0.01,1.2,0.5,10,5,1.1,0.55,0.5,0.7,0.1\n"
+                    "2,0.005,0.9,0.7,10,5,nan,0.6,0.58,0.75,0.08\n")
+    rows = figures.read_history(path)
+    assert rows[1]["val_loss"] is None and rows[0]["lr"] == 0.01
+    fig = figures.training_curves(path)
+    names = [t.name for t in fig.data]
+    assert names == ["training", "validation", "training accuracy", "validation accuracy", "validation macro-F1",
+                     "validation ROC AUC", "validation ECE", "learning rate"]
+    assert list(fig.data[0].y) == [1.2, 0.9] and list(fig.data[1].y) == [1.1, None]
+    assert [a.text for a in fig.layout.annotations] == [p[0] for p in figures.HISTORY_PANELS]
+
+
+def test_training_curves_skip_missing_columns():
+    fig = figures.training_curves([{"epoch": "1", "train_loss": "0.5"}])
+    assert [t.name for t in fig.data] == ["training"]
+
+
+# --------------------------------------------------------------------------- HTML report
+
+
+def _images(html: str) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(base64.b64decode(b))) for b in re.findall(r"data:image/png;base64,([^'\"]+)", html)]
+
+
+def test_slice_report_is_self_contained_and_complete():
+    overlay = figures.cam_overlay(np.full((32, 40), 0.3), np.eye(32, 40))
+    html = slice_report(image=np.full((32, 40), 0.3, np.float32), filename="scan <1>.png", sha256="ab" * 32,
+                        notes=["lung window: center -600 HU"],
+                        results=[ModelResult("resnet50-lung", "2026-01-02T03:04:05", prediction(),
+                                             {"alpha": "Alpha", "beta": "Beta"}, overlay, "Grad-CAM++", "Beta")])
+    images = _images(html)
+    assert [im.size for im in images] == [(40, 32), (40, 32)]
+    assert images[1].mode == "RGB"
+    for expected in ("resnet50-lung", "2026-01-02T03:04:05", "Beta (80% calibrated probability)", "80.0%", "20.0%",
+                     "Grad-CAM++ for Beta", DISCLAIMER, "scan &lt;1&gt;.png", "lung window", "UTC"):
+        assert expected in html, expected
+    assert "<script" not in html and "http" not in html.replace("http-equiv", "")
+
+
+def test_slice_report_states_uncertainty_and_reasons():
+    p = prediction(uncertain=True, out_of_distribution=True, confidence=0.55,
+                   reasons=["this does not look like a chest CT slice the model was trained on"])
+    html = slice_report(image=np.zeros((20, 20)), results=[ModelResult("m", "v", p)])
+    assert "No reliable answer" in html and "chest CT slice the model was trained on" in html
+    assert "calibrated probability)" not in html
+    assert verdict(prediction(uncertain=True, confidence=0.6)).startswith("Uncertain: no confident answer")
+
+
+def test_report_of_a_dicom_slice_has_no_patient_identifiers():
+    from app_fixtures import PATIENT_ID, dicom_bytes
+
+    image = decode(dicom_bytes())
+    html = slice_report(image=image.pixels, results=[ModelResult("m", "v", prediction(notes=image.notes))],
+                        filename="IM0001", notes=image.notes)
+    for identifier in ("Doe", "Jane", PATIENT_ID, "19510203", "Nowhere"):
+        assert identifier not in html

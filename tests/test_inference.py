@@ -1,0 +1,126 @@
+"""The Python API and the predict CLI on a tiny trained model."""
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+from ctapp import CheckpointError, ImageDecodeError, decode, list_models, load_model
+from synthetic import make_slice
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return load_model(tiny_model)
+
+
+@pytest.fixture
+def slice_png(tmp_path):
+    pixels = make_slice(1, np.random.default_rng(5), size=60)
+    path = tmp_path / "slice.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_every_input_kind_gives_the_same_prediction(model, slice_png):
+    data = slice_png.read_bytes()
+    image = Image.open(io.BytesIO(data))
+    results = [model.predict(x) for x in (slice_png, str(slice_png), data, image, np.asarray(image))]
+    first = results[0]
+    assert first.label in model.class_names
+    assert sum(first.probabilities.values()) == pytest.approx(1.0)
+    assert first.confidence == max(first.probabilities.values())
+    for other in results[1:]:
+        assert other.label == first.label
+        assert other.probabilities == pytest.approx(first.probabilities, abs=1e-6)
+
+
+def test_probabilities_are_temperature_calibrated(model, slice_png):
+    import torch
+
+    from ctapp.preprocess import model_input
+
+    p = model.predict(slice_png)
+    x, _ = model_input(decode(slice_png).pixels, model.preprocess)
+    with torch.no_grad():
+        logits = model.model(x).double()
+    expected = torch.softmax(logits / model.temperature, 1)[0].numpy()
+    assert model.temperature != 1.0
+    np.testing.assert_allclose(list(p.probabilities.values()), expected, atol=1e-6)
+
+
+def test_explain_returns_a_map_at_the_image_resolution(model):
+    wide = np.zeros((50, 90), np.uint8)
+    wide[:, 20:70] = make_slice(0, np.random.default_rng(2), size=50)
+    cam = model.explain(wide)
+    assert cam.shape == (50, 90)
+    assert cam.dtype == np.float32 or cam.dtype == np.float64
+    assert 0.0 <= cam.min() and cam.max() <= 1.0
+    other = model.explain(wide, target=model.class_names[1])
+    assert other.shape == (50, 90)
+    analysis = model.analyse(wide, method="EigenCAM")
+    assert analysis.cam.shape == (50, 90) and analysis.cam_class == analysis.prediction.label
+
+
+def test_analyse_prediction_equals_predict(model, slice_png):
+    assert model.analyse(slice_png).prediction.probabilities == pytest.approx(
+        model.predict(slice_png).probabilities, abs=1e-6)
+
+
+def test_out_of_distribution_and_uncertain_flags(model):
+    blank = np.full((64, 64), 255, np.uint8)
+    p = model.predict(blank)
+    assert p.ood_score is not None and model.ood.threshold is not None
+    assert p.out_of_distribution == (p.ood_score > model.ood.threshold)
+    assert p.uncertain == bool(p.reasons)
+
+
+def test_unknown_class_and_method(model, slice_png):
+    with pytest.raises(ValueError, match="unknown class"):
+        model.explain(slice_png, target="zebra")
+    with pytest.raises(ValueError, match="unknown CAM method"):
+        model.explain(slice_png, method="magic")
+
+
+def test_bad_image_raises_the_project_error(model):
+    with pytest.raises(ImageDecodeError):
+        model.predict(b"definitely not an image")
+
+
+def test_load_model_refuses_missing_and_tampered(tmp_path, tiny_model):
+    import shutil
+
+    with pytest.raises(CheckpointError, match="no model here"):
+        load_model(tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model, copy)
+    with open(copy / "model.pt", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_model(copy)
+
+
+def test_list_models_finds_model_folders(tiny_model):
+    found = list_models([tiny_model.parent])
+    assert [m.name for m in found] == [tiny_model.name]
+    assert found[0].card["classes"] == ["alpha", "beta"]
+    assert found[0].report_path.is_file()
+
+
+def test_predict_cli_reports_bad_files_and_goes_on(tiny_model, tiny_dataset, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    good = sorted((tiny_dataset / "valid" / "beta").iterdir())[:2]
+    cmd = [sys.executable, "-m", "ctapp.predict", *map(str, good), str(bad), "--model", str(tiny_model), "--json"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 1
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["file"] for line in lines] == [*map(str, good), str(bad)]
+    assert all("label" in line for line in lines[:2])
+    assert "not an image" in lines[2]["error"]
+    ok = subprocess.run(cmd[:4] + ["--model", str(tiny_model)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert ok.returncode == 0 and ok.stdout.count("\n") == 1

@@ -1,0 +1,67 @@
+"""Evaluation metrics against values computed by hand."""
+import numpy as np
+import pytest
+
+from ctapp.metrics import (calibrated, evaluation_report, expected_calibration_error, fit_temperature, mcnemar,
+                           positive_class)
+
+
+def test_binary_report_by_hand():
+    # classes: covid (positive), non-covid
+    y_true = np.array([0, 0, 0, 1, 1, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.2, 0.8], [0.1, 0.9], [0.6, 0.4], [0.4, 0.6]])
+    report = evaluation_report(y_true, probs, ["covid", "non-covid"])
+    # predictions: 0 0 1 1 1 0 1 -> correct: T T F T T F T
+    assert report["accuracy"] == pytest.approx(5 / 7)
+    assert report["confusion_matrix"] == [[2, 1], [1, 3]]
+    assert report["positive_class"] == "covid"
+    assert report["sensitivity"] == pytest.approx(2 / 3)
+    assert report["specificity"] == pytest.approx(3 / 4)
+    assert report["per_class"]["covid"] == {"precision": pytest.approx(2 / 3), "recall": pytest.approx(2 / 3),
+                                            "f1": pytest.approx(2 / 3), "support": 3}
+    # AUC for covid: P(score_pos > score_neg) over 3x4 pairs, scores .9 .8 .3 vs .2 .1 .6 .4 -> 4+4+2 of 12
+    assert report["roc_auc"]["per_class"]["covid"] == pytest.approx(10 / 12)
+    assert report["roc_auc"]["macro"] == pytest.approx(10 / 12)
+    assert report["macro_f1"] == pytest.approx((2 / 3 + 0.75) / 2)
+
+
+def test_positive_class_names():
+    assert positive_class(["covid", "non-covid"]) == 0
+    assert positive_class(["normal", "pneumonia"]) == 1
+    assert positive_class(["cat", "dog"]) == 1
+
+
+def test_ece_by_hand():
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    y_true = np.array([0, 1, 0, 0])
+    # bin of 0.9: accuracy 0.5, confidence 0.9 -> 0.4 x 2; bin of 0.6: accuracy 1, conf 0.6 -> 0.4 x 2
+    assert expected_calibration_error(probs, y_true) == pytest.approx(0.4)
+
+
+def test_multiclass_report_handles_a_missing_class():
+    y_true = np.array([0, 1, 1, 0])
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
+    report = evaluation_report(y_true, probs, ["a", "b", "c"])
+    assert report["roc_auc"]["per_class"]["c"] is None
+    assert report["per_class"]["c"]["support"] == 0
+    assert report["confusion_matrix"] == [[2, 0, 0], [0, 1, 1], [0, 0, 0]]
+    assert "sensitivity" not in report
+
+
+def test_temperature_recovers_the_true_one():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (4000, 4))
+    true_probs = calibrated(logits, 2.5)
+    y = np.array([rng.choice(4, p=p) for p in true_probs])
+    assert fit_temperature(logits, y) == pytest.approx(2.5, rel=0.1)
+    assert expected_calibration_error(calibrated(logits, fit_temperature(logits, y)), y) < \
+        expected_calibration_error(calibrated(logits, 1.0), y)
+
+
+def test_mcnemar():
+    a = np.array([True] * 20 + [False] * 5)
+    b = np.array([False] * 10 + [True] * 15)
+    result = mcnemar(a, b)
+    assert result["only_a_correct"] == 10 and result["only_b_correct"] == 5
+    assert 0.05 < result["p_value"] < 0.5  # 10 vs 5 discordant: two-sided exact p = 0.30
+    assert mcnemar(a, a)["p_value"] == 1.0

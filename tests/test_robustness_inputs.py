@@ -1,0 +1,226 @@
+"""Issue 5, bad input: every awkward file behaves the same way in ``decode``,
+``LoadedModel.predict`` and the ``python -m ctapp.predict`` CLI (a clear,
+specific ImageDecodeError message, or a correct decode with a note), and
+fuzzed bytes never make anything but ImageDecodeError escape ``decode``."""
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import ctapp.imaging as imaging
+from ctapp.imaging import MAX_PIXELS, ImageDecodeError, decode
+from robustness_helpers import (BAD_INPUT_NAMES, SMALL_FILE_LIMIT, bad_input_cases, check_decoded, check_error,
+                                decode_outcome, mutate, png_bomb, png_bytes, run_predict_cli, seed_files,
+                                write_model_folder)
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    return {c.name: c for c in bad_input_cases(tmp_path_factory.mktemp("bad_inputs"))}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_model_folder(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    from ctapp.inference import load_model
+
+    return load_model(model_dir)
+
+
+def _limit(monkeypatch, case):
+    if case.needs_small_limit:
+        monkeypatch.setattr(imaging, "MAX_FILE_BYTES", SMALL_FILE_LIMIT)
+
+
+@pytest.mark.parametrize("name", BAD_INPUT_NAMES)
+@pytest.mark.parametrize("as_bytes", [False, True], ids=["path", "bytes"])
+def test_decode(cases, name, as_bytes, monkeypatch):
+    case = cases[name]
+    _limit(monkeypatch, case)
+    source = case.path.read_bytes() if as_bytes else case.path
+    if case.error is None:
+        image = decode(source)
+        assert check_decoded(case, image) == []
+    else:
+        with pytest.raises(ImageDecodeError) as info:
+            decode(source)
+        assert check_error(case, str(info.value)) == []
+        assert "\n" not in str(info.value), "an error message must be one line"
+
+
+@pytest.mark.parametrize("name", BAD_INPUT_NAMES)
+def test_predict_api(cases, loaded, name, monkeypatch):
+    """LoadedModel.predict gives the same error as decode, or a prediction
+    carrying decode's notes."""
+    case = cases[name]
+    _limit(monkeypatch, case)
+    if case.error is None:
+        prediction = loaded.predict(case.path)
+        assert set(prediction.probabilities) == {"class0", "class1"}
+        assert abs(sum(prediction.probabilities.values()) - 1) < 1e-6
+        assert prediction.notes == decode(case.path).notes
+        for word in case.notes:
+            assert word.lower() in " ".join(prediction.notes).lower()
+    else:
+        with pytest.raises(ImageDecodeError) as from_decode:
+            decode(case.path)
+        with pytest.raises(ImageDecodeError) as from_predict:
+            loaded.predict(case.path)
+        assert str(from_predict.value) == str(from_decode.value)
+
+
+@pytest.mark.slow
+def test_cli_json(cases, model_dir):
+    """One JSON line per file: an error line with the specific message for each
+    bad file, a prediction for each good one, exit status 1."""
+    files = [cases[n].path for n in BAD_INPUT_NAMES]
+    result = run_predict_cli(files, model_dir, max_file_bytes=SMALL_FILE_LIMIT)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["file"] for line in lines] == [str(f) for f in files]
+    for line, name in zip(lines, BAD_INPUT_NAMES):
+        case = cases[name]
+        if case.error is None:
+            assert "error" not in line, (name, line)
+            assert line["label"] in ("class0", "class1")
+            for word in case.notes:
+                assert word.lower() in " ".join(line["notes"]).lower(), (name, line["notes"])
+        else:
+            assert check_error(case, line.get("error", "")) == [], (name, line)
+
+
+@pytest.mark.slow
+def test_cli_text_one_line_per_file(cases, model_dir):
+    files = [cases[n].path for n in BAD_INPUT_NAMES]
+    result = run_predict_cli(files, model_dir, max_file_bytes=SMALL_FILE_LIMIT, json_lines=False)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(files), result.stdout
+    for line, name in zip(lines, BAD_INPUT_NAMES):
+        path, status = line.split("\t")[:2]
+        assert path == str(cases[name].path)
+        assert (status == "ERROR") == (cases[name].error is not None), line
+
+
+def test_cli_all_good_exits_zero(cases, model_dir):
+    result = run_predict_cli([cases["good PNG"].path, cases["good DICOM"].path], model_dir)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 2
+
+
+def test_cli_bad_model_folder(tmp_path, cases):
+    result = run_predict_cli([cases["good PNG"].path], tmp_path / "missing")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ specific values
+
+
+def test_sixteen_bit_values_scaled_from_their_range():
+    pixels = np.full((16, 32), 1000, np.uint16)
+    pixels[:, 16:] = 3000
+    pixels[:, 8] = 2000
+    image = decode(png_bytes(Image.fromarray(pixels)))
+    assert image.mode.startswith("I;16")
+    assert image.pixels[0, 0] == 0.0 and image.pixels[0, 20] == 1.0
+    assert image.pixels[0, 8] == pytest.approx(0.5)
+
+
+def test_sixteen_bit_full_range_is_not_clipped_to_eight_bits():
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (16, 1))
+    image = decode(png_bytes(Image.fromarray(ramp)))
+    assert len(np.unique(image.pixels)) == 64  # 8-bit truncation would merge nothing here but would saturate
+    assert np.allclose(image.pixels[0], np.linspace(0, 1, 64), atol=1e-4)
+
+
+def test_project_pixel_limit_is_below_pillows():
+    """The 64-megapixel bomb is refused by this project's MAX_PIXELS (40 M), not
+    by Pillow, which would open it without complaint (its limit is ~89 M)."""
+    assert MAX_PIXELS < 8000 * 8000 < Image.MAX_IMAGE_PIXELS
+    bomb = png_bomb(8000, 8000)
+    assert len(bomb) < 100_000  # 64 megapixels in under 100 kB
+    with Image.open(io.BytesIO(bomb)) as opened:  # Pillow: no DecompressionBombError
+        assert opened.size == (8000, 8000)
+    with pytest.raises(ImageDecodeError, match="40 megapixels"):
+        decode(bomb)
+
+
+def test_upload_limit_message_never_reads_equal(monkeypatch):
+    """A file just over the limit must not be reported as the limit's size."""
+    monkeypatch.setattr(imaging, "MAX_FILE_BYTES", 200 * 1024 * 1024)
+    with pytest.raises(ImageDecodeError) as info:
+        imaging._read_bytes(memoryview(bytes(200 * 1024 * 1024 + 300_000)))
+    message = str(info.value)
+    size, limit = message.split("the file is ")[1].split("; the limit is ")
+    assert size != limit, message
+    assert limit == "200 MB"
+
+
+def test_animated_frame_choice():
+    frames = [Image.new("L", (32, 32), v) for v in (10, 60, 110, 160, 210)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="PNG", save_all=True, append_images=frames[1:])
+    data = buffer.getvalue()
+    assert decode(data).pixels.mean() == pytest.approx(110 / 255)
+    assert decode(data, frame=0).pixels.mean() == pytest.approx(10 / 255)
+    with pytest.raises(ImageDecodeError, match="frame 9 requested"):
+        decode(data, frame=9)
+
+
+def test_multiframe_dicom_frame_choice():
+    from robustness_helpers import dicom_bytes
+
+    stack = np.stack([np.full((32, 32), 1024 + 100 * k, np.int16) for k in range(5)])  # HU 0, 100, ... 400
+    data = dicom_bytes(stack, frames=5)
+    assert np.allclose(decode(data).hu, 200) and "frame 3 of 5" in decode(data).notes[0]
+    assert np.allclose(decode(data, frame=4).hu, 400)
+    with pytest.raises(ImageDecodeError, match="5 frames"):
+        decode(data, frame=5)
+
+
+# ------------------------------------------------------------------ fuzzing
+
+SEEDS = seed_files()
+FUZZ = settings(max_examples=300, deadline=5000, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@pytest.mark.slow
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_fuzz_random_bytes(data):
+    decode_outcome(data)
+
+
+@pytest.mark.slow
+@FUZZ
+@given(st.sampled_from(sorted(SEEDS)), st.integers(0, 2**32 - 1))
+def test_fuzz_mutated_files(kind, seed):
+    decode_outcome(mutate(SEEDS[kind], random.Random(seed)))
+
+
+@pytest.mark.slow
+@FUZZ
+@given(st.sampled_from(sorted(SEEDS)), st.integers(4, 400), st.binary(max_size=512))
+def test_fuzz_valid_header_then_junk(kind, keep, junk):
+    decode_outcome(SEEDS[kind][:keep] + junk)
+
+
+def test_fuzz_seeds_decode():
+    """The seeds themselves decode, so mutations start from valid files."""
+    for kind, data in SEEDS.items():
+        assert decode_outcome(data) == "ok", kind

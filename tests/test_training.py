@@ -1,0 +1,122 @@
+"""training.fit and training.evaluate end to end on a tiny generated dataset."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from ctapp import load_model
+from ctapp.checkpoint import safe_load
+from ctapp.models import create_model, get_spec
+from training.fit import get_args_parser, run, set_trainable
+
+TINY = ["--arch", "baseline", "--img-size", "48", "--batch-size", "8", "--quiet", "--workers", "1"]
+
+
+def test_fit_writes_a_complete_model_folder(tiny_model):
+    names = {p.name for p in tiny_model.iterdir()}
+    assert {"model.pt", "model_card.json", "eval_report.json", "eval_report.csv", "history.csv", "audit.json",
+            "last.pt", "best.pt"} <= names
+    card = json.loads((tiny_model / "model_card.json").read_text())
+    assert card["classes"] == ["alpha", "beta"] and card["architecture"] == "baseline"
+    assert card["weights_origin"].startswith("from scratch")
+    assert card["gradcam_layer"] == get_spec("baseline").cam_layer
+    assert card["calibration"]["temperature"] > 0
+    assert "not a medical device" in card["disclaimer"].lower()
+    report = json.loads((tiny_model / "eval_report.json").read_text())
+    for key in ("accuracy", "macro_f1", "per_class", "confusion_matrix", "class_names", "roc_auc", "ece",
+                "sensitivity", "specificity"):
+        assert key in report
+    assert report["images"] == 8 and report["split"] == "valid"
+    with open(tiny_model / "history.csv") as f:
+        history = list(csv.DictReader(f))
+    assert [row["epoch"] for row in history] == ["1", "2"]
+    assert card["validation"]["macro_f1"] == report["macro_f1"]
+
+
+def test_evaluate_cli_on_a_split_and_on_everything(tiny_model, tiny_dataset, tmp_path):
+    out = tmp_path / "reports" / "valid.json"
+    cmd = [sys.executable, "-m", "training.evaluate", "--model", str(tiny_model), "--data", str(tiny_dataset),
+           "--quiet"]
+    result = subprocess.run(cmd + ["--split", "valid", "--out", str(out)], capture_output=True, text=True,
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["images"] == 8 and report["split"] == "valid"
+    # the model folder's own report was computed the same way
+    own = json.loads((tiny_model / "eval_report.json").read_text())
+    assert report["accuracy"] == own["accuracy"] and report["ece"] == pytest.approx(own["ece"])
+    with open(out.with_suffix(".csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and {"path", "true", "pred", "p_alpha", "p_beta"} <= set(rows[0])
+    assert not (tiny_model / "valid.csv").exists()
+
+    everything = tmp_path / "all.json"
+    shutil.copy(next((tiny_dataset / "train" / "beta").iterdir()), tiny_dataset / "valid" / "beta" / "again.png")
+    try:
+        subprocess.run(cmd + ["--out", str(everything), "--dedupe"], check=True, cwd=ROOT, timeout=300,
+                       capture_output=True)
+    finally:
+        (tiny_dataset / "valid" / "beta" / "again.png").unlink()
+    report = json.loads(everything.read_text())
+    assert report["images_found"] == 33 and report["duplicates_skipped"] == 1 and report["images"] == 32
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_dataset, tmp_path):
+    common = ["--data", str(tiny_dataset), *TINY, "--epochs", "3", "--seed", "7"]
+    assert run([*common, "--out", str(tmp_path / "straight")]) == 0
+    assert run([*common, "--out", str(tmp_path / "resumed"), "--stop-after", "1"]) == 0
+    assert not (tmp_path / "resumed" / "model.pt").exists()
+    assert safe_load(tmp_path / "resumed" / "last.pt")["state"]["epoch"] == 1
+    assert run([*common, "--out", str(tmp_path / "resumed"), "--resume"]) == 0
+    a = safe_load(tmp_path / "straight" / "last.pt")
+    b = safe_load(tmp_path / "resumed" / "last.pt")
+    assert a["state"]["epoch"] == b["state"]["epoch"] == 3
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0, msg=name)
+    history = lambda d: [(r["epoch"], r["val_macro_f1"], r["train_loss"]) for r in d["state"]["history"]]
+    assert history(a) == history(b)
+
+
+def test_transfer_learning_phases_freeze_the_right_parameters():
+    model = create_model("resnet50", 3)
+    spec = get_spec("resnet50")
+    set_trainable(model, spec, "head", 0)
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"fc"}
+    set_trainable(model, spec, "finetune", 1)
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"fc", "layer4"}
+    set_trainable(model, spec, "finetune", 0)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_one_class_dataset_stops_with_a_clear_message(tmp_path, capsys):
+    from synthetic import write_classes
+
+    write_classes(tmp_path / "data", ["normal"], 8, size=32)
+    assert run(["--data", str(tmp_path / "data"), *TINY, "--epochs", "1", "--out", str(tmp_path / "m")]) == 2
+    assert "two classes" in capsys.readouterr().err
+
+
+def test_every_option_is_explained():
+    for action in get_args_parser()._actions:
+        assert action.help, f"--{action.dest} has no help text"
+
+
+@pytest.mark.slow
+def test_distributed_training_with_two_cpu_processes(tiny_dataset, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "training.fit",
+           "--data", str(tiny_dataset), *TINY, "--epochs", "2", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world size 2" in result.stderr
+    model = load_model(out)
+    assert model.class_names == ["alpha", "beta"]
+    history = safe_load(out / "last.pt")["state"]["history"]
+    assert len(history) == 2
