@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .models import create_model, get_spec
+from .preprocess import PreprocessConfig
 
 FORMAT = "ctapp.model"
 FORMAT_VERSION = 1
@@ -175,6 +176,22 @@ def load_model_file(path: str | Path, *, arch: str | None = None, num_classes: i
     payload = safe_load(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a model checkpoint of this project (no '{FORMAT}' header)")
+    missing = [key for key in ("arch", "class_names", "preprocess", "state_dict") if key not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: an incomplete model checkpoint (no {', '.join(map(repr, missing))})")
+    try:
+        model = _build_model(path, payload, arch, num_classes)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError, IndexError) as exc:
+        # Damaged metadata or tensors must not escape as arbitrary errors.
+        raise CheckpointError(f"{path}: a damaged model checkpoint ({type(exc).__name__}: {exc})") from None
+    model.eval()
+    meta = {k: v for k, v in payload.items() if k not in ("state_dict", "quant_scales")}
+    return model, meta
+
+
+def _build_model(path: Path, payload: dict, arch: str | None, num_classes: int | None) -> nn.Module:
     if payload.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: written by a newer version of this project (format {payload['format_version']})")
     saved_arch, names = payload["arch"], list(payload["class_names"])
@@ -186,6 +203,7 @@ def load_model_file(path: str | Path, *, arch: str | None = None, num_classes: i
         get_spec(saved_arch)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+    PreprocessConfig.from_dict(payload["preprocess"])  # raises on a malformed config
     model = create_model(saved_arch, len(names), weights="none")
     state = unpack_state(payload["state_dict"], payload.get("quant_scales", {}))
     try:
@@ -193,6 +211,4 @@ def load_model_file(path: str | Path, *, arch: str | None = None, num_classes: i
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0:3]
         raise CheckpointError(f"{path}: the weights do not fit a {saved_arch} with {len(names)} classes: {' '.join(first)}") from None
-    model.eval()
-    meta = {k: v for k, v in payload.items() if k not in ("state_dict", "quant_scales")}
-    return model, meta
+    return model

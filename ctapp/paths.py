@@ -33,13 +33,21 @@ def resolve_data_folder(user_path: str, roots: list[Path] | None = None) -> Path
     text = (user_path or "").strip()
     if not text or "\x00" in text:
         raise PathNotAllowed("enter a folder path")
+    shown = text if len(text) <= 200 else text[:200] + "..."
     candidate = Path(text)
     options = [candidate] if candidate.is_absolute() else [root / candidate for root in roots]
+    escaped = False
     for option in options:
-        real = option.resolve()
-        for root in roots:
-            if real == root or real.is_relative_to(root):
-                if not real.is_dir():
-                    raise PathNotAllowed(f"{text}: no such folder")
+        try:
+            real = option.resolve()
+            inside = any(real == root or real.is_relative_to(root) for root in roots)
+            if inside and real.is_dir():
                 return real
-    raise PathNotAllowed(f"{text}: outside the data folders this server allows ({', '.join(map(str, roots))})")
+        except (OSError, RuntimeError) as exc:  # symlink loop, name too long, permission denied
+            raise PathNotAllowed(f"{shown}: not a usable folder path ({getattr(exc, 'strerror', None) or exc})") from None
+        escaped |= not inside
+    # A relative path is tried under every root; it is missing only when it
+    # leads nowhere outside them (a '..' or symlink escape is reported as such).
+    if not escaped:
+        raise PathNotAllowed(f"{shown}: no such folder")
+    raise PathNotAllowed(f"{shown}: outside the data folders this server allows ({', '.join(map(str, roots))})")

@@ -292,12 +292,23 @@ def show_results_table(rows: list[dict]) -> None:
     st.caption("Click a column header to sort. Confidence is the calibrated probability of the most likely class.")
 
 
+def unique_names(results: list[SliceResult]) -> list[str]:
+    """File names, numbered where two uploads share one."""
+    seen: dict[str, int] = {}
+    names = []
+    for result in results:
+        name = result.upload.name
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
+    return names
+
+
 def pick_slice(results: list[SliceResult]) -> SliceResult:
     if len(results) == 1:
         return results[0]
-    index = st.selectbox("Slice to view in detail", range(len(results)), key="detail_slice",
-                         format_func=lambda i: results[i].upload.name)
-    return results[index]
+    names = unique_names(results)
+    chosen = st.selectbox("Slice to view in detail", names, key="detail_slice")
+    return results[names.index(chosen)]
 
 
 def show_detail(result: SliceResult, models: list[ModelEntry], loaded: list[LoadedModel], method: str,

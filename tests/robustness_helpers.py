@@ -70,7 +70,8 @@ def ct_pattern(size: int = 64, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:size, 0:size] / size
     img = np.where((((x - 0.5) / 0.42) ** 2 + ((y - 0.5) / 0.36) ** 2) < 1, 0.3, 0.0)
-    img = img + 0.5 * (np.hypot(x - 0.55, y - 0.45) < 0.12) + rng.normal(0, 0.02, (size, size))
+    cx, cy, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.05, 0.2)
+    img = img + rng.uniform(0.3, 0.7) * (np.hypot(x - cx, y - cy) < r) + rng.normal(0, 0.02, (size, size))
     return np.clip(img, 0, 1)
 
 
@@ -468,10 +469,22 @@ def tiny_network(num_classes: int = 2, img_size: int = 48, seed: int = 0):
     import torch
 
     from ctapp.models import create_model
-    from ctapp.preprocess import PreprocessConfig
+    from ctapp.preprocess import PreprocessConfig, normalize
 
     torch.manual_seed(seed)
-    model = create_model("baseline", num_classes).eval()
+    model = create_model("baseline", num_classes)
+    # Batch-norm statistics from a few CT-like pictures (fresh ones are 0/1,
+    # which makes every image score about the same): outputs then differ
+    # from image to image, so a mix-up between requests shows.
+    config = PreprocessConfig(img_size=img_size)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            batch = torch.stack([torch.from_numpy(np.float32(
+                ct_pattern(img_size, s)))[None] for s in range(seed, seed + 16)])
+            model(normalize(batch, config))
+        model.classifier[1].weight.mul_(20.0)
+    model.eval()
     meta = {"arch": "baseline", "class_names": [f"class{i}" for i in range(num_classes)],
             "preprocess": PreprocessConfig(img_size=img_size).to_dict(), "name": "tiny"}
     return model, meta
@@ -511,33 +524,45 @@ def rss_bytes() -> int:
 @dataclass
 class HammerResult:
     requests: int = 0
+    predicts: int = 0
+    explains: int = 0
     mismatches: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    rss_after_warmup: int = 0
-    rss_end: int = 0
+    rss: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, bytes)
+
+    def growth(self, since: float) -> int:
+        """RSS growth from the first sample at or after ``since`` seconds to the end."""
+        base = next(b for t, b in self.rss if t >= since)
+        return self.rss[-1][1] - base
+
+
+def expected_results(loaded, images: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Single-threaded probabilities and Grad-CAMs of every image."""
+    probs = [np.array(list(loaded.predict(img).probabilities.values())) for img in images]
+    cams = [loaded.explain(img) for img in images]
+    return probs, cams
 
 
 def hammer_model(loaded, images: list[np.ndarray], *, threads: int = 8, seconds: float = 10.0,
-                 explain_every: int = 3, rtol: float = 1e-5, atol: float = 1e-6) -> HammerResult:
-    """Many threads call ``predict`` and ``explain`` on one shared model for
-    ``seconds``; every answer is compared with the single-threaded one."""
-    expected_probs = [np.array(list(loaded.predict(img).probabilities.values())) for img in images]
-    expected_cams = [loaded.explain(img) for img in images]
+                 warmup: float = 3.0, explain_every: int = 3, rtol: float = 1e-5, atol: float = 1e-6,
+                 expected: tuple | None = None) -> HammerResult:
+    """``threads`` threads call ``predict`` and ``explain`` on one shared model
+    for ``warmup`` + ``seconds``; every answer is compared with the
+    single-threaded one for the same image. RSS is sampled every 0.5 s; the
+    same threads run the warm-up, so their allocator arenas and torch
+    thread-local caches exist before the measured part."""
+    expected_probs, expected_cams = expected or expected_results(loaded, images)
     result = HammerResult()
     lock = threading.Lock()
-    # Warm-up: a round of concurrent requests so that allocator pools and
-    # thread-local caches exist before the memory baseline is taken.
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda i: loaded.explain(images[i % len(images)]), range(threads * 2)))
-    result.rss_after_warmup = rss_bytes()
-    stop = time.monotonic() + seconds
+    start = time.monotonic()
+    stop = start + warmup + seconds
 
     def worker(k: int) -> None:
         n = 0
         while time.monotonic() < stop:
             i = (k * 7 + n) % len(images)
             try:
-                if n % explain_every == 0:
+                if (n + k) % explain_every == 0:
                     got = loaded.explain(images[i])
                     ok = got.shape == expected_cams[i].shape and np.allclose(got, expected_cams[i], rtol=rtol, atol=atol)
                     what = "explain"
@@ -551,16 +576,21 @@ def hammer_model(loaded, images: list[np.ndarray], *, threads: int = 8, seconds:
                 return
             with lock:
                 result.requests += 1
+                result.explains += what == "explain"
+                result.predicts += what == "predict"
                 if not ok:
                     result.mismatches.append(f"thread {k}: {what} of image {i} differs from single-threaded")
             n += 1
 
-    workers = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    workers = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(threads)]
     for t in workers:
         t.start()
+    while any(t.is_alive() for t in workers):
+        result.rss.append((time.monotonic() - start, rss_bytes()))
+        time.sleep(0.5)
     for t in workers:
         t.join()
-    result.rss_end = rss_bytes()
+    result.rss.append((time.monotonic() - start, rss_bytes()))
     return result
 
 
@@ -596,12 +626,67 @@ def hammer_audit_log(path: Path, *, processes: int = 4, threads: int = 4, count:
 
     path = Path(path)
     AuditLog(path).close()  # create the schema before the race
-    ctx = get_context("spawn")  # a clean interpreter per writer, as separate servers would be
+    # fork: the children start at once (a spawned child would spend ~5 s importing
+    # torch through ctapp/__init__); each opens its own connection, as a
+    # separate server process would.
+    ctx = get_context("fork")
     with ctx.Pool(processes) as pool:
         pending = [pool.apply_async(_thread_group, (str(path), f"p{p}", threads, count)) for p in range(processes)]
         here = _thread_group(str(path), "main", threads, count)
         written = here + sum(job.get(timeout=300) for job in pending)
     return {"written": written, **verify_audit_log(path, processes, threads, count)}
+
+
+def _endless_writer(path: str, fd: int) -> None:
+    """Child process: write records forever, reporting each committed id on ``fd``."""
+    from ctapp.auditlog import AuditLog
+
+    log = AuditLog(path)
+    i = 0
+    while True:
+        row_id = log.record(model="model-crash", model_version="v1", image_sha256=f"crash:{i:06d}",
+                            prediction="class0", probabilities={"class0": 0.75, "class1": 0.25})
+        os.write(fd, f"{row_id} crash:{i:06d}\n".encode())
+        i += 1
+
+
+def kill_audit_writer(path: Path, after: int = 100, timeout: float = 60) -> dict:
+    """SIGKILL a process that is writing the log after it reported ``after``
+    commits; then reopen the log (a restart) and check every reported
+    record is there and the database is intact."""
+    import sqlite3
+
+    from ctapp.auditlog import AuditLog
+
+    AuditLog(path).close()
+    read_fd, write_fd = os.pipe()
+    child = get_context("fork").Process(target=_endless_writer, args=(str(path), write_fd), daemon=True)
+    child.start()
+    os.close(write_fd)
+    reported, buffer = [], b""
+    deadline = time.monotonic() + timeout
+    with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+        while len(reported) < after and time.monotonic() < deadline:
+            chunk = pipe.read(4096)
+            if not chunk:
+                break
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            reported += [line.decode().split()[1] for line in lines]
+        os.kill(child.pid, signal.SIGKILL)  # mid-write: it never stops writing
+        child.join(10)
+    log = AuditLog(path)  # the restart
+    try:
+        stored = {r[0] for r in log._connect().execute(
+            "SELECT image_sha256 FROM diagnoses WHERE model = 'model-crash'").fetchall()}
+        after_restart = log.record(model="model-restart", model_version="v1", image_sha256="restart",
+                                   prediction="class0", probabilities={"class0": 1.0})
+    finally:
+        log.close()
+    with sqlite3.connect(path) as db:
+        integrity = db.execute("PRAGMA integrity_check").fetchone()[0]
+    return {"reported": len(reported), "stored": len(stored), "lost": len(set(reported) - stored),
+            "integrity": integrity, "writable_after_restart": after_restart > 0, "exitcode": child.exitcode}
 
 
 def verify_audit_log(path: Path, processes: int, threads: int, count: int) -> dict:

@@ -22,8 +22,9 @@ def start(page: str | None = None) -> AppTest:
     return at
 
 
-def run(at: AppTest) -> AppTest:
-    at.run()
+def run(target) -> AppTest:
+    """Run the app after a widget change (``target`` is the widget) or as it is."""
+    at = target.run()
     assert not at.exception, [e.value for e in at.exception]
     return at
 
@@ -31,7 +32,7 @@ def run(at: AppTest) -> AppTest:
 def choose_tiny_task(at: AppTest, key: str) -> AppTest:
     # models/ of the repository may hold real models of other tasks.
     if at.selectbox(key=key).value != TASK:
-        run(at.selectbox(key=key).set_value(TASK))
+        at = run(at.selectbox(key=key).set_value(TASK))
     return at
 
 
@@ -51,6 +52,14 @@ def audit_rows(path) -> list[tuple]:
         return []
     with sqlite3.connect(path) as db:
         return db.execute("SELECT model, image_sha256, prediction, probabilities, flags FROM diagnoses").fetchall()
+
+
+def table(at: AppTest, column: str):
+    """The first table (as a DataFrame) with a column named ``column``."""
+    for frame in at.dataframe:
+        if column in frame.value.columns:
+            return frame.value
+    raise AssertionError(f"no table with a column {column!r}")
 
 
 def plotly_charts(at: AppTest) -> list:
@@ -135,16 +144,16 @@ def test_batch_with_bad_files_table_csv_and_detail(app_settings):
     assert any("notes.txt" in e and "not an image file" in e for e in errors)
     assert any("cut.png" in e for e in errors)
     assert "Traceback" not in all_text(at)
-    table = at.dataframe(key="results_table").value
-    assert list(table["File"]) == ["ok0.png", "ok1.png", "notes.txt", "cut.png", "ok2.png"]
-    assert list(table.columns) == ["File", "Result", "Most likely", "Confidence", "Flags"]
-    assert list(table["Result"][2:4]) == ["Unreadable", "Unreadable"]
-    assert table["Confidence"][0] > 0.0
+    results = table(at, "File")
+    assert list(results["File"]) == ["ok0.png", "ok1.png", "notes.txt", "cut.png", "ok2.png"]
+    assert list(results.columns) == ["File", "Result", "Most likely", "Confidence", "Flags"]
+    assert list(results["Result"][2:4]) == ["Unreadable", "Unreadable"]
+    assert results["Confidence"][0] > 0.0
     assert at.download_button(key="results_csv").label == "Download table (CSV)"
 
     picker = at.selectbox(key="detail_slice")
-    assert [picker.format_func(o) for o in picker.options] == ["ok0.png", "ok1.png", "ok2.png"]
-    run(picker.set_value(2))
+    assert picker.options == ["ok0.png", "ok1.png", "ok2.png"]
+    at = run(picker.set_value("ok2.png"))
     assert at.subheader[-1].value == "ok2.png"
     assert len(at.image) == 2
 
@@ -159,7 +168,7 @@ def test_two_models_side_by_side(app_settings):
     captions = [c for image in at.image for c in image.captions]
     assert any(c.startswith("tiny-a: ") for c in captions) and any(c.startswith("tiny-b: ") for c in captions)
     assert len(plotly_charts(at)) == 2
-    columns = list(at.dataframe(key="results_table").value.columns)
+    columns = list(table(at, "File").columns)
     assert "tiny-a: Result" in columns and "tiny-b: Confidence" in columns and "Models agree" in columns
 
 
@@ -170,20 +179,20 @@ def test_compare_dashboard_metrics_figures_and_mcnemar(app_settings):
     at = choose_tiny_task(start("pages/compare.py"), "compare_task")
     assert "Research use only" in at.warning[0].value
     assert at.multiselect(key="compare_reports").value == ["tiny-a · validation split", "tiny-b · validation split"]
-    metrics = at.dataframe(key="metrics_table").value
+    metrics = table(at, "ROC AUC (macro)")
     assert list(metrics["Model"]) == ["tiny-a · validation split", "tiny-b · validation split"]
     for column in ("Accuracy", "Macro-F1", "ROC AUC (macro)", "Specificity", "ECE", "Size (MB)", "Latency (ms/image)"):
         assert column in metrics.columns
     assert any(c.startswith("Sensitivity (") for c in metrics.columns)
     assert metrics["Latency (ms/image)"].iloc[1] == pytest.approx(4.2)
-    assert len(at.dataframe(key="per_class_table").value) == 4  # 2 models x 2 classes
+    assert len(table(at, "Recall")) == 4  # 2 models x 2 classes
     assert len(plotly_charts(at)) == 1 + 4 + 1  # ROC, 2 confusion matrices per model, reliability
 
     values = {m.label: m.value for m in at.metric}
     assert values["Images in common"] == "8"
     assert "McNemar p-value" in values
     assert "exact McNemar test" in all_text(at)
-    disagreements = at.dataframe(key="disagreements").value
+    disagreements = table(at, "True class")
     assert len(disagreements) == 3  # every third prediction of tiny-b is flipped
     assert len(at.image) == 3  # the image and both Grad-CAMs (the files exist locally)
 
@@ -203,7 +212,7 @@ def test_evaluate_on_a_folder_adds_a_report(app_settings):
     assert any("Evaluation finished" in s.value for s in at.success)
     selected = at.multiselect(key="compare_reports").value
     assert len(selected) == 3 and selected[-1].startswith("tiny-a · ")
-    assert len(at.dataframe(key="metrics_table").value) == 3
+    assert len(table(at, "ROC AUC (macro)")) == 3
 
 
 # --------------------------------------------------------------------------- model card
@@ -212,7 +221,8 @@ def test_evaluate_on_a_folder_adds_a_report(app_settings):
 def test_model_card_page_shows_card_curves_and_audit(app_settings):
     at = start("pages/model_card.py")
     box = at.selectbox(key="card_model")
-    run(box.set_value(next(o for o in box.options if o.endswith("tiny-b"))))
+    assert "tiny-b · Alpha / Beta" in box.options
+    at = run(box.set_value(str(app_settings.model_b)))
     assert "Research use only" in at.warning[0].value
     assert at.header[0].value == "tiny-b"
     labels = [m.label for m in at.metric]

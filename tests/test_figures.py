@@ -71,9 +71,9 @@ def test_cam_overlay_blends_a_colour_map_onto_the_slice():
     cam[:, 15:] = 1.0
     out = figures.cam_overlay(grey, cam, opacity=0.5)
     assert out.shape == (20, 30, 3) and out.dtype == np.uint8
-    # JET: 0 is dark blue, 1 is dark red; half of each blended with grey 128.
-    assert tuple(out[0, 0]) == pytest.approx((64, 64, 192), abs=2)
-    assert tuple(out[0, -1]) == pytest.approx((192, 64, 64), abs=2)
+    # JET: 0 is dark blue (0, 0, 128), 1 is dark red (128, 0, 0); half of each blended with grey 128.
+    assert tuple(out[0, 0]) == pytest.approx((64, 64, 128), abs=2)
+    assert tuple(out[0, -1]) == pytest.approx((128, 64, 64), abs=2)
     np.testing.assert_array_equal(figures.cam_overlay(grey, cam, opacity=0.0)[..., 0], np.full((20, 30), 128))
 
 

@@ -1,0 +1,99 @@
+"""CPU latency of every shipped model on one 512x512 slice: ``predict`` and
+``predict`` plus Grad-CAM (``analyse``), next to a naive baseline measured in
+the same run (fp32 contiguous model, PIL preprocessing, a separate
+pytorch-grad-cam call with default settings after the prediction).
+
+    .venv/bin/python benchmarks/latency.py [--models DIR ...] [--repeat 20]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ctapp.inference import list_models, load_model  # noqa: E402
+from ctapp.models import create_model  # noqa: E402
+
+
+def slice_bytes(size: int = 512) -> bytes:
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:size, 0:size] / size
+    body = ((x - 0.5) / 0.42) ** 2 + ((y - 0.5) / 0.36) ** 2 < 1
+    lungs = (((x - 0.32) / 0.12) ** 2 + ((y - 0.5) / 0.22) ** 2 < 1) | (((x - 0.68) / 0.12) ** 2 + ((y - 0.5) / 0.22) ** 2 < 1)
+    pixels = np.where(body, 0.55, 0.0) - np.where(lungs, 0.45, 0.0) + rng.normal(0, 0.02, (size, size))
+    buffer = io.BytesIO()
+    Image.fromarray((np.clip(pixels, 0, 1) * 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def median_ms(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+class Naive:
+    """What a first version does: fp32 contiguous model, PIL resize, default pytorch-grad-cam."""
+
+    def __init__(self, loaded):
+        self.model = create_model(loaded.arch, len(loaded.class_names))
+        self.model.load_state_dict(loaded.model.state_dict())
+        self.model.eval()
+        self.config = loaded.preprocess
+        self.layer = self.model.get_submodule(loaded.spec.cam_layer)
+
+    def tensor(self, data: bytes) -> torch.Tensor:
+        image = Image.open(io.BytesIO(data)).convert("RGB").resize((self.config.img_size,) * 2, Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(image, np.float32) / 255.0).permute(2, 0, 1)
+        mean, std = torch.tensor(self.config.mean).view(3, 1, 1), torch.tensor(self.config.std).view(3, 1, 1)
+        return ((x - mean) / std)[None]
+
+    def predict(self, data: bytes):
+        with torch.no_grad():
+            return torch.softmax(self.model(self.tensor(data)), 1)
+
+    def predict_and_explain(self, data: bytes):
+        from pytorch_grad_cam import GradCAM
+
+        probs = self.predict(data)
+        with GradCAM(model=self.model, target_layers=[self.layer]) as cam:
+            heat = cam(input_tensor=self.tensor(data), targets=None)
+        return probs, heat
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", type=Path, nargs="*", help="model folders (default: every shipped model)")
+    p.add_argument("--repeat", type=int, default=20)
+    args = p.parse_args()
+    folders = args.models or [m.path for m in list_models()]
+    if not folders:
+        sys.exit("no models found (train one, or pass --models)")
+    data = slice_bytes()
+    print(f"median latency on one 512x512 PNG slice, {torch.get_num_threads()} threads, {args.repeat} runs")
+    print(f"{'model':<28}{'predict':>10}{'+Grad-CAM':>11}   {'naive predict':>14}{'naive +CAM':>12}")
+    for folder in folders:
+        model = load_model(folder)
+        naive = Naive(model)
+        ours_p = median_ms(lambda: model.predict(data), args.repeat)
+        ours_e = median_ms(lambda: model.analyse(data), args.repeat)
+        naive_p = median_ms(lambda: naive.predict(data), args.repeat)
+        naive_e = median_ms(lambda: naive.predict_and_explain(data), args.repeat)
+        print(f"{model.name:<28}{ours_p:>8.1f}ms{ours_e:>9.1f}ms   {naive_p:>12.1f}ms{naive_e:>10.1f}ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""End to end in a real browser: ``streamlit run app.py`` on a free localhost
+port, driven by headless Chromium through Playwright. Uploads a slice, waits
+for the prediction and the Grad-CAM overlay, and saves screenshots of the
+diagnosis page, the comparison dashboard and the model card to
+``test-artifacts/``. Skipped when Chromium is not installed
+(``apt-get install chromium``; the CI script installs it)."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from app_fixtures import REPO, TASK, app_env, png_bytes  # noqa: F401
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+WAIT_MS = 120_000  # the CPU may be shared with a training job
+
+
+def chromium_path() -> str | None:
+    for candidate in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"streamlit exited with status {process.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"streamlit did not answer at {url} within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def server(app_env, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("streamlit") / "server.log"
+    env = {**os.environ, **app_env.env}
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+             "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+             "--server.fileWatcherType", "none"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        server_log = log.read_text(errors="replace")
+        assert "Traceback" not in server_log, server_log[-4000:]
+
+
+@pytest.fixture(scope="module")
+def page(server, tmp_path_factory):
+    executable = chromium_path()
+    if executable is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium): the browser test needs it")
+    from playwright.sync_api import sync_playwright
+
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(profile), executable_path=executable, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1440, "height": 1800}, device_scale_factor=1)
+        try:
+            yield context.pages[0] if context.pages else context.new_page()
+        finally:
+            context.close()
+
+
+def select_option(page, label: str, option: str) -> None:
+    """Choose ``option`` in the Streamlit selectbox labelled ``label`` (when not already chosen)."""
+    box = page.get_by_label(label, exact=True).first  # the combobox input
+    widget = page.locator("[data-testid='stSelectbox']").filter(has=page.get_by_text(label, exact=True)).first
+    if widget.get_by_text(option, exact=True).count():
+        return
+    box.click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def screenshot(page, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def assert_clean(page) -> None:
+    text = page.locator("body").inner_text()
+    assert "Traceback" not in text and "Error running app" not in text
+    assert "Research use only" in text
+
+
+def test_diagnosis_comparison_and_card_in_a_browser(page, server, tmp_path):
+    page.goto(server, wait_until="networkidle")
+    page.get_by_role("heading", name="CT slice diagnosis").wait_for(timeout=WAIT_MS)
+    select_option(page, "Task", TASK)
+
+    files = []
+    for i, name in enumerate(("slice-a.png", "slice-b.png")):
+        path = tmp_path / name
+        path.write_bytes(png_bytes(label=i, seed=20 + i))
+        files.append(str(path))
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    page.locator("input[type='file']").first.set_input_files(files[:1])
+    page.get_by_text("Grad-CAM for", exact=False).first.wait_for(timeout=WAIT_MS)
+    page.locator("[data-testid='stImage'] img").nth(1).wait_for(timeout=WAIT_MS)
+    verdict = page.get_by_text("Prediction:", exact=False).or_(page.get_by_text("Uncertain:", exact=False)).first
+    verdict.wait_for(timeout=WAIT_MS)
+    page.locator(".js-plotly-plot").first.wait_for(timeout=WAIT_MS)
+    page.wait_for_timeout(1500)
+    assert_clean(page)
+    assert screenshot(page, "diagnosis.png").stat().st_size > 10_000
+
+    page.locator("input[type='file']").first.set_input_files([*files, str(bad)])
+    page.get_by_text("All slices").wait_for(timeout=WAIT_MS)
+    page.get_by_text("notes.txt could not be read", exact=False).wait_for(timeout=WAIT_MS)
+    page.get_by_text("Grad-CAM for", exact=False).first.wait_for(timeout=WAIT_MS)
+    page.wait_for_timeout(1500)
+    assert_clean(page)
+    screenshot(page, "diagnosis-batch.png")
+
+    page.get_by_role("link", name="Model comparison").click()
+    page.get_by_role("heading", name="Model comparison").wait_for(timeout=WAIT_MS)
+    select_option(page, "Task", TASK)
+    page.get_by_text("Per class").wait_for(timeout=WAIT_MS)
+    page.wait_for_timeout(1500)
+    assert_clean(page)
+    screenshot(page, "comparison.png")
+    for tab, name in (("ROC curves", "comparison-roc.png"), ("Confusion matrices", "comparison-confusion.png"),
+                      ("Calibration", "comparison-calibration.png"),
+                      ("Two models on the same images", "comparison-paired.png")):
+        page.get_by_role("tab", name=tab).click()
+        page.wait_for_timeout(1500)
+        screenshot(page, name)
+    assert page.get_by_text("exact McNemar test", exact=False).count() >= 1
+    assert_clean(page)
+
+    page.get_by_role("link", name="Model cards").click()
+    page.get_by_role("heading", name="Model cards").wait_for(timeout=WAIT_MS)
+    page.get_by_text("Intended use", exact=False).first.wait_for(timeout=WAIT_MS)
+    page.wait_for_timeout(1000)
+    assert_clean(page)
+    screenshot(page, "model-card.png")
+    page.get_by_role("tab", name="Training", exact=True).click()
+    page.locator(".js-plotly-plot").first.wait_for(timeout=WAIT_MS)
+    page.wait_for_timeout(1000)
+    screenshot(page, "model-card-training.png")
