@@ -16,8 +16,9 @@ import os
 import pickle
 import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 import torch
 from torch import nn
@@ -34,14 +35,15 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used (message says why)."""
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file beside ``path``, fsync, then rename over it."""
+@contextmanager
+def _atomic_file(path: str | Path, mode: str) -> Iterator[IO]:
+    """A temporary file beside ``path``; on success it is fsynced and renamed over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -49,22 +51,17 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save that leaves either the old or the new file, never a partial one."""
+    with _atomic_file(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _atomic_file(path, "w") as f:
+        f.write(text)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -270,18 +270,19 @@ def main(args: argparse.Namespace) -> Path:
     elif args.resume:
         log(f"--resume: no {out / STATE_FILE} yet, starting from scratch")
 
-    ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
     scaler = torch.amp.GradScaler("cuda") if precision.autocast_dtype == torch.float16 else None
     dataset = SliceDataset(train_images, train_labels, args.augment)
 
     def make_phase(epoch: int):
+        """Trainable parameters, optimiser and (under torchrun) the DDP wrapper for this epoch's phase."""
         phase = "head" if epoch < args.freeze_epochs else "finetune"
         set_trainable(model, spec, phase, args.unfreeze_blocks)
         scale = 1.0 if args.freeze_epochs == 0 else args.finetune_lr_scale
-        return phase, build_optimizer(args, model, spec.head, scale)
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+        return phase, build_optimizer(args, model, spec.head, scale), wrapped
 
-    phase, optimizer = make_phase(state["epoch"])
+    phase, optimizer, ddp_model = make_phase(state["epoch"])
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=args.gamma,
@@ -306,7 +307,7 @@ def main(args: argparse.Namespace) -> Path:
     for epoch in range(state["epoch"], state["epoch"] if state.get("early_stopped") else args.epochs):
         new_phase = "head" if epoch < args.freeze_epochs else "finetune"
         if new_phase != phase:
-            phase, optimizer = make_phase(epoch)
+            phase, optimizer, ddp_model = make_phase(epoch)
             log(f"epoch {epoch + 1}: unfreezing the backbone ({args.unfreeze_blocks or 'all'} stages) at "
                 f"{args.finetune_lr_scale}x the learning rate")
             if plateau is not None:
