@@ -22,16 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ctapp.inference import list_models, load_model  # noqa: E402
 from ctapp.models import create_model  # noqa: E402
+from training.foreign import ct_phantom  # noqa: E402
 
 
 def slice_bytes(size: int = 512) -> bytes:
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:size, 0:size] / size
-    body = ((x - 0.5) / 0.42) ** 2 + ((y - 0.5) / 0.36) ** 2 < 1
-    lungs = (((x - 0.32) / 0.12) ** 2 + ((y - 0.5) / 0.22) ** 2 < 1) | (((x - 0.68) / 0.12) ** 2 + ((y - 0.5) / 0.22) ** 2 < 1)
-    pixels = np.where(body, 0.55, 0.0) - np.where(lungs, 0.45, 0.0) + rng.normal(0, 0.02, (size, size))
     buffer = io.BytesIO()
-    Image.fromarray((np.clip(pixels, 0, 1) * 255).astype(np.uint8)).save(buffer, format="PNG")
+    Image.fromarray(ct_phantom(size)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

@@ -17,6 +17,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,17 +29,34 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 import ctapp
 from ctapp.audit import audit_dataset
-from ctapp.checkpoint import (CheckpointError, atomic_save, atomic_write_text, load_model_file, pack_state,
-                              safe_load, save_model_file, sha256_file, unpack_state)
+from ctapp.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    atomic_write_text,
+    load_model_file,
+    pack_state,
+    safe_load,
+    save_model_file,
+    sha256_file,
+    unpack_state,
+)
 from ctapp.data import DatasetError, DatasetIndex, assign_splits, kfold_assign, scan_dataset
 from ctapp.evaluation import evaluate_files, write_report
 from ctapp.imaging import LUNG_WINDOW
-from ctapp.inference import CARD_FILE, REPORT_FILE, WEIGHTS_FILE, LoadedModel, MahalanobisOOD, batched_forward
+from ctapp.inference import (
+    CARD_FILE,
+    REPORT_FILE,
+    WEIGHTS_FILE,
+    LoadedModel,
+    MahalanobisOOD,
+    batched_forward,
+    load_model,
+)
 from ctapp.metrics import calibrated, evaluation_report, fit_temperature
 from ctapp.models import ARCHITECTURES, WeightsError, count_parameters, create_model, get_spec
 from ctapp.preprocess import AUGMENT_LEVELS, PreprocessConfig, load_squares
-from training.engine import (Progress, SliceDataset, TrainingError, choose_precision, configure_threads,
-                             train_one_epoch)
+from training.engine import Progress, SliceDataset, TrainingError, choose_precision, configure_threads, train_one_epoch
+from training.foreign import ct_phantom, foreign_images
 
 STATE_FILE = "last.pt"
 BEST_FILE = "best.pt"
@@ -422,7 +440,10 @@ def finalize(args, out: Path, meta_base: dict, state: dict, index: DatasetIndex,
     meta["metrics"] = _short_metrics(report)
     save_model_file(out / WEIGHTS_FILE, model, meta, storage=args.weight_storage)
     write_report(report, rows, out / REPORT_FILE)
+    shipped = load_model(out / WEIGHTS_FILE)
     card = model_card(args, out, meta, state, report, count_parameters(model), index)
+    card["out_of_distribution"].update(ood_check(shipped, report))
+    card["latency_ms"] = measure_latency(shipped)
     card["weight_storage_check"] = {
         "fp32 (uncalibrated)": {k: fp32_report[k] for k in ("accuracy", "macro_f1", "ece")},
         f"{args.weight_storage} (uncalibrated)": {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
@@ -431,6 +452,31 @@ def finalize(args, out: Path, meta_base: dict, state: dict, index: DatasetIndex,
     atomic_write_text(json.dumps(card, indent=2), out / CARD_FILE)
     log(f"saved {out / WEIGHTS_FILE} (epoch {state['best_epoch']}, validation macro-F1 {report['macro_f1']:.4f}, "
         f"ECE {report['ece_uncalibrated']:.3f} -> {report['ece']:.3f} at T={temperature:.2f})")
+
+
+def ood_check(model: LoadedModel, report: dict) -> dict:
+    """Share of validation slices and of clearly foreign images that the OOD check flags."""
+    flagged = {name: model.predict(image).out_of_distribution for name, image in foreign_images().items()}
+    return {"validation_flagged": report.get("ood_flagged"),
+            "foreign_flagged": sum(flagged.values()) / len(flagged), "foreign_images": flagged}
+
+
+def measure_latency(model: LoadedModel, repeat: int = 10) -> dict:
+    """Median CPU milliseconds of predict and predict + Grad-CAM on one 512x512 slice."""
+    image = ct_phantom(512)
+
+    def median_ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1000)
+        return round(float(np.median(times)), 1)
+
+    return {"predict": median_ms(lambda: model.predict(image)),
+            "predict_gradcam": median_ms(lambda: model.analyse(image)),
+            "image": "512x512", "threads": torch.get_num_threads(), "machine": platform.machine()}
 
 
 def model_card(args, out: Path, meta: dict, state: dict, report: dict, parameters: int,
