@@ -18,6 +18,10 @@ from training.fit import get_args_parser, run, set_trainable
 TINY = ["--arch", "baseline", "--img-size", "48", "--batch-size", "8", "--quiet", "--workers", "1"]
 
 
+def report_flagged(folder):
+    return json.loads((folder / "eval_report.json").read_text())["ood_flagged"]
+
+
 def test_fit_writes_a_complete_model_folder(tiny_model):
     names = {p.name for p in tiny_model.iterdir()}
     assert {"model.pt", "model_card.json", "eval_report.json", "eval_report.csv", "history.csv", "audit.json",
@@ -27,6 +31,10 @@ def test_fit_writes_a_complete_model_folder(tiny_model):
     assert card["weights_origin"].startswith("from scratch")
     assert card["gradcam_layer"] == get_spec("baseline").cam_layer
     assert card["calibration"]["temperature"] > 0
+    assert card["latency_ms"]["predict"] > 0 and card["latency_ms"]["predict_gradcam"] > 0
+    ood = card["out_of_distribution"]
+    assert 0 <= ood["foreign_flagged"] <= 1 and set(ood["foreign_images"]) >= {"white", "photo", "document"}
+    assert ood["validation_flagged"] == report_flagged(tiny_model)
     assert "not a medical device" in card["disclaimer"].lower()
     report = json.loads((tiny_model / "eval_report.json").read_text())
     for key in ("accuracy", "macro_f1", "per_class", "confusion_matrix", "class_names", "roc_auc", "ece",
