@@ -1,0 +1,62 @@
+"""Print the README's table of shipped models (from their model cards) and the
+exact commands that trained them.
+
+    python -m training.models_table [MODELS_DIR]
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from ctapp.inference import DEFAULT_MODELS_DIR, list_models
+
+# Options that describe the run rather than the model, left out of the printed command.
+RUN_ONLY = {"quiet", "resume", "stop_after", "workers", "device"}
+
+
+def command(settings: dict) -> str:
+    """The training command with every option that differs from its default."""
+    from training.fit import get_args_parser
+
+    defaults = {a.dest: a.default for a in get_args_parser()._actions}
+    parts = ["python -m training.fit"]
+    for key, value in settings.items():
+        default = defaults.get(key)
+        if key in RUN_ONLY or value in (None, False) or value == default or \
+                (isinstance(default, tuple) and list(default) == value):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, (list, tuple)):
+            parts += [flag, *map(str, value)]
+        else:
+            parts += [flag, shlex.quote(str(value))]
+    return " ".join(parts)
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def table(folder: Path) -> str:
+    rows = ["| model | task | architecture | val. images | accuracy | macro-F1 | AUC | ECE | size | CPU ms (predict / +Grad-CAM) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    commands = []
+    for entry in list_models([folder]):
+        card = entry.card
+        val = card.get("validation", {})
+        latency = card.get("latency_ms", {})
+        rows.append(
+            f"| `{entry.name}` | {card.get('task', '')} | {card.get('architecture_title', card.get('architecture'))} | "
+            f"{val.get('images', '')} | {_pct(val.get('accuracy'))} | {val.get('macro_f1', 0):.3f} | "
+            f"{(val.get('roc_auc') or {}).get('macro') or float('nan'):.3f} | "
+            f"{card.get('calibration', {}).get('ece_after', float('nan')):.3f} | "
+            f"{card.get('size_bytes', 0) / 1e6:.1f} MB | {latency.get('predict', '?')} / {latency.get('predict_gradcam', '?')} |")
+        commands.append(f"# {entry.name}\n" + command(card.get("training", {}).get("settings", {})))
+    return "\n".join(rows) + "\n\n```bash\n" + "\n".join(commands) + "\n```"
+
+
+if __name__ == "__main__":
+    print(table(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_MODELS_DIR))
