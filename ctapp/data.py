@@ -123,6 +123,7 @@ def scan_dataset(root: str | Path, class_names: list[str] | None = None) -> Data
     split_folders = [f for f in folders if f.name.lower() in SPLIT_ALIASES]
     notes: list[str] = []
     found: list[tuple[Path, str, str]] = []  # (path, class folder name, split)
+    class_dirs: list[Path] = []
     if split_folders:
         layout = "splits"
         for extra in sorted(set(folders) - set(split_folders)):
@@ -130,17 +131,26 @@ def scan_dataset(root: str | Path, class_names: list[str] | None = None) -> Data
         for split_dir in split_folders:
             split = SPLIT_ALIASES[split_dir.name.lower()]
             for class_dir in _subfolders(split_dir):
+                class_dirs.append(class_dir)
                 found += [(p, class_dir.name, split) for p in _image_files(class_dir)]
     else:
         layout = "classes"
+        class_dirs = folders
         for class_dir in folders:
             found += [(p, class_dir.name, "") for p in _image_files(class_dir)]
 
+    if not found:
+        raise DatasetError(f"{root}: the class folders hold no files")
     spellings: dict[str, set[str]] = {}
     for _, folder, _ in found:
         spellings.setdefault(class_key(folder), set()).add(folder)
-    if not found:
-        raise DatasetError(f"{root}: the class folders hold no files")
+    empty = sorted({d.name for d in class_dirs} - {folder for _, folder, _ in found}, key=str.lower)
+    empty_classes = sorted({class_key(name) for name in empty} - set(spellings))
+    if empty_classes:
+        raise DatasetError(f"{root}: class folder(s) {', '.join(repr(n) for n in empty if class_key(n) in empty_classes)} "
+                           "hold no images; add images or remove the folder")
+    for name in empty:
+        notes.append(f"folder {name!r} is empty in one split")
     for key, names in sorted(spellings.items()):
         if len(names) > 1:
             notes.append(f"class {key!r} is spelled {len(names)} ways: {', '.join(sorted(names))}")
@@ -182,6 +192,20 @@ def split_groups(samples: list[Sample], block_size: int | None) -> np.ndarray:
     return np.asarray(groups)
 
 
+def _check_enough(samples: list[Sample], labels: np.ndarray, groups: np.ndarray, n_splits: int,
+                  class_names: list[str], what: str) -> None:
+    """Refuse a split that scikit-learn cannot make: every class needs at least
+    ``n_splits`` images (or blocks) so that one can be held out."""
+    for label in np.unique(labels):
+        have = len(np.unique(groups[labels == label]))
+        if have < n_splits:
+            unit = "blocks of consecutive slices" if len(np.unique(groups)) < len(samples) else "images"
+            raise DatasetError(
+                f"{len(samples)} images in all; class {class_names[label]!r} has only {have} {unit}, "
+                f"but {what} needs at least {n_splits} per class: add images, lower the share held out, "
+                "or give train/valid folders")
+
+
 def assign_splits(
     index: DatasetIndex,
     *,
@@ -214,6 +238,8 @@ def assign_splits(
             continue
         share = fraction / (1.0 - (test_fraction if name == "valid" else 0.0))
         n_splits = max(2, round(1.0 / share))
+        _check_enough([samples[i] for i in remaining], labels[remaining], groups[remaining], n_splits,
+                      index.class_names, f"holding out {fraction:.0%} for {name}")
         folder = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         _, held = next(folder.split(remaining, labels[remaining], groups[remaining]))
         split[remaining[held]] = name
@@ -235,6 +261,7 @@ def kfold_assign(index: DatasetIndex, *, folds: int, fold: int, seed: int, block
     train = [s for s in index.samples if s.split == "train"]
     labels = np.array([s.label for s in train])
     groups = split_groups(train, block_size)
+    _check_enough(train, labels, groups, folds, index.class_names, f"{folds}-fold cross-validation")
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     _, held = list(splitter.split(np.zeros(len(train)), labels, groups))[fold]
     held_set = set(held.tolist())

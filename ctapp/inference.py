@@ -257,9 +257,12 @@ def _read_card(folder: Path) -> dict:
     if not card_path.is_file():
         return {}
     try:
-        return json.loads(card_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{card_path}: unreadable model card ({exc})") from None
+    if not isinstance(card, dict):
+        raise CheckpointError(f"{card_path}: a model card must be a JSON object, found {type(card).__name__}")
+    return card
 
 
 def load_model(path: str | os.PathLike) -> LoadedModel:

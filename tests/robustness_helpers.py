@@ -377,6 +377,162 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+# -------------------------------------------------------------------- fork server
+
+_SERVER = r"""
+import json, os, runpy, sys, threading, time, traceback
+for name in sys.argv[1:]:
+    __import__(name)
+lock = threading.Lock()
+
+def say(message):
+    with lock:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+
+def reap():
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            time.sleep(0.02)
+            continue
+        say({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+
+threading.Thread(target=reap, daemon=True).start()
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid:
+        say({"started": pid, "id": job["id"]})
+        continue
+    code = 1
+    try:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
+            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(target, fd)
+            os.close(target)
+        os.chdir(job["cwd"])
+        exec(job.get("setup", ""), {})
+        sys.argv = [job["module"], *job["argv"]]
+        try:
+            runpy.run_module(job["module"], run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if isinstance(exc.code, str):
+                print(exc.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+"""
+
+
+class ForkServer:
+    """Runs ``python -m MODULE ARGS`` equivalents fast: a server process imports
+    ``preload`` once (torch takes ~7 s to import here) and forks a child per
+    job, which runs the module as ``__main__`` through runpy, exactly as
+    ``python -m`` does. Children are real processes: they can be killed with
+    SIGKILL and report their exit status."""
+
+    # Everything training.fit and ctapp.predict import, but not those modules
+    # themselves: runpy runs them fresh as __main__.
+    PRELOAD = ("ctapp.audit", "ctapp.evaluation", "ctapp.inference", "ctapp.metrics", "training.engine",
+               "sklearn.model_selection", "sklearn.decomposition", "sklearn.covariance", "pydicom")
+
+    def __init__(self, preload: tuple[str, ...] = PRELOAD, **env: str):
+        import queue
+
+        self.proc = subprocess.Popen([PYTHON, "-c", _SERVER, *preload], cwd=REPO, env=child_env(**env),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self._started: queue.Queue = queue.Queue()
+        self._exits: dict[int, int] = {}
+        self._cond = threading.Condition()
+        self._ids = iter(range(1 << 30))
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            message = json.loads(line)
+            if "started" in message:
+                self._started.put(message["started"])
+            else:
+                with self._cond:
+                    self._exits[message["exit"]] = message["code"]
+                    self._cond.notify_all()
+
+    def start(self, module: str, argv: list[str], logs: Path, setup: str = "") -> "ServerJob":
+        logs.mkdir(parents=True, exist_ok=True)
+        n = next(self._ids)
+        job = {"id": n, "module": module, "argv": [str(a) for a in argv], "cwd": str(REPO), "setup": setup,
+               "stdout": str(logs / f"job{n}.out"), "stderr": str(logs / f"job{n}.err")}
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        pid = self._started.get(timeout=120)
+        return ServerJob(self, pid, Path(job["stdout"]), Path(job["stderr"]))
+
+    def run(self, module: str, argv: list[str], logs: Path, setup: str = "", timeout: float = 300) -> "ServerJob":
+        job = self.start(module, argv, logs, setup)
+        job.wait(timeout)
+        return job
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> "ForkServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class ServerJob:
+    server: ForkServer
+    pid: int
+    stdout_path: Path
+    stderr_path: Path
+    returncode: int | None = None
+
+    def poll(self) -> int | None:
+        with self.server._cond:
+            self.returncode = self.server._exits.get(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float = 300) -> int:
+        with self.server._cond:
+            if not self.server._cond.wait_for(lambda: self.pid in self.server._exits, timeout):
+                raise TimeoutError(f"job {self.pid} still running after {timeout} s")
+            self.returncode = self.server._exits[self.pid]
+        return self.returncode
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+
 # -------------------------------------------------------------------- fuzzing
 
 
@@ -720,7 +876,11 @@ def verify_audit_log(path: Path, processes: int, threads: int, count: int) -> di
 
 # -------------------------------------------------------------------- interrupted training
 
-TRAIN_ARGS = ["--arch", "baseline", "--img-size", "48", "--batch-size", "8", "--workers", "1",
+# 32 px (the smallest size), one thread: an epoch of 24 images takes ~0.5 s;
+# a process spends ~7 s importing torch before it trains.
+# Batch size 4, seed 3: validation macro-F1 improves at epochs 1 and 5 of 6,
+# so best.pt is rewritten mid-run and model.pt is not simply epoch 1.
+TRAIN_ARGS = ["--arch", "baseline", "--img-size", "32", "--batch-size", "4", "--workers", "1",
               "--weight-storage", "fp32", "--seed", "3", "--quiet"]
 
 
@@ -736,16 +896,33 @@ def train_cmd(data: Path, out: Path, epochs: int, *extra: str) -> list[str]:
             *TRAIN_ARGS, *extra]
 
 
-def run_training(data: Path, out: Path, epochs: int, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def fit_argv(data: Path, out: Path, epochs: int, *extra: str) -> list[str]:
+    return ["--data", str(data), "--out", str(out), "--epochs", str(epochs), *TRAIN_ARGS, *extra]
+
+
+def run_training(data: Path, out: Path, epochs: int, *extra: str, server: "ForkServer | None" = None,
+                 timeout: float = 300):
+    """``python -m training.fit`` to the end: a CompletedProcess, or with
+    ``server`` a finished ServerJob (same returncode/stdout/stderr)."""
+    if server is not None:
+        return server.run("training.fit", fit_argv(data, out, epochs, *extra), out.parent / "logs", timeout=timeout)
     return subprocess.run(train_cmd(data, out, epochs, *extra), cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=child_env())
 
 
-def _temp_checkpoint(out: Path) -> bool:
+def temp_files(out: Path, names: tuple[str, ...] = ("last.pt", "best.pt", "model.pt")) -> list[Path]:
+    """Temporary files of atomic writes in progress (or left by a killed writer)."""
     try:
-        return any(p.name.startswith((".last.pt.", ".best.pt.")) and p.name.endswith(".tmp") for p in out.iterdir())
+        return [p for p in out.iterdir() if p.name.endswith(".tmp") and p.name.startswith(tuple(f".{n}." for n in names))]
     except FileNotFoundError:
-        return False
+        return []
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return 0
 
 
 @dataclass
@@ -754,82 +931,153 @@ class KillReport:
     kills_during_write: int = 0
     finished_early: int = 0
     checkpoints_checked: int = 0
+    checkpoints_lost: int = 0
+    leftover_temp_files: int = 0
+    moments: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
 
-def check_checkpoints(out: Path, epochs: int) -> list[str]:
-    """The checkpoints left in ``out`` after a kill: each present one loads."""
+def check_checkpoints(out: Path, epochs: int) -> tuple[dict[str, int], list[str]]:
+    """Load the checkpoints in ``out``: best.pt as a model, last.pt as training
+    state. Returns ({name: epoch} of those that load, problems)."""
     from ctapp.checkpoint import CheckpointError, load_model_file, safe_load
 
-    problems = []
+    loaded, problems = {}, []
     if (out / "best.pt").exists():
         try:
-            load_model_file(out / "best.pt", arch="baseline", num_classes=2)
+            _, meta = load_model_file(out / "best.pt", arch="baseline", num_classes=2)
+            loaded["best.pt"] = int(meta["epoch"])
         except CheckpointError as exc:
             problems.append(f"best.pt does not load: {exc}")
     if (out / "last.pt").exists():
         try:
             state = safe_load(out / "last.pt")
-            done = state["state"]["epoch"]
+            done = int(state["state"]["epoch"])
             if not 1 <= done <= epochs or len(state["state"]["history"]) != done:
                 problems.append(f"last.pt is inconsistent: epoch {done}, {len(state['state']['history'])} history rows")
+            loaded["last.pt"] = done
         except (CheckpointError, KeyError, TypeError) as exc:
             problems.append(f"last.pt does not load: {exc}")
-    return problems
+    return loaded, problems
 
 
-def kill_during_training(data: Path, out: Path, epochs: int, *, kills: int = 4, seed: int = 0,
-                         timeout: float = 240) -> KillReport:
-    """Start (or resume) training, SIGKILL it, check the checkpoints, repeat.
+KILL_MOMENTS = ("writing last.pt", "mid-epoch", "writing a checkpoint", "mid-epoch", "writing model.pt")
 
-    Kill moments alternate between 'as soon as a checkpoint temp file exists'
-    (mid-write) and a random delay after the first checkpoint exists."""
+
+def kill_during_training(server: ForkServer, data: Path, out: Path, epochs: int, *,
+                         moments: tuple[str, ...] = KILL_MOMENTS, seed: int = 0, timeout: float = 240) -> KillReport:
+    """Start (or resume) training and SIGKILL it at each moment in turn;
+    after every kill, the checkpoints present before must still be there and
+    load, and never go back in epochs.
+
+    Moments: 'writing last.pt' / 'writing a checkpoint' / 'writing model.pt':
+    as soon as that atomic write's temporary file appears (the file is being
+    written); 'mid-epoch': a random 0-0.6 s after this attempt's first
+    last.pt, i.e. somewhere in the next epoch."""
     rng = random.Random(seed)
     report = KillReport()
     deadline = time.monotonic() + timeout
-    attempt = 0
-    while report.kills < kills and time.monotonic() < deadline:
+    targets = {"writing last.pt": ("last.pt",), "writing a checkpoint": ("last.pt", "best.pt"),
+               "writing model.pt": ("model.pt",)}
+    before: dict[str, int] = {}
+    for moment in moments:
+        if time.monotonic() > deadline:
+            report.problems.append("ran out of time")
+            break
+        stale = set(temp_files(out))
         resume = ["--resume"] if (out / "last.pt").exists() else []
-        proc = subprocess.Popen(train_cmd(data, out, epochs, *resume), cwd=REPO, env=child_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        during_write = attempt % 2 == 0
-        attempt += 1
-        killed = False
-        started = time.monotonic()
-        delay = rng.uniform(0.0, 1.5)
+        proc = server.start("training.fit", fit_argv(data, out, epochs, *resume), out.parent / "logs")
+        last_seen, kill_at, killed = _mtime(out / "last.pt"), None, False
         while proc.poll() is None and time.monotonic() < deadline:
-            if during_write:
-                if _temp_checkpoint(out):
-                    proc.send_signal(signal.SIGKILL)
+            if moment in targets:
+                if set(temp_files(out, targets[moment])) - stale:
+                    proc.kill()
                     killed = True
                     break
-                time.sleep(0.0005)
+                time.sleep(0.001)
             else:
-                if time.monotonic() - started > 4.0 + delay or ((out / "last.pt").exists() and
-                                                                time.monotonic() - started > delay):
-                    proc.send_signal(signal.SIGKILL)
+                if kill_at is None and _mtime(out / "last.pt") != last_seen:
+                    kill_at = time.monotonic() + rng.uniform(0.0, 0.6)
+                if kill_at is not None and time.monotonic() >= kill_at:
+                    proc.kill()
                     killed = True
                     break
                 time.sleep(0.01)
-        _, stderr = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
+        stderr = proc.stderr
         if killed and proc.returncode == -signal.SIGKILL:
             report.kills += 1
-            report.kills_during_write += during_write
+            during = bool(set(temp_files(out)) - stale)  # its temp file is left: killed mid-write
+            report.kills_during_write += during
+            report.moments.append(moment + (" (temp file left: mid-write)" if during else ""))
         elif proc.returncode == 0:
             report.finished_early += 1
+            report.moments.append(f"{moment}: finished before the kill")
             break
-        elif proc.returncode is not None and proc.returncode != -signal.SIGKILL:
-            report.problems.append(f"training exited {proc.returncode}: {stderr.decode()[-2000:]}")
+        else:
+            report.problems.append(f"training exited {proc.returncode}: {stderr[-2000:]}")
             break
-        problems = check_checkpoints(out, epochs)
-        report.checkpoints_checked += 1
+        loaded, problems = check_checkpoints(out, epochs)
+        report.checkpoints_checked += len(loaded)
         report.problems += problems
-        leftovers = [p.name for p in out.glob(".*.tmp")] if out.exists() else []
-        if leftovers:
-            # A killed writer cannot clean up; the temp files must not be mistaken for checkpoints.
-            for p in leftovers:
-                (out / p).unlink()
+        for name, epoch in before.items():
+            if name not in loaded:
+                report.checkpoints_lost += 1
+                report.problems.append(f"{name} (epoch {epoch}) was lost by the kill '{moment}'")
+            elif loaded[name] < epoch:
+                report.checkpoints_lost += 1
+                report.problems.append(f"{name} went back from epoch {epoch} to {loaded[name]}")
+        before = loaded
+    report.leftover_temp_files = len(temp_files(out))
     return report
+
+
+@dataclass
+class BadDataset:
+    name: str
+    data: Path
+    args: tuple[str, ...]
+    words: tuple[str, ...]  # the error line must contain these (case insensitive)
+    out: Path | None = None  # an output folder prepared beforehand
+
+
+def bad_datasets(root: Path) -> list[BadDataset]:
+    """Datasets and settings on which training must stop with a clear message."""
+    import shutil
+
+    good = make_tiny_dataset(root / "good")
+    empty = root / "empty_class"
+    shutil.copytree(good, empty)
+    for split in ("train", "valid"):
+        (empty / split / "gamma").mkdir()
+    one = make_tiny_dataset(root / "one_class", classes=("alpha",))
+    unreadable = root / "unreadable"
+    for split in ("train", "valid"):
+        for name in ("alpha", "beta"):
+            folder = unreadable / split / name
+            folder.mkdir(parents=True)
+            for i in range(3):
+                (folder / f"{name} ({i}).png").write_bytes(b"not an image " * (i + 1))
+    few = root / "four_images"
+    for name in ("alpha", "beta"):
+        (few / name).mkdir(parents=True)
+        for src in sorted((good / "train" / name).iterdir())[:2]:
+            shutil.copy(src, few / name / src.name)
+    other_run = root / "other_run"
+    other_run.mkdir()
+    import torch
+
+    torch.save({"arch": "resnet50", "class_names": ["alpha", "beta"], "model": {}, "optimizer": {}, "state": {}},
+               other_run / "last.pt")
+    return [
+        BadDataset("loss becomes NaN", good, ("--lr", "1e30"), ("loss became", "diverged", "--lr")),
+        BadDataset("empty class folder", empty, (), ("gamma", "no")),
+        BadDataset("one class", one, (), ("2 classes",)),
+        BadDataset("no readable images", unreadable, (), ("readable images",)),
+        BadDataset("no such data folder", root / "missing", (), ("no such folder",)),
+        BadDataset("four images in all", few, (), ("4", "images")),
+        BadDataset("resume another run", good, ("--resume",), ("resnet50", "cannot resume"), out=other_run),
+    ]
 
 
 def final_weights(out: Path) -> dict:
@@ -840,25 +1088,50 @@ def final_weights(out: Path) -> dict:
 
 
 def compare_runs(a: Path, b: Path, *, atol: float = 0.0) -> list[str]:
-    """Differences between two finished runs: final weights, best epoch, history."""
+    """Differences between two finished runs: the final epoch's weights and
+    optimizer state (last.pt), the stored model (model.pt: best epoch, after
+    calibration), its metadata and the per-epoch history."""
     import torch
 
+    from ctapp.checkpoint import safe_load
+
     problems = []
+
+    def compare(name: str, x, y) -> None:
+        if isinstance(x, dict):
+            if set(x) != set(y):
+                problems.append(f"{name}: keys differ")
+                return
+            for key in x:
+                compare(f"{name}.{key}", x[key], y[key])
+        elif isinstance(x, (list, tuple)):
+            if len(x) != len(y):
+                problems.append(f"{name}: lengths differ")
+                return
+            for i, (u, v) in enumerate(zip(x, y)):
+                compare(f"{name}[{i}]", u, v)
+        elif isinstance(x, torch.Tensor):
+            if x.shape != y.shape:
+                problems.append(f"{name}: shapes differ")
+            elif x.is_floating_point():
+                diff = float((x - y).abs().max()) if x.numel() else 0.0
+                if diff > atol:
+                    problems.append(f"{name} differs by {diff:.3g}")
+            elif not torch.equal(x, y):
+                problems.append(f"{name} differs")
+        elif x != y and not (isinstance(x, float) and abs(x - y) <= atol):
+            problems.append(f"{name}: {x!r} != {y!r}")
+
+    la, lb = safe_load(a / "last.pt"), safe_load(b / "last.pt")
+    compare("last.pt model", la["model"], lb["model"])
+    compare("last.pt optimizer", la["optimizer"], lb["optimizer"])
+    for key in ("epoch", "best_f1", "best_epoch", "stale"):
+        compare(f"last.pt state.{key}", la["state"][key], lb["state"][key])
     wa, wb = final_weights(a), final_weights(b)
-    for name, tensor in wa["state"].items():
-        other = wb["state"][name]
-        if tensor.is_floating_point():
-            diff = float((tensor - other).abs().max()) if tensor.numel() else 0.0
-            if diff > atol:
-                problems.append(f"model.pt {name} differs by {diff:.3g}")
-        elif not torch.equal(tensor, other):
-            problems.append(f"model.pt {name} differs")
-    ma, mb = wa["meta"], wb["meta"]
-    for key in ("epoch", "metrics", "temperature"):
-        if json.dumps(ma.get(key), sort_keys=True) != json.dumps(mb.get(key), sort_keys=True):
-            problems.append(f"{key} differs: {ma.get(key)} vs {mb.get(key)}")
-    ha = _history(a)
-    hb = _history(b)
+    compare("model.pt weights", wa["state"], wb["state"])
+    for key in ("epoch", "metrics", "temperature", "ood"):
+        compare(f"model.pt {key}", wa["meta"].get(key), wb["meta"].get(key))
+    ha, hb = _history(a), _history(b)
     if ha != hb:
         problems.append(f"history differs:\n{ha}\nvs\n{hb}")
     return problems

@@ -168,8 +168,6 @@ def test_damaged_checkpoint_metadata_is_a_checkpoint_error(tmp_path, good_payloa
         load_model(tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="ctapp/inference.py load_model: a model card that is valid JSON but not an "
-                                       "object escapes as AttributeError (fix requested from the lead)")
 @pytest.mark.parametrize("card", ["[1, 2]", '"text"'])
 def test_model_card_not_an_object_is_a_checkpoint_error(tmp_path, card):
     folder = write_model_folder(tmp_path / "model")
