@@ -23,7 +23,7 @@ PALETTE = ("#1f6f8b", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#7
 ACCENT = PALETTE[0]
 MUTED = "#b8c4cc"
 GRID = "#e5e9ec"
-FONT = dict(family="Source Sans Pro, Helvetica, Arial, sans-serif", size=13, color="#1b2631")
+FONT = {"family": "Source Sans Pro, Helvetica, Arial, sans-serif", "size": 13, "color": "#1b2631"}
 
 
 def model_color(index: int) -> str:
@@ -32,10 +32,10 @@ def model_color(index: int) -> str:
 
 def _layout(fig: go.Figure, *, title: str | None = None, height: int | None = None) -> go.Figure:
     fig.update_layout(
-        title=dict(text=title, x=0, xanchor="left", font=dict(size=15)) if title else None,
+        title={"text": title, "x": 0, "xanchor": "left", "font": {"size": 15}} if title else None,
         height=height, font=FONT, template="plotly_white",
-        margin=dict(l=10, r=10, t=50 if title else 30, b=10),
-        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0),
+        margin={"l": 10, "r": 10, "t": 50 if title else 30, "b": 10},
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "left", "x": 0},
     )
     return fig
 
@@ -73,14 +73,14 @@ def probability_bars(probabilities: Mapping[str, float], display_names: Mapping[
         hovertemplate="%{y}: %{x:.1%}<extra></extra>",
     ))
     if threshold is not None:
-        fig.add_vline(x=threshold, line=dict(color="#7f8c8d", dash="dash", width=1),
-                      annotation=dict(text=f"confidence threshold {threshold:.0%}", font=dict(size=11),
-                                      yanchor="bottom"), annotation_position="top")
+        fig.add_vline(x=threshold, line={"color": "#7f8c8d", "dash": "dash", "width": 1},
+                      annotation={"text": f"confidence threshold {threshold:.0%}", "font": {"size": 11},
+                                      "yanchor": "bottom"}, annotation_position="top")
     fig.update_xaxes(range=[0, 1.12], tickformat=".0%", title="calibrated probability", gridcolor=GRID,
                      tickvals=[0, 0.25, 0.5, 0.75, 1.0])
     fig.update_yaxes(autorange="reversed", automargin=True)
     _layout(fig, title=title, height=90 + 42 * len(keys) + (30 if threshold is not None else 0))
-    fig.update_layout(showlegend=False, margin=dict(t=60 if title or threshold is not None else 20))
+    fig.update_layout(showlegend=False, margin={"t": 60 if title or threshold is not None else 20})
     return fig
 
 
@@ -122,7 +122,7 @@ def roc_figure(reports: Mapping[str, Mapping], *, title: str | None = None) -> g
                         horizontal_spacing=0.08, vertical_spacing=0.14)
     for i, cls in enumerate(classes):
         row, col = i // cols + 1, i % cols + 1
-        fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="#aab4bb", dash="dot", width=1),
+        fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"color": "#aab4bb", "dash": "dot", "width": 1},
                                  hoverinfo="skip", showlegend=False), row=row, col=col)
         lines = []
         for m, (label, report) in enumerate(reports.items()):
@@ -134,13 +134,13 @@ def roc_figure(reports: Mapping[str, Mapping], *, title: str | None = None) -> g
                 continue
             fig.add_trace(go.Scatter(
                 x=curve["fpr"], y=curve["tpr"], mode="lines", name=label, legendgroup=label, showlegend=i == 0,
-                line=dict(color=color, width=2, shape="hv"),
+                line={"color": color, "width": 2, "shape": "hv"},
                 hovertemplate=f"{label}<br>false positive rate %{{x:.2f}}<br>true positive rate %{{y:.2f}}<extra></extra>",
             ), row=row, col=col)
         axis = "" if i == 0 else str(i + 1)
         fig.add_annotation(xref=f"x{axis} domain", yref=f"y{axis} domain", x=0.98, y=0.02, xanchor="right",
                            yanchor="bottom", align="right", showarrow=False, text="<br>".join(lines),
-                           bgcolor="rgba(255,255,255,0.85)", font=dict(size=12))
+                           bgcolor="rgba(255,255,255,0.85)", font={"size": 12})
     fig.update_xaxes(range=[0, 1], title="false positive rate (1 - specificity)", gridcolor=GRID, constrain="domain")
     fig.update_yaxes(range=[0, 1.02], title="true positive rate (sensitivity)", gridcolor=GRID)
     _layout(fig, title=title, height=60 + 380 * rows)
@@ -160,10 +160,10 @@ def confusion_figure(report: Mapping, *, normalize: bool = False, title: str | N
     text = [[f"{shares[i, j]:.0%}<br>({int(counts[i, j])})" if normalize else f"{int(counts[i, j])}"
              for j in range(counts.shape[1])] for i in range(counts.shape[0])]
     fig = go.Figure(go.Heatmap(
-        z=z, x=names, y=names, text=text, texttemplate="%{text}", textfont=dict(size=13),
+        z=z, x=names, y=names, text=text, texttemplate="%{text}", textfont={"size": 13},
         colorscale="Blues", zmin=0, zmax=1 if normalize else max(float(counts.max()), 1.0),
-        colorbar=dict(title="share of row" if normalize else "images", tickformat=".0%" if normalize else None,
-                      thickness=12),
+        colorbar={"title": "share of row" if normalize else "images", "tickformat": ".0%" if normalize else None,
+                      "thickness": 12},
         hovertemplate="true %{y}<br>predicted %{x}<br>%{text}<extra></extra>",
     ))
     fig.update_xaxes(title="predicted class", side="bottom", tickangle=0 if len(names) <= 3 else -20, automargin=True)
@@ -176,8 +176,9 @@ def reliability_figure(reports: Mapping[str, Mapping], *, title: str | None = No
     """Reliability diagram: accuracy against mean confidence per confidence bin
     (perfect calibration on the diagonal), with the number of images per bin below."""
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.72, 0.28], vertical_spacing=0.06)
+    n_models = max(len(reports), 1)
     fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration",
-                             line=dict(color="#aab4bb", dash="dot", width=1), hoverinfo="skip"), row=1, col=1)
+                             line={"color": "#aab4bb", "dash": "dot", "width": 1}, hoverinfo="skip"), row=1, col=1)
     for m, (label, report) in enumerate(reports.items()):
         bins = report.get("reliability") or []
         if not bins:
@@ -189,28 +190,30 @@ def reliability_figure(reports: Mapping[str, Mapping], *, title: str | None = No
         sizes = 6 + 14 * np.sqrt(counts / counts.max())
         fig.add_trace(go.Scatter(
             x=[b["confidence"] for b in bins], y=[b["accuracy"] for b in bins], mode="lines+markers", name=name,
-            legendgroup=label, line=dict(color=color, width=2), marker=dict(size=sizes, color=color),
+            legendgroup=label, line={"color": color, "width": 2}, marker={"size": sizes, "color": color},
             customdata=[[b["low"], b["high"], b["count"]] for b in bins],
             hovertemplate=(f"{label}<br>confidence %{{customdata[0]:.2f}}-%{{customdata[1]:.2f}}"
                            "<br>mean confidence %{x:.2f}<br>accuracy %{y:.2f}<br>%{customdata[2]} images<extra></extra>"),
         ), row=1, col=1)
+        # Each model's bar takes its share of the bin, side by side.
+        share = [(b["high"] - b["low"]) / n_models for b in bins]
         fig.add_trace(go.Bar(
-            x=[(b["low"] + b["high"]) / 2 for b in bins], y=counts, width=[(b["high"] - b["low"]) * 0.9 for b in bins],
-            marker_color=color, opacity=0.75, name=label, legendgroup=label, showlegend=False,
+            x=[b["low"] for b in bins], y=counts, width=[w * 0.9 for w in share], offset=[m * w for w in share],
+            marker_color=color, opacity=0.8, name=label, legendgroup=label, showlegend=False,
             hovertemplate=f"{label}<br>%{{y}} images<extra></extra>",
         ), row=2, col=1)
     fig.update_xaxes(range=[0, 1], gridcolor=GRID)
     fig.update_xaxes(title="confidence (calibrated top-class probability)", row=2, col=1)
     fig.update_yaxes(range=[0, 1.02], title="accuracy", gridcolor=GRID, row=1, col=1)
     fig.update_yaxes(title="images", gridcolor=GRID, row=2, col=1)
-    fig.update_layout(barmode="group")
+    fig.update_layout(barmode="overlay")
     return _layout(fig, title=title, height=520)
 
 
 # --------------------------------------------------------------------------- training history
 
 HISTORY_PANELS = (
-    ("Loss", (("train_loss", "training"), ("val_loss", "validation"))),
+    ("Loss", (("train_loss", "training loss"), ("val_loss", "validation loss"))),
     ("Accuracy and macro-F1", (("train_accuracy", "training accuracy"), ("val_accuracy", "validation accuracy"),
                                ("val_macro_f1", "validation macro-F1"))),
     ("Validation AUC and calibration error", (("val_auc", "validation ROC AUC"), ("val_ece", "validation ECE"))),
@@ -247,17 +250,18 @@ def training_curves(history: Sequence[Mapping] | str | Path, *, title: str | Non
             if all(v is None for v in values):
                 continue
             fig.add_trace(go.Scatter(x=epochs, y=values, mode="lines+markers", name=name,
-                                     line=dict(color=model_color(n), width=2), marker=dict(size=5),
+                                     line={"color": model_color(n), "width": 2}, marker={"size": 5},
                                      hovertemplate=f"{name}<br>epoch %{{x}}: %{{y:.4g}}<extra></extra>"),
                           row=row, col=col)
             n += 1
-    fig.update_xaxes(title="epoch", gridcolor=GRID, rangemode="tozero" if len(rows) <= 1 else "normal")
+    numbers = [e for e in epochs if isinstance(e, (int, float))]
+    fig.update_xaxes(title="epoch", gridcolor=GRID, tick0=1, dtick=max(1, math.ceil(len(numbers) / 10)))
     fig.update_yaxes(gridcolor=GRID)
     fig.update_yaxes(range=[0, 1.02], row=1, col=2)
     fig.update_yaxes(range=[0, 1.02], row=2, col=1)
     fig.update_yaxes(exponentformat="e", row=2, col=2)
     _layout(fig, title=title, height=620)
-    fig.update_layout(legend=dict(y=-0.12, yanchor="top", orientation="h"), margin=dict(b=60))
+    fig.update_layout(legend={"y": -0.12, "yanchor": "top", "orientation": "h"}, margin={"b": 60})
     return fig
 
 
@@ -269,25 +273,43 @@ def _size_mb(card: Mapping) -> float | None:
     return round(size / 1e6, 1) if isinstance(size, (int, float)) else None
 
 
-def card_latency_ms(card: Mapping) -> float | None:
-    """Latency per image in milliseconds when the card records one
-    (``latency_ms``, or ``benchmark.latency_ms``)."""
+def card_latency_ms(card: Mapping) -> dict[str, float]:
+    """CPU milliseconds per slice that the model card records: ``predict`` and
+    ``predict_gradcam`` (``latency_ms`` as training writes it: a mapping, or
+    one number for prediction alone); empty when the card has none."""
     value = card.get("latency_ms")
-    if value is None and isinstance(card.get("benchmark"), Mapping):
-        value = card["benchmark"].get("latency_ms")
-    return float(value) if isinstance(value, (int, float)) else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {"predict": float(value)}
+    if isinstance(value, Mapping):
+        return {k: float(value[k]) for k in ("predict", "predict_gradcam")
+                if isinstance(value.get(k), (int, float)) and not isinstance(value.get(k), bool)}
+    return {}
+
+
+SPLIT_NAMES = {"valid": "validation split", "test": "test split", "train": "training split"}
+
+
+def evaluated_on(report: Mapping) -> str:
+    """Where a report's images came from, in words."""
+    if report.get("evaluated_on"):
+        return str(report["evaluated_on"])
+    split = report.get("split") or ""
+    if split and split != "all":
+        return SPLIT_NAMES.get(split, split)
+    return Path(report["data"]).name if report.get("data") else "unknown images"
 
 
 def metrics_table(reports: Mapping[str, Mapping], cards: Mapping[str, Mapping] | None = None) -> list[dict]:
     """One row per report: overall metrics, sensitivity/specificity of binary
-    tasks, calibration error, model size and latency from the model card."""
+    tasks, calibration error, the share of images flagged out of distribution,
+    model size and latency from the model card."""
     cards = cards or {}
     rows = []
     for label, r in reports.items():
         card = cards.get(label) or {}
         row = {
             "Model": label,
-            "Evaluated on": r.get("evaluated_on") or r.get("split") or "",
+            "Evaluated on": evaluated_on(r),
             "Images": r.get("images"),
             "Accuracy": r.get("accuracy"),
             "Macro-F1": r.get("macro_f1"),
@@ -299,10 +321,41 @@ def metrics_table(reports: Mapping[str, Mapping], cards: Mapping[str, Mapping] |
             row["Specificity"] = r.get("specificity")
         row["ECE"] = r.get("ece")
         row["ECE before calibration"] = r.get("ece_uncalibrated")
+        row["Flagged out of distribution"] = r.get("ood_flagged")
         row["Size (MB)"] = _size_mb(card)
-        row["Latency (ms/image)"] = card_latency_ms(card)
+        latency = card_latency_ms(card)
+        row["Latency, prediction (ms)"] = latency.get("predict")
+        row["Latency, with Grad-CAM (ms)"] = latency.get("predict_gradcam")
         rows.append(row)
     return rows
+
+
+PERCENT_METRICS = ("Accuracy", "Sensitivity", "Specificity", "Flagged out of distribution", "Precision", "Recall")
+
+
+def format_metric(name: str, value) -> str:
+    """A metric as the dashboard prints it: shares in percent, scores with three decimals."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return str(value)
+    if name.startswith(PERCENT_METRICS):
+        return f"{value:.1%}"
+    if name in ("Images",):
+        return f"{int(value):,}"
+    if name.startswith(("Size", "Latency")):
+        return f"{value:.1f}"
+    return f"{value:.3f}"
+
+
+def metrics_by_model(rows: Sequence[Mapping]) -> list[dict]:
+    """:func:`metrics_table` turned around for reading: one row per metric, one
+    column per model, values formatted."""
+    if not rows:
+        return []
+    names = list(dict.fromkeys(k for row in rows for k in row if k != "Model"))
+    return [{"Metric": name, **{str(row["Model"]): format_metric(name, row.get(name)) for row in rows}}
+            for name in names]
 
 
 def per_class_table(reports: Mapping[str, Mapping]) -> list[dict]:

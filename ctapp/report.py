@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -35,6 +36,11 @@ class ModelResult:
     overlay: np.ndarray | None = None  # RGB uint8 Grad-CAM overlay
     cam_method: str = "Grad-CAM"
     cam_class: str = ""  # readable name of the explained class
+
+
+def safe_stem(text: str, limit: int = 60) -> str:
+    """``text`` reduced to a safe file-name part (letters, digits, '.', '_', '-')."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:limit] or "slice"
 
 
 def png_data_uri(image: np.ndarray) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,14 +26,13 @@ from ctapp.imaging import ImageDecodeError
 from ctapp.inference import ModelEntry
 from ctapp.metrics import mcnemar
 from ctapp.paths import PathNotAllowed, data_roots, resolve_data_folder
-from ctapp.report import DISCLAIMER
+from ctapp.report import DISCLAIMER, safe_stem
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 REPORTS_ENV = "CTAPP_REPORTS_DIR"
 DEFAULT_REPORTS_DIR = REPO / "reports"
-SPLIT_NAMES = {"valid": "validation split", "test": "test split", "train": "training split"}
 MAX_DISAGREEMENTS_LISTED = 200
 
 
@@ -71,14 +69,6 @@ def reports_dir() -> Path:
     return Path(os.environ.get(REPORTS_ENV) or DEFAULT_REPORTS_DIR)
 
 
-def evaluated_on(report: dict) -> str:
-    """Where a report's images came from, in words."""
-    if report.get("evaluated_on"):
-        return str(report["evaluated_on"])
-    split = SPLIT_NAMES.get(report.get("split", ""), report.get("split") or "")
-    return split or (Path(report["data"]).name if report.get("data") else "unknown images")
-
-
 def collect_reports(models: list[ModelEntry], user_dir: Path) -> list[ReportEntry]:
     """Each model's own validation report, then the user reports (written by
     "Evaluate on a folder") of these models, newest first."""
@@ -86,7 +76,7 @@ def collect_reports(models: list[ModelEntry], user_dir: Path) -> list[ReportEntr
     labels: set[str] = set()
 
     def add(model: ModelEntry, path: Path, report: dict) -> None:
-        base = f"{model.name} · {evaluated_on(report)}"
+        base = f"{model.name} · {figures.evaluated_on(report)}"
         label, n = base, 2
         while label in labels:
             label, n = f"{base} ({n})", n + 1
@@ -149,13 +139,9 @@ def significance_sentence(result: dict, name_a: str, name_b: str, n: int) -> str
             f"on these {n} images the two models cannot be told apart.")
 
 
-def safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:60] or "data"
-
-
 def user_report_path(model_name: str, folder: Path, split: str, now: datetime | None = None) -> Path:
     now = now or datetime.now(timezone.utc)
-    parts = [safe_name(model_name), safe_name(folder.name)] + ([split] if split != "all" else [])
+    parts = [safe_stem(model_name), safe_stem(folder.name)] + ([split] if split != "all" else [])
     return reports_dir() / f"{'--'.join(parts)}--{now.strftime('%Y%m%dT%H%M%S')}.json"
 
 
@@ -170,7 +156,7 @@ def evaluate_folder(model_entry: ModelEntry, folder: Path, split: str, dedupe: b
                            f"{', '.join(index.splits) or 'none, only class folders'})")
     report, rows = evaluate_files(model, [s.path for s in samples], [s.label for s in samples], dedupe=dedupe,
                                   on_progress=on_progress, root=folder)
-    where = folder.name + ("" if split == "all" else f" ({SPLIT_NAMES.get(split, split)})")
+    where = folder.name + ("" if split == "all" else f" ({figures.SPLIT_NAMES.get(split, split)})")
     report.update(data=str(folder), split=split, evaluated_on=where, task=model_entry.task,
                   model_path=str(model_entry.path.resolve()))
     path = user_report_path(model.name, folder, split)
@@ -182,31 +168,19 @@ def evaluate_folder(model_entry: ModelEntry, folder: Path, split: str, dedupe: b
 # --------------------------------------------------------------------------- UI
 
 
-PERCENT = ("Accuracy", "Precision", "Recall", "Sensitivity", "Specificity", "Out-of-distribution")
-
-
-def _column_config(rows: list[dict]) -> dict:
-    config = {}
-    for name in rows[0] if rows else []:
-        if name.startswith(PERCENT):
-            config[name] = st.column_config.NumberColumn(name, format="percent")
-        elif name.startswith(("Macro-F1", "F1", "ROC AUC", "AUC", "ECE")):
-            config[name] = st.column_config.NumberColumn(name, format="%.3f")
-    return config
-
-
 def show_metrics(chosen: list[ReportEntry]) -> None:
     reports = {e.label: e.report for e in chosen}
     rows = figures.metrics_table(reports, {e.label: e.model.card for e in chosen})
-    for row, entry in zip(rows, chosen):
-        if "ood_flagged" in entry.report:
-            row["Out-of-distribution flagged"] = entry.report["ood_flagged"]
-    st.dataframe(rows, hide_index=True, column_config=_column_config(rows), key="metrics_table")
-    st.caption("ECE: expected calibration error of the calibrated probabilities (0 is perfect). Size: the "
-               "stored weights. Latency appears when the model card records one.")
+    st.table(figures.metrics_by_model(rows), hide_index=True, border="horizontal")
+    st.caption("ECE: expected calibration error of the calibrated probabilities (0 is perfect). Size: the stored "
+               "weights. Latency: median CPU time per slice measured when the model was trained (n/a when the "
+               "model card does not record it).")
     st.markdown("**Per class**")
     per_class = figures.per_class_table(reports)
-    st.dataframe(per_class, hide_index=True, column_config=_column_config(per_class), key="per_class_table")
+    st.dataframe(per_class, hide_index=True, key="per_class_table", column_config={
+        **{k: st.column_config.NumberColumn(k, format="percent") for k in ("Precision", "Recall")},
+        **{k: st.column_config.NumberColumn(k, format="%.3f") for k in ("F1", "AUC")}})
+    st.caption("Click a column header to sort.")
 
 
 def show_confusions(chosen: list[ReportEntry]) -> None:
@@ -386,7 +360,8 @@ def main() -> None:
             show_metrics(chosen)
         with tabs[1]:
             st.plotly_chart(figures.roc_figure(reports), key="roc")
-            st.caption("One-vs-rest ROC curve of each class; the AUC of each model is written in each panel.")
+            st.caption("One-vs-rest ROC curve of each class (for two classes: of the positive class); the AUC of "
+                       "each model is written in each panel.")
         with tabs[2]:
             show_confusions(chosen)
         with tabs[3]:

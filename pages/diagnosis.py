@@ -23,7 +23,7 @@ from ctapp import figures, ui_cache
 from ctapp.checkpoint import CheckpointError
 from ctapp.imaging import LUNG_WINDOW, MEDIASTINUM_WINDOW, ImageDecodeError, Slice, Window
 from ctapp.inference import Analysis, LoadedModel, ModelEntry, Prediction, cam_methods
-from ctapp.report import DISCLAIMER, OOD_MESSAGE, ModelResult, slice_report
+from ctapp.report import DISCLAIMER, OOD_MESSAGE, ModelResult, safe_stem, slice_report
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,10 @@ def read_uploads(files) -> list[Upload]:
     return uploads
 
 
-def model_label(entry: ModelEntry) -> str:
+def model_summary(entry: ModelEntry) -> str:
+    """Architecture and validation macro-F1 of a model, from its card."""
     card = entry.card
-    parts = [entry.name]
+    parts = []
     if card.get("architecture_title") or card.get("architecture"):
         parts.append(card.get("architecture_title") or card["architecture"])
     f1 = (card.get("validation") or {}).get("macro_f1")
@@ -132,27 +133,29 @@ def record_diagnoses(results: list[SliceResult], models: list[ModelEntry], loade
     return written
 
 
-def result_word(prediction: Prediction, display_label: str) -> str:
-    return "Uncertain" if prediction.uncertain else display_label
+def result_text(prediction: Prediction, display_label: str) -> str:
+    """The result column: the class, or 'Uncertain' with the class it leans to."""
+    return f"Uncertain (leans {display_label})" if prediction.uncertain else display_label
 
 
 def results_table(results: list[SliceResult], models: list[ModelEntry], loaded: list[LoadedModel]) -> list[dict]:
-    """One row per file: result, most likely class, confidence and flags per model."""
+    """One row per file: result and confidence per model, and the flags
+    (with two models: whether they agree)."""
     rows = []
     several = len(models) > 1
     for result in results:
         row: dict = {"File": result.upload.name}
-        for entry, model, i in zip(models, loaded, range(len(models))):
+        notes = []
+        for i, (entry, model) in enumerate(zip(models, loaded)):
             prefix = f"{entry.name}: " if several else ""
-            p = result.predictions[i] if not result.error else None
-            label = _display(model, p.label) if p else ""
-            row[prefix + "Result"] = result_word(p, label) if p else "Unreadable"
-            row[prefix + "Most likely"] = label
+            p = None if result.error else result.predictions[i]
+            row[prefix + "Result"] = result_text(p, _display(model, p.label)) if p else "Unreadable"
             row[prefix + "Confidence"] = p.confidence if p else None
-            row[prefix + "Flags"] = ", ".join(flags(p)) if p else result.error
+            if p and flags(p):
+                notes.append(prefix + ", ".join(flags(p)))
         if several:
-            labels = [p.label for p in result.predictions]
-            row["Models agree"] = (len(set(labels)) == 1) if labels else None
+            row["Models agree"] = None if result.error else len({p.label for p in result.predictions}) == 1
+        row["Flags"] = result.error or "; ".join(notes)
         rows.append(row)
     return rows
 
@@ -194,8 +197,7 @@ def build_report(upload: Upload, shown: Slice, explanations: list[Explanation], 
 
 
 def report_file_name(upload_name: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(upload_name).stem).strip("._") or "slice"
-    return f"{stem[:60]}-report.html"
+    return f"{safe_stem(Path(upload_name).stem)}-report.html"
 
 
 # --------------------------------------------------------------------------- UI: widgets in, plain values out
@@ -216,16 +218,17 @@ def choose_models(by_task: dict[str, list[ModelEntry]]) -> list[ModelEntry]:
     st.sidebar.header("Model")
     task = st.sidebar.selectbox("Task", list(by_task), key="task")
     paths = {str(e.path): e for e in by_task[task]}
-    first = st.sidebar.selectbox("Model", list(paths), format_func=lambda p: model_label(paths[p]), key="model")
+    first = st.sidebar.selectbox("Model", list(paths), format_func=lambda p: paths[p].name, key="model")
     chosen = [paths[first]]
+    st.sidebar.caption(model_summary(paths[first]))
     compare = st.sidebar.toggle("Compare with a second model", key="compare", disabled=len(paths) < 2,
                                 help="Runs a second model of the same task on the same slices, side by side."
                                 if len(paths) > 1 else "This task has only one model.")
     if compare and len(paths) > 1:
         others = [p for p in paths if p != first]
-        second = st.sidebar.selectbox("Second model", others, format_func=lambda p: model_label(paths[p]),
-                                      key="model_b")
+        second = st.sidebar.selectbox("Second model", others, format_func=lambda p: paths[p].name, key="model_b")
         chosen.append(paths[second])
+        st.sidebar.caption(model_summary(paths[second]))
     return chosen
 
 
@@ -326,11 +329,11 @@ def show_detail(result: SliceResult, models: list[ModelEntry], loaded: list[Load
     overlays = [figures.cam_overlay(shown.pixels, e.analysis.cam, opacity) for e in explanations]
     columns = st.columns(1 + len(explanations) if len(explanations) > 1 else [1, 1, 1.15], gap="medium")
     columns[0].image(shown.pixels, caption=f"Slice ({image.source_format}, {image.size[0]}x{image.size[1]} px)",
-                     clamp=True, width="stretch")
+                     clamp=True, width="stretch", output_format="PNG")
     for column, e, overlay in zip(columns[1:], explanations, overlays):
         who = f"{e.model.name}: " if len(explanations) > 1 else ""
         column.image(overlay, caption=f"{who}{method} for {e.cam_class} (warm colours weighed most)",
-                     width="stretch")
+                     width="stretch", output_format="PNG")
     panels = [columns[2]] if len(explanations) == 1 else st.columns(len(explanations), gap="medium")
     for panel, entry, e in zip(panels, models, explanations):
         with panel:

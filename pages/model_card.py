@@ -19,7 +19,7 @@ SHOWN = {"name", "task", "classes", "display_names", "architecture", "architectu
          "parameters", "weight_storage", "weights_file", "weights_sha256", "size_bytes", "preprocessing",
          "gradcam_layer", "training_data", "training", "validation", "calibration", "out_of_distribution",
          "confidence_threshold", "created", "code_version", "intended_use", "limitations", "disclaimer",
-         "weight_storage_check"}
+         "weight_storage_check", "latency_ms"}
 
 
 # --------------------------------------------------------------------------- plain functions
@@ -39,6 +39,8 @@ def fmt(value) -> str:
         return ", ".join(fmt(v) for v in value) if all(not isinstance(v, (dict, list)) for v in value) \
             else json.dumps(value)
     if isinstance(value, Mapping):
+        if all(not isinstance(v, (dict, list)) for v in value.values()):
+            return ", ".join(f"{k}: {fmt(v)}" for k, v in value.items())
         return json.dumps(value)
     return str(value)
 
@@ -47,6 +49,24 @@ def key_values(mapping: Mapping | None, names: Mapping[str, str] | None = None) 
     """Rows {Field, Value} of a flat mapping (nested values as JSON)."""
     names = names or {}
     return [{"Field": names.get(k, k.replace("_", " ")), "Value": fmt(v)} for k, v in (mapping or {}).items()]
+
+
+def latency_text(card: Mapping) -> str | None:
+    latency = figures.card_latency_ms(card)
+    if not latency:
+        return None
+    parts = [f"{latency['predict']:g} ms per slice"] if "predict" in latency else []
+    if "predict_gradcam" in latency:
+        parts.append(f"{latency['predict_gradcam']:g} ms with Grad-CAM")
+    raw = card.get("latency_ms")
+    where = [f"{raw[k]}" + (" threads" if k == "threads" else "") for k in ("image", "threads", "machine")
+             if isinstance(raw, Mapping) and raw.get(k)]
+    return ", ".join(parts) + (f" (CPU; {', '.join(where)})" if where else "")
+
+
+def short_hash(value: str | None) -> str | None:
+    """The first 16 hex digits (the full hash is in the JSON tab)."""
+    return f"{value[:16]}..." if value and len(value) > 16 else value
 
 
 def headline_metrics(card: Mapping) -> list[tuple[str, str, str]]:
@@ -119,6 +139,12 @@ def shortcut_text(probe: Mapping | None) -> str | None:
 # --------------------------------------------------------------------------- UI
 
 
+def kv_table(rows: list[dict]) -> None:
+    """A static two-column table that wraps long values (hashes, methods, paths)."""
+    if rows:
+        st.table(rows, hide_index=True, hide_header=True, border="horizontal")
+
+
 def choose_model(by_task: dict[str, list[ModelEntry]]) -> ModelEntry:
     entries = [e for models in by_task.values() for e in models]
     paths = {str(e.path): e for e in entries}
@@ -139,14 +165,14 @@ def show_overview(card: Mapping) -> None:
                  "weights_origin": card.get("weights_origin"), "parameters": card.get("parameters"),
                  "weight_storage": card.get("weight_storage"),
                  "size": f"{card['size_bytes'] / 1e6:.1f} MB" if card.get("size_bytes") else None,
-                 "weights_sha256": card.get("weights_sha256"), "gradcam_layer": card.get("gradcam_layer"),
+                 "weights_sha256": short_hash(card.get("weights_sha256")), "latency": latency_text(card),
+                 "gradcam_layer": card.get("gradcam_layer"),
                  "confidence_threshold": card.get("confidence_threshold"), "created": card.get("created"),
                  "code_version": card.get("code_version")}
-        st.dataframe(key_values({k: v for k, v in model.items() if v is not None},
-                                {"gradcam_layer": "Grad-CAM layer", "weights_sha256": "weights SHA-256"}),
-                     hide_index=True, key="card_model_table")
+        kv_table(key_values({k: v for k, v in model.items() if v is not None},
+                            {"gradcam_layer": "Grad-CAM layer", "weights_sha256": "weights SHA-256"}))
         st.markdown("**Preprocessing**")
-        st.dataframe(key_values(card.get("preprocessing")), hide_index=True, key="card_preprocessing")
+        kv_table(key_values(card.get("preprocessing")))
     with right:
         st.markdown("**Validation, per class**")
         rows = per_class_rows(card)
@@ -154,9 +180,9 @@ def show_overview(card: Mapping) -> None:
             st.dataframe(rows, hide_index=True, key="card_per_class", column_config={
                 k: st.column_config.NumberColumn(k, format="%.3f") for k in ("Precision", "Recall", "F1", "AUC")})
         st.markdown("**Calibration**")
-        st.dataframe(key_values(card.get("calibration")), hide_index=True, key="card_calibration")
+        kv_table(key_values(card.get("calibration")))
         st.markdown("**Out-of-distribution check**")
-        st.dataframe(key_values(card.get("out_of_distribution")), hide_index=True, key="card_ood")
+        kv_table(key_values(card.get("out_of_distribution")))
     check = card.get("weight_storage_check")
     if check:
         st.markdown("**Effect of the stored weight precision** (validation, before calibration)")
@@ -164,7 +190,7 @@ def show_overview(card: Mapping) -> None:
     other = {k: v for k, v in card.items() if k not in SHOWN}
     if other:
         st.markdown("**Other fields**")
-        st.dataframe(key_values(other), hide_index=True, key="card_other")
+        kv_table(key_values(other))
 
 
 def show_training(entry: ModelEntry, card: Mapping) -> None:
@@ -176,10 +202,10 @@ def show_training(entry: ModelEntry, card: Mapping) -> None:
     training = dict(card.get("training") or {})
     settings = training.pop("settings", None)
     st.markdown("**Run**")
-    st.dataframe(key_values(training), hide_index=True, key="card_training")
+    kv_table(key_values(training))
     if settings:
         st.markdown("**Training settings**")
-        st.dataframe(key_values(settings), hide_index=True, key="card_settings")
+        kv_table(key_values(settings))
 
 
 def show_data(entry: ModelEntry, card: Mapping) -> None:
@@ -188,7 +214,7 @@ def show_data(entry: ModelEntry, card: Mapping) -> None:
     data.pop("audit", None)
     splits = data.pop("splits", None)
     st.markdown("**Training data**")
-    st.dataframe(key_values(data), hide_index=True, key="card_data")
+    kv_table(key_values(data))
     if splits:
         st.dataframe([{"Split": s, **counts} for s, counts in splits.items()], hide_index=True, key="card_splits")
     if not audit:

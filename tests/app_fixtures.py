@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from synthetic import make_slice
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,7 +114,8 @@ def app_env(tmp_path_factory, tiny_model, tiny_dataset) -> AppEnv:
     model_b = copy_model(tiny_model, models / "tiny-b", "tiny-b")
     flip_predictions(model_b)
     card = json.loads((model_b / "model_card.json").read_text())
-    card["latency_ms"] = 4.2
+    card["latency_ms"] = {"predict": 4.2, "predict_gradcam": 31.5, "image": "512x512", "threads": 2,
+                          "machine": "x86_64"}
     (model_b / "model_card.json").write_text(json.dumps(card))
     env = {"CTAPP_MODELS_DIR": str(models), "CTAPP_AUDIT_LOG": str(root / "audit.sqlite"),
            "CTAPP_REPORTS_DIR": str(root / "reports"), "CTAPP_DATA_ROOTS": str(tiny_dataset)}

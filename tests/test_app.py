@@ -2,14 +2,13 @@
 batch with bad files), the comparison dashboard, evaluation of a folder, and
 the model cards. Uploads go through ``st.file_uploader`` itself: AppTest's
 ``FileUploader.set_value`` registers the bytes as a browser upload would."""
+# ruff: noqa: F811  (pytest fixtures imported from app_fixtures are "redefined" as test arguments)
 from __future__ import annotations
 
 import sqlite3
 
-import pytest
-from streamlit.testing.v1 import AppTest
-
 from app_fixtures import APP, PATIENT_ID, PATIENT_NAME, TASK, app_env, app_settings, dicom_bytes, png_bytes  # noqa: F401
+from streamlit.testing.v1 import AppTest
 
 TIMEOUT = 120  # seconds per script run: the CPU is shared with a training job
 
@@ -41,7 +40,7 @@ def all_text(at: AppTest) -> str:
     for kind in ("title", "header", "subheader", "markdown", "caption", "info", "warning", "error", "success", "text"):
         parts += [str(element.value) for element in getattr(at, kind)]
     parts += [f"{m.label} {m.value}" for m in at.metric]
-    parts += [df.value.to_string() for df in at.dataframe]
+    parts += [frame.value.to_string() for frame in [*at.dataframe, *at.table]]
     parts += [caption for image in at.image for caption in image.captions]
     parts += [str(option) for box in at.selectbox for option in box.options]
     return "\n".join(parts)
@@ -60,6 +59,11 @@ def table(at: AppTest, column: str):
         if column in frame.value.columns:
             return frame.value
     raise AssertionError(f"no table with a column {column!r}")
+
+
+def comparison_table(at: AppTest):
+    """The dashboard's metrics table: one row per metric, one column per report."""
+    return at.table[0].value.set_index("Metric")
 
 
 def plotly_charts(at: AppTest) -> list:
@@ -106,7 +110,7 @@ def test_png_upload_shows_prediction_overlay_and_report(app_settings):
     assert len(rows) == before + 1
     import hashlib
 
-    model, sha, prediction, probabilities, flags = rows[-1]
+    model, sha, prediction, _probabilities, _flags = rows[-1]
     assert model == "tiny-a" and sha == hashlib.sha256(data).hexdigest() and prediction in ("alpha", "beta")
     assert "slice.png" not in "".join(map(str, rows[-1]))
 
@@ -146,8 +150,10 @@ def test_batch_with_bad_files_table_csv_and_detail(app_settings):
     assert "Traceback" not in all_text(at)
     results = table(at, "File")
     assert list(results["File"]) == ["ok0.png", "ok1.png", "notes.txt", "cut.png", "ok2.png"]
-    assert list(results.columns) == ["File", "Result", "Most likely", "Confidence", "Flags"]
+    assert list(results.columns) == ["File", "Result", "Confidence", "Flags"]
     assert list(results["Result"][2:4]) == ["Unreadable", "Unreadable"]
+    assert results["Result"][0] in ("Alpha", "Beta") or results["Result"][0].startswith("Uncertain (leans ")
+    assert "not an image file" in results["Flags"][2]
     assert results["Confidence"][0] > 0.0
     assert at.download_button(key="results_csv").label == "Download table (CSV)"
 
@@ -168,8 +174,8 @@ def test_two_models_side_by_side(app_settings):
     captions = [c for image in at.image for c in image.captions]
     assert any(c.startswith("tiny-a: ") for c in captions) and any(c.startswith("tiny-b: ") for c in captions)
     assert len(plotly_charts(at)) == 2
-    columns = list(table(at, "File").columns)
-    assert "tiny-a: Result" in columns and "tiny-b: Confidence" in columns and "Models agree" in columns
+    assert list(table(at, "File").columns) == ["File", "tiny-a: Result", "tiny-a: Confidence", "tiny-b: Result",
+                                               "tiny-b: Confidence", "Models agree", "Flags"]
 
 
 # --------------------------------------------------------------------------- comparison dashboard
@@ -179,12 +185,14 @@ def test_compare_dashboard_metrics_figures_and_mcnemar(app_settings):
     at = choose_tiny_task(start("pages/compare.py"), "compare_task")
     assert "Research use only" in at.warning[0].value
     assert at.multiselect(key="compare_reports").value == ["tiny-a · validation split", "tiny-b · validation split"]
-    metrics = table(at, "ROC AUC (macro)")
-    assert list(metrics["Model"]) == ["tiny-a · validation split", "tiny-b · validation split"]
-    for column in ("Accuracy", "Macro-F1", "ROC AUC (macro)", "Specificity", "ECE", "Size (MB)", "Latency (ms/image)"):
-        assert column in metrics.columns
-    assert any(c.startswith("Sensitivity (") for c in metrics.columns)
-    assert metrics["Latency (ms/image)"].iloc[1] == pytest.approx(4.2)
+    metrics = comparison_table(at)
+    assert list(metrics.columns) == ["tiny-a · validation split", "tiny-b · validation split"]
+    for name in ("Evaluated on", "Accuracy", "Macro-F1", "ROC AUC (macro)", "Sensitivity (Beta)", "Specificity", "ECE",
+                 "Size (MB)", "Latency, prediction (ms)", "Latency, with Grad-CAM (ms)"):
+        assert name in metrics.index, name
+    assert list(metrics.loc["Evaluated on"]) == ["validation split", "validation split"]
+    assert metrics.loc["Latency, with Grad-CAM (ms)"].iloc[1] == "31.5"
+    assert metrics.loc["Accuracy"].iloc[0].endswith("%")
     assert len(table(at, "Recall")) == 4  # 2 models x 2 classes
     assert len(plotly_charts(at)) == 1 + 4 + 1  # ROC, 2 confusion matrices per model, reliability
 
@@ -212,7 +220,7 @@ def test_evaluate_on_a_folder_adds_a_report(app_settings):
     assert any("Evaluation finished" in s.value for s in at.success)
     selected = at.multiselect(key="compare_reports").value
     assert len(selected) == 3 and selected[-1].startswith("tiny-a · ")
-    assert len(table(at, "ROC AUC (macro)")) == 3
+    assert len(comparison_table(at).columns) == 3
 
 
 # --------------------------------------------------------------------------- model card
@@ -230,7 +238,7 @@ def test_model_card_page_shows_card_curves_and_audit(app_settings):
     assert [t.label for t in at.tabs] == ["Overview", "Training", "Training data and audit", "Full card (JSON)"]
     text = all_text(at)
     for expected in ("Intended use", "Limitations", "Baseline CNN", "Grad-CAM layer", "Calibration",
-                     "Out-of-distribution", "Shortcut probe", "Dataset audit", "latency ms"):
+                     "Out-of-distribution", "Shortcut probe", "Dataset audit", "31.5 ms with Grad-CAM"):
         assert expected in text, expected
     assert any("predict the class" in w.value for w in at.warning)  # the audit's shortcut warning
     assert len(plotly_charts(at)) == 1  # training curves

@@ -4,6 +4,7 @@ for the prediction and the Grad-CAM overlay, and saves screenshots of the
 diagnosis page, the comparison dashboard and the model card to
 ``test-artifacts/``. Skipped when Chromium is not installed
 (``apt-get install chromium``; the CI script installs it)."""
+# ruff: noqa: F811  (pytest fixtures imported from app_fixtures are "redefined" as test arguments)
 from __future__ import annotations
 
 import os
@@ -16,10 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from app_fixtures import REPO, TASK, app_env, png_bytes  # noqa: F401
-
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+from app_fixtures import PATIENT_NAME, REPO, TASK, app_env, dicom_bytes, png_bytes  # noqa: F401
 
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -32,6 +30,11 @@ def chromium_path() -> str | None:
         if candidate and Path(candidate).is_file():
             return candidate
     return None
+
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow,
+              pytest.mark.skipif(chromium_path() is None, reason="Chromium is not installed "
+                                 "(apt-get install chromium): the browser test needs it")]
 
 
 def free_port() -> int:
@@ -82,15 +85,12 @@ def server(app_env, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(server, tmp_path_factory):
-    executable = chromium_path()
-    if executable is None:
-        pytest.skip("Chromium is not installed (apt-get install chromium): the browser test needs it")
     from playwright.sync_api import sync_playwright
 
     profile = tmp_path_factory.mktemp("chromium-profile")
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            str(profile), executable_path=executable, headless=True, args=CHROMIUM_ARGS,
+            str(profile), executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS,
             viewport={"width": 1440, "height": 1800}, device_scale_factor=1)
         try:
             yield context.pages[0] if context.pages else context.new_page()
@@ -150,6 +150,20 @@ def test_diagnosis_comparison_and_card_in_a_browser(page, server, tmp_path):
     page.wait_for_timeout(1500)
     assert_clean(page)
     screenshot(page, "diagnosis-batch.png")
+
+    # A fresh session (the uploader keeps earlier files): one DICOM slice with its window controls.
+    dicom = tmp_path / "IM000001"
+    dicom.write_bytes(dicom_bytes())
+    page.reload(wait_until="networkidle")
+    page.get_by_role("heading", name="CT slice diagnosis").wait_for(timeout=WAIT_MS)
+    select_option(page, "Task", TASK)
+    page.locator("input[type='file']").first.set_input_files([str(dicom)])
+    page.get_by_text("DICOM display window").wait_for(timeout=WAIT_MS)
+    page.get_by_text("Grad-CAM for", exact=False).first.wait_for(timeout=WAIT_MS)
+    page.wait_for_timeout(1500)
+    assert_clean(page)
+    assert PATIENT_NAME.split("^")[0] not in page.locator("body").inner_text()
+    screenshot(page, "diagnosis-dicom.png")
 
     page.get_by_role("link", name="Model comparison").click()
     page.get_by_role("heading", name="Model comparison").wait_for(timeout=WAIT_MS)

@@ -39,8 +39,8 @@ def binary() -> dict:
 
 
 def prediction(**kw) -> Prediction:
-    values = dict(label="beta", display_label="Beta", probabilities={"alpha": 0.2, "beta": 0.8}, confidence=0.8,
-                  uncertain=False, out_of_distribution=False, ood_score=1.0, reasons=[], notes=[])
+    values = {"label": "beta", "display_label": "Beta", "probabilities": {"alpha": 0.2, "beta": 0.8}, "confidence": 0.8,
+                  "uncertain": False, "out_of_distribution": False, "ood_score": 1.0, "reasons": [], "notes": []}
     values.update(kw)
     return Prediction(**values)
 
@@ -83,7 +83,7 @@ def test_cam_overlay_resizes_the_map_and_accepts_uint8():
     assert out.shape == (40, 60, 3) and (out[..., 0] > 100).all()
 
 
-@pytest.mark.parametrize("kwargs", [dict(opacity=1.5), dict(opacity=-0.1)])
+@pytest.mark.parametrize("kwargs", [{"opacity": 1.5}, {"opacity": -0.1}])
 def test_cam_overlay_refuses_bad_opacity(kwargs):
     with pytest.raises(ValueError, match="opacity"):
         figures.cam_overlay(np.zeros((8, 8)), np.zeros((8, 8)), **kwargs)
@@ -112,7 +112,7 @@ def test_roc_figure_has_one_panel_per_class_and_the_auc_of_each_model(three_clas
 def test_roc_figure_of_a_binary_task_shows_the_positive_class(binary):
     fig = figures.roc_figure({"m": binary})
     assert fig.layout.annotations[0].text == "COVID"
-    curve = [t for t in fig.data if t.name == "m"][0]
+    curve = next(t for t in fig.data if t.name == "m")
     assert list(curve.x) == binary["roc_curves"]["covid"]["fpr"]
 
 
@@ -145,15 +145,33 @@ def test_reliability_figure_plots_each_bin(three_class, binary):
 
 def test_metrics_and_per_class_tables(three_class, binary):
     rows = figures.metrics_table({"A": three_class, "B": binary},
-                                 {"A": {"size_bytes": 2_500_000, "latency_ms": 12.5}, "B": {}})
+                                 {"A": {"size_bytes": 2_500_000, "latency_ms": {"predict": 12.5, "predict_gradcam": 80,
+                                                                                "image": "512x512"}}, "B": {}})
     assert rows[0]["Accuracy"] == three_class["accuracy"] and rows[0]["Size (MB)"] == 2.5
-    assert rows[0]["Latency (ms/image)"] == 12.5 and rows[1]["Latency (ms/image)"] is None
+    assert rows[0]["Latency, prediction (ms)"] == 12.5 and rows[0]["Latency, with Grad-CAM (ms)"] == 80.0
+    assert rows[1]["Latency, prediction (ms)"] is None
     assert "Specificity" not in rows[0]
     assert rows[1]["Sensitivity (COVID)"] == binary["sensitivity"] and rows[1]["Specificity"] == binary["specificity"]
     per_class = figures.per_class_table({"A": three_class})
     assert [r["Class"] for r in per_class] == three_class["display_names"]
     assert per_class[1]["Recall"] == three_class["per_class"]["normal"]["recall"]
-    assert figures.card_latency_ms({"benchmark": {"latency_ms": 3}}) == 3.0
+    assert figures.card_latency_ms({"latency_ms": 3}) == {"predict": 3.0}
+    assert figures.card_latency_ms({"latency_ms": "fast"}) == {}
+    assert rows[0]["Evaluated on"] == "unknown images"
+    assert figures.evaluated_on({"split": "valid"}) == "validation split"
+    assert figures.evaluated_on({"data": "/x/test-set", "split": "all"}) == "test-set"
+    assert figures.evaluated_on({"evaluated_on": "test (test split)", "split": "test"}) == "test (test split)"
+
+
+def test_metrics_by_model_reads_one_metric_per_row(three_class, binary):
+    rows = figures.metrics_table({"A": three_class, "B": binary}, {"A": {"size_bytes": 2_500_000}})
+    table = {row["Metric"]: row for row in figures.metrics_by_model(rows)}
+    assert list(table["Accuracy"]) == ["Metric", "A", "B"]
+    assert table["Accuracy"]["A"] == f"{three_class['accuracy']:.1%}"
+    assert table["Macro-F1"]["B"] == f"{binary['macro_f1']:.3f}"
+    assert table["Images"]["A"] == "60" and table["Size (MB)"]["A"] == "2.5" and table["Size (MB)"]["B"] == "n/a"
+    assert table["Specificity"]["A"] == "n/a"  # binary-only rows are kept for the multi-class model
+    assert figures.metrics_by_model([]) == []
 
 
 # --------------------------------------------------------------------------- training curves
@@ -169,7 +187,7 @@ def test_training_curves_from_a_history_csv(tmp_path):
     assert rows[1]["val_loss"] is None and rows[0]["lr"] == 0.01
     fig = figures.training_curves(path)
     names = [t.name for t in fig.data]
-    assert names == ["training", "validation", "training accuracy", "validation accuracy", "validation macro-F1",
+    assert names == ["training loss", "validation loss", "training accuracy", "validation accuracy", "validation macro-F1",
                      "validation ROC AUC", "validation ECE", "learning rate"]
     assert list(fig.data[0].y) == [1.2, 0.9] and list(fig.data[1].y) == [1.1, None]
     assert [a.text for a in fig.layout.annotations] == [p[0] for p in figures.HISTORY_PANELS]
@@ -177,7 +195,7 @@ def test_training_curves_from_a_history_csv(tmp_path):
 
 def test_training_curves_skip_missing_columns():
     fig = figures.training_curves([{"epoch": "1", "train_loss": "0.5"}])
-    assert [t.name for t in fig.data] == ["training"]
+    assert [t.name for t in fig.data] == ["training loss"]
 
 
 # --------------------------------------------------------------------------- HTML report
