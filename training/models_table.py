@@ -15,13 +15,16 @@ from ctapp.inference import DEFAULT_MODELS_DIR, list_models
 RUN_ONLY = {"quiet", "resume", "stop_after", "workers", "device"}
 
 
-def command(settings: dict) -> str:
-    """The training command with every option that differs from its default."""
+def command(settings: dict, out: str | None = None) -> str:
+    """The training command with every option that differs from its default
+    (``out`` replaces the output folder the run used)."""
     from training.fit import get_args_parser
 
     defaults = {a.dest: a.default for a in get_args_parser()._actions}
     parts = ["python -m training.fit"]
     for key, value in settings.items():
+        if key == "out" and out:
+            value = out
         default = defaults.get(key)
         if key in RUN_ONLY or value in (None, False) or value == default or \
                 (isinstance(default, tuple) and list(default) == value):
@@ -54,7 +57,7 @@ def table(folder: Path) -> str:
             f"{(val.get('roc_auc') or {}).get('macro') or float('nan'):.3f} | "
             f"{card.get('calibration', {}).get('ece_after', float('nan')):.3f} | "
             f"{card.get('size_bytes', 0) / 1e6:.1f} MB | {latency.get('predict', '?')} / {latency.get('predict_gradcam', '?')} |")
-        commands.append(f"# {entry.name}\n" + command(card.get("training", {}).get("settings", {})))
+        commands.append(f"# {entry.name}\n" + command(card.get("training", {}).get("settings", {}), out=f"models/{entry.path.name}"))
     return "\n".join(rows) + "\n\n```bash\n" + "\n".join(commands) + "\n```"
 
 
