@@ -37,42 +37,62 @@ def cam_methods() -> dict[str, type]:
             "HiResCAM": HiResCAM, "XGradCAM": XGradCAM, "LayerCAM": LayerCAM}
 
 
+class FeatureCapture:
+    """While active, collects the globally average-pooled outputs of the named
+    layers of every forward pass (the out-of-distribution check's features)."""
+
+    def __init__(self, model: nn.Module, layers: list[str]):
+        self.modules = {name: model.get_submodule(name) for name in layers}
+        self.batches: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def hook(_module, _args, output):
+            out = output.detach().float()
+            self.batches[name].append((out.mean(dim=(2, 3)) if out.ndim == 4 else out.flatten(1)).cpu())
+        return hook
+
+    def __enter__(self) -> "FeatureCapture":
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def features(self) -> dict[str, torch.Tensor]:
+        return {name: torch.cat(parts) for name, parts in self.batches.items() if parts}
+
+
 @torch.inference_mode()
 def batched_forward(model: nn.Module, images: torch.Tensor, config: PreprocessConfig, *, batch_size: int = 64,
-                    features_of: nn.Module | None = None, device: torch.device | str = "cpu",
-                    autocast=nullcontext) -> tuple[np.ndarray, np.ndarray | None]:
-    """Logits for cached (N, 1, S, S) grey squares, and with ``features_of`` the
-    input of that module (the penultimate features)."""
+                    feature_layers: list[str] = (), device: torch.device | str = "cpu",
+                    autocast=nullcontext) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Logits for cached (N, 1, S, S) grey squares, and the pooled outputs of
+    ``feature_layers`` (layer name -> (N, C) array)."""
     model.eval()
-    outputs, features = [], []
-    handle = features_of.register_forward_pre_hook(lambda _m, a: features.append(a[0].float().cpu())) \
-        if features_of is not None else None
-    try:
+    outputs = []
+    with FeatureCapture(model, list(feature_layers)) as capture:
         for i in range(0, len(images), batch_size):
             x = normalize(images[i:i + batch_size].to(device), config).contiguous(memory_format=torch.channels_last)
             with autocast():
                 outputs.append(model(x).float().cpu())
-    finally:
-        if handle is not None:
-            handle.remove()
     logits = torch.cat(outputs).numpy() if outputs else np.zeros((0, 0), np.float32)
-    return logits, (torch.cat(features).flatten(1).numpy() if features else None)
+    return logits, {name: f.numpy() for name, f in capture.features().items()}
 
 
-class MahalanobisOOD:
-    """Out-of-distribution score: the smallest Mahalanobis distance of an
-    image's penultimate features to a training-class mean, after a PCA to at
-    most ``dims`` dimensions, with one covariance shared by all classes."""
+@dataclass
+class _ClassGaussians:
+    """Class means and one shared covariance of one layer's features, after PCA."""
 
-    def __init__(self, mean, components, class_means, precision, threshold: float | None = None):
-        self.mean = torch.as_tensor(mean, dtype=torch.float64)
-        self.components = torch.as_tensor(components, dtype=torch.float64)
-        self.class_means = torch.as_tensor(class_means, dtype=torch.float64)
-        self.precision = torch.as_tensor(precision, dtype=torch.float64)
-        self.threshold = threshold
+    mean: torch.Tensor
+    components: torch.Tensor
+    class_means: torch.Tensor
+    precision: torch.Tensor
+    scale: float = 1.0  # median distance of validation images
 
     @classmethod
-    def fit(cls, features: np.ndarray, labels: np.ndarray, dims: int = 64) -> "MahalanobisOOD":
+    def fit(cls, features: np.ndarray, labels: np.ndarray, dims: int) -> "_ClassGaussians":
         from sklearn.covariance import LedoitWolf
         from sklearn.decomposition import PCA
 
@@ -82,24 +102,64 @@ class MahalanobisOOD:
         classes = np.unique(labels)
         means = np.stack([z[labels == c].mean(axis=0) for c in classes])
         centred = z - means[np.searchsorted(classes, labels)]
-        precision = LedoitWolf().fit(centred).precision_
-        return cls(pca.mean_, pca.components_, means, precision)
+        return cls(*(torch.as_tensor(a, dtype=torch.float64)
+                     for a in (pca.mean_, pca.components_, means, LedoitWolf().fit(centred).precision_)))
 
-    def score(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
+    def distance(self, features) -> np.ndarray:
+        """Smallest Mahalanobis distance (squared) to a class mean."""
         f = torch.as_tensor(np.asarray(features), dtype=torch.float64)
         z = (f - self.mean) @ self.components.T
         diff = z[:, None, :] - self.class_means[None]
-        distances = torch.einsum("ncd,de,nce->nc", diff, self.precision, diff)
-        return distances.min(dim=1).values.numpy()
+        return torch.einsum("ncd,de,nce->nc", diff, self.precision, diff).min(dim=1).values.numpy()
 
     def to_dict(self) -> dict:
         return {"mean": self.mean.float(), "components": self.components.float(),
-                "class_means": self.class_means.float(), "precision": self.precision.float(),
-                "threshold": self.threshold}
+                "class_means": self.class_means.float(), "precision": self.precision.float(), "scale": self.scale}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "_ClassGaussians":
+        return cls(*(torch.as_tensor(d[k], dtype=torch.float64) for k in ("mean", "components", "class_means",
+                                                                          "precision")), float(d["scale"]))
+
+
+class MahalanobisOOD:
+    """Out-of-distribution score from the features of every backbone stage.
+
+    Per layer: the smallest Mahalanobis distance of an image's pooled features
+    to a training-class mean (PCA to at most ``dims`` dimensions, one
+    covariance shared by the classes), divided by that distance's median on
+    validation images. The score is the largest ratio over the layers: early
+    layers notice intensity and texture unlike CT (photographs, radiographs,
+    blank images), the last one content unlike the training classes; the last
+    layer alone misses many of the former.
+    """
+
+    def __init__(self, layers: dict[str, _ClassGaussians], threshold: float | None = None):
+        self.layers = layers
+        self.threshold = threshold
+
+    @classmethod
+    def fit(cls, train_features: dict[str, np.ndarray], labels: np.ndarray,
+            valid_features: dict[str, np.ndarray], dims: int = 64) -> "MahalanobisOOD":
+        layers = {}
+        for name, features in train_features.items():
+            gaussians = _ClassGaussians.fit(features, np.asarray(labels), dims)
+            gaussians.scale = max(float(np.median(gaussians.distance(valid_features[name]))), 1e-12)
+            layers[name] = gaussians
+        return cls(layers)
+
+    def layer_scores(self, features: dict) -> dict[str, np.ndarray]:
+        return {name: g.distance(features[name]) / g.scale for name, g in self.layers.items()}
+
+    def score(self, features: dict) -> np.ndarray:
+        return np.max(np.stack(list(self.layer_scores(features).values())), axis=0)
+
+    def to_dict(self) -> dict:
+        return {"layers": {name: g.to_dict() for name, g in self.layers.items()}, "threshold": self.threshold}
 
     @classmethod
     def from_dict(cls, d: dict) -> "MahalanobisOOD":
-        return cls(d["mean"], d["components"], d["class_means"], d["precision"], d.get("threshold"))
+        return cls({name: _ClassGaussians.from_dict(g) for name, g in d["layers"].items()}, d.get("threshold"))
 
 
 @dataclass
@@ -152,24 +212,21 @@ class LoadedModel:
             p.requires_grad_(False)
         backbone = [p for name, p in self.model.named_parameters() if not name.startswith(self.spec.head + ".")]
         backbone[-1].requires_grad_(True)
-        self.head = self.model.get_submodule(self.spec.head)
+        self.feature_layers = list(self.ood.layers) if self.ood is not None else []
         self.cam_layer = self.model.get_submodule(meta.get("cam_layer") or self.spec.cam_layer)
 
     # -- shared forward -----------------------------------------------------
     def _decode(self, image: ImageSource | Slice) -> Slice:
         return image if isinstance(image, Slice) else decode(image, window=self.preprocess.window)
 
-    def _capture_features(self, store: list):
-        return self.head.register_forward_pre_hook(lambda _m, args: store.append(args[0].detach()))
-
-    def _prediction(self, logits: torch.Tensor, features: torch.Tensor, image: Slice) -> Prediction:
+    def _prediction(self, logits: torch.Tensor, features: dict[str, torch.Tensor], image: Slice) -> Prediction:
         scaled = logits.double() / self.temperature
         probs = torch.softmax(scaled, dim=1)[0].numpy()
         top = int(probs.argmax())
         reasons = []
         ood_score, ood = None, False
         if self.ood is not None:
-            ood_score = float(self.ood.score(features.flatten(1))[0])
+            ood_score = float(self.ood.score(features)[0])
             if self.ood.threshold is not None and ood_score > self.ood.threshold:
                 ood = True
                 reasons.append("this does not look like a chest CT slice the model was trained on")
@@ -192,19 +249,15 @@ class LoadedModel:
         image = self._decode(image)
         x, _ = model_input(image.pixels, self.preprocess)
         x = x.contiguous(memory_format=torch.channels_last)
-        features: list = []
-        with self._lock, torch.inference_mode():
-            handle = self._capture_features(features)
-            try:
-                logits = self.model(x)
-            finally:
-                handle.remove()
-        return self._prediction(logits, features[0], image)
+        with self._lock, torch.inference_mode(), FeatureCapture(self.model, self.feature_layers) as capture:
+            logits = self.model(x)
+        return self._prediction(logits, capture.features(), image)
 
-    def forward_batch(self, images: torch.Tensor, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        """Raw logits and penultimate features of cached (N, 1, S, S) grey squares."""
+    def forward_batch(self, images: torch.Tensor, batch_size: int = 32) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Raw logits and the out-of-distribution features of cached (N, 1, S, S) grey squares."""
         with self._lock:
-            return batched_forward(self.model, images, self.preprocess, batch_size=batch_size, features_of=self.head)
+            return batched_forward(self.model, images, self.preprocess, batch_size=batch_size,
+                                   feature_layers=self.feature_layers)
 
     def class_index(self, target: int | str | None) -> int | None:
         if target is None or isinstance(target, int):
@@ -229,19 +282,17 @@ class LoadedModel:
         x, geometry = model_input(image.pixels, self.preprocess)
         x = x.contiguous(memory_format=torch.channels_last)
         index = self.class_index(target)
-        features: list = []
         with self._lock:
-            handle = self._capture_features(features)
             try:
-                with methods[method](model=self.model, target_layers=[self.cam_layer]) as cam:
+                with FeatureCapture(self.model, self.feature_layers) as capture, \
+                        methods[method](model=self.model, target_layers=[self.cam_layer]) as cam:
                     # None explains the top class (the prediction).
                     targets = None if index is None else [ClassifierOutputTarget(index)]
                     maps = cam(input_tensor=x, targets=targets)
                     logits = cam.outputs.detach()
             finally:
-                handle.remove()
                 self.model.zero_grad(set_to_none=True)
-        prediction = self._prediction(logits, features[0], image)
+        prediction = self._prediction(logits, capture.features(), image)
         cam_index = index if index is not None else self.class_names.index(prediction.label)
         heat = np.clip(cam_to_image(maps[0], geometry), 0.0, 1.0)
         return Analysis(prediction, heat, self.class_names[cam_index], image)

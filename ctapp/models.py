@@ -7,9 +7,9 @@ torchvision weight file (offline use).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torchvision
@@ -70,6 +70,17 @@ def _vgg_stages(model: nn.Module) -> list[nn.Module]:
     return stages
 
 
+def _resnet_feature_layers(model: nn.Module) -> list[str]:
+    return ["layer1", "layer2", "layer3", "layer4"]
+
+
+def _vgg_feature_layers(model: nn.Module) -> list[str]:
+    """The end of every stage: each max-pool, and the last layer when it is not one."""
+    last = len(model.features) - 1
+    return [f"features.{i}" for i, layer in enumerate(model.features)
+            if isinstance(layer, nn.MaxPool2d) or i == last]
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     name: str
@@ -79,6 +90,7 @@ class ArchSpec:
     stages: Callable[[nn.Module], list[nn.Module]]
     head: str  # the classifier module; its input is the penultimate feature vector
     cam_layer: str  # Grad-CAM target layer
+    feature_layers: Callable[[nn.Module], list[str]]  # stage outputs, low to high level (out-of-distribution check)
     imagenet_weights: str | None  # torchvision weights enum member, e.g. "ResNet50_Weights.IMAGENET1K_V2"
     default_img_size: int = 128
 
@@ -87,14 +99,17 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     spec.name: spec
     for spec in (
         ArchSpec("resnet50", "ResNet-50", torchvision.models.resnet50, _resnet_head, _resnet_stages,
-                 head="fc", cam_layer="layer4", imagenet_weights="ResNet50_Weights.IMAGENET1K_V2"),
+                 head="fc", cam_layer="layer4", feature_layers=_resnet_feature_layers, imagenet_weights="ResNet50_Weights.IMAGENET1K_V2"),
         # The last ReLU (14x14 at 224 px) gives sharper maps than the last max-pool.
         ArchSpec("vgg19", "VGG19", torchvision.models.vgg19, _vgg_head, _vgg_stages,
-                 head="classifier", cam_layer="features.35", imagenet_weights="VGG19_Weights.IMAGENET1K_V1"),
+                 head="classifier", cam_layer="features.35", feature_layers=_vgg_feature_layers,
+                 imagenet_weights="VGG19_Weights.IMAGENET1K_V1"),
         ArchSpec("vgg19_bn", "VGG19 (batch norm)", torchvision.models.vgg19_bn, _vgg_head, _vgg_stages,
-                 head="classifier", cam_layer="features.51", imagenet_weights="VGG19_BN_Weights.IMAGENET1K_V1"),
+                 head="classifier", cam_layer="features.51", feature_layers=_vgg_feature_layers,
+                 imagenet_weights="VGG19_BN_Weights.IMAGENET1K_V1"),
         ArchSpec("baseline", "Baseline CNN", BaselineCNN, None, _vgg_stages,
-                 head="classifier", cam_layer="features.26", imagenet_weights=None),
+                 head="classifier", cam_layer="features.26", feature_layers=_vgg_feature_layers,
+                 imagenet_weights=None),
     )
 }
 

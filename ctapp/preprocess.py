@@ -8,10 +8,10 @@ normalised with ``mean``/``std``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np

@@ -6,12 +6,12 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import ROOT
+from PIL import Image
+from synthetic import write_classes
+
 from ctapp.audit import audit_dataset
 from ctapp.data import scan_dataset
-from synthetic import write_classes
 
 
 @pytest.fixture

@@ -5,8 +5,16 @@ import pickle
 import pytest
 import torch
 
-from ctapp.checkpoint import (CheckpointError, atomic_save, load_model_file, pack_state, safe_load,
-                              save_model_file, sha256_file, unpack_state)
+from ctapp.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    load_model_file,
+    pack_state,
+    safe_load,
+    save_model_file,
+    sha256_file,
+    unpack_state,
+)
 from ctapp.models import create_model
 from ctapp.preprocess import PreprocessConfig
 

@@ -7,10 +7,10 @@ import pytest
 from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from synthetic import write_classes
 
 from ctapp.data import DatasetError, assign_splits, class_key, display_name, scan_dataset, split_groups
 from ctapp.imaging import LUNG_WINDOW, ImageDecodeError, Window, decode
-from synthetic import write_classes
 
 
 def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:

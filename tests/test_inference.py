@@ -6,11 +6,11 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import ROOT
-from ctapp import CheckpointError, ImageDecodeError, decode, list_models, load_model
+from PIL import Image
 from synthetic import make_slice
+
+from ctapp import CheckpointError, ImageDecodeError, decode, list_models, load_model
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,31 @@ def test_out_of_distribution_and_uncertain_flags(model):
     assert p.ood_score is not None and model.ood.threshold is not None
     assert p.out_of_distribution == (p.ood_score > model.ood.threshold)
     assert p.uncertain == bool(p.reasons)
+
+
+def test_ood_score_is_the_worst_layer_relative_to_validation():
+    from ctapp.inference import MahalanobisOOD
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 100)
+    train = {"early": rng.normal(size=(200, 8)), "late": rng.normal(size=(200, 4)) + labels[:, None] * 3}
+    valid = {"early": rng.normal(size=(50, 8)), "late": rng.normal(size=(50, 4))}
+    ood = MahalanobisOOD.fit(train, labels, valid, dims=4)
+    assert np.median(ood.layer_scores(valid)["early"]) == pytest.approx(1.0)
+    # Unusual only in the early layer (like a photograph whose late features look ordinary).
+    odd = {"early": rng.normal(size=(5, 8)) + 6, "late": rng.normal(size=(5, 4))}
+    scores = ood.layer_scores(odd)
+    assert (scores["early"] > 5).all() and (scores["late"] < 5).all()
+    np.testing.assert_allclose(ood.score(odd), scores["early"])
+    again = MahalanobisOOD.from_dict(ood.to_dict())
+    np.testing.assert_allclose(again.score(odd), ood.score(odd), rtol=1e-5)
+
+
+def test_model_ood_watches_every_backbone_stage(model):
+    from ctapp.models import get_spec
+
+    assert model.feature_layers == get_spec(model.arch).feature_layers(model.model)
+    assert len(model.feature_layers) == 4
 
 
 def test_unknown_class_and_method(model, slice_png):

@@ -2,8 +2,14 @@
 import numpy as np
 import pytest
 
-from ctapp.metrics import (calibrated, evaluation_report, expected_calibration_error, fit_temperature, mcnemar,
-                           positive_class)
+from ctapp.metrics import (
+    calibrated,
+    evaluation_report,
+    expected_calibration_error,
+    fit_temperature,
+    mcnemar,
+    positive_class,
+)
 
 
 def test_binary_report_by_hand():

@@ -8,9 +8,14 @@ import itertools
 
 import numpy as np
 import pytest
-
-from robustness_helpers import (expected_results, hammer_audit_log, hammer_model, kill_audit_writer, sample_images,
-                                tiny_model)
+from robustness_helpers import (
+    expected_results,
+    hammer_audit_log,
+    hammer_model,
+    kill_audit_writer,
+    sample_images,
+    tiny_model,
+)
 
 THREADS = 8
 SECONDS = 10.0

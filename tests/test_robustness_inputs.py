@@ -13,12 +13,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from robustness_helpers import (
+    BAD_INPUT_NAMES,
+    SMALL_FILE_LIMIT,
+    bad_input_cases,
+    check_decoded,
+    check_error,
+    decode_outcome,
+    mutate,
+    png_bomb,
+    png_bytes,
+    run_predict_cli,
+    seed_files,
+    write_model_folder,
+)
 
 import ctapp.imaging as imaging
 from ctapp.imaging import MAX_PIXELS, ImageDecodeError, decode
-from robustness_helpers import (BAD_INPUT_NAMES, SMALL_FILE_LIMIT, bad_input_cases, check_decoded, check_error,
-                                decode_outcome, mutate, png_bomb, png_bytes, run_predict_cli, seed_files,
-                                write_model_folder)
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,16 @@ clear ``error:`` line and exit status 2."""
 from __future__ import annotations
 
 import pytest
-
-from robustness_helpers import (ForkServer, bad_datasets, compare_runs, fit_argv, kill_during_training,
-                                make_tiny_dataset, run_training, temp_files)
+from robustness_helpers import (
+    ForkServer,
+    bad_datasets,
+    compare_runs,
+    fit_argv,
+    kill_during_training,
+    make_tiny_dataset,
+    run_training,
+    temp_files,
+)
 
 EPOCHS = 6
 

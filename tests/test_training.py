@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from ctapp import load_model
 from ctapp.checkpoint import safe_load
 from ctapp.models import create_model, get_spec
@@ -87,7 +87,9 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_dataset, tmp_
     assert a["state"]["epoch"] == b["state"]["epoch"] == 3
     for name, tensor in a["model"].items():
         torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0, msg=name)
-    history = lambda d: [(r["epoch"], r["val_macro_f1"], r["train_loss"]) for r in d["state"]["history"]]
+    def history(d):
+        return [(r["epoch"], r["val_macro_f1"], r["train_loss"]) for r in d["state"]["history"]]
+
     assert history(a) == history(b)
 
 

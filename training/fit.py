@@ -428,11 +428,11 @@ def finalize(args, out: Path, meta_base: dict, state: dict, index: DatasetIndex,
     # Everything below is fitted on the weights exactly as model.pt will hold them.
     model.load_state_dict(unpack_state(*pack_state(model.state_dict(), args.weight_storage)))
     config = PreprocessConfig.from_dict(best_meta["preprocess"])
-    head = model.get_submodule(get_spec(args.arch).head)
-    logits, valid_features = batched_forward(model, valid_images, config, features_of=head)
-    _, train_features = batched_forward(model, train_images, config, features_of=head)
+    layers = get_spec(args.arch).feature_layers(model)
+    logits, valid_features = batched_forward(model, valid_images, config, feature_layers=layers)
+    _, train_features = batched_forward(model, train_images, config, feature_layers=layers)
     temperature = fit_temperature(logits, valid_labels)
-    ood = MahalanobisOOD.fit(train_features, np.array([s.label for s in index.split("train")]))
+    ood = MahalanobisOOD.fit(train_features, np.array([s.label for s in index.split("train")]), valid_features)
     ood.threshold = float(np.quantile(ood.score(valid_features), args.ood_quantile))
     meta = {**best_meta, "temperature": temperature, "ood": ood.to_dict(), "name": out.name,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -510,7 +510,10 @@ def model_card(args, out: Path, meta: dict, state: dict, report: dict, parameter
         "calibration": {"method": "temperature scaling fitted on the validation split",
                         "temperature": meta["temperature"], "ece_before": report["ece_uncalibrated"],
                         "ece_after": report["ece"]},
-        "out_of_distribution": {"method": "Mahalanobis distance of penultimate features (PCA, shared covariance)",
+        "out_of_distribution": {"method": "Mahalanobis distance of pooled features to the nearest training-class "
+                                          "mean (PCA, shared covariance) at every backbone stage, relative to its "
+                                          "validation median; the largest ratio over the stages is the score",
+                                "layers": list(meta["ood"]["layers"]),
                                 "threshold": meta["ood"]["threshold"],
                                 "threshold_rule": f"{args.ood_quantile:.0%} quantile of validation scores"},
         "confidence_threshold": meta.get("confidence_threshold") or round(0.5 + 0.5 / len(index.class_names), 4),

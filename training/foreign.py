@@ -8,7 +8,8 @@ from PIL import Image, ImageDraw
 
 def foreign_images(size: int = 256, seed: int = 0) -> dict[str, np.ndarray]:
     """name -> uint8 image (grey or RGB): blank, noise, a photo-like scene, a
-    document, a chest-X-ray-like projection, a checkerboard and a smooth gradient."""
+    document, a chest-X-ray-like projection, a checkerboard, a smooth gradient,
+    and CT-like slices of the head and the abdomen."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:size, 0:size] / size
     images: dict[str, np.ndarray] = {
@@ -37,6 +38,16 @@ def foreign_images(size: int = 256, seed: int = 0) -> dict[str, np.ndarray]:
     ribs = 0.08 * np.sin(y * 60) * (lungs > 0.2)
     xray = 0.85 - 0.6 * lungs + ribs + rng.normal(0, 0.02, (size, size))
     images["xray_like"] = (np.clip(xray, 0, 1) * 255).astype(np.uint8)
+    # CT slices of other body parts: a head (bright skull ring, even brain) and an
+    # abdomen (soft tissue, spine, no air-filled lungs).
+    radius = np.hypot((x - 0.5) / 0.38, (y - 0.5) / 0.45)
+    head = np.where(radius < 1, 0.95, 0.0) + np.where(radius < 0.9, -0.45, 0.0)
+    images["head_ct_like"] = (np.clip(head + rng.normal(0, 0.02, head.shape), 0, 1) * 255).astype(np.uint8)
+    body = ((x - 0.5) / 0.45) ** 2 + ((y - 0.5) / 0.33) ** 2 < 1
+    spine = (x - 0.5) ** 2 + (y - 0.72) ** 2 < 0.05 ** 2
+    gas = ((x - 0.4) ** 2 + (y - 0.45) ** 2 < 0.03 ** 2) | ((x - 0.62) ** 2 + (y - 0.5) ** 2 < 0.025 ** 2)
+    abdomen = np.where(body, 0.55, 0.0) + np.where(spine, 0.4, 0.0) - np.where(gas, 0.5, 0.0)
+    images["abdomen_ct_like"] = (np.clip(abdomen + rng.normal(0, 0.02, abdomen.shape), 0, 1) * 255).astype(np.uint8)
     return images
 
 
