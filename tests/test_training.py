@@ -47,6 +47,17 @@ def test_fit_writes_a_complete_model_folder(tiny_model):
     assert card["validation"]["macro_f1"] == report["macro_f1"]
 
 
+def test_resume_of_a_finished_run_finalises_it_again(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--data", str(tiny_dataset), "--epochs", "1", "--out", str(out), *TINY]
+    assert run(argv) == 0
+    first = json.loads((out / "model_card.json").read_text())
+    assert run([*argv, "--resume"]) == 0
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["created"] >= first["created"]
+    assert load_model(out).card["weights_sha256"] == card["weights_sha256"]
+
+
 def test_evaluate_cli_on_a_split_and_on_everything(tiny_model, tiny_dataset, tmp_path):
     out = tmp_path / "reports" / "valid.json"
     cmd = [sys.executable, "-m", "training.evaluate", "--model", str(tiny_model), "--data", str(tiny_dataset),

@@ -438,6 +438,8 @@ def finalize(args, out: Path, meta_base: dict, state: dict, index: DatasetIndex,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     report, rows = validate(meta)
     meta["metrics"] = _short_metrics(report)
+    # A card left by an earlier finalisation describes weights about to be replaced.
+    (out / CARD_FILE).unlink(missing_ok=True)
     save_model_file(out / WEIGHTS_FILE, model, meta, storage=args.weight_storage)
     write_report(report, rows, out / REPORT_FILE)
     shipped = load_model(out / WEIGHTS_FILE)
