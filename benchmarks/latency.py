@@ -3,12 +3,18 @@
 the same run (fp32 contiguous model, PIL preprocessing, a separate
 pytorch-grad-cam call with default settings after the prediction).
 
-    .venv/bin/python benchmarks/latency.py [--models DIR ...] [--repeat 20]
+    .venv/bin/python benchmarks/latency.py [--models DIR ...] [--repeat 20] [--update-cards]
+
+``--update-cards`` records the figures in each model card (``latency_ms``),
+replacing the ones measured at the end of training, which shared the CPU with
+whatever else ran then. Run it on an otherwise idle machine.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import json
+import platform
 import statistics
 import sys
 import time
@@ -20,7 +26,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ctapp.inference import list_models, load_model  # noqa: E402
+from ctapp.checkpoint import atomic_write_text  # noqa: E402
+from ctapp.inference import CARD_FILE, list_models, load_model  # noqa: E402
 from ctapp.models import create_model  # noqa: E402
 from training.foreign import ct_phantom  # noqa: E402
 
@@ -74,6 +81,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=Path, nargs="*", help="model folders (default: every shipped model)")
     p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--update-cards", action="store_true", help="write the figures into each model card")
     args = p.parse_args()
     folders = args.models or [m.path for m in list_models()]
     if not folders:
@@ -89,6 +97,14 @@ def main() -> None:
         naive_p = median_ms(lambda: naive.predict(data), args.repeat)
         naive_e = median_ms(lambda: naive.predict_and_explain(data), args.repeat)
         print(f"{model.name:<28}{ours_p:>8.1f}ms{ours_e:>9.1f}ms   {naive_p:>12.1f}ms{naive_e:>10.1f}ms")
+        if args.update_cards:
+            card_path = Path(folder) / CARD_FILE
+            card = json.loads(card_path.read_text())
+            card["latency_ms"] = {"predict": round(ours_p, 1), "predict_gradcam": round(ours_e, 1),
+                                  "naive_predict": round(naive_p, 1), "naive_predict_gradcam": round(naive_e, 1),
+                                  "image": "512x512", "threads": torch.get_num_threads(),
+                                  "machine": platform.machine(), "measured_by": "benchmarks/latency.py"}
+            atomic_write_text(json.dumps(card, indent=2), card_path)
 
 
 if __name__ == "__main__":
