@@ -36,6 +36,15 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used (message says why)."""
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # once, at import: os.umask can only be read by setting it, which threads would race
+
+
 @contextmanager
 def _atomic_file(path: str | Path, mode: str) -> Iterator[IO]:
     """A temporary file beside ``path``; on success it is fsynced and renamed over ``path``."""
@@ -47,6 +56,7 @@ def _atomic_file(path: str | Path, mode: str) -> Iterator[IO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide models from other users
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
