@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -58,17 +59,17 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> N
     raise TimeoutError(f"streamlit did not answer at {url} within {timeout:.0f} s")
 
 
-@pytest.fixture(scope="module")
-def server(app_env, tmp_path_factory):
+@contextmanager
+def running_app(env: dict[str, str], log: Path):
+    """``streamlit run app.py`` on a free localhost port; yields its URL. The
+    server log must hold no traceback when it stops."""
     port = free_port()
-    log = tmp_path_factory.mktemp("streamlit") / "server.log"
-    env = {**os.environ, **app_env.env}
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
              "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
              "--server.fileWatcherType", "none"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+            cwd=REPO, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, process)
@@ -81,6 +82,12 @@ def server(app_env, tmp_path_factory):
             process.kill()
         server_log = log.read_text(errors="replace")
         assert "Traceback" not in server_log, server_log[-4000:]
+
+
+@pytest.fixture(scope="module")
+def server(app_env, tmp_path_factory):
+    with running_app(app_env.env, tmp_path_factory.mktemp("streamlit") / "server.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +198,61 @@ def test_diagnosis_comparison_and_card_in_a_browser(page, server, tmp_path):
     page.locator(".js-plotly-plot").first.wait_for(timeout=WAIT_MS)
     page.wait_for_timeout(1000)
     screenshot(page, "model-card-training.png")
+
+
+def shipped_model_tasks() -> set[str]:
+    from ctapp.inference import DEFAULT_MODELS_DIR, list_models
+
+    return {m.task for m in list_models([DEFAULT_MODELS_DIR])}
+
+
+def real_lung_slice() -> Path | None:
+    folder = REPO.parent / "shared" / "data" / "chest-ct-scan-images" / "Data" / "valid"
+    return next(iter(sorted(folder.rglob("*.png"))), None) if folder.is_dir() else None
+
+
+@pytest.mark.skipif(not shipped_model_tasks(), reason="no shipped models under models/")
+def test_shipped_models_in_a_browser(tmp_path):
+    """What a new user sees: the app on the shipped models (no environment
+    set), one lung slice uploaded (a real one when ../shared/data is here)."""
+    env = {"CTAPP_AUDIT_LOG": str(tmp_path / "audit.sqlite"), "CTAPP_REPORTS_DIR": str(tmp_path / "reports")}
+    upload = real_lung_slice()
+    if upload is None:
+        from PIL import Image
+
+        from training.foreign import ct_phantom
+
+        upload = tmp_path / "phantom.png"
+        Image.fromarray(ct_phantom(512)).save(upload)
+    tasks = sorted(shipped_model_tasks(), key=lambda t: "lung" not in t.lower())  # the lung task first
+    task = tasks[0]
+    from playwright.sync_api import sync_playwright
+
+    with running_app(env, tmp_path / "server.log") as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1800})
+        try:
+            page.goto(url, wait_until="networkidle")
+            page.get_by_role("heading", name="CT slice diagnosis").wait_for(timeout=WAIT_MS)
+            select_option(page, "Task", task)
+            page.locator("input[type='file']").first.set_input_files([str(upload)])
+            page.get_by_text("Grad-CAM for", exact=False).first.wait_for(timeout=WAIT_MS)
+            verdict = page.get_by_text("Prediction:", exact=False).or_(page.get_by_text("Uncertain:", exact=False))
+            verdict.first.wait_for(timeout=WAIT_MS)
+            page.locator(".js-plotly-plot").first.wait_for(timeout=WAIT_MS)
+            page.wait_for_timeout(1500)
+            assert_clean(page)
+            screenshot(page, "shipped-diagnosis.png")
+
+            page.get_by_role("link", name="Model comparison").click()
+            page.get_by_role("heading", name="Model comparison").wait_for(timeout=WAIT_MS)
+            select_option(page, "Task", task)
+            page.get_by_text("Per class").wait_for(timeout=WAIT_MS)
+            page.wait_for_timeout(1500)
+            assert_clean(page)
+            screenshot(page, "shipped-comparison.png")
+            page.get_by_role("tab", name="ROC curves").click()
+            page.wait_for_timeout(1500)
+            screenshot(page, "shipped-comparison-roc.png")
+        finally:
+            browser.close()
