@@ -91,18 +91,24 @@ def server(app_env, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(server, tmp_path_factory):
+def pw():
+    """One Playwright driver for the module (a second one cannot start while it runs)."""
     from playwright.sync_api import sync_playwright
 
-    profile = tmp_path_factory.mktemp("chromium-profile")
     with sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(profile), executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1440, "height": 1800}, device_scale_factor=1)
-        try:
-            yield context.pages[0] if context.pages else context.new_page()
-        finally:
-            context.close()
+        yield p
+
+
+@pytest.fixture(scope="module")
+def page(server, pw, tmp_path_factory):
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    context = pw.chromium.launch_persistent_context(
+        str(profile), executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS,
+        viewport={"width": 1440, "height": 1800}, device_scale_factor=1)
+    try:
+        yield context.pages[0] if context.pages else context.new_page()
+    finally:
+        context.close()
 
 
 def select_option(page, label: str, option: str) -> None:
@@ -212,7 +218,7 @@ def real_lung_slice() -> Path | None:
 
 
 @pytest.mark.skipif(not shipped_model_tasks(), reason="no shipped models under models/")
-def test_shipped_models_in_a_browser(tmp_path):
+def test_shipped_models_in_a_browser(pw, tmp_path):
     """What a new user sees: the app on the shipped models (no environment
     set), one lung slice uploaded (a real one when ../shared/data is here)."""
     env = {"CTAPP_AUDIT_LOG": str(tmp_path / "audit.sqlite"), "CTAPP_REPORTS_DIR": str(tmp_path / "reports")}
@@ -226,10 +232,8 @@ def test_shipped_models_in_a_browser(tmp_path):
         Image.fromarray(ct_phantom(512)).save(upload)
     tasks = sorted(shipped_model_tasks(), key=lambda t: "lung" not in t.lower())  # the lung task first
     task = tasks[0]
-    from playwright.sync_api import sync_playwright
-
-    with running_app(env, tmp_path / "server.log") as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
+    with running_app(env, tmp_path / "server.log") as url:
+        browser = pw.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 1800})
         try:
             page.goto(url, wait_until="networkidle")
