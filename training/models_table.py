@@ -1,18 +1,24 @@
 """Print the README's table of shipped models (from their model cards) and the
 exact commands that trained them.
 
-    python -m training.models_table [MODELS_DIR]
+    python -m training.models_table [MODELS_DIR] [--readme README.md]
+
+With ``--readme`` the table replaces what lies between the README's
+``<!-- models-table ... -->`` and ``<!-- /models-table -->`` markers.
 """
 from __future__ import annotations
 
+import argparse
+import re
 import shlex
-import sys
 from pathlib import Path
 
 from ctapp.inference import DEFAULT_MODELS_DIR, list_models
 
 # Options that describe the run rather than the model, left out of the printed command.
 RUN_ONLY = {"quiet", "resume", "stop_after", "workers", "device"}
+# Printed even at their defaults: what a reader looks for first.
+ALWAYS = {"data", "arch", "weights", "epochs", "img_size", "out"}
 
 
 def command(settings: dict, out: str | None = None) -> str:
@@ -26,8 +32,8 @@ def command(settings: dict, out: str | None = None) -> str:
         if key == "out" and out:
             value = out
         default = defaults.get(key)
-        if key in RUN_ONLY or value in (None, False) or value == default or \
-                (isinstance(default, tuple) and list(default) == value):
+        at_default = value == default or (isinstance(default, tuple) and list(default) == value)
+        if key in RUN_ONLY or value in (None, False) or (at_default and key not in ALWAYS):
             continue
         flag = "--" + key.replace("_", "-")
         if value is True:
@@ -61,5 +67,25 @@ def table(folder: Path) -> str:
     return "\n".join(rows) + "\n\n```bash\n" + "\n".join(commands) + "\n```"
 
 
+def write_into(readme: Path, text: str) -> None:
+    content = readme.read_text(encoding="utf-8")
+    pattern = re.compile(r"(<!-- models-table[^>]*-->\n).*?(<!-- /models-table -->)", re.S)
+    if not pattern.search(content):
+        raise SystemExit(f"{readme}: no <!-- models-table --> ... <!-- /models-table --> markers")
+    readme.write_text(pattern.sub(lambda m: m.group(1) + text + "\n" + m.group(2), content), encoding="utf-8")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="The README's table of shipped models and their training commands.")
+    p.add_argument("models", nargs="?", type=Path, default=DEFAULT_MODELS_DIR, help="folder of model folders")
+    p.add_argument("--readme", type=Path, help="write the table into this README between its markers")
+    args = p.parse_args()
+    text = table(args.models)
+    if args.readme:
+        write_into(args.readme, text)
+    else:
+        print(text)
+
+
 if __name__ == "__main__":
-    print(table(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_MODELS_DIR))
+    main()
