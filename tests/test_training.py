@@ -141,3 +141,24 @@ def test_distributed_training_with_two_cpu_processes(tiny_dataset, tmp_path):
     assert model.class_names == ["alpha", "beta"]
     history = safe_load(out / "last.pt")["state"]["history"]
     assert len(history) == 2
+
+
+def test_models_table_command_reproduces_the_training_settings(tiny_model, tmp_path):
+    import shlex
+
+    from training.models_table import table, write_into
+
+    card = json.loads((tiny_model / "model_card.json").read_text())
+    text = table(tiny_model.parent)
+    line = next(line for line in text.splitlines() if line.startswith("python -m training.fit"))
+    args = vars(get_args_parser().parse_args(shlex.split(line)[3:]))
+    settings = card["training"]["settings"]
+    for key in ("data", "arch", "epochs", "img_size", "batch_size", "weights", "lr"):
+        assert args[key] == settings[key], key
+    assert args["out"] == f"models/{tiny_model.name}"
+    assert f"`{tiny_model.name}`" in text
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- models-table: x -->\nold\n<!-- /models-table -->\nrest\n")
+    write_into(readme, text)
+    content = readme.read_text()
+    assert "old" not in content and text in content and content.endswith("rest\n")
