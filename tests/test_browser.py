@@ -239,11 +239,20 @@ def test_shipped_models_in_a_browser(pw, tmp_path):
             page.goto(url, wait_until="networkidle")
             page.get_by_role("heading", name="CT slice diagnosis").wait_for(timeout=WAIT_MS)
             select_option(page, "Task", task)
-            page.locator("input[type='file']").first.set_input_files([str(upload)])
-            page.get_by_text("Grad-CAM for", exact=False).first.wait_for(timeout=WAIT_MS)
-            verdict = page.get_by_text("Prediction:", exact=False).or_(page.get_by_text("Uncertain:", exact=False))
-            verdict.first.wait_for(timeout=WAIT_MS)
-            page.locator(".js-plotly-plot").first.wait_for(timeout=WAIT_MS)
+            # Warm the model with a first upload, then time a second one: a figure, not an assertion.
+            for attempt in range(2):
+                if attempt:
+                    page.reload(wait_until="networkidle")
+                    page.get_by_role("heading", name="CT slice diagnosis").wait_for(timeout=WAIT_MS)
+                    select_option(page, "Task", task)
+                start = time.perf_counter()
+                page.locator("input[type='file']").first.set_input_files([str(upload)])
+                page.get_by_text("Grad-CAM for", exact=False).first.wait_for(timeout=WAIT_MS)
+                verdict = page.get_by_text("Prediction:", exact=False).or_(page.get_by_text("Uncertain:", exact=False))
+                verdict.first.wait_for(timeout=WAIT_MS)
+                page.locator(".js-plotly-plot").first.wait_for(timeout=WAIT_MS)
+            print(f"\nupload to prediction, probabilities and Grad-CAM on screen (warm model): "
+                  f"{time.perf_counter() - start:.2f} s")
             page.wait_for_timeout(1500)
             assert_clean(page)
             screenshot(page, "shipped-diagnosis.png")
