@@ -134,6 +134,17 @@ def assert_clean(page) -> None:
     assert "Research use only" in text
 
 
+def open_comparison(page, task: str, shot: str) -> None:
+    """Go to the comparison dashboard, pick ``task``, wait for the metrics and take a screenshot."""
+    page.get_by_role("link", name="Model comparison").click()
+    page.get_by_role("heading", name="Model comparison").wait_for(timeout=WAIT_MS)
+    select_option(page, "Task", task)
+    page.get_by_text("Per class").wait_for(timeout=WAIT_MS)
+    page.wait_for_timeout(1500)
+    assert_clean(page)
+    screenshot(page, shot)
+
+
 def test_diagnosis_comparison_and_card_in_a_browser(page, server, tmp_path):
     page.goto(server, wait_until="networkidle")
     page.get_by_role("heading", name="CT slice diagnosis").wait_for(timeout=WAIT_MS)
@@ -178,13 +189,7 @@ def test_diagnosis_comparison_and_card_in_a_browser(page, server, tmp_path):
     assert PATIENT_NAME.split("^")[0] not in page.locator("body").inner_text()
     screenshot(page, "diagnosis-dicom.png")
 
-    page.get_by_role("link", name="Model comparison").click()
-    page.get_by_role("heading", name="Model comparison").wait_for(timeout=WAIT_MS)
-    select_option(page, "Task", TASK)
-    page.get_by_text("Per class").wait_for(timeout=WAIT_MS)
-    page.wait_for_timeout(1500)
-    assert_clean(page)
-    screenshot(page, "comparison.png")
+    open_comparison(page, TASK, "comparison.png")
     for tab, name in (("ROC curves", "comparison-roc.png"), ("Confusion matrices", "comparison-confusion.png"),
                       ("Calibration", "comparison-calibration.png"),
                       ("Two models on the same images", "comparison-paired.png")):
@@ -257,13 +262,7 @@ def test_shipped_models_in_a_browser(pw, tmp_path):
             assert_clean(page)
             screenshot(page, "shipped-diagnosis.png")
 
-            page.get_by_role("link", name="Model comparison").click()
-            page.get_by_role("heading", name="Model comparison").wait_for(timeout=WAIT_MS)
-            select_option(page, "Task", task)
-            page.get_by_text("Per class").wait_for(timeout=WAIT_MS)
-            page.wait_for_timeout(1500)
-            assert_clean(page)
-            screenshot(page, "shipped-comparison.png")
+            open_comparison(page, task, "shipped-comparison.png")
             page.get_by_role("tab", name="ROC curves").click()
             page.wait_for_timeout(1500)
             screenshot(page, "shipped-comparison-roc.png")
