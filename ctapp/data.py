@@ -13,6 +13,7 @@ and ``adenocarcinoma`` are one class.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -60,6 +61,7 @@ class Sample:
     path: Path
     label: int
     split: str  # "train", "valid", "test" or "" before splitting
+    source: str = ""  # which dataset folder it came from, when several are pooled
 
 
 @dataclass
@@ -172,24 +174,115 @@ def scan_dataset(root: str | Path, class_names: list[str] | None = None) -> Data
     return DatasetIndex(root, layout, list(class_names), display, samples, notes)
 
 
+def scan_sources(roots: list[str | Path], class_names: list[str] | None = None) -> DatasetIndex:
+    """Index one or several dataset folders as one dataset; every sample knows its
+    source (the folder's name), so that folds and figures can be broken down by it.
+
+    Classes are matched by their key across folders (``COVID`` and ``covid`` are
+    one class). Several sources are pooled for cross-validation; a split-folder
+    source keeps its splits.
+    """
+    roots = [Path(r) for r in roots]
+    if not roots:
+        raise DatasetError("no dataset folder given")
+    parts = [scan_dataset(r, class_names) for r in roots]
+    if len(parts) == 1:
+        index = parts[0]
+        index.samples = [replace(s, source=roots[0].name) for s in index.samples]
+        return index
+    common = Path(os.path.commonpath([r.resolve() for r in roots]))
+    names = [str(r.resolve().relative_to(common)) if r.resolve() != common else r.name for r in roots]
+    if len(set(names)) < len(names):
+        raise DatasetError(f"the same folder is given twice: {[str(r) for r in roots]}")
+    keys = list(class_names) if class_names is not None else sorted({k for part in parts for k in part.class_names})
+    display = {}
+    for part in parts:
+        for key, shown in zip(part.class_names, part.display_names):
+            display.setdefault(key, shown)
+    samples, notes = [], []
+    for name, part in zip(names, parts):
+        remap = [keys.index(k) for k in part.class_names]
+        samples += [replace(s, label=remap[s.label], source=name) for s in part.samples]
+        notes += [f"{name}: {note}" for note in part.notes]
+        missing = sorted(set(keys) - set(part.class_names))
+        if missing:
+            notes.append(f"{name}: no images of {missing}")
+    layout = "splits" if any(part.layout == "splits" for part in parts) else "classes"
+    return DatasetIndex(common, layout, keys, [display.get(k, k) for k in keys], samples, notes)
+
+
 def file_number(path: Path) -> int | None:
     """The last run of digits in a file name ('Covid (123).png' -> 123)."""
     numbers = re.findall(r"\d+", path.stem)
     return int(numbers[-1]) if numbers else None
 
 
-def split_groups(samples: list[Sample], block_size: int | None) -> np.ndarray:
-    """Group id per sample: blocks of ``block_size`` consecutive file numbers
-    within a class folder, or one group per file when ``block_size`` is None."""
-    if not block_size:
-        return np.arange(len(samples))
-    ids: dict[tuple, int] = {}
-    groups = []
+# Figure crops named '<paper id>-p<page>-<figure>...' (UCSD COVID-CT) or
+# '<figure>%<panel>' come from one publication or figure: they are one group.
+GROUP_PATTERN = r"^(.+?)(?:-p\d|%\d+$)"
+
+
+def group_ids(samples: list[Sample], *, block_size: int | None = None, pattern: str = GROUP_PATTERN,
+              digests: list[str] | None = None) -> np.ndarray:
+    """Group id per sample for grouped splitting: samples of one group always land
+    on the same side of any split or fold.
+
+    A file whose name (without extension) matches ``pattern`` belongs to the
+    group its first capture names (within its source); otherwise, with
+    ``block_size``, to its block of consecutive file numbers within its class
+    folder; otherwise it is a group of its own. Samples with the same
+    ``digests`` entry (identical pixels) are merged into one group.
+    """
+    matcher = re.compile(pattern) if pattern else None
+    keys: dict[tuple, int] = {}
+    group_of = []
     for i, s in enumerate(samples):
+        match = matcher.search(s.path.stem) if matcher else None
         number = file_number(s.path)
-        key = (str(s.path.parent), number // block_size) if number is not None else ("file", i)
-        groups.append(ids.setdefault(key, len(ids)))
-    return np.asarray(groups)
+        if match:
+            key = ("named", s.source, match.group(1))
+        elif block_size and number is not None:
+            key = ("block", s.source, str(s.path.parent), number // block_size)
+        else:
+            key = ("file", i)
+        group_of.append(keys.setdefault(key, len(keys)))
+    parent = list(range(len(keys)))  # union-find: groups that share an image merge
+
+    def find(g: int) -> int:
+        while parent[g] != g:
+            parent[g] = parent[parent[g]]
+            g = parent[g]
+        return g
+
+    if digests is not None:
+        first: dict[str, int] = {}
+        for g, digest in zip(group_of, digests):
+            if not digest:
+                continue
+            if digest in first:
+                parent[find(g)] = find(first[digest])
+            else:
+                first[digest] = g
+    roots = [find(g) for g in group_of]
+    dense = {r: i for i, r in enumerate(dict.fromkeys(roots))}
+    return np.asarray([dense[r] for r in roots])
+
+
+def cv_folds(samples: list[Sample], groups: np.ndarray, folds: int, seed: int,
+             class_names: list[str]) -> np.ndarray:
+    """Fold number (0..folds-1) of every sample: stratified by class, seeded, and
+    never separating a group."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if folds < 2:
+        raise DatasetError(f"cross-validation needs at least 2 folds, got {folds}")
+    labels = np.array([s.label for s in samples])
+    _check_enough(samples, labels, groups, folds, class_names, f"{folds}-fold cross-validation")
+    fold_of = np.full(len(samples), -1)
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for k, (_, held) in enumerate(splitter.split(np.zeros(len(samples)), labels, groups)):
+        fold_of[held] = k
+    return fold_of
 
 
 def _check_enough(samples: list[Sample], labels: np.ndarray, groups: np.ndarray, n_splits: int,
@@ -213,12 +306,14 @@ def assign_splits(
     test_fraction: float = 0.0,
     seed: int = 0,
     block_size: int | None = None,
+    pattern: str = GROUP_PATTERN,
     exclude: set[Path] = frozenset(),
 ) -> DatasetIndex:
     """Seeded, stratified split of a class-folder dataset.
 
-    With ``block_size`` the split is by groups of consecutive file numbers
-    (StratifiedGroupKFold), so neighbouring slices never straddle two splits.
+    The split is by the groups of :func:`group_ids` (StratifiedGroupKFold):
+    with ``block_size``, neighbouring slices never straddle two splits; files
+    matching ``pattern`` stay with their group.
     Samples in ``exclude`` (e.g. redundant copies found by the audit) are
     dropped first, so that copies of one image cannot land on both sides.
     """
@@ -230,7 +325,7 @@ def assign_splits(
     labels = np.array([s.label for s in samples])
     if len(set(labels.tolist())) < 2:
         raise DatasetError("at least two classes with images are needed to train a classifier")
-    groups = split_groups(samples, block_size)
+    groups = group_ids(samples, block_size=block_size, pattern=pattern)
     split = np.array(["train"] * len(samples), dtype=object)
     remaining = np.arange(len(samples))
     for name, fraction in (("test", test_fraction), ("valid", val_fraction)):
@@ -249,21 +344,3 @@ def assign_splits(
     notes = index.notes + [f"split here by {how}, seed {seed}: " + ", ".join(
         f"{k} {v}" for k, v in sorted(Counter(split.tolist()).items()))]
     return replace(index, samples=new_samples, notes=notes)
-
-
-def kfold_assign(index: DatasetIndex, *, folds: int, fold: int, seed: int, block_size: int | None) -> DatasetIndex:
-    """Cross-validation on the training split: fold ``fold`` of ``folds`` becomes
-    the validation split; other splits are left out."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    if not 0 <= fold < folds:
-        raise DatasetError(f"fold must be in 0..{folds - 1}, got {fold}")
-    train = [s for s in index.samples if s.split == "train"]
-    labels = np.array([s.label for s in train])
-    groups = split_groups(train, block_size)
-    _check_enough(train, labels, groups, folds, index.class_names, f"{folds}-fold cross-validation")
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    _, held = list(splitter.split(np.zeros(len(train)), labels, groups))[fold]
-    held_set = set(held.tolist())
-    samples = [replace(s, split="valid" if i in held_set else "train") for i, s in enumerate(train)]
-    return replace(index, samples=samples, notes=index.notes + [f"cross-validation fold {fold + 1} of {folds}"])

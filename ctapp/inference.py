@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,9 +136,11 @@ class MahalanobisOOD:
     layer alone misses many of the former.
     """
 
-    def __init__(self, layers: dict[str, _ClassGaussians], threshold: float | None = None):
+    def __init__(self, layers: dict[str, _ClassGaussians], threshold: float | None = None,
+                 far_threshold: float | None = None):
         self.layers = layers
-        self.threshold = threshold
+        self.threshold = threshold  # above: unlike the training images
+        self.far_threshold = far_threshold  # above: not a chest CT at all
 
     @classmethod
     def fit(cls, train_features: dict[str, np.ndarray], labels: np.ndarray,
@@ -156,11 +159,25 @@ class MahalanobisOOD:
         return np.max(np.stack(list(self.layer_scores(features).values())), axis=0)
 
     def to_dict(self) -> dict:
-        return {"layers": {name: g.to_dict() for name, g in self.layers.items()}, "threshold": self.threshold}
+        return {"layers": {name: g.to_dict() for name, g in self.layers.items()}, "threshold": self.threshold,
+                "far_threshold": self.far_threshold}
 
     @classmethod
     def from_dict(cls, d: dict) -> "MahalanobisOOD":
-        return cls({name: _ClassGaussians.from_dict(g) for name, g in d["layers"].items()}, d.get("threshold"))
+        return cls({name: _ClassGaussians.from_dict(g) for name, g in d["layers"].items()}, d.get("threshold"),
+                   d.get("far_threshold"))
+
+
+# The states of an answer. Only CONFIDENT is a result; the others show the
+# leaning class for reference only, in their own words.
+CONFIDENT = "confident"
+LOW_CONFIDENCE = "low confidence"
+UNLIKE_TRAINING = "unlike the training images"
+NOT_CHEST_CT = "not a chest CT"
+NOT_CT_REASON = ("this does not look like a chest CT slice (blank, noise, photo, document or another body part): "
+                 "no result")
+UNLIKE_TRAINING_REASON = ("this looks like a CT slice unlike the training images (another scanner, hospital or "
+                          "export?): the model may misread it")
 
 
 @dataclass
@@ -169,11 +186,12 @@ class Prediction:
     display_label: str  # e.g. "Adenocarcinoma"
     probabilities: dict[str, float]  # class key -> calibrated probability
     confidence: float
-    uncertain: bool
-    out_of_distribution: bool
+    uncertain: bool  # any state but CONFIDENT: not a valid result
+    out_of_distribution: bool  # UNLIKE_TRAINING or NOT_CHEST_CT
     ood_score: float | None
     reasons: list[str] = field(default_factory=list)  # why the result is flagged
     notes: list[str] = field(default_factory=list)  # how the image was read
+    state: str = CONFIDENT  # CONFIDENT, NOT_CHEST_CT, UNLIKE_TRAINING or LOW_CONFIDENCE
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -222,44 +240,81 @@ class LoadedModel:
     def _decode(self, image: ImageSource | Slice) -> Slice:
         return image if isinstance(image, Slice) else decode(image, window=self.preprocess.window)
 
-    def _prediction(self, logits: torch.Tensor, features: dict[str, torch.Tensor], image: Slice) -> Prediction:
+    def assess(self, confidence: float, ood_score: float | None, body_found: bool = True) -> tuple[str, list[str]]:
+        """The state of an answer and the reasons behind it: the one rule shared by
+        the app, the command line and evaluation reports.
+
+        Not a chest CT: the body crop found no body, or the out-of-distribution
+        score is beyond anything chest CT scored (``ood.far_threshold``). Unlike
+        the training images: beyond the usual range of unseen chest CT slices
+        (``ood.threshold``). Low confidence: below the threshold chosen on
+        out-of-fold predictions.
+        """
+        reasons, state = [], CONFIDENT
+        far = self.ood.far_threshold if self.ood is not None else None
+        near = self.ood.threshold if self.ood is not None else None
+        if not body_found or (ood_score is not None and far is not None and ood_score > far):
+            state = NOT_CHEST_CT
+            reasons.append(NOT_CT_REASON)
+        elif ood_score is not None and near is not None and ood_score > near:
+            state = UNLIKE_TRAINING
+            reasons.append(UNLIKE_TRAINING_REASON)
+        if confidence < self.confidence_threshold:
+            state = LOW_CONFIDENCE if state == CONFIDENT else state
+            reasons.append(f"low confidence: the top probability {confidence:.0%} is below "
+                           f"{self.confidence_threshold:.0%}")
+        return state, reasons
+
+    def _prediction(self, logits: torch.Tensor, features: dict[str, torch.Tensor], image: Slice,
+                    body_found: bool = True) -> Prediction:
         scaled = logits.double() / self.temperature
         probs = torch.softmax(scaled, dim=1)[0].numpy()
         top = int(probs.argmax())
-        reasons = []
-        ood_score, ood = None, False
-        if self.ood is not None:
-            ood_score = float(self.ood.score(features)[0])
-            if self.ood.threshold is not None and ood_score > self.ood.threshold:
-                ood = True
-                reasons.append("this does not look like a chest CT slice the model was trained on")
-        if probs[top] < self.confidence_threshold:
-            reasons.append(f"low confidence: the top probability {probs[top]:.0%} is below {self.confidence_threshold:.0%}")
+        ood_score = float(self.ood.score(features)[0]) if self.ood is not None else None
+        state, reasons = self.assess(float(probs[top]), ood_score, body_found)
         return Prediction(
             label=self.class_names[top],
             display_label=self.display_names[top],
             probabilities={name: float(p) for name, p in zip(self.class_names, probs)},
             confidence=float(probs[top]),
-            uncertain=bool(reasons),
-            out_of_distribution=ood,
+            uncertain=state != CONFIDENT,
+            out_of_distribution=state in (NOT_CHEST_CT, UNLIKE_TRAINING),
             ood_score=ood_score,
             reasons=reasons,
-            notes=list(image.notes),
+            notes=list(image.notes) + ([] if body_found else ["no body found in the slice: left uncropped"]),
+            state=state,
         )
 
     def predict(self, image: ImageSource | Slice) -> Prediction:
         """Label and calibrated probabilities of every class for one slice."""
         image = self._decode(image)
-        x, _ = model_input(image.pixels, self.preprocess)
+        x, geometry = model_input(image.pixels, self.preprocess)
         with self._lock, torch.inference_mode(), FeatureCapture(self.model, self.feature_layers) as capture:
             logits = self.model(x)
-        return self._prediction(logits, capture.features(), image)
+        return self._prediction(logits, capture.features(), image, geometry.body_found)
 
     def forward_batch(self, images: torch.Tensor, batch_size: int = 32) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Raw logits and the out-of-distribution features of cached (N, 1, S, S) grey squares."""
-        with self._lock:
-            return batched_forward(self.model, images, self.preprocess, batch_size=batch_size,
-                                   feature_layers=self.feature_layers, memory_format=torch.contiguous_format)
+        """Raw logits and the out-of-distribution features of cached (N, 1, S, S) grey squares.
+
+        The model's lock is taken per chunk of ``batch_size`` images, not for
+        the whole call, so one user's long evaluation lets other users'
+        predictions through between chunks.
+        """
+        chunks = []
+        for start in range(0, max(len(images), 1), batch_size):
+            with self._lock:
+                chunks.append(batched_forward(self.model, images[start:start + batch_size], self.preprocess,
+                                              batch_size=batch_size, feature_layers=self.feature_layers,
+                                              memory_format=torch.contiguous_format))
+            # Python's locks are not fair: without a pause this thread takes the lock straight
+            # back and a waiting predict() starves (measured: waits of 2 s instead of one chunk).
+            time.sleep(0.001)
+        if len(chunks) == 1:
+            return chunks[0]
+        logits = np.concatenate([chunk_logits for chunk_logits, _ in chunks])
+        features = {name: np.concatenate([chunk_features[name] for _, chunk_features in chunks])
+                    for name in chunks[0][1]}
+        return logits, features
 
     def class_index(self, target: int | str | None) -> int | None:
         if target is None or isinstance(target, int):
@@ -293,7 +348,7 @@ class LoadedModel:
                     logits = cam.outputs.detach()
             finally:
                 self.model.zero_grad(set_to_none=True)
-        prediction = self._prediction(logits, capture.features(), image)
+        prediction = self._prediction(logits, capture.features(), image, geometry.body_found)
         cam_index = index if index is not None else self.class_names.index(prediction.label)
         heat = np.clip(cam_to_image(maps[0], geometry), 0.0, 1.0)
         return Analysis(prediction, heat, self.class_names[cam_index], image)

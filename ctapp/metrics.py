@@ -132,3 +132,44 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
     p_value = float(binomtest(only_a, discordant, 0.5).pvalue) if discordant else 1.0
     return {"only_a_correct": only_a, "only_b_correct": only_b, "p_value": p_value,
             "significant_at_0.05": p_value < 0.05}
+
+
+def risk_coverage(probs: np.ndarray, y_true: np.ndarray, points: int = 50) -> list[dict]:
+    """Accuracy of the answered slices against the share answered, answering the
+    most confident first: ``points`` steps from the most confident few to all."""
+    confidence = np.asarray(probs).max(axis=1)
+    correct = np.asarray(probs).argmax(axis=1) == np.asarray(y_true)
+    order = np.argsort(-confidence, kind="stable")
+    hits = np.cumsum(correct[order])
+    n = len(order)
+    curve = []
+    for k in sorted({max(1, round(n * (i + 1) / points)) for i in range(points)}) if n else []:
+        curve.append({"threshold": float(confidence[order[k - 1]]), "coverage": k / n, "accuracy": float(hits[k - 1] / k)})
+    return curve
+
+
+def selective_threshold(probs: np.ndarray, y_true: np.ndarray, flagged: np.ndarray, target: float,
+                        min_answered: int = 20) -> float:
+    """The lowest confidence threshold at which the slices answered (not
+    ``flagged`` and at least that confident) are right at least ``target`` of
+    the time, answering as many as possible. When no threshold reaches the
+    target, the one with the highest accuracy over at least ``min_answered``
+    slices."""
+    probs = np.asarray(probs)
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == np.asarray(y_true)
+    keep = ~np.asarray(flagged, bool)
+    confidence, correct = confidence[keep], correct[keep]
+    if not len(confidence):
+        return 1.0
+    order = np.argsort(-confidence, kind="stable")
+    confidence, correct = confidence[order], correct[order]
+    accuracy = np.cumsum(correct) / np.arange(1, len(correct) + 1)
+    # A threshold answers every slice at least as confident: only the last of tied confidences is a cut.
+    cuts = np.flatnonzero(np.append(confidence[1:] < confidence[:-1], True))
+    enough = cuts[cuts + 1 >= min(min_answered, len(confidence))]
+    if not len(enough):
+        enough = cuts
+    reaching = enough[accuracy[enough] >= target]
+    best = reaching[-1] if len(reaching) else enough[np.argmax(accuracy[enough])]
+    return float(confidence[best])

@@ -57,8 +57,10 @@ def main(args: argparse.Namespace) -> int:
             print(json.dumps({"file": str(path), **p.to_dict()}))
         else:
             probs = " ".join(f"{name}={value:.3f}" for name, value in p.probabilities.items())
+            # An uncertain answer never reads like a result: the label column says so.
+            label = f"UNCERTAIN ({p.state}; leans {p.label})" if p.uncertain else p.label
             flags = f"\t{'; '.join(p.reasons)}" if p.reasons else ""
-            print(f"{path}\t{p.label}\t{p.confidence:.3f}\t{probs}{flags}")
+            print(f"{path}\t{label}\t{p.confidence:.3f}\t{probs}{flags}")
         sys.stdout.flush()
     return 1 if failures else 0
 

@@ -2,9 +2,12 @@
 inference, Grad-CAM) turns a decoded slice into a model input here, from the
 :class:`PreprocessConfig` stored in the checkpoint.
 
-A slice is padded to a square with black (air) so anatomy is never stretched,
-resized to ``img_size``, replicated from grey to ``channels`` channels and
-normalised with ``mean``/``std``.
+A slice is optionally cropped to the body (``crop="body"``: the black frame,
+text, rulers and arrows outside the patient are removed, so that the model sees
+anatomy rather than the export style), optionally standardised in intensity
+(``intensity="percentile"``), padded to a square with black (air) so anatomy is
+never stretched, resized to ``img_size``, replicated from grey to ``channels``
+channels and normalised with ``mean``/``std``.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from .imaging import ImageDecodeError, Window, decode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_MODES = ("none", "body")
+INTENSITY_MODES = ("none", "percentile")
 
 
 @dataclass(frozen=True)
@@ -32,10 +37,18 @@ class PreprocessConfig:
     channels: int = 3  # grey is replicated to this many channels
     window_center: float = -600.0  # DICOM lung window, Hounsfield units
     window_width: float = 1500.0
+    # Checkpoints written before these fields existed load with "none": their
+    # models keep seeing exactly what they were trained on.
+    crop: str = "none"
+    intensity: str = "none"
 
     def __post_init__(self):
         if self.img_size < 32:
             raise ValueError(f"img_size must be at least 32, got {self.img_size}")
+        if self.crop not in CROP_MODES:
+            raise ValueError(f"crop must be one of {CROP_MODES}, got {self.crop!r}")
+        if self.intensity not in INTENSITY_MODES:
+            raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got {self.intensity!r}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError("mean and std need one value per channel")
 
@@ -60,18 +73,71 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Where the original image sits inside the padded square, to map a
-    Grad-CAM back onto the original pixels."""
+    """Where the model input came from in the original image, to map a
+    Grad-CAM back onto the original pixels: the crop box ``(top, left, bottom,
+    right)`` in the original, and where that crop sits inside the padded square
+    of side ``side`` (offsets ``pad_top``, ``pad_left``) that was resized to the
+    model's input."""
 
     height: int
     width: int
-    top: int
-    left: int
+    box: tuple[int, int, int, int]
+    pad_top: int
+    pad_left: int
     side: int
+    body_found: bool = True
 
 
-def square(pixels: np.ndarray, size: int) -> tuple[np.ndarray, Geometry]:
-    """Pad (H, W) grey pixels to a centred square with zeros, resize to size x size."""
+# A body smaller than this share of the slice is not trusted: the slice is left uncropped.
+MIN_BODY_FRACTION = 0.05
+BODY_MARGIN = 0.02  # of the longer crop side, so the skin line is never cut
+
+
+def body_box(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Bounding box ``(top, left, bottom, right)`` of the patient's body in a grey
+    slice in [0, 1], or None when no body-sized region is found.
+
+    Classical and deterministic: an Otsu threshold separates air (outside the
+    body and in the lungs) from tissue, a morphological opening cuts thin links
+    to rulers, text and table edges, and the largest connected component is the
+    body wall with the mediastinum. Everything outside its box (frame, labels,
+    arrows beside the patient) is dropped by the crop; the lungs, enclosed by
+    the body wall, stay within it. A slice cut off by its frame keeps its
+    extent, as the body then reaches the edges.
+    """
+    h, w = pixels.shape
+    grey = np.round(np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8)
+    if int(grey.max()) - int(grey.min()) < 8:
+        return None
+    otsu, _ = cv2.threshold(grey, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (max(3, round(min(h, w) / 64)) | 1,) * 2)
+    # Where bone or contrast is bright enough to draw Otsu's cut above soft
+    # tissue, half of it still separates the body from air.
+    for level in (otsu, otsu / 2):
+        mask = cv2.morphologyEx((grey > level).astype(np.uint8), cv2.MORPH_OPEN, kernel)
+        count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        if count < 2:
+            continue
+        largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        x, y, bw, bh, area = (int(v) for v in stats[largest])
+        if area >= MIN_BODY_FRACTION * h * w:
+            margin = round(BODY_MARGIN * max(bw, bh))
+            return max(0, y - margin), max(0, x - margin), min(h, y + bh + margin), min(w, x + bw + margin)
+    return None
+
+
+def standardise_intensity(pixels: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+    """Stretch the ``low``..``high`` percentiles of the slice to 0..1: exports with
+    another window, gamma or contrast come out alike. Flat images are left as they are."""
+    lo, hi = np.percentile(pixels, (low, high))
+    if hi - lo < 1e-3:
+        return pixels
+    return np.clip((pixels - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def square(pixels: np.ndarray, size: int) -> tuple[np.ndarray, int, int, int]:
+    """Pad (H, W) grey pixels to a centred square with zeros, resize to size x size.
+    Returns the square and the padding ``(top, left)`` and side before resizing."""
     h, w = pixels.shape
     side = max(h, w)
     top, left = (side - h) // 2, (side - w) // 2
@@ -82,7 +148,23 @@ def square(pixels: np.ndarray, size: int) -> tuple[np.ndarray, Geometry]:
         padded = pixels.astype(np.float32, copy=False)
     interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
     resized = cv2.resize(padded, (size, size), interpolation=interpolation)
-    return np.clip(resized, 0.0, 1.0), Geometry(h, w, top, left, side)
+    return np.clip(resized, 0.0, 1.0), top, left, side
+
+
+def to_square(pixels: np.ndarray, config: PreprocessConfig) -> tuple[np.ndarray, Geometry]:
+    """One decoded grey slice -> the (S, S) square the model sees, and its geometry.
+    The single function behind training, evaluation, inference and Grad-CAM."""
+    h, w = pixels.shape
+    box, found = (0, 0, h, w), True
+    if config.crop == "body":
+        found_box = body_box(pixels)
+        found = found_box is not None
+        box = found_box or box
+    region = pixels[box[0]:box[2], box[1]:box[3]]
+    if config.intensity == "percentile":
+        region = standardise_intensity(region)
+    resized, top, left, side = square(region, config.img_size)
+    return resized, Geometry(h, w, box, top, left, side, found)
 
 
 def normalize(batch: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
@@ -94,15 +176,32 @@ def normalize(batch: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
 
 def model_input(pixels: np.ndarray, config: PreprocessConfig) -> tuple[torch.Tensor, Geometry]:
     """One decoded slice -> a (1, C, S, S) tensor and its geometry."""
-    resized, geometry = square(pixels, config.img_size)
+    resized, geometry = to_square(pixels, config)
     batch = torch.from_numpy(resized)[None, None]
     return normalize(batch, config), geometry
 
 
 def cam_to_image(cam: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """A (S, S) map over the model input -> (H, W) over the original image."""
-    full = cv2.resize(cam.astype(np.float32), (geometry.side, geometry.side), interpolation=cv2.INTER_LINEAR)
-    return full[geometry.top:geometry.top + geometry.height, geometry.left:geometry.left + geometry.width]
+    """A (S, S) map over the model input -> (H, W) over the original image, zero
+    outside the crop box.
+
+    One affine warp samples the map straight at the crop's pixels: nothing the
+    size of the padded square (``side`` x ``side``) is ever allocated, however
+    elongated the original.
+    """
+    top, left, bottom, right = geometry.box
+    scale = cam.shape[0] / geometry.side
+    # Output pixel (x, y) of the crop sits at (x + pad_left, y + pad_top) in the
+    # padded square; pixel centres map as cv2.resize maps them.
+    to_cam = np.array([[scale, 0.0, (geometry.pad_left + 0.5) * scale - 0.5],
+                       [0.0, scale, (geometry.pad_top + 0.5) * scale - 0.5]])
+    crop = cv2.warpAffine(cam.astype(np.float32), to_cam, (right - left, bottom - top),
+                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+    if geometry.box == (0, 0, geometry.height, geometry.width):
+        return crop
+    full = np.zeros((geometry.height, geometry.width), dtype=np.float32)
+    full[top:bottom, left:right] = crop
+    return full
 
 
 @dataclass
@@ -112,12 +211,14 @@ class LoadedSquares:
     images: torch.Tensor  # (N, 1, S, S) float32 in [0, 1]; zeros where a file failed
     errors: list[str]  # per file: '' or why it could not be read
     digests: list[str]  # per file: content hash of the decoded pixels ('' on error)
+    geometries: list[Geometry | None]  # per file: where the square came from (None on error)
 
 
 def load_squares(paths: list[Path], config: PreprocessConfig, *, workers: int = 2,
                  on_progress: Callable[[int, int], None] | None = None) -> LoadedSquares:
     size = config.img_size
     images = torch.zeros(len(paths), 1, size, size)
+    boxes = [None] * len(paths)
     errors, digests = [""] * len(paths), [""] * len(paths)
 
     def load(i: int) -> None:
@@ -126,14 +227,16 @@ def load_squares(paths: list[Path], config: PreprocessConfig, *, workers: int = 
         except ImageDecodeError as exc:
             errors[i] = str(exc)
             return
-        images[i, 0] = torch.from_numpy(square(image.pixels, size)[0])
+        resized, geometry = to_square(image.pixels, config)
+        images[i, 0] = torch.from_numpy(resized)
+        boxes[i] = geometry
         digests[i] = image.content_hash()
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for done, _ in enumerate(pool.map(load, range(len(paths))), 1):
             if on_progress:
                 on_progress(done, len(paths))
-    return LoadedSquares(images, errors, digests)
+    return LoadedSquares(images, errors, digests, boxes)
 
 
 AUGMENT_LEVELS = {

@@ -9,7 +9,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from synthetic import write_classes
 
-from ctapp.data import DatasetError, assign_splits, class_key, display_name, scan_dataset, split_groups
+from ctapp.data import DatasetError, assign_splits, class_key, display_name, group_ids, scan_dataset
 from ctapp.imaging import LUNG_WINDOW, ImageDecodeError, Window, decode
 
 
@@ -84,7 +84,9 @@ def test_16_bit_png_is_scaled_to_its_range():
 
 def test_large_and_tiny_images():
     big = decode(png_bytes(Image.new("L", (3000, 2500), 7)))
-    assert big.size == (3000, 2500)
+    # Downscaled right after decoding to 2048 px on the long side, aspect kept.
+    assert big.size == (2048, round(2500 * 2048 / 3000))
+    assert any("downscaled from 3000x2500" in note for note in big.notes)
     with pytest.raises(ImageDecodeError, match="1x1 pixels"):
         decode(png_bytes(Image.new("L", (1, 1))))
 
@@ -184,10 +186,10 @@ def test_block_split_keeps_consecutive_numbers_together(tmp_path):
     assert {s.split for s in index.samples} == {"train", "valid"}
 
 
-def test_split_groups_by_file_number(tmp_path):
+def test_groups_by_file_number(tmp_path):
     paths = write_classes(tmp_path, ["a"], 25, size=24)
     index = scan_dataset(tmp_path)
-    groups = split_groups(index.samples, 10)
+    groups = group_ids(index.samples, block_size=10)
     by_number = {int(s.path.stem.split("(")[1].rstrip(")")): g for s, g in zip(index.samples, groups)}
     assert by_number[0] == by_number[9] != by_number[10] == by_number[19] != by_number[20]
     assert len(paths) == 25

@@ -121,14 +121,20 @@ class Progress:
     """One status line: step/total, speed, time left; redrawn in place on a
     terminal, printed every ``every`` seconds otherwise."""
 
-    def __init__(self, total: int, label: str, unit: str = "batch", enabled: bool = True, every: float = 30.0):
+    def __init__(self, total: int, label: str, unit: str = "batch", enabled: bool = True, every: float = 30.0,
+                 initial: int = 0):
         self.total, self.label, self.unit = total, label, unit
         self.enabled = enabled
         self.every = every
         self.tty = sys.stderr.isatty()
         self.start = self.last = time.perf_counter()
+        self.initial = self.done = initial  # work done before this process started (a resumed run)
+
+    def advance(self, steps: int = 1, **values: float) -> None:
+        self.update(self.done + steps, **values)
 
     def update(self, done: int, **values: float) -> None:
+        self.done = done
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -136,10 +142,10 @@ class Progress:
         if not final and not self.tty and now - self.last < self.every:
             return
         self.last = now
-        rate = done / max(now - self.start, 1e-9)
+        rate = (done - self.initial) / max(now - self.start, 1e-9)
         left = (self.total - done) / rate if rate > 0 else math.inf
         extras = " ".join(f"{k} {v:.4f}" for k, v in values.items())
-        line = (f"{self.label} {done}/{self.total} {self.unit}es" if self.unit.endswith("ch") else
+        line = (f"{self.label} {done}/{self.total} {self.unit}es" if self.unit == "batch" else
                 f"{self.label} {done}/{self.total} {self.unit}s")
         line += f" | {rate:.2f} {self.unit}/s | left {_duration(left)} {extras}".rstrip()
         if self.tty:

@@ -18,6 +18,8 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -40,12 +42,14 @@ from ctapp.checkpoint import (
     sha256_file,
     unpack_state,
 )
-from ctapp.data import DatasetError, DatasetIndex, assign_splits, kfold_assign, scan_dataset
+from ctapp.data import GROUP_PATTERN, DatasetError, DatasetIndex, assign_splits, scan_sources
 from ctapp.evaluation import evaluate_files, write_report
 from ctapp.imaging import LUNG_WINDOW
 from ctapp.inference import (
     CARD_FILE,
+    NOT_CHEST_CT,
     REPORT_FILE,
+    UNLIKE_TRAINING,
     WEIGHTS_FILE,
     LoadedModel,
     MahalanobisOOD,
@@ -54,9 +58,17 @@ from ctapp.inference import (
 )
 from ctapp.metrics import calibrated, evaluation_report, fit_temperature
 from ctapp.models import ARCHITECTURES, WeightsError, count_parameters, create_model, get_spec
-from ctapp.preprocess import AUGMENT_LEVELS, PreprocessConfig, load_squares
-from training.engine import Progress, SliceDataset, TrainingError, choose_precision, configure_threads, train_one_epoch
-from training.foreign import ct_phantom, foreign_images
+from ctapp.preprocess import AUGMENT_LEVELS, CROP_MODES, INTENSITY_MODES, PreprocessConfig, load_squares
+from training.engine import (
+    Precision,
+    Progress,
+    SliceDataset,
+    TrainingError,
+    choose_precision,
+    configure_threads,
+    train_one_epoch,
+)
+from training.foreign import FAR_RULE, ct_phantom, far_threshold, foreign_images
 
 STATE_FILE = "last.pt"
 BEST_FILE = "best.pt"
@@ -67,14 +79,22 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a CT slice classifier on a folder of class sub-folders.",
                                 add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="dataset root: train/valid[/test] folders of class folders, "
-                   "or class folders only (then split here)")
+    g.add_argument("--data", required=True, nargs="+", metavar="DIR",
+                   help="dataset root(s): train/valid[/test] folders of class folders, or class folders only; "
+                        "several roots are pooled (each is a 'source' in the reports)")
     g.add_argument("--val-fraction", type=float, default=0.2, help="validation share when the data has no splits")
     g.add_argument("--split-block", type=int, default=0, metavar="N",
                    help="split by blocks of N consecutive file numbers (keeps a patient's slices together); "
                         "0 splits by image")
-    g.add_argument("--folds", type=int, default=0, help="cross-validation: number of folds of the training data")
-    g.add_argument("--fold", type=int, default=0, help="cross-validation: which fold is the validation split")
+    g.add_argument("--cv", type=int, default=0, metavar="K",
+                   help="K-fold cross-validation over all labelled images (train and valid pooled, test never "
+                        "touched): every image gets one out-of-fold prediction, which the card reports and "
+                        "calibration is fitted on; the shipped model is then trained on all of them. 0: one "
+                        "train/valid split, best epoch by validation macro-F1")
+    g.add_argument("--group-pattern", default=GROUP_PATTERN, metavar="REGEX",
+                   help="files whose name matches REGEX are kept together in splits and folds, grouped by its "
+                        "first capture (default: figure crops '<paper>-p<page>...' and '<figure>%%<panel>'); "
+                        "'' turns it off")
     g.add_argument("--keep-duplicates", action="store_true",
                    help="do not drop duplicates, cross-split copies and label conflicts (not recommended)")
     g.add_argument("--task", default="", help="task name shown in the app, e.g. 'Lung cancer (4 classes)'")
@@ -85,6 +105,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "or the path of a local torchvision weight file")
     g.add_argument("--img-size", type=int, default=128, help="input side in pixels (slices are padded to square)")
     g.add_argument("--dropout", type=float, default=0.2, help="dropout before the classifier")
+    g.add_argument("--crop", default="body", choices=list(CROP_MODES),
+                   help="crop each slice to the patient's body (drops frames, text, rulers and arrows around it)")
+    g.add_argument("--intensity", default="percentile", choices=list(INTENSITY_MODES),
+                   help="intensity standardisation: stretch the 1st..99th percentile of the slice to 0..1")
     g.add_argument("--window", type=float, nargs=2, default=(LUNG_WINDOW.center, LUNG_WINDOW.width),
                    metavar=("CENTER", "WIDTH"), help="DICOM intensity window in HU")
     g = p.add_argument_group("optimisation")
@@ -128,6 +152,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="how the final model.pt stores weights (loaded back as fp32)")
     g.add_argument("--ood-quantile", type=float, default=0.95,
                    help="validation quantile of the out-of-distribution score used as its threshold")
+    g.add_argument("--target-accuracy", type=float, default=0.90,
+                   help="with --cv: the confidence threshold is the lowest at which out-of-fold answers reach this "
+                        "accuracy; below it the app says 'uncertain'")
     g.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -162,7 +189,7 @@ def code_version() -> str:
 
 def prepare_data(args, log) -> tuple[DatasetIndex, dict, dict]:
     """Scan, audit and split; returns the index with splits, the audit summary and the full report."""
-    index = scan_dataset(args.data)
+    index = scan_sources(args.data)
     log(f"data: {index.root} ({index.layout} layout), {len(index.samples)} files, classes {index.class_names}")
     audit = audit_dataset(index, workers=args.workers)
     report = audit.to_dict()
@@ -176,7 +203,7 @@ def prepare_data(args, log) -> tuple[DatasetIndex, dict, dict]:
     exclude = unreadable | (set() if args.keep_duplicates else set(audit.dropped))
     if index.layout == "classes":
         index = assign_splits(index, val_fraction=args.val_fraction, seed=args.seed,
-                              block_size=args.split_block or None, exclude=exclude)
+                              block_size=args.split_block or None, pattern=args.group_pattern, exclude=exclude)
     else:
         index.samples = [s for s in index.samples if s.path not in exclude]
         if "valid" not in index.splits and "train" in index.splits:
@@ -184,10 +211,7 @@ def prepare_data(args, log) -> tuple[DatasetIndex, dict, dict]:
             index.samples = [s for s in index.samples if s.split == "train"]
             index.layout = "classes"
             index = assign_splits(index, val_fraction=args.val_fraction, seed=args.seed,
-                                  block_size=args.split_block or None)
-    if args.folds:
-        index = kfold_assign(index, folds=args.folds, fold=args.fold, seed=args.seed,
-                             block_size=args.split_block or None)
+                                  block_size=args.split_block or None, pattern=args.group_pattern)
     train, valid = index.split("train"), index.split("valid")
     if not train or not valid:
         raise DatasetError(f"{args.data}: need readable images in both a training and a validation split "
@@ -242,33 +266,56 @@ def schedule_factor(args, epoch: int) -> float:
 # --------------------------------------------------------------------------- main
 
 
-def main(args: argparse.Namespace) -> Path:
+@dataclass
+class Setup:
+    """What every training run of one invocation shares (all folds and the final model)."""
+
+    args: argparse.Namespace
+    device: torch.device
+    rank: int
+    world: int
+    precision: Precision
+    config: PreprocessConfig
+    class_names: list[str]
+    log: Callable[[str], None]
+    epochs_run: int = 0  # in this invocation, over all runs (--stop-after counts these)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start(args: argparse.Namespace) -> Setup:
     device, rank, world = setup_distributed(args.device)
-    is_main = rank == 0
-    out = Path(args.out)
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if is_main else (lambda msg: None)
-    spec = get_spec(args.arch)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
     if args.freeze_epochs is None:
         args.freeze_epochs = 3 if args.weights != "none" else 0
-    precision = choose_precision(args.amp, device)
-    torch.manual_seed(args.seed)
+    config = PreprocessConfig(img_size=args.img_size, window_center=args.window[0], window_width=args.window[1],
+                              crop=args.crop, intensity=args.intensity)
+    return Setup(args, device, rank, world, choose_precision(args.amp, device), config, [], log)
 
-    index, audit_summary, audit_report = prepare_data(args, log)
-    config = PreprocessConfig(img_size=args.img_size, window_center=args.window[0], window_width=args.window[1])
-    train, valid = index.split("train"), index.split("valid")
-    log(f"split: train {len(train)}, valid {len(valid)} images | {precision.describe()} | world size {world}")
 
-    bar = Progress(len(train), "caching", unit="image", enabled=is_main and not args.quiet)
-    train_images = load_squares([s.path for s in train], config, workers=args.workers,
-                                on_progress=lambda done, total: bar.update(done)).images
-    valid_images = load_squares([s.path for s in valid], config, workers=args.workers).images
-    train_labels = [s.label for s in train]
-    valid_labels = np.array([s.label for s in valid])
+def train_model(setup: Setup, out: Path, train_images: torch.Tensor, train_labels: list[int],
+                valid_images: torch.Tensor | None, valid_labels: np.ndarray | None, *, meta_base: dict,
+                keep_best: bool, seed: int, overall: Progress | None = None, title: str = "") -> tuple[nn.Module, dict]:
+    """Train one model for ``args.epochs`` epochs, checkpointing every epoch to
+    ``out/last.pt`` (``--resume`` continues there). Returns the last epoch's model
+    and the run state.
 
-    model = create_model(args.arch, len(index.class_names), weights=args.weights, dropout=args.dropout)
+    With ``keep_best`` the epoch with the best validation macro-F1 is also
+    written to ``out/best.pt`` (a single train/valid split). Cross-validation
+    folds and the final model pass False: their schedule is fixed in advance,
+    and validation figures, when there are any, are only recorded.
+    """
+    args, device, precision, config = setup.args, setup.device, setup.precision, setup.config
+    spec = get_spec(args.arch)
+    log = setup.log
+    n_classes = len(setup.class_names)
+    torch.manual_seed(seed)
+    model = create_model(args.arch, n_classes, weights=args.weights, dropout=args.dropout)
     model = model.to(device, memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format)
 
-    counts = np.bincount(train_labels, minlength=len(index.class_names)).astype(float)
+    counts = np.bincount(train_labels, minlength=n_classes).astype(float)
     weight = torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32) \
         if args.class_weights == "balanced" else None
     criterion = nn.CrossEntropyLoss(weight=weight.to(device) if weight is not None else None,
@@ -278,18 +325,19 @@ def main(args: argparse.Namespace) -> Path:
     optimizer_state = scheduler_state = None
     if args.resume and (out / STATE_FILE).is_file():
         saved = safe_load(out / STATE_FILE)
-        if saved.get("arch") != args.arch or saved.get("class_names") != index.class_names:
+        if saved.get("arch") != args.arch or saved.get("class_names") != setup.class_names:
             raise CheckpointError(f"{out / STATE_FILE} is a {saved.get('arch')} run on classes "
                                   f"{saved.get('class_names')}; it cannot resume this {args.arch} run")
         model.load_state_dict(saved["model"])
         optimizer_state, scheduler_state = saved["optimizer"], saved.get("scheduler")
         state = saved["state"]
-        log(f"resumed from {out / STATE_FILE}: {state['epoch']} epoch(s) done, best macro-F1 {state['best_f1']:.4f}")
+        log(f"resumed from {out / STATE_FILE}: {state['epoch']} epoch(s) done")
     elif args.resume:
         log(f"--resume: no {out / STATE_FILE} yet, starting from scratch")
 
     scaler = torch.amp.GradScaler("cuda") if precision.autocast_dtype == torch.float16 else None
     dataset = SliceDataset(train_images, train_labels, args.augment)
+    validate = valid_images is not None and len(valid_images) > 0
 
     def make_phase(epoch: int):
         """Trainable parameters, optimiser and (under torchrun) the DDP wrapper for this epoch's phase."""
@@ -297,98 +345,153 @@ def main(args: argparse.Namespace) -> Path:
         set_trainable(model, spec, phase, args.unfreeze_blocks)
         scale = 1.0 if args.freeze_epochs == 0 else args.finetune_lr_scale
         wrapped = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+            model, device_ids=[device.index] if device.type == "cuda" else None) if setup.world > 1 else model
         return phase, build_optimizer(args, model, spec.head, scale), wrapped
+
+    def make_plateau(optimizer):
+        if args.schedule != "plateau":
+            return None
+        if not validate:
+            raise TrainingError("the plateau schedule needs a validation split; use cosine or step")
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=args.gamma,
+                                                          patience=args.plateau_patience)
 
     phase, optimizer, ddp_model = make_phase(state["epoch"])
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=args.gamma,
-                                                         patience=args.plateau_patience) \
-        if args.schedule == "plateau" else None
+    plateau = make_plateau(optimizer)
     if plateau is not None and scheduler_state is not None:
         plateau.load_state_dict(scheduler_state)
-
-    meta_base = {
-        "arch": args.arch, "class_names": index.class_names, "display_names": index.display_names,
-        "preprocess": config.to_dict(), "cam_layer": spec.cam_layer,
-        "train_args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "dataset": {"root": str(index.root), "fingerprint": index.fingerprint(), "layout": index.layout,
-                    "splits": index.counts(), "notes": index.notes, "audit": audit_summary},
-        "code_version": code_version(),
-    }
-    if is_main:
+    if setup.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(json.dumps(audit_report, indent=2), out / "audit.json")
 
-    first_epoch, paused = state["epoch"], False
+    state["paused"] = False
     for epoch in range(state["epoch"], state["epoch"] if state.get("early_stopped") else args.epochs):
+        if args.stop_after and setup.epochs_run >= args.stop_after:
+            log(f"stopping after {args.stop_after} epoch(s) as asked; continue with --resume")
+            state["paused"] = True
+            break
         new_phase = "head" if epoch < args.freeze_epochs else "finetune"
         if new_phase != phase:
             phase, optimizer, ddp_model = make_phase(epoch)
             log(f"epoch {epoch + 1}: unfreezing the backbone ({args.unfreeze_blocks or 'all'} stages) at "
                 f"{args.finetune_lr_scale}x the learning rate")
-            if plateau is not None:
-                plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=args.gamma,
-                                                                     patience=args.plateau_patience)
+            plateau = make_plateau(optimizer)
         if plateau is None:
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * schedule_factor(args, epoch)
         # Seeding per epoch makes a resumed run repeat exactly what an uninterrupted one does.
-        torch.manual_seed(args.seed * 100_003 + epoch)
-        if world > 1:
-            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, seed=args.seed, drop_last=True)
+        torch.manual_seed(seed * 100_003 + epoch)
+        if setup.world > 1:
+            sampler = DistributedSampler(dataset, num_replicas=setup.world, rank=setup.rank, seed=seed,
+                                         drop_last=True)
             sampler.set_epoch(epoch)
         else:
-            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
+            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
         loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=0,
                             drop_last=len(dataset) > args.batch_size)
-        bar = Progress(len(loader), f"epoch {epoch + 1}/{args.epochs}", enabled=is_main and not args.quiet)
+        bar = Progress(len(loader), f"{title}epoch {epoch + 1}/{args.epochs}",
+                       enabled=setup.is_main and not args.quiet and overall is None)
         stats = train_one_epoch(ddp_model, loader, criterion, optimizer, config, precision, scaler, bar, epoch)
-        logits, _ = batched_forward(model, valid_images, config, device=device, autocast=precision.autocast)
-        probs = calibrated(logits, 1.0)
-        report = evaluation_report(valid_labels, probs, index.class_names)
-        val_loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(valid_labels)))
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats, "val_loss": val_loss,
-               "val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"],
-               "val_auc": report["roc_auc"]["macro"], "val_ece": report["ece"]}
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats}
+        improved = False
+        if validate:
+            logits, _ = batched_forward(model, valid_images, config, device=device, autocast=precision.autocast)
+            report = evaluation_report(valid_labels, calibrated(logits, 1.0), setup.class_names)
+            val_loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(valid_labels)))
+            row.update(val_loss=val_loss, val_accuracy=report["accuracy"], val_macro_f1=report["macro_f1"],
+                       val_auc=report["roc_auc"]["macro"], val_ece=report["ece"])
+            if plateau is not None:
+                plateau.step(report["macro_f1"])
+            improved = report["macro_f1"] > state["best_f1"]
+            if improved:
+                state.update(best_f1=report["macro_f1"], best_epoch=epoch + 1, stale=0)
+            else:
+                state["stale"] += 1
         state["history"].append(row)
         state["train_seconds"] += stats["seconds"]
-        if plateau is not None:
-            plateau.step(report["macro_f1"])
-        improved = report["macro_f1"] > state["best_f1"]
-        if improved:
-            state.update(best_f1=report["macro_f1"], best_epoch=epoch + 1, stale=0)
-        else:
-            state["stale"] += 1
         state["epoch"] = epoch + 1
-        state["early_stopped"] = bool(args.patience and state["stale"] >= args.patience)
-        log(f"epoch {epoch + 1}: loss {stats['train_loss']:.4f} | val loss {val_loss:.4f} acc {report['accuracy']:.4f} "
-            f"macro-F1 {report['macro_f1']:.4f} AUC {_fmt(report['roc_auc']['macro'])} | "
-            f"{stats['images_per_second']:.1f} img/s" + (" | best" if improved else ""))
-        if is_main:
-            if improved:
+        state["early_stopped"] = bool(keep_best and args.patience and state["stale"] >= args.patience)
+        line = f"{title}epoch {epoch + 1}: loss {stats['train_loss']:.4f}"
+        if validate:
+            line += (f" | val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f} macro-F1 "
+                     f"{row['val_macro_f1']:.4f} AUC {_fmt(row['val_auc'])}")
+        log(line + f" | {stats['images_per_second']:.1f} img/s" + (" | best" if improved and keep_best else ""))
+        if overall is not None:
+            overall.advance()
+        if setup.is_main:
+            if improved and keep_best:
                 save_model_file(out / BEST_FILE, model, {**meta_base, "epoch": epoch + 1,
                                                          "metrics": _short_metrics(report)})
-            atomic_save({"arch": args.arch, "class_names": index.class_names, "model": model.state_dict(),
+            atomic_save({"arch": args.arch, "class_names": setup.class_names, "model": model.state_dict(),
                          "optimizer": optimizer.state_dict(),
                          "scheduler": plateau.state_dict() if plateau is not None else None,
                          "state": state}, out / STATE_FILE)
             _write_history(state["history"], out)
+        setup.epochs_run += 1
         if state["early_stopped"]:
             log(f"early stop: no better validation macro-F1 for {args.patience} epochs")
             break
-        if args.stop_after and epoch + 1 - first_epoch >= args.stop_after and epoch + 1 < args.epochs:
-            log(f"stopping after {args.stop_after} epoch(s) as asked; continue with --resume")
-            paused = True
-            break
-    if world > 1:
+    if setup.world > 1:
         dist.barrier()
-    if is_main and not paused:
-        finalize(args, out, meta_base, state, index, train_images, valid_images, valid_labels, precision, log)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    return model, state
+
+
+def main(args: argparse.Namespace) -> Path:
+    setup = start(args)
+    try:
+        if args.cv:
+            from training.crossval import cross_validate
+
+            return cross_validate(setup)
+        return train_single_split(setup)
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def describe_data(index: DatasetIndex, audit_summary: dict, args) -> dict:
+    return {"root": str(index.root), "sources": sorted({s.source for s in index.samples}),
+            "fingerprint": index.fingerprint(), "layout": index.layout, "splits": index.counts(),
+            "notes": index.notes, "audit": audit_summary}
+
+
+def meta_for(setup: Setup, index: DatasetIndex, audit_summary: dict) -> dict:
+    args = setup.args
+    return {
+        "arch": args.arch, "class_names": index.class_names, "display_names": index.display_names,
+        "preprocess": setup.config.to_dict(), "cam_layer": get_spec(args.arch).cam_layer,
+        "train_args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "dataset": describe_data(index, audit_summary, args),
+        "code_version": code_version(),
+    }
+
+
+def train_single_split(setup: Setup) -> Path:
+    """One training and one validation split: the best epoch by validation macro-F1
+    is kept, calibrated and reported on that split."""
+    args, log = setup.args, setup.log
+    out = Path(args.out)
+    index, audit_summary, audit_report = prepare_data(args, log)
+    setup.class_names = index.class_names
+    train, valid = index.split("train"), index.split("valid")
+    log(f"split: train {len(train)}, valid {len(valid)} images | {setup.precision.describe()} | "
+        f"world size {setup.world}")
+    bar = Progress(len(train), "caching", unit="image", enabled=setup.is_main and not args.quiet)
+    train_images = load_squares([s.path for s in train], setup.config, workers=args.workers,
+                                on_progress=lambda done, total: bar.update(done)).images
+    valid_images = load_squares([s.path for s in valid], setup.config, workers=args.workers).images
+    valid_labels = np.array([s.label for s in valid])
+    meta_base = meta_for(setup, index, audit_summary)
+    if setup.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json.dumps(audit_report, indent=2), out / "audit.json")
+    _, state = train_model(setup, out, train_images, [s.label for s in train], valid_images, valid_labels,
+                           meta_base=meta_base, keep_best=True, seed=args.seed)
+    if setup.is_main and not state["paused"]:
+        finalize(args, out, meta_base, state, index, train_images, valid_images, valid_labels, setup.precision,
+                 log)
     return out
 
 
@@ -433,7 +536,9 @@ def finalize(args, out: Path, meta_base: dict, state: dict, index: DatasetIndex,
     _, train_features = batched_forward(model, train_images, config, feature_layers=layers)
     temperature = fit_temperature(logits, valid_labels)
     ood = MahalanobisOOD.fit(train_features, np.array([s.label for s in index.split("train")]), valid_features)
-    ood.threshold = float(np.quantile(ood.score(valid_features), args.ood_quantile))
+    valid_scores = ood.score(valid_features)
+    ood.threshold = float(np.quantile(valid_scores, args.ood_quantile))
+    ood.far_threshold = far_threshold(valid_scores)
     meta = {**best_meta, "temperature": temperature, "ood": ood.to_dict(), "name": out.name,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     report, rows = validate(meta)
@@ -458,9 +563,12 @@ def finalize(args, out: Path, meta_base: dict, state: dict, index: DatasetIndex,
 
 def ood_check(model: LoadedModel, report: dict) -> dict:
     """Share of validation slices and of clearly foreign images that the OOD check flags."""
-    flagged = {name: model.predict(image).out_of_distribution for name, image in foreign_images().items()}
+    states = {name: model.predict(image).state for name, image in foreign_images().items()}
+    flagged = {name: state in (NOT_CHEST_CT, UNLIKE_TRAINING) for name, state in states.items()}
     return {"validation_flagged": report.get("ood_flagged"),
-            "foreign_flagged": sum(flagged.values()) / len(flagged), "foreign_images": flagged}
+            "foreign_flagged": sum(flagged.values()) / len(flagged), "foreign_images": flagged,
+            "foreign_not_chest_ct": sum(state == NOT_CHEST_CT for state in states.values()) / len(states),
+            "foreign_states": states}
 
 
 def measure_latency(model: LoadedModel, repeat: int = 10) -> dict:
@@ -517,7 +625,9 @@ def model_card(args, out: Path, meta: dict, state: dict, report: dict, parameter
                                           "validation median; the largest ratio over the stages is the score",
                                 "layers": list(meta["ood"]["layers"]),
                                 "threshold": meta["ood"]["threshold"],
-                                "threshold_rule": f"{args.ood_quantile:.0%} quantile of validation scores"},
+                                "threshold_rule": f"{args.ood_quantile:.0%} quantile of validation scores",
+                                "far_threshold": meta["ood"].get("far_threshold"),
+                                "far_threshold_rule": FAR_RULE},
         "confidence_threshold": meta.get("confidence_threshold") or round(0.5 + 0.5 / len(index.class_names), 4),
         "created": meta["created"],
         "code_version": meta["code_version"],

@@ -60,3 +60,15 @@ def ct_phantom(size: int = 512, seed: int = 0) -> np.ndarray:
         (((x - 0.68) / 0.12) ** 2 + ((y - 0.5) / 0.22) ** 2 < 1)
     pixels = np.where(body, 0.55, 0.0) - np.where(lungs, 0.45, 0.0) + rng.normal(0, 0.02, (size, size))
     return (np.clip(pixels, 0, 1) * 255).astype(np.uint8)
+
+
+FAR_FACTOR = 2.0
+FAR_RULE = (f"{FAR_FACTOR:g} x the 99% quantile of the scores of unseen chest CT slices: beyond it a slice is "
+            "called 'not a chest CT'; between the two thresholds 'unlike the training images'")
+
+
+def far_threshold(scores) -> float:
+    """The out-of-distribution score above which an image is not a chest CT at
+    all (blank, photo, document, another body part), far beyond the unseen
+    chest CT slices of validation."""
+    return float(FAR_FACTOR * np.quantile(np.asarray(scores), 0.99))

@@ -1,0 +1,230 @@
+"""Cross-validation (issue 8): folds that keep related images together and
+cover each image once, calibration fitted only on other folds, the body crop
+with Grad-CAM mapped back onto the original pixels, and ``fit --cv`` end to
+end, resumed after a kill."""
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from robustness_helpers import child_env
+from synthetic import make_slice, write_classes
+
+from ctapp.data import Sample, cv_folds, group_ids, scan_dataset, scan_sources
+from ctapp.metrics import fit_temperature, selective_threshold
+from ctapp.preprocess import Geometry, PreprocessConfig, body_box, cam_to_image, model_input
+from training.crossval import crossfit_flags
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def samples_named(names: list[str], label: int = 0, source: str = "s") -> list[Sample]:
+    return [Sample(Path(f"/data/{source}/c{label}/{n}.png"), label, "", source) for n in names]
+
+
+def test_blocks_and_figure_groups_never_straddle_folds():
+    names = [f"Covid ({i})" for i in range(60)]
+    covid = samples_named(names, 0) + samples_named([f"2020.03.{p}-p{i}-1%{j}" for p in range(6)
+                                                     for i in range(2) for j in range(3)], 0)
+    other = samples_named([f"Non-Covid ({i})" for i in range(60)], 1) + samples_named(
+        [f"{fig}%{panel}" for fig in range(20, 32) for panel in range(3)], 1)
+    samples = covid + other
+    groups = group_ids(samples, block_size=10)
+    folds = cv_folds(samples, groups, 4, seed=0, class_names=["covid", "non-covid"])
+    assert sorted(np.unique(folds)) == [0, 1, 2, 3]  # every image has exactly one fold
+    by_key: dict[tuple, set] = {}
+    for s, k in zip(samples, folds):
+        stem = s.path.stem
+        if "%" in stem or "-p" in stem:
+            key = ("figure", stem.split("-p")[0] if "-p" in stem else stem.split("%")[0])
+        else:
+            key = ("block", s.label, int(stem.split("(")[1].rstrip(")")) // 10)
+        by_key.setdefault(key, set()).add(int(k))
+    assert len(by_key) == 6 + 6 + 6 + 12
+    assert all(len(f) == 1 for f in by_key.values()), by_key
+    # Stratified: both classes in every fold.
+    for k in range(4):
+        assert {s.label for s, f in zip(samples, folds) if f == k} == {0, 1}
+
+
+def test_identical_images_share_a_fold_even_under_other_names():
+    samples = samples_named([f"img{i}" for i in range(40)], 0) + samples_named([f"img{i}" for i in range(40)], 1)
+    digests = [f"d{i}" for i in range(80)]
+    digests[3] = digests[50] = digests[77] = "same"  # one image under three names, two labels
+    groups = group_ids(samples, pattern="", digests=digests)
+    assert groups[3] == groups[50] == groups[77]
+    assert len(np.unique(groups)) == 78
+    folds = cv_folds(samples, groups, 5, seed=1, class_names=["a", "b"])
+    assert folds[3] == folds[50] == folds[77]
+
+
+def test_sources_are_pooled_with_one_class_list(tmp_path):
+    write_classes(tmp_path / "one", ["COVID", "non-COVID"], 3, size=24)
+    write_classes(tmp_path / "two", ["covid", "Non-COVID"], 2, size=24)
+    index = scan_sources([tmp_path / "one", tmp_path / "two"])
+    assert index.class_names == ["covid", "non-covid"]
+    assert sorted({s.source for s in index.samples}) == ["one", "two"]
+    for s in index.samples:
+        assert index.class_names[s.label] == s.path.parent.name.lower()
+    assert index.root == tmp_path
+
+
+def test_each_fold_is_calibrated_on_the_other_folds_only():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 300)
+    logits = rng.normal(0, 1, (300, 3))
+    logits[np.arange(300), labels] += 2.0
+    folds = np.repeat(np.arange(3), 100)
+    ood = rng.random(300)
+    _, _, before = crossfit_flags(logits, labels, ood, folds, target=0.9, quantile=0.95)
+    # Fold 0's own logits, made wildly over-confident, must not move fold 0's calibration...
+    skewed = logits.copy()
+    skewed[folds == 0] *= 25
+    probs, _, after = crossfit_flags(skewed, labels, ood, folds, target=0.9, quantile=0.95)
+    assert after["per_fold"][0] == before["per_fold"][0]
+    # ...which is the temperature fitted on folds 1 and 2, computed here directly.
+    rest = folds != 0
+    assert after["per_fold"][0]["temperature"] == pytest.approx(fit_temperature(logits[rest], labels[rest]))
+    z = skewed[folds == 0] / after["per_fold"][0]["temperature"]
+    expected = np.exp(z - z.max(1, keepdims=True))
+    np.testing.assert_allclose(probs[folds == 0], expected / expected.sum(1, keepdims=True), rtol=1e-9)
+    # ...while folds 1 and 2 see fold 0's change.
+    assert after["per_fold"][1]["temperature"] != before["per_fold"][1]["temperature"]
+
+
+def test_selective_threshold_reaches_the_target_on_the_most_slices():
+    # Confidences 0.99, 0.98, ..., 0.50 with ten wrong answers at known ranks.
+    confidence = np.linspace(0.99, 0.50, 50)
+    correct = np.ones(50, bool)
+    correct[[10, 30, 31, 32, 40, 41, 42, 43, 44, 45]] = False
+    probs = np.column_stack([confidence, 1 - confidence])
+    labels = np.where(correct, 0, 1)
+    threshold = selective_threshold(probs, labels, np.zeros(50, bool), target=0.9, min_answered=5)
+    # The top 40 (down to rank 39) hold 4 mistakes: 36/40 = 0.90; the top 46 hold 5 (41/46 = 0.89),
+    # every larger share is worse: rank 39's confidence is the lowest threshold that reaches 0.9.
+    assert threshold == pytest.approx(confidence[39])
+    answered = confidence >= threshold
+    assert correct[answered].mean() == pytest.approx(0.9) and answered.sum() == 40
+    flagged = np.zeros(50, bool)
+    flagged[[0, 1]] = True  # flagged slices never count as answered: 34/38 < 0.9 at rank 39, so
+    # the cut moves up to rank 31, where the 30 answered (ranks 2-31) hold three mistakes (27/30).
+    assert selective_threshold(probs, labels, flagged, 0.9, 5) == pytest.approx(confidence[31])
+
+
+def body_on_canvas() -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """A 96x96 synthetic slice pasted off-centre on a 200x300 black canvas, with a
+    bright 'text' label in the far corner."""
+    slice_ = make_slice(0, np.random.default_rng(0), 96).astype(np.float32) / 255
+    slice_ = np.where(slice_ > 0.1, np.maximum(slice_, 0.6), 0)  # tissue brighter than air
+    canvas = np.zeros((200, 300), np.float32)
+    canvas[90:186, 30:126] = slice_
+    canvas[5:15, 250:290] = 1.0  # burnt-in text
+    ys, xs = np.nonzero(slice_ > 0.1)
+    return canvas, (90 + ys.min(), 30 + xs.min(), 90 + ys.max() + 1, 30 + xs.max() + 1)
+
+
+def test_body_crop_drops_frame_and_text():
+    canvas, body = body_on_canvas()
+    top, left, bottom, right = body_box(canvas)
+    assert top <= body[0] and left <= body[1] and bottom >= body[2] and right >= body[3]
+    assert bottom - top <= (body[2] - body[0]) + 8 and right - left <= (body[3] - body[1]) + 8  # margin only
+    assert body_box(np.zeros((64, 64), np.float32)) is None  # blank: no body, never a crash
+    x, geometry = model_input(np.zeros((64, 64), np.float32), PreprocessConfig(img_size=32, crop="body"))
+    assert not geometry.body_found and geometry.box == (0, 0, 64, 64) and x.shape == (1, 3, 32, 32)
+
+
+def test_cam_maps_back_onto_the_original_pixels_through_the_crop():
+    # A crop of 100 x 160 at (50, 100) of a 200 x 300 slice: padded to 160 x 160
+    # with 30 rows above, resized to 32 x 32 (factor 0.2). A map that is a linear
+    # ramp in x (or y) over the model input reads, at original pixel (r, c), the
+    # input coordinate that pixel was resampled from, computed here by hand.
+    geometry = Geometry(200, 300, (50, 100, 150, 260), 30, 0, 160)
+    ramp = np.tile(np.arange(32, dtype=np.float32), (32, 1))
+    for cam, coordinate in ((ramp, lambda r, c: (c - 100 + 0.5) * 0.2 - 0.5),
+                            (ramp.T.copy(), lambda r, c: (r - 50 + 30 + 0.5) * 0.2 - 0.5)):
+        full = cam_to_image(cam, geometry)
+        assert full.shape == (200, 300)
+        for r, c in ((60, 110), (99, 180), (140, 250)):
+            assert full[r, c] == pytest.approx(coordinate(r, c), abs=1e-3)
+        assert not full[:50].any() and not full[150:].any() and not full[:, :100].any() and not full[:, 260:].any()
+
+
+def test_a_blob_in_the_body_comes_back_where_it_was():
+    canvas, _ = body_on_canvas()
+    canvas[140:146, 60:66] = 1.0  # a bright spot inside the body
+    config = PreprocessConfig(img_size=64, crop="body")
+    x, geometry = model_input(canvas, config)
+    grey = x[0, 0].numpy()
+    heat = (grey >= grey.max() - 1e-6).astype(np.float32)  # the spot, as the model input shows it
+    full = cam_to_image(heat, geometry)
+    ys, xs = np.nonzero(full > 0.5)
+    assert 138 <= ys.mean() <= 148 and 58 <= xs.mean() <= 68
+
+
+@pytest.mark.slow
+def test_fit_cv_reports_out_of_fold_and_resumes_after_a_kill(tmp_path):
+    data = tmp_path / "data"
+    write_classes(data / "train", ["alpha_stage_T1", "beta"], 14, size=40)
+    write_classes(data / "valid", ["alpha_stage_T1", "beta"], 4, seed=1, size=40, start=100)
+    write_classes(data / "test", ["alpha", "beta"], 3, seed=2, size=40, start=200)
+    # A copy of a training image in valid: kept once by the audit's policy.
+    Image.open(next((data / "train" / "beta").iterdir())).save(data / "valid" / "beta" / "copy.png")
+    argv = ["--data", str(data), "--cv", "3", "--arch", "baseline", "--img-size", "32", "--batch-size", "4",
+            "--epochs", "3", "--workers", "1", "--weight-storage", "fp32", "--quiet"]
+
+    def fit(out: Path, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "training.fit", *argv, "--out", str(out), *extra],
+                                cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    reference = fit(tmp_path / "reference")
+    killed = fit(tmp_path / "killed")
+    marker = tmp_path / "killed" / "cv" / "fold-1" / "last.pt"
+    deadline = time.monotonic() + 240
+    while not marker.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert killed.poll() is None, killed.communicate()[1]
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "model.pt").exists()
+    assert reference.wait(300) == 0, reference.communicate()[1]
+    resumed = fit(tmp_path / "killed", "--resume")
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert "resumed from" in stderr
+
+    out = tmp_path / "reference"
+    with open(out / "cv" / "folds.csv") as f:
+        folds = list(csv.DictReader(f))
+    with open(out / "eval_report.csv") as f:
+        rows = list(csv.DictReader(f))
+    index = scan_dataset(data)
+    labelled = [s for s in index.samples if s.split != "test"]
+    assert len(labelled) == 37
+    # Every labelled image once, the copy left out, the test split never touched.
+    assert len(rows) == len(folds) == 36
+    assert sorted(r["path"] for r in rows) == sorted(r["path"] for r in folds)
+    assert not any(r["path"].startswith("test") for r in rows)
+    assert {r["fold"] for r in rows} == {"0", "1", "2"}
+    assert {r["uncertain"] for r in rows} <= {"True", "False"}
+    report = json.loads((out / "eval_report.json").read_text())
+    assert report["out_of_fold"] and report["images"] == 36 and report["folds"] == 3
+    assert set(report["fold_spread"]["accuracy"]) == {"mean", "std", "folds"}
+    correct = [r["true"] == r["pred"] for r in rows]
+    assert report["accuracy"] == pytest.approx(np.mean(correct))
+    answered = [r["uncertain"] == "False" for r in rows]
+    assert report["coverage"] == pytest.approx(np.mean(answered))
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["validation"]["images"] == 36 and "out-of-fold" in card["calibration"]["method"]
+    assert card["selective_answers"]["statement"].startswith(("When it answers", "It declined"))
+    # The resumed run ends where the uninterrupted one did.
+    with open(tmp_path / "killed" / "eval_report.csv") as f:
+        assert list(csv.DictReader(f)) == rows
