@@ -4,6 +4,10 @@ Each record: UTC time, model name and version, SHA-256 of the uploaded file,
 predicted class, calibrated probabilities and flags. Never patient identifiers
 or pixels. Safe for many threads and processes: every write is its own
 transaction in WAL mode, retried while another writer holds the lock.
+
+The log is readable by the app's user only: it lives in its own folder
+(created 0700) and the database is created 0600 (SQLite gives its -wal and
+-shm files the database's permissions).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 AUDIT_LOG_ENV = "CTAPP_AUDIT_LOG"
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "audit_log.sqlite"
+DEFAULT_PATH = Path(__file__).resolve().parent.parent / "audit_log" / "audit_log.sqlite"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS diagnoses (
@@ -39,7 +43,10 @@ def default_path() -> Path:
 class AuditLog:
     def __init__(self, path: str | Path | None = None, timeout: float = 30.0):
         self.path = Path(path) if path is not None else default_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Created (or tightened) before SQLite opens it, whatever the umask.
+        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+        os.chmod(self.path, 0o600)
         self.timeout = timeout
         self._local = threading.local()
         with self._connect() as db:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import atomic_write_text
-from .inference import LoadedModel
+from .inference import CONFIDENT, LoadedModel
 from .metrics import calibrated, evaluation_report, expected_calibration_error
 from .preprocess import load_squares
 
@@ -61,8 +61,17 @@ def evaluate_files(model: LoadedModel, paths: list[Path], labels: list[int], *, 
     threshold = model.ood.threshold if model.ood is not None else None
     if threshold is not None:
         report["ood_flagged"] = float(np.mean(ood_scores > threshold))
+    # Exactly the state the app shows for each slice (LoadedModel.assess).
+    states = [model.assess(float(p.max()), None if np.isnan(score) else float(score), loaded.geometries[i].body_found)[0]
+              for i, p, score in zip(keep, probs, ood_scores)]
+    answered = np.array([state == CONFIDENT for state in states])
+    correct = probs.argmax(axis=1) == y_true
+    report.update(coverage=float(answered.mean()), answered=int(answered.sum()),
+                  accuracy_when_confident=float(correct[answered].mean()) if answered.any() else None,
+                  confident_mistakes=float((answered & ~correct).mean()),
+                  states={state: states.count(state) for state in dict.fromkeys(states)})
     rows = []
-    for i, p, score in zip(keep, probs, ood_scores):
+    for i, p, score, state in zip(keep, probs, ood_scores, states):
         rows.append({
             "path": rel(paths[i]),
             "true": model.class_names[int(labels[i])],
@@ -70,6 +79,8 @@ def evaluate_files(model: LoadedModel, paths: list[Path], labels: list[int], *, 
             "confidence": float(p.max()),
             **{f"p_{name}": float(v) for name, v in zip(model.class_names, p)},
             "ood_score": float(score),
+            "uncertain": state != CONFIDENT,
+            "state": state,
         })
     return report, rows
 
@@ -79,7 +90,12 @@ def predictions_path(report_path: Path) -> Path:
 
 
 def write_report(report: dict, rows: list[dict], path: str | Path) -> Path:
-    """Write ``path`` (JSON) and the per-image CSV beside it; returns the CSV path."""
+    """Write ``path`` (JSON) and the per-image CSV beside it; returns the CSV path.
+
+    CSV cells that a spreadsheet would run as a formula (a file named ``=2+5``)
+    are written as text; :func:`read_predictions` gives them back unchanged."""
+    from .report import spreadsheet_cell
+
     path = Path(path)
     csv_path = predictions_path(path)
     report = {**report, "predictions_csv": csv_path.name}
@@ -87,7 +103,7 @@ def write_report(report: dict, rows: list[dict], path: str | Path) -> Path:
     if rows:
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({key: spreadsheet_cell(value) for key, value in row.items()} for row in rows)
     atomic_write_text(buffer.getvalue(), csv_path)
     atomic_write_text(json.dumps(report, indent=2), path)
     return csv_path
@@ -97,5 +113,7 @@ def read_predictions(report_path: str | Path) -> list[dict]:
     csv_path = predictions_path(Path(report_path))
     if not csv_path.is_file():
         return []
+    from .report import from_spreadsheet_cell
+
     with open(csv_path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+        return [{key: from_spreadsheet_cell(value or "") for key, value in row.items()} for row in csv.DictReader(f)]

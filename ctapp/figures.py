@@ -52,10 +52,11 @@ def _display(report: Mapping) -> dict[str, str]:
 
 def probability_bars(probabilities: Mapping[str, float], display_names: Mapping[str, str] | Sequence[str] | None = None,
                      *, predicted: str | None = None, threshold: float | None = None,
-                     title: str | None = None) -> go.Figure:
+                     title: str | None = None, muted: bool = False) -> go.Figure:
     """Horizontal bars of calibrated class probabilities, in the model's class
     order; the predicted class in the accent colour, a dashed line at the
-    confidence threshold below which the app calls a result uncertain."""
+    confidence threshold below which the app calls a result uncertain. With
+    ``muted`` (an uncertain answer) every bar is grey: nothing stands out as a result."""
     keys = list(probabilities)
     if display_names is None:
         names = keys
@@ -66,7 +67,7 @@ def probability_bars(probabilities: Mapping[str, float], display_names: Mapping[
     values = [float(probabilities[k]) for k in keys]
     if predicted is None and keys:
         predicted = keys[int(np.argmax(values))]
-    colors = [ACCENT if k == predicted else MUTED for k in keys]
+    colors = [ACCENT if k == predicted and not muted else MUTED for k in keys]
     fig = go.Figure(go.Bar(
         x=values, y=names, orientation="h", marker_color=colors,
         text=[f"{v:.0%}" if v >= 0.005 else "<1%" for v in values], textposition="outside", cliponaxis=False,
@@ -221,6 +222,32 @@ HISTORY_PANELS = (
 )
 
 
+def risk_coverage_figure(reports: Mapping[str, Mapping], *, target: float | None = 0.9,
+                         title: str | None = None) -> go.Figure:
+    """Accuracy of the answered slices against the share answered, the most
+    confident first (``risk_coverage`` of each report), with the target accuracy
+    and each model's operating point (where its confidence threshold answers)."""
+    fig = go.Figure()
+    for n, (label, r) in enumerate(reports.items()):
+        curve = r.get("risk_coverage") or []
+        if not curve:
+            continue
+        fig.add_trace(go.Scatter(x=[c["coverage"] for c in curve], y=[c["accuracy"] for c in curve],
+                                 mode="lines", name=str(label), line={"color": model_color(n), "width": 2},
+                                 hovertemplate="answers %{x:.0%} of slices: right %{y:.1%}<extra></extra>"))
+        if r.get("coverage") is not None and r.get("accuracy_when_confident") is not None:
+            fig.add_trace(go.Scatter(x=[r["coverage"]], y=[r["accuracy_when_confident"]], mode="markers",
+                                     name=f"{label}: as shipped", marker={"color": model_color(n), "size": 11,
+                                                                          "symbol": "diamond"},
+                                     hovertemplate="as shipped: answers %{x:.0%}, right %{y:.1%}<extra></extra>"))
+    if target is not None:
+        fig.add_hline(y=target, line={"color": "#7f8c8d", "dash": "dash", "width": 1},
+                      annotation={"text": f"target {target:.0%}", "font": {"size": 11}})
+    fig.update_xaxes(range=[0, 1.02], tickformat=".0%", title="share of slices answered", gridcolor=GRID)
+    fig.update_yaxes(range=[0, 1.02], tickformat=".0%", title="accuracy of the answers", gridcolor=GRID)
+    return _layout(fig, title=title, height=420)
+
+
 def read_history(path: str | Path) -> list[dict]:
     """Rows of a ``history.csv`` with numbers as floats (empty or 'nan' as None)."""
     with open(path, newline="", encoding="utf-8") as f:
@@ -235,10 +262,32 @@ def _number(value):
     return None if math.isnan(number) else number
 
 
+def fold_mean_history(rows: Sequence[Mapping]) -> list[dict]:
+    """A cross-validated run's history (a 'run' column: fold-0, fold-1, ..., full)
+    as one curve: per epoch, the mean over the folds. Other histories pass through."""
+    if not rows or "run" not in rows[0]:
+        return list(rows)
+    folds = [r for r in rows if str(r.get("run", "")).startswith("fold-")]
+    by_epoch: dict = {}
+    for r in folds:
+        by_epoch.setdefault(r.get("epoch"), []).append(r)
+    out = []
+    for epoch, group in sorted(by_epoch.items(), key=lambda item: item[0] or 0):
+        row = {"epoch": epoch, "folds": len(group)}
+        for key in group[0]:
+            values = [g.get(key) for g in group if isinstance(g.get(key), (int, float))]
+            if key not in ("epoch", "run") and values:
+                row[key] = float(np.mean(values))
+        out.append(row)
+    return out
+
+
 def training_curves(history: Sequence[Mapping] | str | Path, *, title: str | None = None) -> go.Figure:
-    """Loss, accuracy/macro-F1, validation AUC/ECE and learning rate per epoch."""
+    """Loss, accuracy/macro-F1, validation AUC/ECE and learning rate per epoch
+    (a cross-validated run: the mean over its folds, each on its held-out fold)."""
     rows = read_history(history) if isinstance(history, (str, Path)) else [
         {k: _number(v) for k, v in row.items()} for row in history]
+    rows = fold_mean_history(rows)
     fig = make_subplots(rows=2, cols=2, subplot_titles=[p[0] for p in HISTORY_PANELS],
                         horizontal_spacing=0.09, vertical_spacing=0.16)
     epochs = [r.get("epoch") for r in rows]
@@ -321,6 +370,13 @@ def metrics_table(reports: Mapping[str, Mapping], cards: Mapping[str, Mapping] |
             row["Specificity"] = r.get("specificity")
         row["ECE"] = r.get("ece")
         row["ECE before calibration"] = r.get("ece_uncalibrated")
+        spread = r.get("fold_spread") or {}
+        if spread:
+            row["Accuracy, sd over folds"] = (spread.get("accuracy") or {}).get("std")
+            row["Macro-F1, sd over folds"] = (spread.get("macro_f1") or {}).get("std")
+        if r.get("coverage") is not None:
+            row["Answered (not uncertain)"] = r.get("coverage")
+            row["Accuracy when answered"] = r.get("accuracy_when_confident")
         row["Flagged out of distribution"] = r.get("ood_flagged")
         row["Size (MB)"] = _size_mb(card)
         latency = card_latency_ms(card)
@@ -330,7 +386,9 @@ def metrics_table(reports: Mapping[str, Mapping], cards: Mapping[str, Mapping] |
     return rows
 
 
-PERCENT_METRICS = ("Accuracy", "Sensitivity", "Specificity", "Flagged out of distribution", "Precision", "Recall")
+PERCENT_METRICS = ("Accuracy", "Sensitivity", "Specificity", "Flagged out of distribution", "Precision", "Recall",
+                   "Answered")
+FEW_IMAGES = 20  # a figure resting on fewer images says so
 
 
 def format_metric(name: str, value) -> str:
@@ -359,13 +417,17 @@ def metrics_by_model(rows: Sequence[Mapping]) -> list[dict]:
 
 
 def per_class_table(reports: Mapping[str, Mapping]) -> list[dict]:
-    """One row per model and class: precision, recall, F1, AUC and support."""
+    """One row per model and class: precision, recall, F1, AUC and support, with
+    a note where fewer than FEW_IMAGES images stand behind the figures."""
     rows = []
     for label, r in reports.items():
         display = _display(r)
         aucs = (r.get("roc_auc") or {}).get("per_class") or {}
         for key, stats in (r.get("per_class") or {}).items():
+            support = stats.get("support")
             rows.append({"Model": label, "Class": display.get(key, key), "Precision": stats.get("precision"),
                          "Recall": stats.get("recall"), "F1": stats.get("f1"), "AUC": aucs.get(key),
-                         "Images": stats.get("support")})
+                         "Images": support,
+                         "Note": f"fewer than {FEW_IMAGES} images: a rough figure"
+                         if isinstance(support, int) and support < FEW_IMAGES else ""})
     return rows

@@ -1,14 +1,25 @@
-"""Decoding of CT slices from any file a user may have: PNG/JPEG/other rasters
-whatever their extension says, 8- and 16-bit, and DICOM.
+"""Decoding of CT slices from the files a CT export produces: PNG, JPEG, TIFF,
+BMP (and JPEG 2000 where Pillow has the codec) whatever their extension says,
+8- and 16-bit, and DICOM.
 
 Every decoder returns a :class:`Slice`: one grey-scale float32 image in [0, 1]
 plus what was done to get it. Every failure is an :class:`ImageDecodeError`
 with a message a clinician can act on; nothing else escapes ``decode``.
+
+Uploads are untrusted, so decoding is bounded by design: only allow-listed
+formats are opened (Pillow's other ~40 formats, PostScript with its
+Ghostscript hand-off among them, never are); every page and frame must fit one
+pixel budget and a slice-like aspect ratio before any pixel is decoded; large
+slices are downscaled right after decoding, so nothing downstream (model
+input, Grad-CAM, overlay, caches) ever holds more than ``MAX_SIDE`` pixels a
+side. Error messages are written here: a library's exception text never
+reaches the user.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import zlib
 from dataclasses import dataclass, field, replace
@@ -16,17 +27,39 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageFile, ImageSequence, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError, features
 
-# Pillow refuses images above ~179 megapixels; a CT slice is at most a few
-# megapixels, so anything above this is refused long before Pillow's limit.
+log = logging.getLogger(__name__)
+
+# The one pixel budget of every page and frame of every format. A CT slice is
+# at most a few megapixels; Pillow's own limit is set to the same budget, so
+# no code path of this process opens a larger image without an error (Pillow
+# warns above it and refuses outright above twice it).
 MAX_PIXELS = 40_000_000
-# Reaching frame k of an animated GIF/PNG decodes frames 1..k onto the full
-# canvas: a 9 kB GIF of 400 one-pixel frames on a 4000x4000 canvas took 10 s.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# A CT slice is close to square; a 65000x615 strip fits the pixel budget but
+# no slice, and elongated images are what made Grad-CAM cost gigabytes.
+MAX_ASPECT = 8
+# Decoded slices are downscaled to at most this many pixels on the long side:
+# more than a display needs and far more than a model's input.
+MAX_SIDE = 2048
+# Reaching frame k of an animated PNG decodes frames 1..k onto the full canvas.
 MAX_FRAME_PIXELS = 4 * MAX_PIXELS
+# TIFF and MPO pages are separate images of their own sizes; each one is
+# checked before any is decoded, and a file may hold at most this many.
+PAGED_FORMATS = ("TIFF", "MPO")
+MAX_PAGES = 1000
 MIN_SIDE = 16
 # Uploads and files larger than this are refused before they are read.
 MAX_FILE_BYTES = 200 * 1024 * 1024
+# A deflated DICOM may inflate to one 16-bit frame at the pixel budget plus
+# 1 MiB of header; beyond that it is a bomb, not a slice.
+MAX_INFLATED_BYTES = 2 * MAX_PIXELS + 2**20
+INFLATE_CHUNK = 1 << 20
+
+# The raster formats a CT export uses; DICOM is read by pydicom, not Pillow.
+ALLOWED_FORMATS = ("PNG", "JPEG", "TIFF", "BMP") + (("JPEG2000",) if features.check_codec("jpg_2000") else ())
+ACCEPTED = "PNG, JPEG, TIFF, BMP or DICOM"
 
 # A truncated file must be reported, never silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -100,23 +133,22 @@ def decode(source: ImageSource, *, window: Window = LUNG_WINDOW, frame: int | No
     """
     try:
         if isinstance(source, Image.Image):
-            return _check_size(_from_pil(source, frame), "image")
-        if isinstance(source, np.ndarray):
-            return _check_size(_from_array(source), "array")
-        data, name = _read_bytes(source)
-        if not data:
-            raise ImageDecodeError(f"{name}: the file is empty")
-        if is_dicom(data):
-            result = _from_dicom(data, window, frame)
+            name, result = "image", _from_pil(source, frame, "image")
+        elif isinstance(source, np.ndarray):
+            name, result = "array", _from_array(source)
         else:
-            result = _from_raster(data, name, frame)
-        return _check_size(result, name)
+            data, name = _read_bytes(source)
+            if not data:
+                raise ImageDecodeError(f"{name}: the file is empty")
+            result = _from_dicom(data, window, frame) if is_dicom(data) else _from_raster(data, name, frame)
+        return _downscale(_check_decoded(result, name))
     except ImageDecodeError:
         raise
     except MemoryError:
         raise ImageDecodeError("the image is too large to decode in memory") from None
     except Exception as exc:  # any decoder failure becomes a clear, typed error
-        raise ImageDecodeError(f"could not decode the image: {type(exc).__name__}: {exc}") from exc
+        log.info("decoder failure", exc_info=True)  # the library's own words go to the server log only
+        raise ImageDecodeError(f"could not decode the image ({type(exc).__name__})") from exc
 
 
 def _read_bytes(source) -> tuple[bytes, str]:
@@ -143,48 +175,95 @@ def _megabytes(size: int) -> str:
     return f"{mb:.0f} MB" if mb >= 10 and mb == round(mb) else f"{mb:.{1 if mb >= 10 else 2}f} MB"
 
 
-def _check_size(result: Slice, name: str) -> Slice:
+def _check_decoded(result: Slice, name: str) -> Slice:
     height, width = result.pixels.shape
     if min(height, width) < MIN_SIDE:
         raise ImageDecodeError(
             f"{name}: the image is {width}x{height} pixels; a CT slice needs at least {MIN_SIDE}x{MIN_SIDE}"
         )
+    _check_geometry(width, height, name)
     if not np.isfinite(result.pixels).all():
         raise ImageDecodeError(f"{name}: the image contains NaN or infinite values")
     return result
 
 
-def _check_pixels(width: int, height: int, name: str) -> None:
+def _check_pixels(width: int, height: int, what: str) -> None:
     if width * height > MAX_PIXELS:
         raise ImageDecodeError(
-            f"{name}: the image is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels); "
+            f"{what}: the image is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels); "
             f"this app accepts at most {MAX_PIXELS / 1e6:.0f} megapixels (a possible decompression bomb)"
         )
 
 
+def _check_geometry(width: int, height: int, what: str) -> None:
+    """The pixel budget and the aspect ratio, checked from the header before decoding."""
+    _check_pixels(width, height, what)
+    if min(width, height) > 0 and max(width, height) > MAX_ASPECT * min(width, height):
+        raise ImageDecodeError(
+            f"{what}: the image is {width}x{height} pixels, its long side {max(width, height) / min(width, height):.0f} "
+            f"times its short side; a CT slice is close to square (this app accepts at most {MAX_ASPECT}:1)"
+        )
+
+
+def _downscale(result: Slice) -> Slice:
+    """The slice with its long side reduced to MAX_SIDE (area averaging) when larger."""
+    width, height = result.size
+    scale = MAX_SIDE / max(width, height)
+    if scale >= 1:
+        return result
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+
+    def shrink(array: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(array.astype(np.float32, copy=False), mode="F")
+                          .resize(size, Image.Resampling.BOX), dtype=np.float32)
+
+    notes = [*result.notes, f"downscaled from {width}x{height} to {size[0]}x{size[1]} pixels"]
+    hu = None if result.hu is None else shrink(result.hu)
+    return replace(result, pixels=np.clip(shrink(result.pixels), 0.0, 1.0), hu=hu, notes=notes)
+
+
 def _from_raster(data: bytes, name: str, frame: int | None) -> Slice:
     try:
-        image = Image.open(io.BytesIO(data))
-        _check_pixels(image.width, image.height, name)
-        result = _from_pil(image, frame)
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        result = _from_pil(image, frame, name)
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
+        refused = _other_image_format(data)
+        if refused:
+            raise ImageDecodeError(f"{name}: {refused} files are not accepted; upload a {ACCEPTED} slice") from None
         kind = _guess_non_image(data)
-        raise ImageDecodeError(f"{name}: not an image file{kind}; upload a PNG, JPEG or DICOM slice") from None
+        raise ImageDecodeError(f"{name}: not an image file{kind}; upload a {ACCEPTED} slice") from None
     except Image.DecompressionBombError:
         raise ImageDecodeError(
             f"{name}: refused as a possible decompression bomb (too many pixels; this app accepts at most "
             f"{MAX_PIXELS / 1e6:.0f} megapixels)"
         ) from None
-    except (OSError, SyntaxError, EOFError) as exc:
-        raise ImageDecodeError(f"{name}: the file is truncated or corrupt ({exc})") from None
+    except (OSError, SyntaxError, EOFError, ValueError):
+        log.info("%s: decoder failure", name, exc_info=True)
+        raise ImageDecodeError(f"{name}: the file is truncated or corrupt") from None
     if image.format and Path(name).suffix:
         expected = {"PNG": {".png"}, "JPEG": {".jpg", ".jpeg", ".jpe"}, "TIFF": {".tif", ".tiff"}, "BMP": {".bmp"}}
         suffixes = expected.get(image.format)
         if suffixes and Path(name).suffix.lower() not in suffixes:
             result.notes.append(f"the file is a {image.format} although its name ends in {Path(name).suffix}")
     return result
+
+
+def _other_image_format(data: bytes) -> str | None:
+    """The name of a Pillow format outside the allow-list that recognises
+    ``data`` by its magic bytes (nothing is decoded), e.g. "EPS" or "GIF"."""
+    Image.init()
+    prefix = data[:16]
+    for fmt, (_factory, accept) in Image.OPEN.items():
+        if fmt in ALLOWED_FORMATS or accept is None:
+            continue
+        try:
+            if accept(prefix):
+                return fmt
+        except Exception:  # noqa: BLE001 - a plugin's probe failing only means "not this format"
+            continue
+    return None
 
 
 def _guess_non_image(data: bytes) -> str:
@@ -200,22 +279,44 @@ def _guess_non_image(data: bytes) -> str:
         return ""
 
 
-def _from_pil(image: Image.Image, frame: int | None) -> Slice:
+def _count_frames(image: Image.Image, name: str) -> int:
+    """The number of frames; every page of a paged format is checked against
+    the pixel budget first (seeking a TIFF or MPO page reads only its header)."""
+    if image.format not in PAGED_FORMATS:
+        _check_pixels(image.width, image.height, name)
+        return getattr(image, "n_frames", 1)
+    count = 0
+    try:
+        while True:
+            if count == MAX_PAGES:
+                raise ImageDecodeError(f"{name}: the file has more than {MAX_PAGES} pages; export the slice as a "
+                                       "single image")
+            image.seek(count)
+            _check_pixels(image.width, image.height, f"{name}, page {count + 1}")
+            count += 1
+    except EOFError:
+        pass
+    image.seek(0)
+    return count
+
+
+def _from_pil(image: Image.Image, frame: int | None, name: str) -> Slice:
     notes: list[str] = []
-    n_frames = getattr(image, "n_frames", 1)
+    n_frames = _count_frames(image, name)
     if n_frames > 1:
         index = n_frames // 2 if frame is None else frame
         if not 0 <= index < n_frames:
             raise ImageDecodeError(f"frame {index} requested but the image has {n_frames} frames")
         work = (index + 1) * image.width * image.height
-        if work > MAX_FRAME_PIXELS:
+        if image.format not in PAGED_FORMATS and work > MAX_FRAME_PIXELS:
             raise ImageDecodeError(
                 f"the image has {n_frames} frames of {image.width}x{image.height} pixels; reaching frame {index + 1} "
                 f"means decoding {work / 1e6:.0f} megapixels, more than this app accepts "
                 f"({MAX_FRAME_PIXELS / 1e6:.0f}); export the slice as a single image"
             )
-        image = ImageSequence.Iterator(image)[index]
+        image.seek(index)
         notes.append(f"multi-frame image: used frame {index + 1} of {n_frames}")
+    _check_geometry(image.width, image.height, name)  # the frame that is decoded, whatever the first one said
     fmt = image.format or "image"
     image.load()
     mode = image.mode
@@ -282,12 +383,13 @@ def _from_dicom(data: bytes, window: Window, frame: int | None) -> Slice:
     _check_inflated_size(data)
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
-    except Exception as exc:
-        raise ImageDecodeError(f"the DICOM file could not be read ({exc})") from None
+    except Exception:
+        log.info("DICOM header unreadable", exc_info=True)
+        raise ImageDecodeError("the DICOM file could not be read: its header is damaged or incomplete") from None
     if "PixelData" not in dataset and "FloatPixelData" not in dataset and "DoubleFloatPixelData" not in dataset:
         raise ImageDecodeError("the DICOM file has no pixel data (it may be a report or a structured document)")
     rows, cols = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
-    _check_pixels(cols, rows, "DICOM")
+    _check_geometry(cols, rows, "DICOM")
     notes: list[str] = []
     n_frames = int(dataset.get("NumberOfFrames", 1) or 1)
     samples = int(dataset.get("SamplesPerPixel", 1) or 1)
@@ -301,18 +403,17 @@ def _from_dicom(data: bytes, window: Window, frame: int | None) -> Slice:
         # Only the frame used is decoded: a compressed multi-frame file would
         # otherwise inflate every frame (RLE: up to 64x the file size).
         array = dataset.pixel_array if index is None else pixel_array(dataset, index=index)
-    except Exception as exc:
-        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
-        syntax_name = getattr(syntax, "name", str(syntax))
+    except Exception:
+        log.info("DICOM pixel data undecodable", exc_info=True)
         raise ImageDecodeError(
-            f"the DICOM pixel data could not be decoded (transfer syntax: {syntax_name}); "
-            f"it may need an image codec that is not installed ({' '.join(str(exc).split())})"
+            f"the DICOM pixel data could not be decoded (transfer syntax: {_syntax_name(dataset)}); "
+            "it may need an image codec that is not installed"
         ) from None
     if samples > 1:
         rgb = _as_uint8(np.asarray(array))
         return Slice(np.asarray(Image.fromarray(rgb[..., :3]).convert("L"), np.float32) / 255.0, "DICOM", notes, mode="DICOM")
     hu = np.asarray(apply_modality_lut(array, dataset), dtype=np.float32)
-    modality = str(dataset.get("Modality", ""))
+    modality = str(dataset.get("Modality", ""))[:16]  # a code string: at most 16 characters
     if modality and modality != "CT":
         notes.append(f"DICOM modality is {modality}, not CT")
     if "RescaleSlope" not in dataset and modality != "CT":
@@ -322,10 +423,19 @@ def _from_dicom(data: bytes, window: Window, frame: int | None) -> Slice:
     return Slice(window.apply(hu), "DICOM", notes, hu=hu, mode="DICOM")
 
 
+def _syntax_name(dataset) -> str:
+    """The registered name of the file's transfer syntax; an unknown UID is
+    text from the file, so it is not repeated."""
+    syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+    name = getattr(syntax, "name", None)
+    return name if name and name != str(syntax) else "not a registered one"
+
+
 def _check_inflated_size(data: bytes) -> None:
     """A deflated DICOM (transfer syntax 1.2.840.10008.1.2.1.99) is inflated
     whole by pydicom before anything can be checked; 1 MB of zeros inflates to
-    1 GB. Refuse the file when it inflates beyond MAX_FILE_BYTES."""
+    1 GB. The inflated size is counted here, chunk by chunk without keeping
+    the output, and the file refused beyond MAX_INFLATED_BYTES."""
     from pydicom.filereader import _read_file_meta_info, read_preamble
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
@@ -337,13 +447,28 @@ def _check_inflated_size(data: bytes) -> None:
         return  # not readable here: dcmread reports it
     if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
         return
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
-        inflater.decompress(data[stream.tell():], MAX_FILE_BYTES + 1)
-    except zlib.error as exc:
-        raise ImageDecodeError(f"the deflated DICOM file is corrupt ({exc})") from None
-    if inflater.unconsumed_tail:
+        size = _inflated_size(memoryview(data)[stream.tell():], MAX_INFLATED_BYTES)
+    except zlib.error:
+        raise ImageDecodeError("the deflated DICOM file is corrupt") from None
+    if size > MAX_INFLATED_BYTES:
         raise ImageDecodeError(
-            f"the deflated DICOM file inflates to more than {_megabytes(MAX_FILE_BYTES)} "
-            "(a possible decompression bomb)"
+            f"the deflated DICOM file inflates to more than {_megabytes(MAX_INFLATED_BYTES)}, more than one "
+            "slice needs (a possible decompression bomb)"
         )
+
+
+def _inflated_size(deflated: memoryview, limit: int) -> int:
+    """Bytes that a raw deflate stream inflates to, counted up to just past ``limit``."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    for start in range(0, len(deflated), INFLATE_CHUNK):
+        pending = deflated[start:start + INFLATE_CHUNK]
+        while pending and not inflater.eof:
+            total += len(inflater.decompress(pending, INFLATE_CHUNK))
+            if total > limit:
+                return total
+            pending = inflater.unconsumed_tail
+        if inflater.eof:
+            break
+    return total + len(inflater.flush())

@@ -2,7 +2,9 @@
 
 The operator lists data roots in ``CTAPP_DATA_ROOTS`` (separated by the OS path
 separator); a user-supplied path is accepted only when it resolves (following
-symlinks) to a folder inside one of them.
+symlinks) to a folder inside one of them, and every file the app then reads
+from it, or opens because a report names it, must resolve inside one too: a
+symlink below a root that leads outside is never followed.
 """
 from __future__ import annotations
 
@@ -23,11 +25,49 @@ def data_roots() -> list[Path]:
     return [r.resolve() for r in roots if r.is_dir()]
 
 
+def _roots(roots: list[Path] | None) -> list[Path]:
+    return data_roots() if roots is None else [Path(r).resolve() for r in roots]
+
+
+def is_inside(path: Path, roots: list[Path]) -> bool:
+    """Whether ``path``, symlinks followed, lies in one of the (resolved) ``roots``."""
+    try:
+        real = Path(path).resolve()
+    except (OSError, RuntimeError):  # a symlink loop, a name too long
+        return False
+    return any(real == root or real.is_relative_to(root) for root in roots)
+
+
+def files_inside(paths: list[Path], roots: list[Path] | None = None) -> tuple[list[Path], list[Path]]:
+    """``paths`` split into those that lie inside a data root (symlinks
+    followed) and those that do not; nothing is opened."""
+    roots = _roots(roots)
+    inside, outside = [], []
+    for path in paths:
+        (inside if is_inside(path, roots) else outside).append(path)
+    return inside, outside
+
+
+def resolve_data_file(row_path: str, folder: str | Path, roots: list[Path] | None = None) -> Path:
+    """The real file a report row names: a relative path below the report's data
+    ``folder``, resolved and required to be a file inside a data root. An
+    absolute row path, or one that leads outside the roots, is refused."""
+    text = str(row_path or "")
+    if not text or "\x00" in text or Path(text).is_absolute() or Path(text).drive:
+        raise PathNotAllowed("a report may only name files relative to its data folder")
+    path = Path(folder) / text
+    if not is_inside(path, _roots(roots)):
+        raise PathNotAllowed("the file lies outside the data folders this server allows")
+    if not path.is_file():
+        raise PathNotAllowed("no such file")
+    return path.resolve()
+
+
 def resolve_data_folder(user_path: str, roots: list[Path] | None = None) -> Path:
     """The real folder ``user_path`` names, relative to a data root (absolute
     paths are accepted only inside a root); refuses '..' escapes and symlinks
     leading outside."""
-    roots = data_roots() if roots is None else [Path(r).resolve() for r in roots]
+    roots = _roots(roots)
     if not roots:
         raise PathNotAllowed(f"no data folders are configured on this server (set {DATA_ROOTS_ENV})")
     text = (user_path or "").strip()

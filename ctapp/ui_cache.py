@@ -7,13 +7,22 @@
   (``st.cache_data``), keyed by the file's modification time so that a
   retrained model or a rewritten report is read again.
 * The audit log is a resource, one per log path.
+* Folder evaluations take the process-wide :func:`evaluation_slot`: one at a
+  time, whoever asks.
 
-Uploaded images are keyed by their SHA-256, never by name.
+Uploaded images are keyed by their SHA-256, never by name. Every cache that
+holds images, maps or reports is bounded in entries and expires: an analysis
+holds the slice, its map and (DICOM) its Hounsfield units, up to three
+2048x2048 float arrays after decoding's downscale, so 16 entries are at most
+~800 MB whatever the uploads.
 """
 from __future__ import annotations
 
 import csv
 import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import streamlit as st
@@ -25,6 +34,9 @@ from .inference import WEIGHTS_FILE, Analysis, LoadedModel, ModelEntry, Predicti
 
 HISTORY_FILE = "history.csv"
 AUDIT_FILE = "audit.json"
+TTL = "15m"  # an upload's results outlive its tab by this much at most
+MAX_ANALYSES = 16
+_evaluation_lock = threading.Lock()
 
 
 def stamp(path: str | Path) -> float:
@@ -38,7 +50,7 @@ def stamp(path: str | Path) -> float:
 # --------------------------------------------------------------------------- models
 
 
-@st.cache_data(ttl=20, show_spinner=False)
+@st.cache_data(max_entries=16, ttl=20, show_spinner=False)
 def _models(dirs: tuple[str, ...], stamps: tuple[float, ...]) -> list[ModelEntry]:
     return list_models([Path(d) for d in dirs])
 
@@ -68,7 +80,7 @@ def loaded_model(path: str | Path) -> LoadedModel:
     return _load_model(str(path), stamp(path / WEIGHTS_FILE))
 
 
-@st.cache_data(max_entries=1024, show_spinner=False)
+@st.cache_data(max_entries=1024, ttl=TTL, show_spinner=False)
 def _predict(path: str, weights_stamp: float, sha256: str, _data: bytes) -> Prediction:
     return _load_model(path, weights_stamp).predict(_data)
 
@@ -82,7 +94,7 @@ def predict(path: str | Path, sha256: str, data: bytes) -> Prediction:
     return _predict(str(path), stamp(path / WEIGHTS_FILE), sha256, data)
 
 
-@st.cache_data(max_entries=128, show_spinner=False)
+@st.cache_data(max_entries=MAX_ANALYSES, ttl=TTL, show_spinner=False)
 def _analyse(path: str, weights_stamp: float, sha256: str, method: str, target: str | None,
              _data: bytes) -> Analysis:
     return _load_model(path, weights_stamp).analyse(_data, target=target, method=method)
@@ -99,7 +111,7 @@ def analyse(path: str | Path, sha256: str, data: bytes, *, method: str = "Grad-C
 # --------------------------------------------------------------------------- reports and cards
 
 
-@st.cache_data(max_entries=256, show_spinner=False)
+@st.cache_data(max_entries=256, ttl=TTL, show_spinner=False)
 def _read_json(path: str, file_stamp: float) -> dict | None:
     try:
         value = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -113,7 +125,7 @@ def read_json(path: str | Path) -> dict | None:
     return _read_json(str(path), stamp(path))
 
 
-@st.cache_data(max_entries=64, show_spinner=False)
+@st.cache_data(max_entries=64, ttl=TTL, show_spinner=False)
 def _predictions(report_path: str, csv_stamp: float) -> list[dict]:
     return read_predictions(report_path)
 
@@ -123,7 +135,7 @@ def predictions(report_path: str | Path) -> list[dict]:
     return _predictions(str(report_path), stamp(predictions_path(Path(report_path))))
 
 
-@st.cache_data(max_entries=64, show_spinner=False)
+@st.cache_data(max_entries=64, ttl=TTL, show_spinner=False)
 def _history(path: str, file_stamp: float) -> list[dict]:
     try:
         return read_history(path)
@@ -153,3 +165,18 @@ def _audit_log(path: str) -> AuditLog:
 def audit_log() -> AuditLog:
     """The diagnosis audit log at ``CTAPP_AUDIT_LOG`` (or the default path)."""
     return _audit_log(str(default_path()))
+
+
+# --------------------------------------------------------------------------- folder evaluations
+
+
+@contextmanager
+def evaluation_slot() -> Iterator[bool]:
+    """Whether this caller may run a folder evaluation now (True while it
+    holds the process's only slot; False when another evaluation runs)."""
+    acquired = _evaluation_lock.acquire(blocking=False)
+    try:
+        yield acquired
+    finally:
+        if acquired:
+            _evaluation_lock.release()

@@ -6,12 +6,19 @@ curves, confusion matrices, reliability diagrams, an exact McNemar test between
 two models on the images both were evaluated on, the images they disagree on
 with both Grad-CAMs, and evaluation of a model on a server folder (written to
 the user-reports folder and added to this dashboard).
+
+Only files that resolve inside a data root are read: when a folder is
+evaluated (a symlink leading outside is skipped) and when a report's row is
+opened to show its Grad-CAMs (a row must name a file relative to the report's
+data folder). One folder evaluation runs at a time on the server, and only the
+newest MAX_USER_REPORTS user reports are kept.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,12 +28,12 @@ import streamlit as st
 
 from ctapp import figures, ui_cache
 from ctapp.data import DatasetError, scan_dataset
-from ctapp.evaluation import evaluate_files, write_report
+from ctapp.evaluation import evaluate_files, predictions_path, write_report
 from ctapp.imaging import ImageDecodeError
 from ctapp.inference import ModelEntry
 from ctapp.metrics import mcnemar
-from ctapp.paths import PathNotAllowed, data_roots, resolve_data_folder
-from ctapp.report import DISCLAIMER, safe_stem
+from ctapp.paths import PathNotAllowed, data_roots, files_inside, resolve_data_file, resolve_data_folder
+from ctapp.report import DISCLAIMER, markdown_text, safe_stem
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 REPORTS_ENV = "CTAPP_REPORTS_DIR"
 DEFAULT_REPORTS_DIR = REPO / "reports"
 MAX_DISAGREEMENTS_LISTED = 200
+MAX_USER_REPORTS = 50
+USER_REPORT_NAME = re.compile(r"--(\d{8}T\d{6})\.json$")  # the timestamp user_report_path() ends with
 
 
 @dataclass
@@ -101,12 +110,24 @@ def collect_reports(models: list[ModelEntry], user_dir: Path) -> list[ReportEntr
 
 
 def image_path(report: dict, row_path: str) -> Path:
-    """The file a per-image row names: relative rows are under the report's data folder
-    (itself relative to the repository when it is a relative path)."""
+    """The file a per-image row names, for matching rows of two reports (nothing
+    is opened): relative rows are under the report's data folder (itself
+    relative to the repository when it is a relative path)."""
     path = Path(row_path)
     if not path.is_absolute() and report.get("data"):
         path = Path(report["data"]) / path
     return path if path.is_absolute() else REPO / path
+
+
+def image_file(report: dict, row_path: str) -> Path | None:
+    """The file a per-image row names, if it may be opened: a path relative to
+    the report's data folder that resolves inside a data root."""
+    if not report.get("data"):
+        return None
+    try:
+        return resolve_data_file(row_path, REPO / report["data"])
+    except PathNotAllowed:
+        return None
 
 
 def pair_predictions(report_a: dict, rows_a: list[dict], report_b: dict, rows_b: list[dict]) -> Pairing:
@@ -145,24 +166,43 @@ def user_report_path(model_name: str, folder: Path, split: str, now: datetime | 
     return reports_dir() / f"{'--'.join(parts)}--{now.strftime('%Y%m%dT%H%M%S')}.json"
 
 
-def evaluate_folder(model_entry: ModelEntry, folder: Path, split: str, dedupe: bool, on_progress=None) -> Path:
+def evaluate_folder(model_entry: ModelEntry, folder: Path, split: str, dedupe: bool, on_progress=None,
+                    roots: list[Path] | None = None) -> Path:
     """Evaluate a model on the labelled images of ``folder`` (every split, or one)
-    and write the report and per-image CSV to the user-reports folder."""
+    that lie inside the data ``roots`` (symlinks followed; the others are
+    counted, never read) and write the report and per-image CSV to the
+    user-reports folder, keeping the newest MAX_USER_REPORTS."""
     model = ui_cache.loaded_model(model_entry.path)
     index = scan_dataset(folder, class_names=model.class_names)
     samples = [s for s in index.samples if split == "all" or s.split == split]
+    inside, outside = files_inside([s.path for s in samples], roots)
+    allowed = set(inside)
+    samples = [s for s in samples if s.path in allowed]
     if not samples:
-        raise DatasetError(f"{folder.name}: no images in the {split} split (found splits: "
-                           f"{', '.join(index.splits) or 'none, only class folders'})")
+        raise DatasetError(f"{folder.name}: no images in the {split} split inside the data folders (found splits: "
+                           f"{', '.join(index.splits) or 'none, only class folders'}"
+                           + (f"; {len(outside)} file(s) lead outside the data folders" if outside else "") + ")")
     report, rows = evaluate_files(model, [s.path for s in samples], [s.label for s in samples], dedupe=dedupe,
                                   on_progress=on_progress, root=folder)
     where = folder.name + ("" if split == "all" else f" ({figures.SPLIT_NAMES.get(split, split)})")
     report.update(data=str(folder), split=split, evaluated_on=where, task=model_entry.task,
-                  model_path=str(model_entry.path.resolve()))
+                  model_path=str(model_entry.path.resolve()), outside_data_roots=len(outside))
     path = user_report_path(model.name, folder, split)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_report(report, rows, path)
+    prune_reports(path.parent)
     return path
+
+
+def prune_reports(folder: Path, keep: int = MAX_USER_REPORTS) -> list[Path]:
+    """Delete all but the newest ``keep`` user reports (JSON and CSV) of ``folder``;
+    returns the deleted JSON paths. Other files are left alone."""
+    reports = sorted((p for p in folder.glob("*.json") if USER_REPORT_NAME.search(p.name)),
+                     key=lambda p: USER_REPORT_NAME.search(p.name).group(1), reverse=True)
+    for old in reports[keep:]:
+        old.unlink(missing_ok=True)
+        predictions_path(old).unlink(missing_ok=True)
+    return reports[keep:]
 
 
 # --------------------------------------------------------------------------- UI
@@ -185,16 +225,16 @@ def show_metrics(chosen: list[ReportEntry]) -> None:
 
 def show_confusions(chosen: list[ReportEntry]) -> None:
     for n, entry in enumerate(chosen):
-        st.markdown(f"**{entry.label}** ({entry.report.get('images', '?')} images)")
+        st.markdown(f"**{markdown_text(entry.label)}** ({entry.report.get('images', '?')} images)")
         left, right = st.columns(2, gap="medium")
         left.plotly_chart(figures.confusion_figure(entry.report, title="Counts"), key=f"cm_counts_{n}")
         right.plotly_chart(figures.confusion_figure(entry.report, normalize=True, title="Share of each true class"),
                            key=f"cm_norm_{n}")
 
 
-def local_bytes(path: Path) -> bytes | None:
+def local_bytes(path: Path | None) -> bytes | None:
     try:
-        return path.read_bytes() if path.is_file() else None
+        return path.read_bytes() if path is not None and path.is_file() else None
     except OSError:
         return None
 
@@ -250,19 +290,18 @@ def show_paired(chosen: list[ReportEntry], opacity: float = 0.4) -> None:
     pick = st.selectbox("Image to explain", range(len(table)), format_func=lambda i: table[i]["Image"],
                         key="disagreement_pick")
     ra, _ = disagreements[pick]
-    path = image_path(ea.report, ra["path"])
-    data = local_bytes(path)
+    data = local_bytes(image_file(ea.report, ra["path"]))
     if data is None:
-        st.info("This image file is not available on this server, so its Grad-CAMs cannot be shown.")
+        st.info("This image file is not available in this server's data folders, so its Grad-CAMs cannot be shown.")
         return
     sha = hashlib.sha256(data).hexdigest()
     try:
         analyses = [ui_cache.analyse(e.model.path, sha, data) for e in (ea, eb)]
     except ImageDecodeError as exc:
-        st.error(f"The image could not be read: {exc}")
+        st.error(f"The image could not be read: {markdown_text(exc)}")
         return
     cols = st.columns(3, gap="medium")
-    cols[0].image(analyses[0].image.pixels, caption=f"{Path(ra['path']).name} (true: {table[pick]['True class']})",
+    cols[0].image(analyses[0].image.pixels, caption=f"{markdown_text(Path(ra['path']).name)} (true: {table[pick]['True class']})",
                   clamp=True, width="stretch", output_format="PNG")
     for col, e, analysis in zip(cols[1:], (ea, eb), analyses):
         p = analysis.prediction
@@ -290,25 +329,37 @@ def evaluation_form(models: list[ModelEntry]) -> tuple[ModelEntry, str, str, boo
 
 
 def run_evaluation(model: ModelEntry, folder_text: str, split: str, dedupe: bool) -> str | None:
-    """Validate the folder, evaluate with a progress bar; returns the new report's path or None."""
+    """Validate the folder, evaluate with a progress bar (one evaluation at a
+    time on the server); returns the new report's path or None."""
     try:
         folder = resolve_data_folder(folder_text)
     except PathNotAllowed as exc:
-        st.error(f"This folder cannot be used: {exc}")
+        st.error(f"This folder cannot be used: {markdown_text(exc)}")
         return None
-    bar = st.progress(0.0, text="Reading images...")
-    try:
-        path = evaluate_folder(model, folder, split, dedupe, on_progress=lambda done, total: bar.progress(
-            done / total, text=f"Reading images: {done} of {total}"))
-    except (DatasetError, ValueError) as exc:
-        bar.empty()
-        st.error(f"The evaluation could not run: {exc}")
-        return None
-    except Exception as exc:
-        log.exception("evaluation of %s on %s failed", model.name, folder)
-        bar.empty()
-        st.error(f"The evaluation failed ({type(exc).__name__}); the server log has details.")
-        return None
+    with ui_cache.evaluation_slot() as ours:
+        if not ours:
+            st.warning("Another folder evaluation is running on this server; evaluations run one at a time. "
+                       "Try again when it has finished.", icon=":material/hourglass:")
+            return None
+        bar = st.progress(0.0, text="Reading images...")
+        try:
+            path = evaluate_folder(model, folder, split, dedupe, on_progress=lambda done, total: bar.progress(
+                done / total, text=f"Reading images: {done} of {total}"))
+        except DatasetError as exc:  # our own words about the folder
+            bar.empty()
+            st.error(f"The evaluation could not run: {markdown_text(exc)}")
+            return None
+        except ValueError:  # no readable image, or metrics that cannot be computed: a library's words, logged
+            log.exception("evaluation of %s on %s could not run", model.name, folder)
+            bar.empty()
+            st.error("The evaluation could not run: none of the images could be read, or the metrics could not "
+                     "be computed on them; the server log has details.")
+            return None
+        except Exception as exc:
+            log.exception("evaluation of %s on %s failed", model.name, folder)
+            bar.empty()
+            st.error(f"The evaluation failed ({type(exc).__name__}); the server log has details.")
+            return None
     bar.empty()
     return str(path)
 
@@ -324,7 +375,7 @@ def choose_reports(task: str, available: list[ReportEntry]) -> None:
     selected = [x for x in state["compare_reports"] if x in labels]
     added = state.pop("eval_added", None)
     if added:
-        st.success(f"Evaluation finished: {added[1]} is on the dashboard.", icon=":material/check_circle:")
+        st.success(f"Evaluation finished: {markdown_text(added[1])} is on the dashboard.", icon=":material/check_circle:")
         selected += [e.label for e in available if str(e.path) == added[0] and e.label not in selected]
     state["compare_reports"] = selected
 
@@ -366,6 +417,11 @@ def main() -> None:
             show_confusions(chosen)
         with tabs[3]:
             st.plotly_chart(figures.reliability_figure(reports), key="reliability")
+            if any(r.get("risk_coverage") for r in reports.values()):
+                st.markdown("**Selective answers**: how often each model is right when it answers only its most "
+                            "confident slices (out-of-fold reports). The diamond is where its confidence threshold "
+                            "puts it.")
+                st.plotly_chart(figures.risk_coverage_figure(reports), key="risk_coverage")
             st.caption("Points on the dotted diagonal mean the stated probability matches how often the model is "
                        "right; the bars show how many images fall in each confidence bin.")
         with tabs[4]:

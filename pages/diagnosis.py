@@ -1,11 +1,13 @@
 """Diagnosis (landing page): classify uploaded CT slices and explain each result.
 
-Upload one or many slices (PNG, JPEG or DICOM, with or without a file
-extension: the format is read from the content). Each slice gets the predicted
-class in plain words with its calibrated probabilities, or an explicit
-"uncertain" state with the reasons; a class-activation map beside the slice;
-and a one-page HTML report. Every diagnosis goes to the audit log (file hash,
-model, result; never names or pixels). DICOM header fields are never shown.
+Upload up to MAX_FILES slices at a time (PNG, JPEG, TIFF, BMP or DICOM, with
+or without a file extension: the format is read from the content). Each slice
+gets the predicted class in plain words with its calibrated probabilities, or
+an explicit "uncertain" state with the reasons; a class-activation map beside
+the slice; and a one-page HTML report, built when its button is pressed.
+Every diagnosis goes to the audit log (file hash, model, result; never names
+or pixels). DICOM header fields are never shown; file names and decoding notes
+are shown as text (``markdown_text``), never as Markdown.
 """
 from __future__ import annotations
 
@@ -22,14 +24,15 @@ import streamlit as st
 from ctapp import figures, ui_cache
 from ctapp.checkpoint import CheckpointError
 from ctapp.imaging import LUNG_WINDOW, MEDIASTINUM_WINDOW, ImageDecodeError, Slice, Window
-from ctapp.inference import Analysis, LoadedModel, ModelEntry, Prediction, cam_methods
-from ctapp.report import DISCLAIMER, OOD_MESSAGE, ModelResult, safe_stem, slice_report
+from ctapp.inference import NOT_CHEST_CT, UNLIKE_TRAINING, Analysis, LoadedModel, ModelEntry, Prediction, cam_methods
+from ctapp.report import DISCLAIMER, ModelResult, markdown_text, safe_stem, slice_report, spreadsheet_cell
 
 log = logging.getLogger(__name__)
 
 PREDICTED = ""  # "class to explain": the predicted class
 WINDOW_PRESETS = {"Lung": LUNG_WINDOW, "Mediastinum": MEDIASTINUM_WINDOW}
 BATCH_PROGRESS_FROM = 3  # show a progress bar from this many files on
+MAX_FILES = 20  # files analysed per upload
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class Explanation:
 def read_uploads(files) -> list[Upload]:
     """Uploaded files (anything with ``.name`` and ``.getvalue()``) with their SHA-256."""
     uploads = []
-    for f in files or []:
+    for f in (files or [])[:MAX_FILES]:
         data = f.getvalue()
         uploads.append(Upload(f.name, data, hashlib.sha256(data).hexdigest()))
     return uploads
@@ -85,8 +88,8 @@ def clean_error(message: str) -> str:
 def flags(prediction: Prediction) -> list[str]:
     """Short flags for the table, the CSV and the audit log."""
     out = []
-    if prediction.out_of_distribution:
-        out.append("out of distribution")
+    if prediction.state in (NOT_CHEST_CT, UNLIKE_TRAINING):
+        out.append(prediction.state)
     if any(reason.startswith("low confidence") for reason in prediction.reasons):
         out.append("low confidence")
     return out
@@ -135,6 +138,10 @@ def record_diagnoses(results: list[SliceResult], models: list[ModelEntry], loade
 
 def result_text(prediction: Prediction, display_label: str) -> str:
     """The result column: the class, or 'Uncertain' with the class it leans to."""
+    if prediction.state == NOT_CHEST_CT:
+        return "Not a chest CT (no result)"
+    if prediction.state == UNLIKE_TRAINING:
+        return f"Unlike the training images (leans {display_label})"
     return f"Uncertain (leans {display_label})" if prediction.uncertain else display_label
 
 
@@ -161,11 +168,12 @@ def results_table(results: list[SliceResult], models: list[ModelEntry], loaded: 
 
 
 def table_csv(rows: list[dict]) -> str:
+    """The results table as CSV; a cell a spreadsheet would run as a formula is written as text."""
     buffer = io.StringIO()
     if rows:
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({key: spreadsheet_cell(value) for key, value in row.items()} for row in rows)
     return buffer.getvalue()
 
 
@@ -261,26 +269,33 @@ def window_controls() -> Window:
 
 
 def show_verdict(prediction: Prediction, model: LoadedModel) -> None:
-    """The result in plain words, or a clear uncertain state with its reasons."""
-    label = _display(model, prediction.label)
-    others = [r for r in prediction.reasons if r != OOD_MESSAGE]
-    reasons = "".join(f"\n- {r}" for r in others)
-    if prediction.out_of_distribution:
-        st.error(f"**Uncertain: no reliable answer.** This does not look like a chest CT slice the model was "
-                 f"trained on.{reasons}\n\nMost likely class, for reference only: {label} "
-                 f"({prediction.confidence:.0%}).", icon=":material/help:")
+    """The result in plain words, or one of the uncertain states, each in its own
+    words, with its reasons and no verdict headline."""
+    label = markdown_text(_display(model, prediction.label))
+    reasons = "".join(f"\n- {markdown_text(r)}" for r in prediction.reasons)
+    if prediction.state == NOT_CHEST_CT:
+        st.error(f"**Not a chest CT slice: no result.** This looks like something else (blank, noise, a photo, a "
+                 f"document or another body part), so the model's classes do not apply.{reasons}",
+                 icon=":material/block:")
+    elif prediction.state == UNLIKE_TRAINING:
+        st.warning(f"**Unlike the training images: no reliable result.** This looks like a CT slice, but from "
+                   f"another scanner, hospital or export than the model learned from; it may misread it."
+                   f"{reasons}\n\nIt leans {label} ({prediction.confidence:.0%}), for reference only.",
+                   icon=":material/help:")
     elif prediction.uncertain:
         st.warning(f"**Uncertain: no confident answer.**{reasons}\n\nMost likely class, for reference only: "
                    f"{label} ({prediction.confidence:.0%}).", icon=":material/help:")
     else:
+        statement = (model.card.get("selective_answers") or {}).get("statement", "")
         st.info(f"**Prediction: {label}**  \nCalibrated probability {prediction.confidence:.0%} "
-                f"(above the model's confidence threshold of {model.confidence_threshold:.0%}).",
+                f"(above the model's confidence threshold of {model.confidence_threshold:.0%})."
+                + (f"  \n{markdown_text(statement)}" if statement else ""),
                 icon=":material/check_circle:")
 
 
 def show_probabilities(prediction: Prediction, model: LoadedModel, key: str) -> None:
     fig = figures.probability_bars(prediction.probabilities, display_map(model), predicted=prediction.label,
-                                   threshold=model.confidence_threshold)
+                                   threshold=model.confidence_threshold, muted=prediction.uncertain)
     st.plotly_chart(fig, key=key, config={"displayModeBar": False})
 
 
@@ -317,7 +332,7 @@ def pick_slice(results: list[SliceResult]) -> SliceResult:
 def show_detail(result: SliceResult, models: list[ModelEntry], loaded: list[LoadedModel], method: str,
                 target: str, opacity: float) -> None:
     upload = result.upload
-    st.subheader(upload.name)
+    st.subheader(markdown_text(upload.name))
     try:
         explanations = explain(upload, models, loaded, method, target)
     except Exception:  # an explanation failure must not hide the prediction
@@ -342,8 +357,9 @@ def show_detail(result: SliceResult, models: list[ModelEntry], loaded: list[Load
             show_verdict(e.analysis.prediction, e.model)
             show_probabilities(e.analysis.prediction, e.model, key=f"probs_{upload.sha256[:12]}_{entry.name}")
     if shown.notes:
-        st.caption("How the image was read: " + "; ".join(shown.notes) + ".")
-    st.download_button("Download report (HTML)", build_report(upload, shown, explanations, overlays, method),
+        st.caption("How the image was read: " + markdown_text("; ".join(shown.notes) + "."))
+    # Built only when the button is pressed (Streamlit calls it then), not on every rerun.
+    st.download_button("Download report (HTML)", lambda: build_report(upload, shown, explanations, overlays, method),
                        file_name=report_file_name(upload.name), mime="text/html", on_click="ignore",
                        icon=":material/download:", key="report_html", type="primary")
 
@@ -362,20 +378,27 @@ def main() -> None:
     try:
         loaded = [ui_cache.loaded_model(m.path) for m in models]
     except (CheckpointError, OSError, ValueError) as exc:
-        st.error(f"The model could not be loaded: {exc}")
+        log.exception("loading a model failed")
+        reason = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}; the server log has details"
+        st.error(f"The model could not be loaded: {markdown_text(reason)}")
         return
     method, target, opacity = explanation_controls(loaded[0])
 
     files = st.file_uploader(
         "Upload CT slices", type=None, accept_multiple_files=True, key="uploads",
-        help="PNG, JPEG or DICOM (.dcm or no extension); the format is detected from the file content.",
+        help=f"PNG, JPEG, TIFF, BMP or DICOM (.dcm or no extension), up to {MAX_FILES} at a time; the format is "
+             "detected from the file content.",
     )
     uploads = read_uploads(files)
     if not uploads:
-        st.info("Upload one or more chest CT slices (PNG, JPEG or DICOM) to classify them. "
+        st.info("Upload one or more chest CT slices (PNG, JPEG, TIFF, BMP or DICOM) to classify them. "
                 "Each result shows calibrated probabilities and a map of the regions that weighed most.",
                 icon=":material/upload_file:")
         return
+    if len(files) > MAX_FILES:
+        st.warning(f"{len(files)} files were uploaded; this page analyses at most {MAX_FILES} at a time, so only "
+                   f"the first {MAX_FILES} are shown. Remove some files, or upload the rest afterwards.",
+                   icon=":material/warning:")
 
     progress = st.progress(0.0, text="Classifying...") if len(uploads) >= BATCH_PROGRESS_FROM else None
     results = classify(uploads, models, on_progress=(lambda done, total: progress.progress(
@@ -384,7 +407,8 @@ def main() -> None:
         progress.empty()
     for result in results:
         if result.error:
-            st.error(f"**{result.upload.name}** could not be read: {result.error}", icon=":material/error:")
+            st.error(f"**{markdown_text(result.upload.name)}** could not be read: {markdown_text(result.error)}",
+                     icon=":material/error:")
     try:
         record_diagnoses(results, models, loaded, st.session_state.setdefault("audit_logged", set()))
     except Exception as exc:

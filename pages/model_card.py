@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import streamlit as st
 
 from ctapp import figures, ui_cache
+from ctapp.figures import FEW_IMAGES
 from ctapp.inference import ModelEntry
 from ctapp.report import DISCLAIMER
 
@@ -19,7 +20,7 @@ SHOWN = {"name", "task", "classes", "display_names", "architecture", "architectu
          "parameters", "weight_storage", "weights_file", "weights_sha256", "size_bytes", "preprocessing",
          "gradcam_layer", "training_data", "training", "validation", "calibration", "out_of_distribution",
          "confidence_threshold", "created", "code_version", "intended_use", "limitations", "disclaimer",
-         "weight_storage_check", "latency_ms"}
+         "weight_storage_check", "latency_ms", "cross_validation", "selective_answers", "shift_simulation"}
 
 
 # --------------------------------------------------------------------------- plain functions
@@ -70,19 +71,36 @@ def short_hash(value: str | None) -> str | None:
 
 
 def headline_metrics(card: Mapping) -> list[tuple[str, str, str]]:
-    """(label, value, help) of the validation figures shown at the top of a card."""
+    """(label, value, help) of the figures shown at the top of a card: out-of-fold
+    figures with their spread over folds for a cross-validated model, validation
+    figures otherwise, always with the number of images behind them."""
     validation = card.get("validation") or {}
     calibration = card.get("calibration") or {}
+    spread = validation.get("fold_spread") or {}
     auc = (validation.get("roc_auc") or {}).get("macro")
+    images = validation.get("images", "?")
+    cv = card.get("cross_validation") or {}
+    where = (f"out-of-fold on {images} images ({cv.get('folds', '?')}-fold cross-validation)" if spread
+             else f"on a validation split of {images} images")
+    if isinstance(images, int) and images < FEW_IMAGES:
+        where += f": fewer than {FEW_IMAGES} images, a rough figure"
 
     def pct(v):
         return "n/a" if v is None else f"{v:.1%}"
 
+    def sd(metric, percent):
+        std = (spread.get(metric) or {}).get("std")
+        if std is None:
+            return ""
+        return f" ± {std:.1%}" if percent else f" ± {std:.3f}"
+
     out = [
-        ("Validation accuracy", pct(validation.get("accuracy")), f"on {validation.get('images', '?')} images"),
-        ("Macro-F1", "n/a" if validation.get("macro_f1") is None else f"{validation['macro_f1']:.3f}",
-         "mean F1 over classes"),
-        ("ROC AUC (macro)", "n/a" if auc is None else f"{auc:.3f}", "one-vs-rest, averaged over classes"),
+        ("Accuracy" if spread else "Validation accuracy", pct(validation.get("accuracy")) + sd("accuracy", True),
+         where + ("; ± the standard deviation over folds" if spread else "")),
+        ("Macro-F1", ("n/a" if validation.get("macro_f1") is None else f"{validation['macro_f1']:.3f}")
+         + sd("macro_f1", False), "mean F1 over classes, " + where),
+        ("ROC AUC (macro)", ("n/a" if auc is None else f"{auc:.3f}") + sd("roc_auc_macro", False),
+         "one-vs-rest, averaged over classes"),
         ("ECE after calibration", "n/a" if calibration.get("ece_after") is None else f"{calibration['ece_after']:.3f}",
          "expected calibration error of the calibrated probabilities"),
     ]
@@ -91,6 +109,12 @@ def headline_metrics(card: Mapping) -> list[tuple[str, str, str]]:
             validation.get("positive_class"), validation.get("positive_class"))
         out.append((f"Sensitivity ({positive})", pct(validation.get("sensitivity")), "recall of the positive class"))
         out.append(("Specificity", pct(validation.get("specificity")), "recall of the negative class"))
+    selective = card.get("selective_answers") or {}
+    if selective.get("coverage") is not None:
+        out.append(("Answers given", pct(selective.get("coverage")),
+                    "share of slices answered (the rest: uncertain), out-of-fold"))
+        out.append(("Right when it answers", pct(selective.get("accuracy_when_confident")),
+                    f"target {selective.get('target_accuracy', 0):.0%}; out-of-fold"))
     return out
 
 
@@ -99,7 +123,17 @@ def per_class_rows(card: Mapping) -> list[dict]:
     names = dict(zip(card.get("classes", []), card.get("display_names", [])))
     aucs = (validation.get("roc_auc") or {}).get("per_class") or {}
     return [{"Class": names.get(k, k), "Precision": v.get("precision"), "Recall": v.get("recall"), "F1": v.get("f1"),
-             "AUC": aucs.get(k), "Images": v.get("support")} for k, v in (validation.get("per_class") or {}).items()]
+             "AUC": aucs.get(k), "Images": v.get("support"),
+             "Note": f"fewer than {FEW_IMAGES} images: a rough figure" if (v.get("support") or 0) < FEW_IMAGES else ""}
+            for k, v in (validation.get("per_class") or {}).items()]
+
+
+def per_source_rows(card: Mapping) -> list[dict]:
+    """Out-of-fold figures per data source of a model trained on several."""
+    return [{"Source": name, "Images": row.get("images"), "Accuracy": row.get("accuracy"),
+             "Macro-F1": row.get("macro_f1"), "AUC": row.get("roc_auc_macro"), "Answered": row.get("coverage"),
+             "Right when answering": row.get("accuracy_when_confident"), "Note": row.get("note", "")}
+            for name, row in ((card.get("validation") or {}).get("per_source") or {}).items()]
 
 
 def class_balance_rows(audit: Mapping) -> list[dict]:
@@ -153,7 +187,7 @@ def choose_model(by_task: dict[str, list[ModelEntry]]) -> ModelEntry:
     return paths[chosen]
 
 
-def show_overview(card: Mapping) -> None:
+def show_overview(entry: ModelEntry, card: Mapping) -> None:
     st.markdown(f"**Intended use.** {card.get('intended_use') or 'not stated'}")
     limitations = card.get("limitations") or []
     if limitations:
@@ -174,11 +208,29 @@ def show_overview(card: Mapping) -> None:
         st.markdown("**Preprocessing**")
         kv_table(key_values(card.get("preprocessing")))
     with right:
-        st.markdown("**Validation, per class**")
+        cross_validated = bool((card.get("validation") or {}).get("fold_spread"))
+        st.markdown("**Out-of-fold, per class**" if cross_validated else "**Validation, per class**")
         rows = per_class_rows(card)
         if rows:
             st.dataframe(rows, hide_index=True, key="card_per_class", column_config={
                 k: st.column_config.NumberColumn(k, format="%.3f") for k in ("Precision", "Recall", "F1", "AUC")})
+        sources = per_source_rows(card)
+        if sources:
+            st.markdown("**Out-of-fold, per source**")
+            st.dataframe(sources, hide_index=True, key="card_per_source", column_config={
+                k: st.column_config.NumberColumn(k, format="%.3f")
+                for k in ("Accuracy", "Macro-F1", "AUC", "Answered", "Right when answering")})
+        selective = card.get("selective_answers") or {}
+        if selective.get("statement"):
+            st.markdown(f"**Selective answers.** {selective['statement']}")
+            report = ui_cache.read_json(entry.report_path) or {}
+            if report.get("risk_coverage"):
+                st.plotly_chart(figures.risk_coverage_figure({card.get("name", entry.name): report},
+                                                             target=selective.get("target_accuracy")),
+                                key="card_risk_coverage")
+        if card.get("cross_validation"):
+            st.markdown("**Cross-validation**")
+            kv_table(key_values(card.get("cross_validation")))
         st.markdown("**Calibration**")
         kv_table(key_values(card.get("calibration")))
         st.markdown("**Out-of-distribution check**")
@@ -276,7 +328,7 @@ def main() -> None:
         col.metric(label, value, help=help_text)
     overview, training, data, raw = st.tabs(["Overview", "Training", "Training data and audit", "Full card (JSON)"])
     with overview:
-        show_overview(card)
+        show_overview(entry, card)
     with training:
         show_training(entry, card)
     with data:

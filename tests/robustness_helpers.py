@@ -113,6 +113,40 @@ def png_bomb(width: int, height: int, *, full: bool = True) -> bytes:
     return header + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
 
 
+def tiff_pages(sizes: list[tuple[int, int]]) -> bytes:
+    """A grey multi-page TIFF of black pages of the given (width, height), each
+    one deflate-compressed strip (a 13000x13000 page costs ~170 kB)."""
+    strips = []
+    for width, height in sizes:
+        packer = zlib.compressobj(9)
+        rows = max(1, (1 << 22) // width)
+        parts = [packer.compress(bytes(width * min(rows, height - start))) for start in range(0, height, rows)]
+        strips.append(b"".join(parts) + packer.flush())
+    out = bytearray(b"II*\x00" + bytes(4))
+    offsets = []
+    for strip in strips:
+        offsets.append(len(out))
+        out += strip
+    previous_link = 4  # where the offset of the next IFD is written
+    for (width, height), strip, offset in zip(sizes, strips, offsets):
+        out += bytes(len(out) % 2)  # IFDs start on a word boundary
+        struct.pack_into("<I", out, previous_link, len(out))
+        entries = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 8), (262, 3, 1), (273, 4, offset),
+                   (277, 3, 1), (278, 4, height), (279, 4, len(strip))]
+        out += struct.pack("<H", len(entries))
+        for tag, kind, value in entries:
+            out += struct.pack("<HHI", tag, kind, 1) + (struct.pack("<H2x", value) if kind == 3 else struct.pack("<I", value))
+        previous_link = len(out)
+        out += bytes(4)
+    return bytes(out)
+
+
+def eps_bytes() -> bytes:
+    """A small Encapsulated PostScript file: Pillow hands these to Ghostscript."""
+    return (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n%%EndComments\n"
+            b"0 0 moveto 64 64 lineto stroke\nshowpage\n%%EOF\n")
+
+
 def gif_frame_bomb(side: int, frames: int) -> bytes:
     """An animated GIF: a ``side`` x ``side`` canvas and ``frames`` one-pixel
     frames (23 bytes each). Reaching the middle frame composes every earlier
@@ -218,7 +252,9 @@ def hu_slice(size: int = 64, seed: int = 0) -> np.ndarray:
 BAD_INPUT_NAMES = (
     "empty file", "text named .png", "PDF named .png", "truncated PNG", "truncated JPEG",
     "PNG bomb 8000x8000 (project limit)", "PNG bomb 40000x40000", "1x1 image", "16-bit grey PNG", "palette PNG",
-    "CMYK JPEG", "animated GIF", "animated PNG", "animated GIF bomb (400 frames of 4000x4000)", "DICOM without pixel data", "DICOM needing a missing codec (JPEG-LS)",
+    "CMYK JPEG", "animated GIF (format not accepted)", "animated PNG", "animated GIF bomb (400 frames of 4000x4000)",
+    "multi-page TIFF", "TIFF with a 13000x13000 middle page", "PNG 65000x615 (39 kB)", "EPS (format not accepted)",
+    "DICOM without pixel data", "DICOM needing a missing codec (JPEG-LS)",
     "multi-frame DICOM", "good DICOM", "deflated DICOM", "deflated DICOM bomb (1 MB -> 256 MiB)",
     "file over the upload limit", "good PNG", "good JPEG",
 )
@@ -259,13 +295,23 @@ def bad_input_cases(folder: Path) -> list[BadInput]:
     frames = [Image.fromarray(np.round(ct_pattern(64, seed) * 255).astype(np.uint8)) for seed in range(5)]
     animated = io.BytesIO()
     frames[0].save(animated, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
-    add("animated GIF", "animated.gif", animated.getvalue(), notes=("frame 3 of 5",), check="frame")
+    # GIF is outside the allow-list: refused by name before any frame is decoded.
+    add("animated GIF (format not accepted)", "animated.gif", animated.getvalue(), error=("GIF", "not accepted"))
     apng = io.BytesIO()
     frames[0].save(apng, format="PNG", save_all=True, append_images=frames[1:], duration=100)
     add("animated PNG", "animated.png", apng.getvalue(), notes=("frame 3 of 5",), check="frame")
     # 9 kB; decoding frame 201 took 10 s before the frame budget existed.
     add("animated GIF bomb (400 frames of 4000x4000)", "frame_bomb.gif", gif_frame_bomb(4000, 400),
-        error=("400 frames", "megapixels"))
+        error=("GIF", "not accepted"))
+    tiff = io.BytesIO()
+    frames[0].save(tiff, format="TIFF", save_all=True, append_images=frames[1:])
+    add("multi-page TIFF", "pages.tif", tiff.getvalue(), notes=("frame 3 of 5",), check="frame")
+    # Only the first page was checked once: the middle one (169 megapixels) is the one decoded.
+    add("TIFF with a 13000x13000 middle page", "pages_bomb.tif", tiff_pages([(64, 64), (13000, 13000), (64, 64)]),
+        error=("page 2", "13000x13000", "megapixels"))
+    # Within the pixel budget, but a strip no CT slice is (and costly for Grad-CAM).
+    add("PNG 65000x615 (39 kB)", "strip.png", png_bomb(65000, 615), error=("65000x615", "8:1"))
+    add("EPS (format not accepted)", "drawing.png", eps_bytes(), error=("EPS", "not accepted"))
     add("DICOM without pixel data", "report.dcm", dicom_bytes(None), error=("no pixel data",))
     from pydicom.uid import JPEGLSLossless
     add("DICOM needing a missing codec (JPEG-LS)", "jpegls.dcm",
@@ -537,21 +583,22 @@ class ServerJob:
 
 
 def seed_files() -> dict[str, bytes]:
-    """Small valid files to mutate: PNG (8- and 16-bit), JPEG, GIF, DICOM."""
+    """Small valid files to mutate: PNG (8- and 16-bit), JPEG, TIFF, BMP, DICOM."""
     grey = Image.fromarray(np.round(ct_pattern(32) * 255).astype(np.uint8))
     return {
         "png": png_bytes(grey),
         "png16": png_bytes(Image.fromarray((ct_pattern(32) * 65535).astype(np.uint16))),
         "jpeg": jpeg_bytes(grey, quality=80),
-        "gif": _gif(grey),
+        "tiff": _saved(grey, "TIFF"),
+        "bmp": _saved(grey, "BMP"),
         "dicom": dicom_bytes(hu_slice(32)),
         "dicom3": dicom_bytes(np.stack([hu_slice(32, s) for s in range(3)]), frames=3),
     }
 
 
-def _gif(image: Image.Image) -> bytes:
+def _saved(image: Image.Image, fmt: str) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="GIF")
+    image.save(buffer, format=fmt)
     return buffer.getvalue()
 
 

@@ -1,0 +1,97 @@
+"""Issue 11, safe defaults: the shipped Streamlit settings listen on this machine
+only and refuse WebSocket connections with a foreign Host (DNS rebinding) or
+Origin, and the audit log is readable by the app's user only."""
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+
+import pytest
+from app_fixtures import REPO
+
+from ctapp.auditlog import AuditLog
+
+tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+
+
+def settings() -> dict:
+    return tomllib.loads((REPO / ".streamlit" / "config.toml").read_text(encoding="utf-8"))["server"]
+
+
+def test_shipped_settings_bind_to_this_machine():
+    server = settings()
+    assert server["address"] == "localhost"
+    assert server["allowedHosts"] and "*" not in server["allowedHosts"]
+    assert server["enableXsrfProtection"] is True and server["enableCORS"] is True
+    assert "*" not in server.get("corsAllowedOrigins", [])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def shipped_server():
+    """``streamlit run app.py`` in the repository with its own settings (only the port changed)."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port)],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the app did not start") from None
+                time.sleep(0.5)
+        yield port
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def websocket_status(port: int, host: str, origin: str | None = None) -> int:
+    """The HTTP status of a WebSocket handshake on the app's stream with these headers."""
+    lines = ["GET /_stcore/stream HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
+             f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}", "Sec-WebSocket-Version: 13"]
+    lines += [f"Origin: {origin}"] if origin else []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        return int(s.recv(4096).split(b" ", 2)[1])
+
+
+@pytest.mark.slow
+def test_websocket_refuses_foreign_hosts_and_origins():
+    with shipped_server() as port:
+        assert websocket_status(port, f"localhost:{port}") == 101  # control: the app's own name is accepted
+        assert websocket_status(port, f"127.0.0.1:{port}", origin=f"http://127.0.0.1:{port}") == 101
+        assert websocket_status(port, f"evil.example:{port}") == 403  # DNS rebinding
+        assert websocket_status(port, f"localhost:{port}", origin="https://evil.example") == 403
+
+
+def test_audit_log_is_private(tmp_path):
+    log = AuditLog(tmp_path / "audit" / "audit.sqlite")
+    log.record(model="m", model_version="1", image_sha256="0" * 64, prediction="a", probabilities={"a": 1.0})
+    assert stat.S_IMODE((tmp_path / "audit").stat().st_mode) == 0o700
+    for name in ("audit.sqlite", "audit.sqlite-wal", "audit.sqlite-shm"):
+        assert stat.S_IMODE((tmp_path / "audit" / name).stat().st_mode) == 0o600, name
+    log.close()
+
+
+def test_an_existing_readable_audit_log_is_tightened(tmp_path):
+    path = tmp_path / "audit.sqlite"
+    AuditLog(path).close()
+    path.chmod(0o644)
+    AuditLog(path).close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

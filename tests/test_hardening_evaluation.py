@@ -1,0 +1,183 @@
+"""Issue 11, folder evaluation: nothing outside the permitted data roots is read
+(symlinks followed and refused), report rows cannot name files outside them,
+one evaluation runs at a time without holding the shared model for the whole
+run, and old user reports are pruned."""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from robustness_helpers import tiny_model, write_model_folder
+from synthetic import write_classes
+
+import ctapp.inference
+from ctapp import ui_cache
+from ctapp.inference import ModelEntry
+from ctapp.paths import PathNotAllowed, files_inside, resolve_data_file
+
+_opened: list[Path] | None = None  # files opened while a test records (see opened_files)
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _opened is not None and event == "open" and isinstance(args[0], (str, bytes, Path)):
+        _opened.append(Path(args[0].decode() if isinstance(args[0], bytes) else args[0]))
+
+
+sys.addaudithook(_audit)  # audit hooks cannot be removed: this one records only inside opened_files
+
+
+@pytest.fixture
+def opened_files():
+    """Every file this process opens (Python's 'open' audit event) during the test."""
+    global _opened
+    _opened = []
+    try:
+        yield _opened
+    finally:
+        _opened = None
+
+
+@pytest.fixture
+def escape_root(tmp_path) -> tuple[Path, Path, Path]:
+    """(data root, evaluated folder, outside folder): the folder holds real images
+    and symlinks, to a file and to folders, that lead outside the root."""
+    outside, root = tmp_path / "outside", tmp_path / "root"
+    write_classes(outside, ["class0", "class1"], 3, seed=7)
+    folder = root / "set"
+    write_classes(folder / "valid", ["class0", "class1"], 3)
+    (folder / "valid" / "class0" / "leak.png").symlink_to(outside / "class0" / "class0 (0).png")
+    (folder / "valid" / "class1" / "more").symlink_to(outside / "class1", target_is_directory=True)
+    (folder / "valid" / "class0_extra").symlink_to(outside / "class0", target_is_directory=True)
+    return root, folder, outside
+
+
+@pytest.fixture
+def model_entry(tmp_path) -> ModelEntry:
+    folder = write_model_folder(tmp_path / "models" / "tiny")
+    return ModelEntry(folder, "tiny", {"task": "class0 / class1"})
+
+
+def test_folder_evaluation_reads_nothing_outside_the_root(escape_root, model_entry, opened_files, monkeypatch,
+                                                          tmp_path):
+    from pages.compare import evaluate_folder
+
+    root, folder, outside = escape_root
+    monkeypatch.setenv("CTAPP_REPORTS_DIR", str(tmp_path / "reports"))
+    path = evaluate_folder(model_entry, folder, "all", dedupe=False, roots=[root])
+
+    read = [p for p in opened_files if p.suffix == ".png"]
+    assert len(read) == 6  # the six real images, each read once
+    assert not [p for p in opened_files if p.resolve().is_relative_to(outside.resolve())]
+    report = ui_cache.read_json(path)
+    # leak.png and the three images of the linked class folder (linked sub-folders, when listed, too)
+    assert report["images_found"] == 6 and report["outside_data_roots"] >= 1 + 3
+    rows = ui_cache.predictions(path)
+    assert sorted(Path(r["path"]).name for r in rows) == sorted(p.name for p in read)
+    assert not any("leak" in r["path"] or "more" in r["path"] or "extra" in r["path"] for r in rows)
+
+
+def test_files_inside_splits_on_the_real_location(escape_root):
+    root, folder, _ = escape_root
+    paths = sorted(p for p in folder.rglob("*.png"))  # rglob lists leak.png, not the linked folders
+    inside, outside = files_inside(paths, [root])
+    assert [p.name for p in outside] == ["leak.png"] and len(inside) == 6
+
+
+@pytest.mark.parametrize("row", ["/etc/passwd", "../../outside/class0/class0 (0).png", "valid/class0/leak.png",
+                                 "valid/class1/more/class1 (0).png", "valid/class0/missing.png", "", "a\x00b"])
+def test_report_rows_cannot_name_files_outside_the_roots(escape_root, row, monkeypatch):
+    from pages.compare import image_file
+
+    root, folder, _ = escape_root
+    monkeypatch.setenv("CTAPP_DATA_ROOTS", str(root))
+    with pytest.raises(PathNotAllowed):
+        resolve_data_file(row, folder, [root])
+    assert image_file({"data": str(folder)}, row) is None  # the page then says the file is not available
+
+
+def test_report_rows_inside_the_roots_open(escape_root, monkeypatch):
+    from pages.compare import image_file
+
+    root, folder, _ = escape_root
+    monkeypatch.setenv("CTAPP_DATA_ROOTS", str(root))
+    expected = (folder / "valid" / "class0" / "class0 (1).png").resolve()
+    assert resolve_data_file("valid/class0/class0 (1).png", folder, [root]) == expected
+    assert image_file({"data": str(folder)}, "valid/class0/class0 (1).png") == expected
+    assert image_file({"data": str(folder)}, "valid/class0/leak.png") is None
+    assert image_file({}, "valid/class0/class0 (1).png") is None  # no data folder: nothing to resolve against
+
+
+# ------------------------------------------------------------------ one at a time, model shared
+
+
+def test_one_evaluation_slot_per_process():
+    results = []
+    with ui_cache.evaluation_slot() as first:
+        worker = threading.Thread(target=lambda: results.append(ui_cache.evaluation_slot().__enter__()))
+        worker.start()
+        worker.join()
+        assert first is True and results == [False]
+    with ui_cache.evaluation_slot() as again:
+        assert again is True
+
+
+def test_forward_batch_in_chunks_equals_one_pass():
+    model = tiny_model()
+    images = torch.rand(10, 1, 48, 48)
+    whole = ctapp.inference.batched_forward(model.model, images, model.preprocess, batch_size=64,
+                                            memory_format=torch.contiguous_format)
+    logits, features = model.forward_batch(images, batch_size=3)
+    assert np.allclose(logits, whole[0], atol=1e-5)
+    assert features.keys() == whole[1].keys()
+    empty_logits, _ = model.forward_batch(images[:0])
+    assert len(empty_logits) == 0
+
+
+def test_forward_batch_lets_other_requests_through_between_chunks(monkeypatch):
+    """A long evaluation holds the model's lock one chunk at a time: a predict()
+    waiting on it gets in before the evaluation ends."""
+    model = tiny_model()
+    real = ctapp.inference.batched_forward
+    chunks_done = []
+
+    def slow_chunk(*args, **kwargs):
+        time.sleep(0.05)
+        out = real(*args, **kwargs)
+        chunks_done.append(1)
+        return out
+
+    monkeypatch.setattr(ctapp.inference, "batched_forward", slow_chunk)
+    total = 8
+    evaluation = threading.Thread(target=model.forward_batch, args=(torch.rand(4 * total, 1, 48, 48), 4))
+    evaluation.start()
+    while not chunks_done:
+        time.sleep(0.001)
+    model.predict(np.zeros((48, 48), np.float32))
+    got_in_after = len(chunks_done)
+    evaluation.join()
+    assert len(chunks_done) == total
+    assert got_in_after < total, "predict() waited for the whole evaluation"
+
+
+# ------------------------------------------------------------------ old reports pruned
+
+
+def test_old_user_reports_are_pruned(tmp_path):
+    from pages.compare import MAX_USER_REPORTS, prune_reports
+
+    stamps = [f"202601{day:02d}T{hour:02d}0000" for day in range(1, 29) for hour in (8, 20)]
+    for stamp in stamps:
+        (tmp_path / f"tiny--data--{stamp}.json").write_text("{}")
+        (tmp_path / f"tiny--data--{stamp}.csv").write_text("path\n")
+    (tmp_path / "operator-notes.json").write_text("{}")
+    deleted = prune_reports(tmp_path)
+    kept = sorted(p.name for p in tmp_path.glob("tiny--*.json"))
+    assert len(kept) == MAX_USER_REPORTS and len(deleted) == len(stamps) - MAX_USER_REPORTS
+    assert kept == sorted(f"tiny--data--{s}.json" for s in stamps[-MAX_USER_REPORTS:])  # the newest
+    assert len(list(tmp_path.glob("tiny--*.csv"))) == MAX_USER_REPORTS
+    assert (tmp_path / "operator-notes.json").exists()

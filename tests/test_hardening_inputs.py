@@ -1,0 +1,216 @@
+"""Issue 11, one small upload must not take the server down: the pixel budget
+holds for every page and frame, elongated strips are refused, large slices are
+downscaled, only allow-listed formats are opened (PostScript never reaches
+Ghostscript), the deflated-DICOM guard keeps nothing, and library messages
+never reach the user."""
+from __future__ import annotations
+
+import io
+import os
+import tracemalloc
+
+import numpy as np
+import pytest
+from PIL import EpsImagePlugin, Image, ImageFile
+from pydicom.uid import JPEGLSLossless
+from robustness_helpers import (
+    _dicom_meta_end,
+    _with_transfer_syntax,
+    ct_pattern,
+    deflated_dicom,
+    dicom_bytes,
+    eps_bytes,
+    hu_slice,
+    png_bytes,
+    tiff_pages,
+)
+
+import ctapp.imaging as imaging
+from ctapp.imaging import ALLOWED_FORMATS, MAX_ASPECT, MAX_SIDE, ImageDecodeError, decode
+
+
+def grey(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A CT-like grey picture of any size (a 256 px pattern, stretched)."""
+    pattern = Image.fromarray(np.round(ct_pattern(256, seed) * 255).astype(np.uint8))
+    return pattern.resize((width, height), Image.Resampling.BILINEAR)
+
+
+def saved(image: Image.Image, fmt: str, **kw) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kw)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def no_pixel_decoding(monkeypatch):
+    """Records every ImageFile.load (pixel decoding) instead of letting it happen."""
+    calls = []
+
+    def load(self):
+        calls.append(self.size)
+        raise AssertionError(f"pixels of a {self.size} image were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    return calls
+
+
+# ------------------------------------------------------------------ pixel budget
+
+
+@pytest.fixture(scope="module")
+def tiff_bomb() -> bytes:
+    data = tiff_pages([(64, 64), (13000, 13000), (64, 64)])
+    assert len(data) < 250_000
+    return data
+
+
+@pytest.mark.parametrize("frame", [None, 0, 2])
+def test_every_tiff_page_is_checked_before_any_is_decoded(tiff_bomb, no_pixel_decoding, frame):
+    """Whichever page is asked for, the 169-megapixel middle page refuses the file
+    before a single page is decoded."""
+    data = tiff_bomb
+    with pytest.raises(ImageDecodeError, match=r"page 2: the image is 13000x13000 pixels \(169 megapixels\)"):
+        decode(data, frame=frame)
+    assert no_pixel_decoding == []
+
+
+def test_a_tiff_page_of_other_size_is_the_one_checked_and_used():
+    """Pages differ in size: the chosen page is decoded at its own size."""
+    pages = io.BytesIO()
+    grey(64, 64).save(pages, format="TIFF", save_all=True, append_images=[grey(96, 80, 1), grey(64, 64, 2)])
+    image = decode(pages.getvalue())
+    assert image.size == (96, 80)
+    assert "frame 2 of 3" in " ".join(image.notes)
+
+
+@pytest.mark.parametrize("size", [(65000, 615), (40000, 1000), (615, 65000)])
+def test_strips_are_refused_from_the_header(no_pixel_decoding, size):
+    from robustness_helpers import png_bomb
+
+    data = png_bomb(*size, full=False)
+    with pytest.raises(ImageDecodeError, match=f"{size[0]}x{size[1]} pixels, its long side .* at most {MAX_ASPECT}:1"):
+        decode(data)
+    assert no_pixel_decoding == []
+
+
+def test_aspect_limit_is_inclusive():
+    assert decode(np.zeros((64, 64 * MAX_ASPECT), np.float32)).size == (512, 64)
+    with pytest.raises(ImageDecodeError, match="close to square"):
+        decode(np.zeros((64, 64 * MAX_ASPECT + 1), np.float32))
+    with pytest.raises(ImageDecodeError, match="close to square"):
+        decode(dicom_bytes(np.zeros((600, 64), np.int16)))
+
+
+def test_large_slices_are_downscaled_right_after_decoding():
+    image = decode(png_bytes(grey(3000, 1500)))
+    assert image.size == (MAX_SIDE, MAX_SIDE // 2)
+    assert image.pixels.dtype == np.float32 and 0 <= image.pixels.min() and image.pixels.max() <= 1
+    assert "downscaled from 3000x1500 to 2048x1024 pixels" in image.notes
+    # The picture is kept: compare with the source reduced the same way.
+    source = np.asarray(grey(3000, 1500).resize((2048, 1024), Image.Resampling.BOX), np.float32) / 255
+    assert np.abs(image.pixels - source).mean() < 0.01
+
+
+def test_large_dicom_keeps_hounsfield_units_at_the_display_size():
+    image = decode(dicom_bytes(np.full((2100, 2100), 1024 + 40, np.int16)))  # 40 HU everywhere
+    assert image.size == (MAX_SIDE, MAX_SIDE) and image.hu.shape == image.pixels.shape
+    assert np.allclose(image.hu, 40.0)
+    assert image.rewindow(imaging.MEDIASTINUM_WINDOW).pixels.shape == image.pixels.shape
+
+
+def test_slices_at_the_display_size_are_untouched():
+    image = decode(png_bytes(grey(MAX_SIDE, 512)))
+    assert image.size == (MAX_SIDE, 512)
+    assert not any("downscaled" in note for note in image.notes)
+
+
+# ------------------------------------------------------------------ formats by allow-list
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF", "BMP", "JPEG2000"])
+def test_allowed_formats_decode(fmt):
+    if fmt not in ALLOWED_FORMATS:
+        pytest.skip("this Pillow has no JPEG 2000 codec")
+    image = decode(saved(grey(64, 48), fmt))
+    assert image.source_format == fmt and image.size == (64, 48)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "ICO", "PPM", "PCX", "SGI", "DDS", "QOI", "EPS"])  # formats with a magic number
+def test_other_formats_are_refused_by_name(fmt, no_pixel_decoding):
+    data = eps_bytes() if fmt == "EPS" else saved(grey(32, 32).convert("RGB"), fmt)
+    with pytest.raises(ImageDecodeError) as info:
+        decode(data)
+    message = str(info.value)
+    assert f"{fmt} files are not accepted" in message and "PNG, JPEG, TIFF, BMP or DICOM" in message
+    assert no_pixel_decoding == []
+
+
+@pytest.fixture
+def fake_ghostscript(tmp_path, monkeypatch):
+    """A `gs` first on PATH that leaves a marker file whenever it runs."""
+    marker = tmp_path / "GHOSTSCRIPT_RAN"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    gs = bin_dir / "gs"
+    gs.write_text(f"#!/bin/sh\ntouch '{marker}'\nexit 1\n")
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # Pillow looks for gs again
+    return marker
+
+
+def test_postscript_never_reaches_ghostscript(fake_ghostscript):
+    for name, data in (("EPS", eps_bytes()), ("PS", b"%!PS-Adobe-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")):
+        with pytest.raises(ImageDecodeError, match="EPS files are not accepted"):
+            decode(data)
+        assert not fake_ghostscript.exists(), f"{name}: Ghostscript ran"
+    # Control: Pillow left to itself does hand the same file to the fake gs (which then fails).
+    with pytest.raises(Exception), Image.open(io.BytesIO(eps_bytes())) as opened:  # noqa: B017
+        opened.load()
+    assert fake_ghostscript.exists()
+
+
+# ------------------------------------------------------------------ streaming limits
+
+
+def test_deflated_dicom_bomb_is_measured_without_being_kept():
+    bomb = deflated_dicom(hu_slice(64), padding=256 << 20)  # 1 MB that inflates to 256 MiB
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageDecodeError, match="deflated DICOM file inflates to more than"):
+            decode(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * len(bomb) + 8 * imaging.INFLATE_CHUNK, f"{peak / 2**20:.0f} MiB held"
+
+
+def test_deflated_dicom_just_under_the_cap_still_decodes():
+    padding = imaging.MAX_INFLATED_BYTES - 2**20
+    image = decode(deflated_dicom(hu_slice(64), padding=padding))
+    assert image.size == (64, 64) and image.hu is not None
+
+
+# ------------------------------------------------------------------ messages are ours
+
+
+@pytest.mark.filterwarnings("ignore:The value length:UserWarning")  # the hostile UID is not a valid one
+def test_library_messages_never_reach_the_user():
+    good = png_bytes(grey(64, 64))
+    corrupt = good[:-20] + b"\x00" * 8 + good[-12:]  # the last IDAT bytes and CRC broken
+    with pytest.raises(Exception) as pillow_error:
+        Image.open(io.BytesIO(corrupt)).load()
+    with pytest.raises(ImageDecodeError) as ours:
+        decode(corrupt)
+    assert str(pillow_error.value) not in str(ours.value)
+    assert "truncated or corrupt" in str(ours.value)
+
+    # A transfer syntax UID is text from the file; pydicom's error repeats it.
+    hostile = "1.2.826.0.[Session expired - sign in again](https://evil.example)"
+    plain = dicom_bytes(encapsulated=b"\xff\xd8" + bytes(64), syntax=JPEGLSLossless)
+    data = _with_transfer_syntax(plain[:_dicom_meta_end(plain)], hostile) + plain[_dicom_meta_end(plain):]
+    with pytest.raises(ImageDecodeError) as info:
+        decode(data)
+    message = str(info.value)
+    assert "could not be decoded" in message and "not a registered one" in message
+    assert "evil" not in message and "[" not in message
