@@ -49,19 +49,36 @@ def _pct(value) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
+def _spread(val: dict, metric: str, percent: bool) -> str:
+    std = ((val.get("fold_spread") or {}).get(metric) or {}).get("std")
+    if std is None:
+        return ""
+    return f" ± {std:.1%}" if percent else f" ± {std:.3f}"
+
+
 def table(folder: Path) -> str:
-    rows = ["| model | task | architecture | val. images | accuracy | macro-F1 | AUC | ECE | size | CPU ms (predict / +Grad-CAM) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """One row per model: the figures its card headlines (out-of-fold with their
+    spread over folds when it was cross-validated, else its validation split)."""
+    rows = ["| model | task | architecture | figures from | images | accuracy | macro-F1 | AUC | ECE | "
+            "answers given / right when answering | size | CPU ms (predict / +Grad-CAM) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     commands = []
     for entry in list_models([folder]):
         card = entry.card
         val = card.get("validation", {})
         latency = card.get("latency_ms", {})
+        folds = (card.get("cross_validation") or {}).get("folds")
+        origin = f"out-of-fold, {folds}-fold CV" if folds else "validation split"
+        selective = card.get("selective_answers") or {}
+        answers = (f"{_pct(selective.get('coverage'))} / {_pct(selective.get('accuracy_when_confident'))}"
+                   if selective else "n/a")
+        auc = (val.get("roc_auc") or {}).get("macro")
         rows.append(
             f"| `{entry.name}` | {card.get('task', '')} | {card.get('architecture_title', card.get('architecture'))} | "
-            f"{val.get('images', '')} | {_pct(val.get('accuracy'))} | {val.get('macro_f1', 0):.3f} | "
-            f"{(val.get('roc_auc') or {}).get('macro') or float('nan'):.3f} | "
-            f"{card.get('calibration', {}).get('ece_after', float('nan')):.3f} | "
+            f"{origin} | {val.get('images', '')} | {_pct(val.get('accuracy'))}{_spread(val, 'accuracy', True)} | "
+            f"{val.get('macro_f1', 0):.3f}{_spread(val, 'macro_f1', False)} | "
+            f"{'n/a' if auc is None else f'{auc:.3f}'} | "
+            f"{card.get('calibration', {}).get('ece_after', float('nan')):.3f} | {answers} | "
             f"{card.get('size_bytes', 0) / 1e6:.1f} MB | {latency.get('predict', '?')} / {latency.get('predict_gradcam', '?')} |")
         commands.append(f"# {entry.name}\n" + command(card.get("training", {}).get("settings", {}), out=f"models/{entry.path.name}"))
     return "\n".join(rows) + "\n\n```bash\n" + "\n".join(commands) + "\n```"
