@@ -13,21 +13,21 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import atomic_write_text
-from .inference import CONFIDENT, LoadedModel
-from .metrics import calibrated, evaluation_report, expected_calibration_error
-from .preprocess import load_squares
+from .inference import CONFIDENT, NOT_CHEST_CT, UNLIKE_TRAINING, EnsembleModel, LoadedModel
+from .metrics import evaluation_report, expected_calibration_error, risk_coverage
 
 
-def evaluate_files(model: LoadedModel, paths: list[Path], labels: list[int], *, dedupe: bool = False,
-                   workers: int = 2, root: Path | None = None,
+def evaluate_files(model: LoadedModel | EnsembleModel, paths: list[Path], labels: list[int], *,
+                   dedupe: bool = False, workers: int = 2, root: Path | None = None,
                    on_progress: Callable[[int, int], None] | None = None) -> tuple[dict, list[dict]]:
     """Report and per-image rows for ``paths`` with true ``labels`` (indices into
     the model's classes). Unreadable files are listed, not fatal; with
-    ``dedupe`` an image repeated under several names counts once."""
+    ``dedupe`` an image repeated under several names counts once. Each row's
+    ``uncertain`` and ``state`` are exactly what the app shows for that slice."""
     paths = [Path(p) for p in paths]
-    loaded = load_squares(paths, model.preprocess, workers=workers, on_progress=on_progress)
+    scores = model.score_files(paths, workers=workers, on_progress=on_progress)
     keep, seen, skipped = [], set(), 0
-    for i, (error, digest) in enumerate(zip(loaded.errors, loaded.digests)):
+    for i, (error, digest) in enumerate(zip(scores.errors, scores.digests)):
         if error:
             continue
         if dedupe and digest in seen:
@@ -38,38 +38,34 @@ def evaluate_files(model: LoadedModel, paths: list[Path], labels: list[int], *, 
     if not keep:
         raise ValueError("no readable images to evaluate")
     y_true = np.asarray(labels)[keep]
-    logits, features = model.forward_batch(loaded.images[keep])
-    probs = calibrated(logits, model.temperature)
-    ood_scores = model.ood.score(features) if model.ood is not None else np.full(len(keep), np.nan)
+    probs, ood_scores = scores.probs[keep], scores.ood_scores[keep]
+    states = [scores.states[i] for i in keep]
 
     def rel(p: Path) -> str:
         return str(p.relative_to(root)) if root is not None and p.is_relative_to(root) else str(p)
 
     report = evaluation_report(y_true, probs, model.class_names, model.display_names)
+    answered = np.array([state == CONFIDENT for state in states])
+    correct = probs.argmax(axis=1) == y_true
     report.update(
         images_found=len(paths),
         duplicates_skipped=skipped,
         dedupe=dedupe,
-        unreadable={rel(paths[i]): e for i, e in enumerate(loaded.errors) if e},
-        ece_uncalibrated=expected_calibration_error(calibrated(logits, 1.0), y_true),
+        unreadable={rel(paths[i]): e for i, e in enumerate(scores.errors) if e},
+        ece_uncalibrated=expected_calibration_error(scores.raw_probs[keep], y_true),
         temperature=model.temperature,
         model=model.name,
         model_version=model.version,
         arch=model.arch,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        ood_flagged=float(np.mean([state in (NOT_CHEST_CT, UNLIKE_TRAINING) for state in states])),
+        coverage=float(answered.mean()),
+        answered=int(answered.sum()),
+        accuracy_when_confident=float(correct[answered].mean()) if answered.any() else None,
+        confident_mistakes=float((answered & ~correct).mean()),
+        states={state: states.count(state) for state in dict.fromkeys(states)},
+        risk_coverage=risk_coverage(probs, y_true),
     )
-    threshold = model.ood.threshold if model.ood is not None else None
-    if threshold is not None:
-        report["ood_flagged"] = float(np.mean(ood_scores > threshold))
-    # Exactly the state the app shows for each slice (LoadedModel.assess).
-    states = [model.assess(float(p.max()), None if np.isnan(score) else float(score), loaded.geometries[i].body_found)[0]
-              for i, p, score in zip(keep, probs, ood_scores)]
-    answered = np.array([state == CONFIDENT for state in states])
-    correct = probs.argmax(axis=1) == y_true
-    report.update(coverage=float(answered.mean()), answered=int(answered.sum()),
-                  accuracy_when_confident=float(correct[answered].mean()) if answered.any() else None,
-                  confident_mistakes=float((answered & ~correct).mean()),
-                  states={state: states.count(state) for state in dict.fromkeys(states)})
     rows = []
     for i, p, score, state in zip(keep, probs, ood_scores, states):
         rows.append({

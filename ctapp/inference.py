@@ -11,6 +11,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,9 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_model_file
 from .imaging import ImageSource, Slice, decode
+from .metrics import calibrated
 from .models import get_spec
-from .preprocess import PreprocessConfig, cam_to_image, model_input, normalize
+from .preprocess import PreprocessConfig, cam_to_image, load_squares, model_input, normalize
 
 WEIGHTS_FILE = "model.pt"
 CARD_FILE = "model_card.json"
@@ -207,6 +209,19 @@ class Analysis:
     image: Slice
 
 
+@dataclass
+class FileScores:
+    """Per file of a batch: calibrated and uncalibrated probabilities, OOD score,
+    answer state; NaN rows and '' states where a file could not be read."""
+
+    probs: np.ndarray  # (N, C)
+    raw_probs: np.ndarray  # (N, C), temperature 1
+    ood_scores: np.ndarray  # (N,)
+    states: list[str]
+    errors: list[str]
+    digests: list[str]
+
+
 class LoadedModel:
     def __init__(self, model: nn.Module, meta: dict, path: Path | None = None, card: dict | None = None):
         self.meta = meta
@@ -316,6 +331,27 @@ class LoadedModel:
                     for name in chunks[0][1]}
         return logits, features
 
+    def score_files(self, paths: list[Path], *, workers: int = 2,
+                    on_progress: Callable[[int, int], None] | None = None) -> FileScores:
+        """Calibrated probabilities, OOD scores and the app's state of many files at
+        once (evaluation reports): the same answers as :meth:`predict`, batched."""
+        loaded = load_squares(paths, self.preprocess, workers=workers, on_progress=on_progress)
+        ok = [i for i, error in enumerate(loaded.errors) if not error]
+        n, k = len(paths), len(self.class_names)
+        scores = FileScores(np.full((n, k), np.nan), np.full((n, k), np.nan), np.full(n, np.nan), [""] * n,
+                            loaded.errors, loaded.digests)
+        if not ok:
+            return scores
+        logits, features = self.forward_batch(loaded.images[ok])
+        scores.probs[ok] = calibrated(logits, self.temperature)
+        scores.raw_probs[ok] = calibrated(logits, 1.0)
+        if self.ood is not None:
+            scores.ood_scores[ok] = self.ood.score(features)
+        for i in ok:
+            score = None if np.isnan(scores.ood_scores[i]) else float(scores.ood_scores[i])
+            scores.states[i] = self.assess(float(scores.probs[i].max()), score, loaded.geometries[i].body_found)[0]
+        return scores
+
     def class_index(self, target: int | str | None) -> int | None:
         if target is None or isinstance(target, int):
             return target
@@ -372,18 +408,164 @@ def _read_card(folder: Path) -> dict:
     return card
 
 
-def load_model(path: str | os.PathLike) -> LoadedModel:
-    """Load a model folder (``model.pt`` plus ``model_card.json``) or a checkpoint file.
+ENSEMBLE_FILE = "ensemble.json"
+# The order of severity when members disagree on an answer's state.
+_SEVERITY = {CONFIDENT: 0, LOW_CONFIDENCE: 1, UNLIKE_TRAINING: 2, NOT_CHEST_CT: 3}
+
+
+class EnsembleModel:
+    """Several models of one task answering as one, used wherever a model is.
+
+    Its probabilities are the mean of the members' calibrated probabilities; its
+    out-of-distribution check is the members' (a slice any member finds unlike
+    its training images, or not a chest CT, is flagged so); its confidence
+    threshold is its own, fitted on out-of-fold predictions like a member's; its
+    Grad-CAM is the mean of the members' maps over the original pixels, or one
+    named member's (``explain_with`` in ``ensemble.json``).
+    """
+
+    arch = "ensemble"
+    temperature = None  # the members are calibrated; their mean is not rescaled
+    ood = None
+
+    def __init__(self, members: list[LoadedModel], spec: dict, path: Path | None = None, card: dict | None = None):
+        if len(members) < 2:
+            raise CheckpointError(f"{path}: an ensemble needs at least two members, found {len(members)}")
+        first = members[0]
+        for m in members[1:]:
+            if m.class_names != first.class_names:
+                raise CheckpointError(f"{path}: member {m.name} has classes {m.class_names}, "
+                                      f"{first.name} has {first.class_names}: not one task")
+        self.members, self.spec, self.path, self.card = members, spec, path, card or {}
+        self.class_names, self.display_names = list(first.class_names), list(first.display_names)
+        self.preprocess = first.preprocess
+        n = len(self.class_names)
+        self.confidence_threshold = float(spec.get("confidence_threshold") or (0.5 + 0.5 / n))
+        self.name = (path.name if path else None) or spec.get("name") or "ensemble"
+        self.version = str(spec.get("created", ""))[:19]
+        self.explain_with = spec.get("explain_with")
+        if self.explain_with and self.explain_with not in [m.name for m in members]:
+            raise CheckpointError(f"{path}: explain_with names {self.explain_with!r}, not a member")
+
+    def _combine(self, probs: list[np.ndarray], states: list[str]) -> tuple[np.ndarray, str, list[str]]:
+        mean = np.mean(probs, axis=0)
+        worst = max(states, key=_SEVERITY.get)
+        reasons = []
+        state = worst if worst in (NOT_CHEST_CT, UNLIKE_TRAINING) else CONFIDENT
+        if state == NOT_CHEST_CT:
+            reasons.append(NOT_CT_REASON)
+        elif state == UNLIKE_TRAINING:
+            reasons.append(UNLIKE_TRAINING_REASON)
+        if mean.max() < self.confidence_threshold:
+            state = LOW_CONFIDENCE if state == CONFIDENT else state
+            reasons.append(f"low confidence: the top probability {mean.max():.0%} is below "
+                           f"{self.confidence_threshold:.0%}")
+        return mean, state, reasons
+
+    def _prediction(self, predictions: list[Prediction], image: Slice) -> Prediction:
+        probs, state, reasons = self._combine([np.array(list(p.probabilities.values())) for p in predictions],
+                                              [p.state for p in predictions])
+        top = int(probs.argmax())
+        scores = [p.ood_score / m.ood.threshold for p, m in zip(predictions, self.members)
+                  if p.ood_score is not None and m.ood is not None and m.ood.threshold]
+        return Prediction(
+            label=self.class_names[top], display_label=self.display_names[top],
+            probabilities={name: float(v) for name, v in zip(self.class_names, probs)},
+            confidence=float(probs[top]), uncertain=state != CONFIDENT,
+            out_of_distribution=state in (NOT_CHEST_CT, UNLIKE_TRAINING),
+            ood_score=max(scores) if scores else None, reasons=reasons,
+            notes=list(dict.fromkeys(n for p in predictions for n in p.notes)), state=state)
+
+    def _decoded(self, image: ImageSource | Slice) -> Slice:
+        return image if isinstance(image, Slice) else decode(image, window=self.preprocess.window)
+
+    def predict(self, image: ImageSource | Slice) -> Prediction:
+        image = self._decoded(image)
+        return self._prediction([m.predict(image) for m in self.members], image)
+
+    def class_index(self, target: int | str | None) -> int | None:
+        return self.members[0].class_index(target)
+
+    def analyse(self, image: ImageSource | Slice, target: int | str | None = None,
+                method: str = "Grad-CAM") -> Analysis:
+        """The ensemble's prediction, and a map of the class it predicts (or
+        ``target``): the members' maps averaged, or the named member's."""
+        image = self._decoded(image)
+        prediction = self.predict(image)
+        index = self.class_index(target)
+        cam_class = self.class_names[index if index is not None else self.class_names.index(prediction.label)]
+        explainers = [m for m in self.members if m.name == self.explain_with] or self.members
+        maps = [m.analyse(image, target=cam_class, method=method).cam for m in explainers]
+        return Analysis(prediction, np.mean(maps, axis=0), cam_class, image)
+
+    def explain(self, image: ImageSource | Slice, target: int | str | None = None,
+                method: str = "Grad-CAM") -> np.ndarray:
+        return self.analyse(image, target, method).cam
+
+    def score_files(self, paths: list[Path], *, workers: int = 2,
+                    on_progress: Callable[[int, int], None] | None = None) -> FileScores:
+        parts = [m.score_files(paths, workers=workers, on_progress=on_progress if i == 0 else None)
+                 for i, m in enumerate(self.members)]
+        n = len(paths)
+        errors = [next((p.errors[i] for p in parts if p.errors[i]), "") for i in range(n)]
+        probs = np.mean([p.probs for p in parts], axis=0)
+        raw = np.mean([p.raw_probs for p in parts], axis=0)
+        ratios = np.stack([p.ood_scores / m.ood.threshold if m.ood is not None and m.ood.threshold else
+                           np.full(n, np.nan) for p, m in zip(parts, self.members)])
+        ood = np.full(n, np.nan) if np.isnan(ratios).all() else np.nanmax(ratios, axis=0)
+        states = [""] * n
+        for i in range(n):
+            if not errors[i]:
+                _, states[i], _ = self._combine([p.probs[i] for p in parts], [p.states[i] for p in parts])
+        return FileScores(probs, raw, ood, states, errors, parts[0].digests)
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel | EnsembleModel:
+    """Load a model folder (``model.pt`` plus ``model_card.json``), an ensemble
+    folder (``ensemble.json`` naming member folders) or a checkpoint file.
 
     The weights' SHA-256 is checked against the model card when the card records it.
     """
     path = Path(path)
+    if path.is_dir() and (path / ENSEMBLE_FILE).is_file():
+        return load_ensemble(path)
     folder, weights = (path, path / WEIGHTS_FILE) if path.is_dir() else (path.parent, path)
     if not weights.is_file():
         raise CheckpointError(f"{path}: no model here (expected {WEIGHTS_FILE} in the folder)")
     card = _read_card(folder) if weights.name == WEIGHTS_FILE else {}
     model, meta = load_model_file(weights, expected_sha256=card.get("weights_sha256"))
     return LoadedModel(model, meta, path=folder if weights.name == WEIGHTS_FILE else weights, card=card)
+
+
+def load_ensemble(folder: Path) -> EnsembleModel:
+    """An ensemble folder: ``ensemble.json`` lists its members, model folders given
+    relative to the ensemble's own folder (e.g. ``../lung-resnet50``)."""
+    try:
+        spec = json.loads((folder / ENSEMBLE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{folder / ENSEMBLE_FILE}: unreadable ensemble description ({exc})") from None
+    members = spec.get("members") if isinstance(spec, dict) else None
+    if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+        raise CheckpointError(f"{folder / ENSEMBLE_FILE}: needs a list of member folders under 'members'")
+    loaded = []
+    for member in members:
+        member_path = (folder / member).resolve()
+        if (member_path / ENSEMBLE_FILE).is_file():
+            raise CheckpointError(f"{folder / ENSEMBLE_FILE}: member {member} is an ensemble itself")
+        loaded.append(load_model(member_path))
+    return EnsembleModel(loaded, spec, path=folder, card=_read_card(folder))
+
+
+def model_stamp(folder: str | Path) -> float:
+    """Modification time of what defines the model in ``folder`` (its weights, or an
+    ensemble's description): part of every cache key of the app."""
+    folder = Path(folder)
+    for name in (WEIGHTS_FILE, ENSEMBLE_FILE):
+        try:
+            return (folder / name).stat().st_mtime
+        except OSError:
+            continue
+    return 0.0
 
 
 @dataclass
@@ -409,12 +591,13 @@ def model_dirs() -> list[Path]:
 
 
 def list_models(dirs: list[Path] | None = None) -> list[ModelEntry]:
-    """Every model folder (holding ``model.pt``) directly under the model directories."""
+    """Every model folder (holding ``model.pt`` or ``ensemble.json``) directly under the model directories."""
     found, seen = [], set()
     for root in dirs if dirs is not None else model_dirs():
         if not root.is_dir():
             continue
-        for folder in sorted(p for p in root.iterdir() if (p / WEIGHTS_FILE).is_file()):
+        for folder in sorted(p for p in root.iterdir()
+                             if (p / WEIGHTS_FILE).is_file() or (p / ENSEMBLE_FILE).is_file()):
             key = folder.resolve()
             if key in seen:
                 continue

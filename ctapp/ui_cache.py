@@ -30,7 +30,7 @@ import streamlit as st
 from .auditlog import AuditLog, default_path
 from .evaluation import predictions_path, read_predictions
 from .figures import read_history
-from .inference import WEIGHTS_FILE, Analysis, LoadedModel, ModelEntry, Prediction, list_models, load_model, model_dirs
+from .inference import Analysis, LoadedModel, ModelEntry, Prediction, list_models, load_model, model_dirs, model_stamp
 
 HISTORY_FILE = "history.csv"
 AUDIT_FILE = "audit.json"
@@ -77,7 +77,7 @@ def _load_model(path: str, weights_stamp: float) -> LoadedModel:
 def loaded_model(path: str | Path) -> LoadedModel:
     """The process-wide instance of the model in folder ``path``."""
     path = Path(path).resolve()
-    return _load_model(str(path), stamp(path / WEIGHTS_FILE))
+    return _load_model(str(path), model_stamp(path))
 
 
 @st.cache_data(max_entries=1024, ttl=TTL, show_spinner=False)
@@ -91,7 +91,7 @@ def predict(path: str | Path, sha256: str, data: bytes) -> Prediction:
     Raises :class:`~ctapp.imaging.ImageDecodeError` for a file that is not a usable slice.
     """
     path = Path(path).resolve()
-    return _predict(str(path), stamp(path / WEIGHTS_FILE), sha256, data)
+    return _predict(str(path), model_stamp(path), sha256, data)
 
 
 @st.cache_data(max_entries=MAX_ANALYSES, ttl=TTL, show_spinner=False)
@@ -105,7 +105,7 @@ def analyse(path: str | Path, sha256: str, data: bytes, *, method: str = "Grad-C
     """Prediction plus class-activation map (``method``) for class ``target``
     (a class key; None explains the predicted class)."""
     path = Path(path).resolve()
-    return _analyse(str(path), stamp(path / WEIGHTS_FILE), sha256, method, target, data)
+    return _analyse(str(path), model_stamp(path), sha256, method, target, data)
 
 
 # --------------------------------------------------------------------------- reports and cards

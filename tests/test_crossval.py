@@ -228,3 +228,12 @@ def test_fit_cv_reports_out_of_fold_and_resumes_after_a_kill(tmp_path):
     # The resumed run ends where the uninterrupted one did.
     with open(tmp_path / "killed" / "eval_report.csv") as f:
         assert list(csv.DictReader(f)) == rows
+    # Two cross-validated runs on the same folds make an ensemble with its own out-of-fold report
+    # (here the two runs are the same model, so the ensemble's figures are the member's).
+    from training.ensemble import run as make_ensemble
+
+    assert make_ensemble(["--members", str(out), str(tmp_path / "killed"), "--out", str(tmp_path / "ens")]) == 0
+    ensemble_report = json.loads((tmp_path / "ens" / "eval_report.json").read_text())
+    assert ensemble_report["images"] == 36 and ensemble_report["accuracy"] == pytest.approx(report["accuracy"])
+    ensemble_card = json.loads((tmp_path / "ens" / "model_card.json").read_text())
+    assert set(ensemble_card["member_comparison"]) == {"ensemble", "reference", "killed"}

@@ -221,12 +221,20 @@ def test_slice_report_is_self_contained_and_complete():
 
 
 def test_slice_report_states_uncertainty_and_reasons():
-    p = prediction(uncertain=True, out_of_distribution=True, confidence=0.55,
-                   reasons=["this does not look like a chest CT slice the model was trained on"])
-    html = slice_report(image=np.zeros((20, 20)), results=[ModelResult("m", "v", p)])
-    assert "No reliable answer" in html and "chest CT slice the model was trained on" in html
+    from ctapp.inference import NOT_CHEST_CT, NOT_CT_REASON, UNLIKE_TRAINING, UNLIKE_TRAINING_REASON
+
+    unlike = prediction(uncertain=True, out_of_distribution=True, confidence=0.55, state=UNLIKE_TRAINING,
+                        reasons=[UNLIKE_TRAINING_REASON])
+    html = slice_report(image=np.zeros((20, 20)), results=[ModelResult("m", "v", unlike)])
+    assert "Unlike the training images: no reliable result" in html and "another scanner" in html
+    assert "NOT A VALID RESULT" in html and "bar muted" in html
     assert "calibrated probability)" not in html
+    not_ct = prediction(uncertain=True, out_of_distribution=True, confidence=0.9, state=NOT_CHEST_CT,
+                        reasons=[NOT_CT_REASON])
+    assert verdict(not_ct) == "Not a chest CT slice: no result."
     assert verdict(prediction(uncertain=True, confidence=0.6)).startswith("Uncertain: no confident answer")
+    confident = slice_report(image=np.zeros((20, 20)), results=[ModelResult("m", "v", prediction(confidence=0.9))])
+    assert "NOT A VALID RESULT" not in confident and "bar muted" not in confident
 
 
 def test_report_of_a_dicom_slice_has_no_patient_identifiers():

@@ -24,7 +24,7 @@ from PIL import Image
 from ctapp.checkpoint import save_model_file
 from ctapp.inference import LoadedModel, ModelEntry
 from ctapp.models import create_model
-from ctapp.preprocess import PreprocessConfig
+from ctapp.preprocess import PreprocessConfig, to_square
 
 CLASSES = ["alpha", "beta"]
 DISPLAY = ["Alpha", "Beta"]
@@ -203,7 +203,10 @@ def test_training_writes_its_validation_report_with_the_fitted_temperature(tiny_
         path = Path(report["data"]) / row["path"]  # rows name files under the report's data root
         grey = np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0
         assert grey.shape == (config.img_size, config.img_size)  # square at the input size: no resizing
-        x = (torch.from_numpy(grey)[None, None].expand(1, 3, -1, -1) - mean) / std
+        # The body crop and intensity standardisation (pinned in test_pinned_preprocess and
+        # test_crossval) come from the shared function; the normalisation and the temperature here.
+        square, _ = to_square(grey, config)
+        x = (torch.from_numpy(square)[None, None].expand(1, 3, -1, -1) - mean) / std
         with torch.no_grad():
             logits = net(x).double()[0]
         expected = torch.softmax(logits / temperature, 0).numpy()

@@ -1,0 +1,102 @@
+"""Ensembles as first-class models (issue 8): a folder with ``ensemble.json``
+loads like any model, predicts the mean of its members' calibrated
+probabilities, explains with the mean of their maps, evaluates, and its
+evaluation CSV's ``uncertain`` column is exactly the app's flag."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from robustness_helpers import child_env, sample_images, write_model_folder
+
+from ctapp import CheckpointError, load_model
+from ctapp.evaluation import evaluate_files
+from ctapp.inference import ENSEMBLE_FILE, EnsembleModel, list_models
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ensemble(tmp_path_factory) -> Path:
+    models = tmp_path_factory.mktemp("models")
+    write_model_folder(models / "a", seed=0)
+    write_model_folder(models / "b", seed=7)
+    folder = models / "ab"
+    folder.mkdir()
+    (folder / ENSEMBLE_FILE).write_text(json.dumps({"members": ["../a", "../b"], "confidence_threshold": 0.7}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def slices(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("slices")
+    paths = []
+    for i, image in enumerate(sample_images(6)):
+        paths.append(folder / f"s{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    return paths
+
+
+def test_an_ensemble_predicts_the_mean_of_its_members(ensemble, slices):
+    model = load_model(ensemble)
+    assert isinstance(model, EnsembleModel) and [m.name for m in model.members] == ["a", "b"]
+    a, b = load_model(ensemble.parent / "a"), load_model(ensemble.parent / "b")
+    differ = 0
+    for path in slices:
+        p, pa, pb = model.predict(path), a.predict(path), b.predict(path)
+        for key in p.probabilities:
+            assert p.probabilities[key] == pytest.approx((pa.probabilities[key] + pb.probabilities[key]) / 2)
+        differ += abs(pa.confidence - pb.confidence) > 1e-3
+        assert p.uncertain == (p.confidence < 0.7 or pa.out_of_distribution or pb.out_of_distribution)
+    assert differ  # the members are different networks
+
+
+def test_an_ensemble_explains_with_the_mean_of_its_members_maps(ensemble, slices):
+    model = load_model(ensemble)
+    analysis = model.analyse(slices[0])
+    target = analysis.cam_class
+    maps = [m.explain(slices[0], target=target) for m in model.members]
+    np.testing.assert_allclose(analysis.cam, (maps[0] + maps[1]) / 2, atol=1e-6)
+    assert analysis.cam.shape == (64, 64)
+
+
+def test_an_ensemble_evaluates_and_its_csv_flags_what_the_app_flags(ensemble, slices):
+    model = load_model(ensemble)
+    report, rows = evaluate_files(model, slices, [0, 1, 0, 1, 0, 1], workers=1)
+    assert report["images"] == 6 and report["arch"] == "ensemble"
+    for path, row in zip(slices, rows):
+        shown = model.predict(path)
+        assert row["uncertain"] == shown.uncertain and row["state"] == shown.state
+        assert row["p_class0"] == pytest.approx(shown.probabilities["class0"], abs=1e-5)
+    answered = [not r["uncertain"] for r in rows]
+    assert report["coverage"] == pytest.approx(np.mean(answered))
+
+
+def test_ensembles_are_listed_and_served_by_the_command_line(ensemble, slices, tmp_path):
+    assert "ab" in [entry.name for entry in list_models([ensemble.parent])]
+    out = subprocess.run([sys.executable, "-m", "ctapp.predict", "--model", str(ensemble), str(slices[0])],
+                         cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(str(slices[0]) + "\t")
+
+
+def test_a_broken_ensemble_is_refused_with_a_clear_message(tmp_path):
+    write_model_folder(tmp_path / "two", num_classes=2)
+    write_model_folder(tmp_path / "three", num_classes=3)
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / ENSEMBLE_FILE).write_text(json.dumps({"members": ["../two", "../three"]}))
+    with pytest.raises(CheckpointError, match="not one task"):
+        load_model(tmp_path / "mixed")
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / ENSEMBLE_FILE).write_text(json.dumps({"members": ["../two"]}))
+    with pytest.raises(CheckpointError, match="at least two members"):
+        load_model(tmp_path / "alone")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / ENSEMBLE_FILE).write_text("[1, 2")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_model(tmp_path / "junk")

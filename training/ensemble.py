@@ -1,0 +1,160 @@
+"""Make an ensemble of cross-validated models of one task, with its own card.
+
+    python -m training.ensemble --members models/lung-resnet50 models/lung-vgg19_bn --out models/lung-ensemble
+
+The members must come from ``training.fit --cv`` runs on the same images with
+the same folds (same data, ``--cv``, ``--seed``, ``--split-block`` and
+``--group-pattern``), so that every image has an out-of-fold prediction from
+each member that never saw it. The ensemble's out-of-fold probabilities are the
+mean of the members'; its confidence threshold is fitted on them as a member's
+is (each fold's on the other folds for the reported figures). The folder holds
+``ensemble.json`` (members, threshold), ``model_card.json`` comparing the
+ensemble with each member, and ``eval_report.json`` + CSV. No weights are
+copied: the members' folders are the ensemble's weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from ctapp.checkpoint import CheckpointError, atomic_write_text
+from ctapp.evaluation import read_predictions, write_report
+from ctapp.inference import CONFIDENT, ENSEMBLE_FILE, NOT_CHEST_CT, UNLIKE_TRAINING, load_model
+from ctapp.metrics import evaluation_report, risk_coverage, selective_threshold
+from training.crossval import _spread, breakdown, selective_summary
+from training.fit import DISCLAIMER, measure_latency
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Combine cross-validated models of one task into an ensemble.",
+                                add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--members", nargs="+", required=True, type=Path, help="model folders (training.fit --cv runs)")
+    p.add_argument("--out", required=True, type=Path, help="the ensemble's folder")
+    p.add_argument("--explain-with", default=None,
+                   help="Grad-CAM from this member only (its folder name); default: the mean of all members' maps")
+    p.add_argument("--target-accuracy", type=float, default=0.90,
+                   help="the confidence threshold is the lowest at which out-of-fold answers reach this accuracy")
+    return p
+
+
+def out_of_fold_rows(member: Path) -> dict[str, dict]:
+    report = json.loads((member / "eval_report.json").read_text())
+    if not report.get("out_of_fold"):
+        raise CheckpointError(f"{member}: its report is not out-of-fold; train it with training.fit --cv")
+    return {row["path"]: row for row in read_predictions(member / "eval_report.json")}
+
+
+def main(args: argparse.Namespace) -> Path:
+    models = [load_model(m) for m in args.members]
+    classes = models[0].class_names
+    tables = [out_of_fold_rows(m) for m in args.members]
+    paths = sorted(tables[0])
+    for member, table in zip(args.members[1:], tables[1:]):
+        if sorted(table) != paths or any(table[p]["fold"] != tables[0][p]["fold"] for p in paths):
+            raise CheckpointError(f"{member}: its out-of-fold images or folds differ from {args.members[0]}'s; "
+                                  "members must be cross-validated on the same folds")
+    labels = np.array([classes.index(tables[0][p]["true"]) for p in paths])
+    folds = np.array([int(tables[0][p]["fold"]) for p in paths])
+    sources = np.array([tables[0][p].get("source", "") for p in paths])
+    member_probs = np.stack([[[float(t[p][f"p_{c}"]) for c in classes] for p in paths] for t in tables])
+    probs = member_probs.mean(axis=0)
+    flagged = np.array([any(t[p].get("state") in (NOT_CHEST_CT, UNLIKE_TRAINING) for t in tables) for p in paths])
+
+    uncertain = np.zeros(len(paths), bool)
+    per_fold = []
+    for k in np.unique(folds):
+        held, rest = folds == k, folds != k
+        threshold = selective_threshold(probs[rest], labels[rest], flagged[rest], args.target_accuracy)
+        uncertain[held] = flagged[held] | (probs[held].max(axis=1) < threshold)
+        per_fold.append({"fold": int(k), "confidence_threshold": threshold})
+    threshold = selective_threshold(probs, labels, flagged, args.target_accuracy)
+
+    names = [m.name for m in models]
+    report = evaluation_report(labels, probs, classes, models[0].display_names)
+    by_fold = breakdown(probs, labels, uncertain, folds, classes)
+    report.update(
+        split=f"out-of-fold ({len(by_fold)}-fold cross-validation), mean of {len(models)} members",
+        out_of_fold=True, folds=len(by_fold), model=args.out.name, arch="ensemble", members=names,
+        ood_flagged=float(flagged.mean()), **selective_summary(probs, labels, uncertain),
+        risk_coverage=risk_coverage(probs, labels),
+        fold_spread={metric: _spread([row[metric] for row in by_fold.values()])
+                     for metric in ("accuracy", "macro_f1", "roc_auc_macro", "ece", "coverage",
+                                    "accuracy_when_confident")},
+        per_fold=by_fold, per_source=breakdown(probs, labels, uncertain, sources, classes)
+        if len(set(sources)) > 1 else {}, crossfit={"per_fold": per_fold},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    rows = [{"path": p, "source": sources[i], "fold": int(folds[i]), "true": classes[labels[i]],
+             "pred": classes[int(probs[i].argmax())], "confidence": float(probs[i].max()),
+             **{f"p_{c}": float(v) for c, v in zip(classes, probs[i])}, "uncertain": bool(uncertain[i]),
+             "state": CONFIDENT if not uncertain[i] else "uncertain"} for i, p in enumerate(paths)]
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {"members": [os.path.relpath(m.resolve(), out.resolve()) for m in args.members],
+            "confidence_threshold": threshold, "explain_with": args.explain_with, "name": out.name,
+            "created": report["created"]}
+    atomic_write_text(json.dumps(spec, indent=2), out / ENSEMBLE_FILE)
+    write_report(report, rows, out / "eval_report.json")
+    ensemble = load_model(out)
+    selective = selective_summary(probs, labels, uncertain)
+    comparison = {"ensemble": {k: report[k] for k in ("accuracy", "macro_f1", "ece")}
+                  | {"roc_auc_macro": report["roc_auc"]["macro"], "coverage": selective["coverage"],
+                     "accuracy_when_confident": selective["accuracy_when_confident"]}}
+    for name, m in zip(names, models):
+        r = json.loads((m.path / "eval_report.json").read_text())
+        comparison[name] = {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "ece": r["ece"],
+                            "roc_auc_macro": r["roc_auc"]["macro"], "coverage": r.get("coverage"),
+                            "accuracy_when_confident": r.get("accuracy_when_confident")}
+    card = {
+        "name": out.name, "task": models[0].card.get("task", ""), "classes": classes,
+        "display_names": models[0].display_names, "architecture": "ensemble",
+        "architecture_title": "Ensemble of " + " + ".join(m.card.get("architecture_title", m.arch) for m in models),
+        "members": names, "weights_origin": "the members' (no weights of its own)",
+        "size_bytes": sum(m.card.get("size_bytes", 0) for m in models),
+        "validation": {k: report[k] for k in ("images", "accuracy", "macro_f1", "roc_auc", "per_class",
+                                               "sensitivity", "specificity", "positive_class", "fold_spread",
+                                               "per_source", "coverage", "accuracy_when_confident", "split")
+                       if k in report},
+        "member_comparison": comparison,
+        "calibration": {"method": "mean of the members' calibrated probabilities", "ece_after": report["ece"]},
+        "cross_validation": {"folds": len(by_fold), "images": len(paths)},
+        "selective_answers": {"target_accuracy": args.target_accuracy, "confidence_threshold": threshold,
+                              **selective, "statement": (
+                                  f"When it answers, it was right {selective['accuracy_when_confident']:.0%} of the "
+                                  f"time; it answers {selective['coverage']:.0%} of slices (out-of-fold, "
+                                  f"{len(paths)} images)." if selective["accuracy_when_confident"] is not None
+                                  else "It declined to answer every out-of-fold slice.")},
+        "confidence_threshold": threshold,
+        "gradcam_layer": "mean of the members' maps" if not args.explain_with else f"{args.explain_with}'s",
+        "latency_ms": measure_latency(ensemble, repeat=3),
+        "created": report["created"],
+        "intended_use": "Research and education: exploring CT slice classifiers and their explanations.",
+        "limitations": [DISCLAIMER, "Out-of-fold figures on the same sources it was trained on; expect lower "
+                                    "accuracy on other scanners, hospitals and patient groups."],
+        "disclaimer": DISCLAIMER,
+    }
+    atomic_write_text(json.dumps(card, indent=2), out / "model_card.json")
+    members = ", ".join(f"{n} {c['macro_f1']:.4f}" for n, c in comparison.items() if n != "ensemble")
+    print(f"{out}: out-of-fold accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f} "
+          f"(members: {members}); {card['selective_answers']['statement']}", file=sys.stderr)
+    return out
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        main(args)
+    except (CheckpointError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())
