@@ -155,11 +155,11 @@ def to_square(pixels: np.ndarray, config: PreprocessConfig) -> tuple[np.ndarray,
     """One decoded grey slice -> the (S, S) square the model sees, and its geometry.
     The single function behind training, evaluation, inference and Grad-CAM."""
     h, w = pixels.shape
-    box, found = (0, 0, h, w), True
-    if config.crop == "body":
-        found_box = body_box(pixels)
-        found = found_box is not None
-        box = found_box or box
+    # The body is looked for whether or not the model crops: a slice without one
+    # (blank, noise) is not a chest CT for any model.
+    found_box = body_box(pixels)
+    found = found_box is not None
+    box = found_box if found_box is not None and config.crop == "body" else (0, 0, h, w)
     region = pixels[box[0]:box[2], box[1]:box[3]]
     if config.intensity == "percentile":
         region = standardise_intensity(region)

@@ -268,3 +268,38 @@ def test_shipped_models_in_a_browser(pw, tmp_path):
             screenshot(page, "shipped-comparison-roc.png")
         finally:
             browser.close()
+
+
+def test_uncertain_states_in_a_browser(pw, tmp_path):
+    """The two uncertain states in their own words on the shipped models: a blank
+    image is not a chest CT; a photograph is unlike the training images (the
+    shipped checkpoints predate the 'not a chest CT' threshold of the OOD score,
+    so for them anything beyond it reads 'unlike the training images'). Neither
+    shows a verdict headline."""
+    from PIL import Image
+
+    from training.foreign import foreign_images
+
+    blank, photo = tmp_path / "blank.png", tmp_path / "photo.png"
+    Image.new("L", (512, 512), 0).save(blank)
+    Image.fromarray(foreign_images(512)["photo"]).save(photo)
+    env = {"CTAPP_AUDIT_LOG": str(tmp_path / "audit.sqlite"), "CTAPP_REPORTS_DIR": str(tmp_path / "reports")}
+    task = sorted(shipped_model_tasks(), key=lambda t: "lung" not in t.lower())[0]
+    with running_app(env, tmp_path / "server.log") as url:
+        browser = pw.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1600})
+        try:
+            for upload, words, name in ((blank, "Not a chest CT slice: no result", "state-not-chest-ct.png"),
+                                        (photo, "Unlike the training images: no reliable result",
+                                         "state-unlike-training.png")):
+                page.goto(url, wait_until="networkidle")
+                page.get_by_role("heading", name="CT slice diagnosis").wait_for(timeout=WAIT_MS)
+                select_option(page, "Task", task)
+                page.locator("input[type='file']").first.set_input_files([str(upload)])
+                page.get_by_text(words, exact=False).first.wait_for(timeout=WAIT_MS)
+                assert page.get_by_text("Prediction:", exact=False).count() == 0
+                page.wait_for_timeout(1500)
+                assert_clean(page)
+                screenshot(page, name)
+        finally:
+            browser.close()
