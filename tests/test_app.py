@@ -200,7 +200,10 @@ def test_compare_dashboard_metrics_figures_and_mcnemar(app_settings):
     assert metrics.loc["Latency, with Grad-CAM (ms)"].iloc[1] == "31.5"
     assert metrics.loc["Accuracy"].iloc[0].endswith("%")
     assert len(table(at, "Recall")) == 4  # 2 models x 2 classes
-    assert len(plotly_charts(at)) == 1 + 4 + 1  # ROC, 2 confusion matrices per model, reliability
+    # ROC, 2 confusion matrices per model, reliability, risk-coverage (the reports carry its curve)
+    assert [c.key for c in plotly_charts(at)] == ["roc", "cm_counts_0", "cm_norm_0", "cm_counts_1", "cm_norm_1",
+                                                   "reliability", "risk_coverage"]
+    assert metrics.loc["Answered (not uncertain)"].iloc[0].endswith("%")
 
     values = {m.label: m.value for m in at.metric}
     assert values["Images in common"] == "8"
