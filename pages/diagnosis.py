@@ -24,7 +24,17 @@ import streamlit as st
 from ctapp import figures, ui_cache
 from ctapp.checkpoint import CheckpointError
 from ctapp.imaging import LUNG_WINDOW, MEDIASTINUM_WINDOW, ImageDecodeError, Slice, Window
-from ctapp.inference import NOT_CHEST_CT, UNLIKE_TRAINING, Analysis, LoadedModel, ModelEntry, Prediction, cam_methods
+from ctapp.inference import (
+    NOT_CHEST_CT,
+    NOT_CT_REASON,
+    UNLIKE_TRAINING,
+    UNLIKE_TRAINING_REASON,
+    Analysis,
+    LoadedModel,
+    ModelEntry,
+    Prediction,
+    cam_methods,
+)
 from ctapp.report import DISCLAIMER, ModelResult, markdown_text, safe_stem, slice_report, spreadsheet_cell
 
 log = logging.getLogger(__name__)
@@ -69,14 +79,19 @@ def read_uploads(files) -> list[Upload]:
 
 
 def model_summary(entry: ModelEntry) -> str:
-    """Architecture and validation macro-F1 of a model, from its card."""
+    """Architecture and headline macro-F1 of a model, from its card: out-of-fold
+    with its spread and image count for a cross-validated model."""
     card = entry.card
     parts = []
     if card.get("architecture_title") or card.get("architecture"):
         parts.append(card.get("architecture_title") or card["architecture"])
-    f1 = (card.get("validation") or {}).get("macro_f1")
-    if f1 is not None:
-        parts.append(f"validation macro-F1 {f1:.2f}")
+    validation = card.get("validation") or {}
+    f1 = validation.get("macro_f1")
+    std = ((validation.get("fold_spread") or {}).get("macro_f1") or {}).get("std")
+    if f1 is not None and std is not None:
+        parts.append(f"out-of-fold macro-F1 {f1:.2f} ± {std:.2f} ({validation.get('images', '?')} images)")
+    elif f1 is not None:
+        parts.append(f"validation macro-F1 {f1:.2f} ({validation.get('images', '?')} images)")
     return " · ".join(parts)
 
 
@@ -272,7 +287,9 @@ def show_verdict(prediction: Prediction, model: LoadedModel) -> None:
     """The result in plain words, or one of the uncertain states, each in its own
     words, with its reasons and no verdict headline."""
     label = markdown_text(_display(model, prediction.label))
-    reasons = "".join(f"\n- {markdown_text(r)}" for r in prediction.reasons)
+    # The state's own reason is the headline; list only the others (low confidence).
+    reasons = "".join(f"\n- {markdown_text(r)}" for r in prediction.reasons
+                      if r not in (NOT_CT_REASON, UNLIKE_TRAINING_REASON))
     if prediction.state == NOT_CHEST_CT:
         st.error(f"**Not a chest CT slice: no result.** This looks like something else (blank, noise, a photo, a "
                  f"document or another body part), so the model's classes do not apply.{reasons}",
@@ -347,6 +364,10 @@ def show_detail(result: SliceResult, models: list[ModelEntry], loaded: list[Load
                      clamp=True, width="stretch", output_format="PNG")
     for column, e, overlay in zip(columns[1:], explanations, overlays):
         who = f"{e.model.name}: " if len(explanations) > 1 else ""
+        if e.analysis.prediction.state == NOT_CHEST_CT:
+            # A map of where a cancer class 'was found' on a blank page or a photo would mislead.
+            column.info(f"{who}no {method} map: this is not a chest CT slice.", icon=":material/block:")
+            continue
         column.image(overlay, caption=f"{who}{method} for {e.cam_class} (warm colours weighed most)",
                      width="stretch", output_format="PNG")
     panels = [columns[2]] if len(explanations) == 1 else st.columns(len(explanations), gap="medium")
