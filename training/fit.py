@@ -114,13 +114,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=30, help="number of epochs")
     g.add_argument("--batch-size", type=int, default=32, help="images per batch (per process)")
-    g.add_argument("--opt", default="sgd", choices=["sgd", "adamw"], help="optimiser")
-    g.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
+    g.add_argument("--opt", default="adamw", choices=["sgd", "adamw"], help="optimiser")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="weight decay")
     g.add_argument("--schedule", default="cosine", choices=["cosine", "step", "plateau", "constant"],
                    help="learning-rate schedule (plateau: reduce when validation macro-F1 stalls)")
-    g.add_argument("--warmup-epochs", type=int, default=1, help="linear warm-up epochs (cosine and step)")
+    g.add_argument("--warmup-epochs", type=int, default=2, help="linear warm-up epochs (cosine and step)")
     g.add_argument("--step-size", type=int, default=10, help="epochs between decays (step schedule)")
     g.add_argument("--gamma", type=float, default=0.1, help="decay factor (step and plateau schedules)")
     g.add_argument("--plateau-patience", type=int, default=3, help="epochs without improvement before a plateau decay")
@@ -148,7 +148,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="mixed precision: auto uses bf16/fp16 on CUDA and bf16 only on CPUs with native bf16")
     g.add_argument("--workers", type=int, default=2, help="threads decoding images into the in-memory cache")
-    g.add_argument("--weight-storage", default="fp16", choices=["fp32", "fp16", "int8"],
+    g.add_argument("--weight-storage", default="int8", choices=["fp32", "fp16", "int8"],
                    help="how the final model.pt stores weights (loaded back as fp32)")
     g.add_argument("--ood-quantile", type=float, default=0.95,
                    help="validation quantile of the out-of-distribution score used as its threshold")

@@ -80,7 +80,12 @@ def table(folder: Path) -> str:
             f"{'n/a' if auc is None else f'{auc:.3f}'} | "
             f"{card.get('calibration', {}).get('ece_after', float('nan')):.3f} | {answers} | "
             f"{card.get('size_bytes', 0) / 1e6:.1f} MB | {latency.get('predict', '?')} / {latency.get('predict_gradcam', '?')} |")
-        commands.append(f"# {entry.name}\n" + command(card.get("training", {}).get("settings", {}), out=f"models/{entry.path.name}"))
+        settings = dict(card.get("training", {}).get("settings", {}))
+        # Cards written before a preprocessing option existed trained without it.
+        preprocessing = card.get("preprocessing") or {}
+        for option in ("crop", "intensity"):
+            settings.setdefault(option, preprocessing.get(option, "none"))
+        commands.append(f"# {entry.name}\n" + command(settings, out=f"models/{entry.path.name}"))
     return "\n".join(rows) + "\n\n```bash\n" + "\n".join(commands) + "\n```"
 
 
