@@ -14,7 +14,7 @@ import numpy as np
 
 from .checkpoint import atomic_write_text
 from .inference import CONFIDENT, NOT_CHEST_CT, UNLIKE_TRAINING, EnsembleModel, LoadedModel
-from .metrics import evaluation_report, expected_calibration_error, risk_coverage
+from .metrics import evaluation_report, expected_calibration_error, risk_coverage, selective_summary
 
 
 def evaluate_files(model: LoadedModel | EnsembleModel, paths: list[Path], labels: list[int], *,
@@ -45,8 +45,7 @@ def evaluate_files(model: LoadedModel | EnsembleModel, paths: list[Path], labels
         return str(p.relative_to(root)) if root is not None and p.is_relative_to(root) else str(p)
 
     report = evaluation_report(y_true, probs, model.class_names, model.display_names)
-    answered = np.array([state == CONFIDENT for state in states])
-    correct = probs.argmax(axis=1) == y_true
+    selective = selective_summary(probs, y_true, np.array([state != CONFIDENT for state in states]))
     report.update(
         images_found=len(paths),
         duplicates_skipped=skipped,
@@ -59,10 +58,7 @@ def evaluate_files(model: LoadedModel | EnsembleModel, paths: list[Path], labels
         arch=model.arch,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         ood_flagged=float(np.mean([state in (NOT_CHEST_CT, UNLIKE_TRAINING) for state in states])),
-        coverage=float(answered.mean()),
-        answered=int(answered.sum()),
-        accuracy_when_confident=float(correct[answered].mean()) if answered.any() else None,
-        confident_mistakes=float((answered & ~correct).mean()),
+        **{k: selective[k] for k in ("coverage", "answered", "accuracy_when_confident", "confident_mistakes")},
         states={state: states.count(state) for state in dict.fromkeys(states)},
         risk_coverage=risk_coverage(probs, y_true),
     )

@@ -173,3 +173,23 @@ def selective_threshold(probs: np.ndarray, y_true: np.ndarray, flagged: np.ndarr
     reaching = enough[accuracy[enough] >= target]
     best = reaching[-1] if len(reaching) else enough[np.argmax(accuracy[enough])]
     return float(confidence[best])
+
+
+def selective_summary(probs: np.ndarray, y_true: np.ndarray, uncertain: np.ndarray) -> dict:
+    """How a model that declines the ``uncertain`` slices does: the share it
+    answers, its accuracy when it answers, and confident mistakes (answered and
+    wrong) as a share of all slices."""
+    answered = ~np.asarray(uncertain, bool)
+    correct = np.asarray(probs).argmax(axis=1) == np.asarray(y_true)
+    return {"coverage": float(answered.mean()),
+            "accuracy_when_confident": float(correct[answered].mean()) if answered.any() else None,
+            "answered": int(answered.sum()), "images": int(len(answered)),
+            "confident_mistakes": float((answered & ~correct).mean())}
+
+
+def selective_statement(summary: dict) -> str:
+    """:func:`selective_summary` in the plain words a model card states."""
+    if summary["accuracy_when_confident"] is None:
+        return "It declined to answer every out-of-fold slice."
+    return (f"When it answers, it was right {summary['accuracy_when_confident']:.0%} of the time; it answers "
+            f"{summary['coverage']:.0%} of slices (out-of-fold, {summary['images']} images).")

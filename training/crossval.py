@@ -35,7 +35,15 @@ from ctapp.checkpoint import atomic_write_text, load_model_file, pack_state, sav
 from ctapp.data import DatasetError, DatasetIndex, cv_folds, group_ids, scan_sources
 from ctapp.evaluation import write_report
 from ctapp.inference import WEIGHTS_FILE, LoadedModel, MahalanobisOOD, batched_forward, load_model
-from ctapp.metrics import calibrated, evaluation_report, fit_temperature, risk_coverage, selective_threshold
+from ctapp.metrics import (
+    calibrated,
+    evaluation_report,
+    fit_temperature,
+    risk_coverage,
+    selective_statement,
+    selective_summary,
+    selective_threshold,
+)
 from ctapp.models import count_parameters, get_spec
 from ctapp.preprocess import load_squares
 from training.engine import Progress
@@ -238,13 +246,12 @@ def crossfit_flags(logits: np.ndarray, labels: np.ndarray, ood: np.ndarray, fold
     return probs, uncertain, {"per_fold": per_fold}
 
 
-def selective_summary(probs: np.ndarray, labels: np.ndarray, uncertain: np.ndarray) -> dict:
-    answered = ~uncertain
-    correct = probs.argmax(axis=1) == labels
-    return {"coverage": float(answered.mean()),
-            "accuracy_when_confident": float(correct[answered].mean()) if answered.any() else None,
-            "answered": int(answered.sum()), "images": int(len(labels)),
-            "confident_mistakes": float((answered & ~correct).mean())}
+SPREAD_METRICS = ("accuracy", "macro_f1", "roc_auc_macro", "ece", "coverage", "accuracy_when_confident")
+
+
+def fold_spread(by_fold: dict) -> dict:
+    """Mean and standard deviation over the folds of each headline figure of :func:`breakdown`."""
+    return {metric: _spread([row[metric] for row in by_fold.values()]) for metric in SPREAD_METRICS}
 
 
 def _spread(values: list[float | None]) -> dict:
@@ -314,9 +321,7 @@ def finalize_cv(setup, out: Path, index: DatasetIndex, folds: np.ndarray, images
         ood_flagged=float(np.mean(ood_scores > ood_threshold)),
         **selective_summary(probs, labels, uncertain),
         risk_coverage=risk_coverage(probs, labels),
-        fold_spread={metric: _spread([row[metric] for row in by_fold.values()])
-                     for metric in ("accuracy", "macro_f1", "roc_auc_macro", "ece", "coverage",
-                                    "accuracy_when_confident")},
+        fold_spread=fold_spread(by_fold),
         per_fold=by_fold,
         per_source=breakdown(probs, labels, uncertain, sources, index.class_names) if len(set(sources)) > 1 else {},
         crossfit=crossfit,
@@ -347,9 +352,10 @@ def finalize_cv(setup, out: Path, index: DatasetIndex, folds: np.ndarray, images
     _merge_histories(cv_dir, out, [f"fold-{k}" for k in range(args.cv)] + ["full"])
     shipped: LoadedModel = load_model(out / WEIGHTS_FILE)
     card = model_card(args, out, meta, full_state, report, count_parameters(model), index)
-    selective = selective_summary(probs, labels, uncertain)
+    selective = {k: report[k] for k in ("coverage", "accuracy_when_confident", "answered", "images",
+                                        "confident_mistakes")}
     card.update(
-        validation=_card_figures(report),
+        validation=card_figures(report),
         cross_validation={
             "folds": args.cv, "images": int(len(labels)), "fold_sizes": np.bincount(folds).tolist(),
             "grouping": "stratified by class; groups kept whole: "
@@ -364,10 +370,7 @@ def finalize_cv(setup, out: Path, index: DatasetIndex, folds: np.ndarray, images
         selective_answers={
             "target_accuracy": args.target_accuracy, "confidence_threshold": confidence_threshold,
             **selective,
-            "statement": (f"When it answers, it was right {selective['accuracy_when_confident']:.0%} of the time; "
-                          f"it answers {selective['coverage']:.0%} of slices (out-of-fold, {len(labels)} images)."
-                          if selective["accuracy_when_confident"] is not None else
-                          "It declined to answer every out-of-fold slice."),
+            "statement": selective_statement(selective),
         },
     )
     card["calibration"] = {"method": f"temperature scaling fitted on the {len(labels)} out-of-fold predictions",
@@ -391,7 +394,7 @@ def finalize_cv(setup, out: Path, index: DatasetIndex, folds: np.ndarray, images
         f"ECE {report['ece']:.3f}; {card['selective_answers']['statement']}")
 
 
-def _card_figures(report: dict) -> dict:
+def card_figures(report: dict) -> dict:
     keys = ("images", "accuracy", "macro_f1", "roc_auc", "per_class", "sensitivity", "specificity",
             "positive_class", "fold_spread", "per_source", "coverage", "accuracy_when_confident", "split")
     return {k: report[k] for k in keys if k in report}

@@ -26,8 +26,8 @@ import numpy as np
 from ctapp.checkpoint import CheckpointError, atomic_write_text
 from ctapp.evaluation import read_predictions, write_report
 from ctapp.inference import CONFIDENT, ENSEMBLE_FILE, NOT_CHEST_CT, UNLIKE_TRAINING, load_model
-from ctapp.metrics import evaluation_report, risk_coverage, selective_threshold
-from training.crossval import _spread, breakdown, selective_summary
+from ctapp.metrics import evaluation_report, risk_coverage, selective_statement, selective_summary, selective_threshold
+from training.crossval import breakdown, card_figures, fold_spread
 from training.fit import DISCLAIMER, measure_latency
 
 
@@ -83,9 +83,7 @@ def main(args: argparse.Namespace) -> Path:
         out_of_fold=True, folds=len(by_fold), model=args.out.name, arch="ensemble", members=names,
         ood_flagged=float(flagged.mean()), **selective_summary(probs, labels, uncertain),
         risk_coverage=risk_coverage(probs, labels),
-        fold_spread={metric: _spread([row[metric] for row in by_fold.values()])
-                     for metric in ("accuracy", "macro_f1", "roc_auc_macro", "ece", "coverage",
-                                    "accuracy_when_confident")},
+        fold_spread=fold_spread(by_fold),
         per_fold=by_fold, per_source=breakdown(probs, labels, uncertain, sources, classes)
         if len(set(sources)) > 1 else {}, crossfit={"per_fold": per_fold},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -117,19 +115,12 @@ def main(args: argparse.Namespace) -> Path:
         "architecture_title": "Ensemble of " + " + ".join(m.card.get("architecture_title", m.arch) for m in models),
         "members": names, "weights_origin": "the members' (no weights of its own)",
         "size_bytes": sum(m.card.get("size_bytes", 0) for m in models),
-        "validation": {k: report[k] for k in ("images", "accuracy", "macro_f1", "roc_auc", "per_class",
-                                               "sensitivity", "specificity", "positive_class", "fold_spread",
-                                               "per_source", "coverage", "accuracy_when_confident", "split")
-                       if k in report},
+        "validation": card_figures(report),
         "member_comparison": comparison,
         "calibration": {"method": "mean of the members' calibrated probabilities", "ece_after": report["ece"]},
         "cross_validation": {"folds": len(by_fold), "images": len(paths)},
         "selective_answers": {"target_accuracy": args.target_accuracy, "confidence_threshold": threshold,
-                              **selective, "statement": (
-                                  f"When it answers, it was right {selective['accuracy_when_confident']:.0%} of the "
-                                  f"time; it answers {selective['coverage']:.0%} of slices (out-of-fold, "
-                                  f"{len(paths)} images)." if selective["accuracy_when_confident"] is not None
-                                  else "It declined to answer every out-of-fold slice.")},
+                              **selective, "statement": selective_statement(selective)},
         "confidence_threshold": threshold,
         "gradcam_layer": "mean of the members' maps" if not args.explain_with else f"{args.explain_with}'s",
         "latency_ms": measure_latency(ensemble, repeat=3),
