@@ -240,26 +240,73 @@ def load_squares(paths: list[Path], config: PreprocessConfig, *, workers: int = 
 
 
 AUGMENT_LEVELS = {
-    # rotation degrees, shift fraction, zoom range, brightness/contrast, horizontal-flip probability
-    "none": (0.0, 0.0, 0.0, 0.0, 0.0),
-    "light": (5.0, 0.04, 0.05, 0.1, 0.5),
-    "medium": (10.0, 0.08, 0.10, 0.2, 0.5),
-    "strong": (15.0, 0.10, 0.15, 0.3, 0.5),
+    # rotation degrees, shift fraction, zoom range (low, high), brightness/contrast, horizontal-flip
+    # probability, and whether acquisition shifts (AcquisitionShift) are added
+    "none": (0.0, 0.0, (1.0, 1.0), 0.0, 0.0, False),
+    "light": (5.0, 0.04, (0.95, 1.05), 0.1, 0.5, False),
+    "medium": (10.0, 0.08, (0.90, 1.10), 0.2, 0.5, False),
+    "strong": (15.0, 0.10, (0.85, 1.15), 0.3, 0.5, False),
+    # medium geometry, zoom up to the tighter crops of other exports, plus acquisition shifts
+    "acquisition": (10.0, 0.08, (0.90, 1.40), 0.2, 0.5, True),
 }
+
+
+class AcquisitionShift(torch.nn.Module):
+    """How the same anatomy looks when another scanner, window or export made
+    the slice: a gamma curve, a narrower window, blur or sharpening, noise and
+    JPEG artefacts, each drawn at random, on one (1, S, S) grey tensor in [0, 1].
+
+    Percentile standardisation undoes linear contrast changes but not these,
+    and a model trained without them answers confidently on shifted slices.
+    """
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        self.p = p
+
+    def _chance(self) -> bool:
+        return bool(torch.rand(()) < self.p)
+
+    @staticmethod
+    def _uniform(low: float, high: float) -> float:
+        return float(low + (high - low) * torch.rand(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.clamp(0.0, 1.0)
+        if self._chance():
+            x = x ** float(np.exp(self._uniform(np.log(0.5), np.log(2.0))))
+        if self._chance():
+            low, high = self._uniform(0.0, 0.25), self._uniform(0.75, 1.0)
+            x = ((x - low) / (high - low)).clamp(0.0, 1.0)
+        if self._chance():
+            sigma = self._uniform(0.3, 1.5)
+            blurred = v2.functional.gaussian_blur(x, kernel_size=2 * round(3 * sigma) + 1, sigma=sigma)
+            x = blurred if torch.rand(()) < 0.5 else (x + self._uniform(0.3, 1.0) * (x - blurred)).clamp(0.0, 1.0)
+        if self._chance():
+            x = (x + self._uniform(0.0, 0.05) * torch.randn_like(x)).clamp(0.0, 1.0)
+        if self._chance():
+            quality = int(torch.randint(10, 71, ()))
+            as_bytes = v2.functional.to_dtype(x, torch.uint8, scale=True)
+            x = v2.functional.to_dtype(v2.functional.jpeg(as_bytes, quality), torch.float32, scale=True)
+        return x
 
 
 def train_augment(level: str) -> v2.Transform:
     """Augmentations of the reference projects (rotation, shift, zoom, flip,
-    brightness, contrast) on one (1, S, S) grey tensor in [0, 1]."""
+    brightness, contrast) on one (1, S, S) grey tensor in [0, 1]; the
+    ``acquisition`` level adds :class:`AcquisitionShift`."""
     if level not in AUGMENT_LEVELS:
         raise ValueError(f"augmentation must be one of {sorted(AUGMENT_LEVELS)}, got {level!r}")
-    degrees, shift, zoom, jitter, flip = AUGMENT_LEVELS[level]
+    degrees, shift, zoom, jitter, flip, acquisition = AUGMENT_LEVELS[level]
     if level == "none":
         return v2.Identity()
-    return v2.Compose([
+    steps = [
         v2.RandomHorizontalFlip(flip),
-        v2.RandomAffine(degrees=degrees, translate=(shift, shift), scale=(1 - zoom, 1 + zoom),
+        v2.RandomAffine(degrees=degrees, translate=(shift, shift), scale=zoom,
                         interpolation=v2.InterpolationMode.BILINEAR),
         v2.ColorJitter(brightness=jitter, contrast=jitter),
-        v2.Lambda(lambda x: x.clamp(0.0, 1.0)),
-    ])
+    ]
+    if acquisition:
+        steps.append(AcquisitionShift())
+    steps.append(v2.Lambda(lambda x: x.clamp(0.0, 1.0)))
+    return v2.Compose(steps)

@@ -162,3 +162,31 @@ def test_models_table_command_reproduces_the_training_settings(tiny_model, tmp_p
     write_into(readme, text)
     content = readme.read_text()
     assert "old" not in content and text in content and content.endswith("rest\n")
+
+
+@pytest.mark.parametrize("level", ["light", "medium", "strong", "acquisition"])
+def test_augmentations_keep_shape_and_range(level):
+    from ctapp.preprocess import train_augment
+    torch.manual_seed(0)
+    ramp = torch.linspace(0, 1, 48 * 48).reshape(1, 48, 48)
+    out = train_augment(level)(ramp)
+    assert out.shape == ramp.shape and out.dtype == torch.float32
+    assert 0.0 <= out.min() and out.max() <= 1.0
+    assert not torch.equal(out, ramp)
+
+
+def test_acquisition_shift_is_nonlinear_seeded_and_the_default():
+    from ctapp.preprocess import AcquisitionShift
+    ramp = torch.linspace(0, 1, 64 * 64).reshape(1, 64, 64)
+    shift = AcquisitionShift(p=1.0)
+    torch.manual_seed(3)
+    first = shift(ramp)
+    torch.manual_seed(3)
+    assert torch.equal(first, shift(ramp))
+    # Not a brightness/contrast change that percentile standardisation would undo: no straight
+    # line through (input, output) fits the shifted ramp.
+    a, b = torch.linalg.lstsq(torch.stack([ramp.flatten(), torch.ones(ramp.numel())], 1),
+                              first.flatten()[:, None]).solution.flatten()
+    assert (first.flatten() - (a * ramp.flatten() + b)).abs().max() > 0.05
+    assert AcquisitionShift(p=0.0)(ramp).equal(ramp)
+    assert get_args_parser().get_default("augment") == "acquisition"

@@ -127,8 +127,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy")
     g.add_argument("--class-weights", default="balanced", choices=["balanced", "none"],
                    help="weight the loss by inverse class frequency")
-    g.add_argument("--augment", default="medium", choices=list(AUGMENT_LEVELS),
-                   help="augmentation strength: rotation, shift, zoom, flip, brightness, contrast")
+    g.add_argument("--augment", default="acquisition", choices=list(AUGMENT_LEVELS),
+                   help="augmentation strength: rotation, shift, zoom, flip, brightness, contrast; "
+                        "'acquisition' adds random gamma, window, blur/sharpening, noise and JPEG "
+                        "artefacts, as slices from other scanners and exports differ")
     g.add_argument("--patience", type=int, default=0, help="early stopping: epochs without a better macro-F1 (0: off)")
     g = p.add_argument_group("transfer learning (with pretrained weights)")
     g.add_argument("--freeze-epochs", type=int, default=None,
