@@ -222,6 +222,18 @@ class FileScores:
     digests: list[str]
 
 
+def answer_state(input_state: str, confidence: float, threshold: float) -> tuple[str, list[str]]:
+    """The state of an answer and its reasons, given what the input looked like
+    (``NOT_CHEST_CT``, ``UNLIKE_TRAINING`` or ``CONFIDENT``) and the confidence
+    against the model's threshold. An input state outranks low confidence."""
+    reasons = {NOT_CHEST_CT: [NOT_CT_REASON], UNLIKE_TRAINING: [UNLIKE_TRAINING_REASON]}.get(input_state, [])
+    state = input_state
+    if confidence < threshold:
+        state = LOW_CONFIDENCE if state == CONFIDENT else state
+        reasons.append(f"low confidence: the top probability {confidence:.0%} is below {threshold:.0%}")
+    return state, reasons
+
+
 class LoadedModel:
     def __init__(self, model: nn.Module, meta: dict, path: Path | None = None, card: dict | None = None):
         self.meta = meta
@@ -265,20 +277,15 @@ class LoadedModel:
         (``ood.threshold``). Low confidence: below the threshold chosen on
         out-of-fold predictions.
         """
-        reasons, state = [], CONFIDENT
         far = self.ood.far_threshold if self.ood is not None else None
         near = self.ood.threshold if self.ood is not None else None
         if not body_found or (ood_score is not None and far is not None and ood_score > far):
-            state = NOT_CHEST_CT
-            reasons.append(NOT_CT_REASON)
+            input_state = NOT_CHEST_CT
         elif ood_score is not None and near is not None and ood_score > near:
-            state = UNLIKE_TRAINING
-            reasons.append(UNLIKE_TRAINING_REASON)
-        if confidence < self.confidence_threshold:
-            state = LOW_CONFIDENCE if state == CONFIDENT else state
-            reasons.append(f"low confidence: the top probability {confidence:.0%} is below "
-                           f"{self.confidence_threshold:.0%}")
-        return state, reasons
+            input_state = UNLIKE_TRAINING
+        else:
+            input_state = CONFIDENT
+        return answer_state(input_state, confidence, self.confidence_threshold)
 
     def _prediction(self, logits: torch.Tensor, features: dict[str, torch.Tensor], image: Slice,
                     body_found: bool = True) -> Prediction:
@@ -450,17 +457,8 @@ class EnsembleModel:
     def _combine(self, probs: list[np.ndarray], states: list[str]) -> tuple[np.ndarray, str, list[str]]:
         mean = np.mean(probs, axis=0)
         worst = max(states, key=_SEVERITY.get)
-        reasons = []
-        state = worst if worst in (NOT_CHEST_CT, UNLIKE_TRAINING) else CONFIDENT
-        if state == NOT_CHEST_CT:
-            reasons.append(NOT_CT_REASON)
-        elif state == UNLIKE_TRAINING:
-            reasons.append(UNLIKE_TRAINING_REASON)
-        if mean.max() < self.confidence_threshold:
-            state = LOW_CONFIDENCE if state == CONFIDENT else state
-            reasons.append(f"low confidence: the top probability {mean.max():.0%} is below "
-                           f"{self.confidence_threshold:.0%}")
-        return mean, state, reasons
+        input_state = worst if worst in (NOT_CHEST_CT, UNLIKE_TRAINING) else CONFIDENT
+        return mean, *answer_state(input_state, float(mean.max()), self.confidence_threshold)
 
     def _prediction(self, predictions: list[Prediction], image: Slice) -> Prediction:
         probs, state, reasons = self._combine([np.array(list(p.probabilities.values())) for p in predictions],

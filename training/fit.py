@@ -453,7 +453,7 @@ def main(args: argparse.Namespace) -> Path:
             dist.destroy_process_group()
 
 
-def describe_data(index: DatasetIndex, audit_summary: dict, args) -> dict:
+def describe_data(index: DatasetIndex, audit_summary: dict) -> dict:
     return {"root": str(index.root), "sources": sorted({s.source for s in index.samples}),
             "fingerprint": index.fingerprint(), "layout": index.layout, "splits": index.counts(),
             "notes": index.notes, "audit": audit_summary}
@@ -465,7 +465,7 @@ def meta_for(setup: Setup, index: DatasetIndex, audit_summary: dict) -> dict:
         "arch": args.arch, "class_names": index.class_names, "display_names": index.display_names,
         "preprocess": setup.config.to_dict(), "cam_layer": get_spec(args.arch).cam_layer,
         "train_args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "dataset": describe_data(index, audit_summary, args),
+        "dataset": describe_data(index, audit_summary),
         "code_version": code_version(),
     }
 
