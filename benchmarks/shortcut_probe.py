@@ -24,7 +24,8 @@ DATA = ROOT.parent / "shared" / "data"
 DEFAULT = [DATA / "chest-ct-scan-images" / "Data", DATA / "sarscov2-ctscan", DATA / "covid-ct-ucsd"]
 SETTINGS = {"pad + resize only": dict(crop="none", intensity="none"),
             "body crop": dict(crop="body", intensity="none"),
-            "body crop + percentile": dict(crop="body", intensity="percentile")}
+            "body crop + percentile": dict(crop="body", intensity="percentile"),
+            "body crop + equalise": dict(crop="body", intensity="equalise")}
 
 
 def main(roots: list[Path]) -> None:

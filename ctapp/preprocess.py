@@ -5,7 +5,8 @@ inference, Grad-CAM) turns a decoded slice into a model input here, from the
 A slice is optionally cropped to the body (``crop="body"``: the black frame,
 text, rulers and arrows outside the patient are removed, so that the model sees
 anatomy rather than the export style), optionally standardised in intensity
-(``intensity="percentile"``), padded to a square with black (air) so anatomy is
+(``intensity="percentile"`` stretches percentiles, ``"equalise"`` equalises
+the histogram), padded to a square with black (air) so anatomy is
 never stretched, resized to ``img_size``, replicated from grey to ``channels``
 channels and normalised with ``mean``/``std``.
 """
@@ -26,7 +27,7 @@ from .imaging import ImageDecodeError, Window, decode
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_MODES = ("none", "body")
-INTENSITY_MODES = ("none", "percentile")
+INTENSITY_MODES = ("none", "percentile", "equalise")
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,17 @@ def standardise_intensity(pixels: np.ndarray, low: float = 1.0, high: float = 99
     return np.clip((pixels - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
+def equalise_intensity(pixels: np.ndarray) -> np.ndarray:
+    """Histogram equalisation: each pixel becomes its rank among the slice's grey
+    levels, so any monotonic change of the export (window, gamma, contrast,
+    brightness) gives the same image, up to levels that clipping merged.
+    Flat images are left as they are."""
+    grey = np.round(np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8)
+    if int(grey.max()) - int(grey.min()) < 8:
+        return pixels
+    return cv2.equalizeHist(grey).astype(np.float32) / 255
+
+
 def square(pixels: np.ndarray, size: int) -> tuple[np.ndarray, int, int, int]:
     """Pad (H, W) grey pixels to a centred square with zeros, resize to size x size.
     Returns the square and the padding ``(top, left)`` and side before resizing."""
@@ -163,6 +175,8 @@ def to_square(pixels: np.ndarray, config: PreprocessConfig) -> tuple[np.ndarray,
     region = pixels[box[0]:box[2], box[1]:box[3]]
     if config.intensity == "percentile":
         region = standardise_intensity(region)
+    elif config.intensity == "equalise":
+        region = equalise_intensity(region)
     resized, top, left, side = square(region, config.img_size)
     return resized, Geometry(h, w, box, top, left, side, found)
 
@@ -260,7 +274,7 @@ class AcquisitionShift(torch.nn.Module):
     and a model trained without them answers confidently on shifted slices.
     """
 
-    def __init__(self, p: float = 0.5):
+    def __init__(self, p: float = 0.2):
         super().__init__()
         self.p = p
 

@@ -20,7 +20,7 @@ from synthetic import make_slice, write_classes
 
 from ctapp.data import Sample, cv_folds, group_ids, scan_dataset, scan_sources
 from ctapp.metrics import fit_temperature, selective_threshold
-from ctapp.preprocess import Geometry, PreprocessConfig, body_box, cam_to_image, model_input
+from ctapp.preprocess import Geometry, PreprocessConfig, body_box, cam_to_image, model_input, to_square
 from training.crossval import crossfit_flags
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,6 +167,22 @@ def test_a_blob_in_the_body_comes_back_where_it_was():
     full = cam_to_image(heat, geometry)
     ys, xs = np.nonzero(full > 0.5)
     assert 138 <= ys.mean() <= 148 and 58 <= xs.mean() <= 68
+
+
+@pytest.mark.parametrize("export", [lambda x: x ** 0.6, lambda x: x ** 1.6, lambda x: 0.2 + 0.6 * x])
+def test_equalised_input_is_the_same_whatever_the_export_window_gamma_or_contrast(export):
+    canvas, _ = body_on_canvas()
+    canvas = np.clip(canvas + np.linspace(0, 0.3, canvas.shape[1], dtype=np.float32), 0, 1)  # many grey levels
+    shifted = export(canvas).astype(np.float32)
+    equalised = PreprocessConfig(img_size=64, crop="body", intensity="equalise")
+    stretched = PreprocessConfig(img_size=64, crop="body", intensity="percentile")
+    same = np.abs(to_square(shifted, equalised)[0] - to_square(canvas, equalised)[0]).mean()
+    other = np.abs(to_square(shifted, stretched)[0] - to_square(canvas, stretched)[0]).mean()
+    # Up to the rounding of grey levels: a monotonic change of the export leaves the histogram's
+    # ranks, which is what equalisation keeps; a percentile stretch keeps only linear changes.
+    assert same < 0.03
+    if export(np.float32(0.5)) != pytest.approx(0.2 + 0.6 * 0.5):  # a non-linear change
+        assert other > 3 * same
 
 
 @pytest.mark.slow

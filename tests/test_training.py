@@ -175,7 +175,7 @@ def test_augmentations_keep_shape_and_range(level):
     assert not torch.equal(out, ramp)
 
 
-def test_acquisition_shift_is_nonlinear_seeded_and_the_default():
+def test_acquisition_shift_is_nonlinear_and_seeded():
     from ctapp.preprocess import AcquisitionShift
     ramp = torch.linspace(0, 1, 64 * 64).reshape(1, 64, 64)
     shift = AcquisitionShift(p=1.0)
@@ -189,4 +189,3 @@ def test_acquisition_shift_is_nonlinear_seeded_and_the_default():
                               first.flatten()[:, None]).solution.flatten()
     assert (first.flatten() - (a * ramp.flatten() + b)).abs().max() > 0.05
     assert AcquisitionShift(p=0.0)(ramp).equal(ramp)
-    assert get_args_parser().get_default("augment") == "acquisition"

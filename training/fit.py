@@ -107,8 +107,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=0.2, help="dropout before the classifier")
     g.add_argument("--crop", default="body", choices=list(CROP_MODES),
                    help="crop each slice to the patient's body (drops frames, text, rulers and arrows around it)")
-    g.add_argument("--intensity", default="percentile", choices=list(INTENSITY_MODES),
-                   help="intensity standardisation: stretch the 1st..99th percentile of the slice to 0..1")
+    g.add_argument("--intensity", default="equalise", choices=list(INTENSITY_MODES),
+                   help="intensity standardisation: percentile stretches the 1st..99th percentile of the slice to 0..1; equalise equalises its histogram (the same image whatever the window, gamma or contrast of the export)")
     g.add_argument("--window", type=float, nargs=2, default=(LUNG_WINDOW.center, LUNG_WINDOW.width),
                    metavar=("CENTER", "WIDTH"), help="DICOM intensity window in HU")
     g = p.add_argument_group("optimisation")
@@ -127,7 +127,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy")
     g.add_argument("--class-weights", default="balanced", choices=["balanced", "none"],
                    help="weight the loss by inverse class frequency")
-    g.add_argument("--augment", default="acquisition", choices=list(AUGMENT_LEVELS),
+    g.add_argument("--augment", default="medium", choices=list(AUGMENT_LEVELS),
                    help="augmentation strength: rotation, shift, zoom, flip, brightness, contrast; "
                         "'acquisition' adds random gamma, window, blur/sharpening, noise and JPEG "
                         "artefacts, as slices from other scanners and exports differ")
