@@ -210,16 +210,18 @@ class Analysis:
 
 
 @dataclass
-class FileScores:
-    """Per file of a batch: calibrated and uncalibrated probabilities, OOD score,
-    answer state; NaN rows and '' states where a file could not be read."""
+class BatchScores:
+    """Per input of a batch: calibrated and uncalibrated probabilities, OOD score
+    (NaN without a check), answer state and its reasons; NaN rows and '' states
+    where a file could not be read (its error then says why)."""
 
     probs: np.ndarray  # (N, C)
     raw_probs: np.ndarray  # (N, C), temperature 1
     ood_scores: np.ndarray  # (N,)
     states: list[str]
-    errors: list[str]
-    digests: list[str]
+    reasons: list[list[str]]
+    errors: list[str] = field(default_factory=list)
+    digests: list[str] = field(default_factory=list)
 
 
 def answer_state(input_state: str, confidence: float, threshold: float) -> tuple[str, list[str]]:
@@ -315,7 +317,8 @@ class LoadedModel:
             logits = self.model(x)
         return self._prediction(logits, capture.features(), image, geometry.body_found)
 
-    def forward_batch(self, images: torch.Tensor, batch_size: int = 32) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def forward_batch(self, images: torch.Tensor, batch_size: int = 32,
+                      on_progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Raw logits and the out-of-distribution features of cached (N, 1, S, S) grey squares.
 
         The model's lock is taken per chunk of ``batch_size`` images, not for
@@ -328,6 +331,8 @@ class LoadedModel:
                 chunks.append(batched_forward(self.model, images[start:start + batch_size], self.preprocess,
                                               batch_size=batch_size, feature_layers=self.feature_layers,
                                               memory_format=torch.contiguous_format))
+            if on_progress:
+                on_progress(min(start + batch_size, len(images)), len(images))
             # Python's locks are not fair: without a pause this thread takes the lock straight
             # back and a waiting predict() starves (measured: waits of 2 s instead of one chunk).
             time.sleep(0.001)
@@ -338,25 +343,34 @@ class LoadedModel:
                     for name in chunks[0][1]}
         return logits, features
 
+    def score_squares(self, images: torch.Tensor, body_found: list[bool], batch_size: int = 32,
+                      on_progress: Callable[[int, int], None] | None = None) -> BatchScores:
+        """Calibrated probabilities, OOD scores and answer states of prepared
+        (N, 1, S, S) input squares (``to_square``): the same answers as
+        :meth:`predict` gives one slice at a time, batched and without Grad-CAM."""
+        logits, features = self.forward_batch(images, batch_size, on_progress=on_progress)
+        probs = calibrated(logits, self.temperature)
+        ood = self.ood.score(features) if self.ood is not None else np.full(len(images), np.nan)
+        assessed = [self.assess(float(probs[i].max()), None if np.isnan(ood[i]) else float(ood[i]), body_found[i])
+                    for i in range(len(images))]
+        return BatchScores(probs, calibrated(logits, 1.0), np.asarray(ood, float),
+                           [state for state, _ in assessed], [reasons for _, reasons in assessed])
+
     def score_files(self, paths: list[Path], *, workers: int = 2,
-                    on_progress: Callable[[int, int], None] | None = None) -> FileScores:
-        """Calibrated probabilities, OOD scores and the app's state of many files at
-        once (evaluation reports): the same answers as :meth:`predict`, batched."""
+                    on_progress: Callable[[int, int], None] | None = None) -> BatchScores:
+        """:meth:`score_squares` of many files (evaluation reports), with each
+        file's read error and SHA-256."""
         loaded = load_squares(paths, self.preprocess, workers=workers, on_progress=on_progress)
         ok = [i for i, error in enumerate(loaded.errors) if not error]
         n, k = len(paths), len(self.class_names)
-        scores = FileScores(np.full((n, k), np.nan), np.full((n, k), np.nan), np.full(n, np.nan), [""] * n,
-                            loaded.errors, loaded.digests)
+        scores = BatchScores(np.full((n, k), np.nan), np.full((n, k), np.nan), np.full(n, np.nan), [""] * n,
+                             [[] for _ in range(n)], loaded.errors, loaded.digests)
         if not ok:
             return scores
-        logits, features = self.forward_batch(loaded.images[ok])
-        scores.probs[ok] = calibrated(logits, self.temperature)
-        scores.raw_probs[ok] = calibrated(logits, 1.0)
-        if self.ood is not None:
-            scores.ood_scores[ok] = self.ood.score(features)
-        for i in ok:
-            score = None if np.isnan(scores.ood_scores[i]) else float(scores.ood_scores[i])
-            scores.states[i] = self.assess(float(scores.probs[i].max()), score, loaded.geometries[i].body_found)[0]
+        part = self.score_squares(loaded.images[ok], [loaded.geometries[i].body_found for i in ok])
+        scores.probs[ok], scores.raw_probs[ok], scores.ood_scores[ok] = part.probs, part.raw_probs, part.ood_scores
+        for j, i in enumerate(ok):
+            scores.states[i], scores.reasons[i] = part.states[j], part.reasons[j]
         return scores
 
     def class_index(self, target: int | str | None) -> int | None:
@@ -460,6 +474,22 @@ class EnsembleModel:
         input_state = worst if worst in (NOT_CHEST_CT, UNLIKE_TRAINING) else CONFIDENT
         return mean, *answer_state(input_state, float(mean.max()), self.confidence_threshold)
 
+    def combine(self, parts: list[BatchScores]) -> BatchScores:
+        """The members' scores of the same inputs, in member order -> the
+        ensemble's: mean probabilities, the largest OOD score relative to its
+        member's threshold, the most severe input state and its own threshold."""
+        n = len(parts[0].states)
+        errors = [next((p.errors[i] for p in parts if p.errors and p.errors[i]), "") for i in range(n)]
+        ratios = np.stack([p.ood_scores / m.ood.threshold if m.ood is not None and m.ood.threshold else
+                           np.full(n, np.nan) for p, m in zip(parts, self.members)])
+        states, reasons = [""] * n, [[] for _ in range(n)]
+        for i in range(n):
+            if not errors[i]:
+                _, states[i], reasons[i] = self._combine([p.probs[i] for p in parts], [p.states[i] for p in parts])
+        return BatchScores(np.mean([p.probs for p in parts], axis=0), np.mean([p.raw_probs for p in parts], axis=0),
+                           np.full(n, np.nan) if np.isnan(ratios).all() else np.nanmax(ratios, axis=0),
+                           states, reasons, errors, parts[0].digests)
+
     def _prediction(self, predictions: list[Prediction], image: Slice) -> Prediction:
         probs, state, reasons = self._combine([np.array(list(p.probabilities.values())) for p in predictions],
                                               [p.state for p in predictions])
@@ -501,21 +531,9 @@ class EnsembleModel:
         return self.analyse(image, target, method).cam
 
     def score_files(self, paths: list[Path], *, workers: int = 2,
-                    on_progress: Callable[[int, int], None] | None = None) -> FileScores:
-        parts = [m.score_files(paths, workers=workers, on_progress=on_progress if i == 0 else None)
-                 for i, m in enumerate(self.members)]
-        n = len(paths)
-        errors = [next((p.errors[i] for p in parts if p.errors[i]), "") for i in range(n)]
-        probs = np.mean([p.probs for p in parts], axis=0)
-        raw = np.mean([p.raw_probs for p in parts], axis=0)
-        ratios = np.stack([p.ood_scores / m.ood.threshold if m.ood is not None and m.ood.threshold else
-                           np.full(n, np.nan) for p, m in zip(parts, self.members)])
-        ood = np.full(n, np.nan) if np.isnan(ratios).all() else np.nanmax(ratios, axis=0)
-        states = [""] * n
-        for i in range(n):
-            if not errors[i]:
-                _, states[i], _ = self._combine([p.probs[i] for p in parts], [p.states[i] for p in parts])
-        return FileScores(probs, raw, ood, states, errors, parts[0].digests)
+                    on_progress: Callable[[int, int], None] | None = None) -> BatchScores:
+        return self.combine([m.score_files(paths, workers=workers, on_progress=on_progress if i == 0 else None)
+                             for i, m in enumerate(self.members)])
 
 
 def load_model(path: str | os.PathLike) -> LoadedModel | EnsembleModel:
