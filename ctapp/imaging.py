@@ -376,9 +376,11 @@ def _as_uint8(pixels: np.ndarray) -> np.ndarray:
     return np.round(_min_max(pixels.astype(np.float32)) * 255).astype(np.uint8)
 
 
-def _from_dicom(data: bytes, window: Window, frame: int | None) -> Slice:
+def read_dicom(data: bytes):
+    """The pydicom dataset of DICOM file bytes, pixel data not yet decoded.
+    A deflated file is checked for its inflated size first; a damaged header
+    or a file without pixel data is an :class:`ImageDecodeError`."""
     import pydicom
-    from pydicom.pixels import apply_modality_lut, pixel_array
 
     _check_inflated_size(data)
     try:
@@ -388,30 +390,70 @@ def _from_dicom(data: bytes, window: Window, frame: int | None) -> Slice:
         raise ImageDecodeError("the DICOM file could not be read: its header is damaged or incomplete") from None
     if "PixelData" not in dataset and "FloatPixelData" not in dataset and "DoubleFloatPixelData" not in dataset:
         raise ImageDecodeError("the DICOM file has no pixel data (it may be a report or a structured document)")
-    rows, cols = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
-    _check_geometry(cols, rows, "DICOM")
-    notes: list[str] = []
-    n_frames = int(dataset.get("NumberOfFrames", 1) or 1)
-    samples = int(dataset.get("SamplesPerPixel", 1) or 1)
-    index = None
-    if n_frames > 1:
-        index = n_frames // 2 if frame is None else frame
-        if not 0 <= index < n_frames:
-            raise ImageDecodeError(f"frame {index} requested but the DICOM file has {n_frames} frames")
-        notes.append(f"multi-frame DICOM: used frame {index + 1} of {n_frames}")
+    return dataset
+
+
+def dicom_pixels(dataset, index: int | None = None) -> np.ndarray:
+    """The stored values of frame ``index`` (None: every frame) through
+    pydicom's pixel-data plugins; a syntax no installed plugin decodes is
+    named in the error."""
+    from pydicom.pixels import pixel_array
+
     try:
-        # Only the frame used is decoded: a compressed multi-frame file would
-        # otherwise inflate every frame (RLE: up to 64x the file size).
-        array = dataset.pixel_array if index is None else pixel_array(dataset, index=index)
+        return dataset.pixel_array if index is None else pixel_array(dataset, index=index)
     except Exception:
         log.info("DICOM pixel data undecodable", exc_info=True)
         raise ImageDecodeError(
             f"the DICOM pixel data could not be decoded (transfer syntax: {_syntax_name(dataset)}); "
             "it may need an image codec that is not installed"
         ) from None
-    if samples > 1:
-        rgb = _as_uint8(np.asarray(array))
-        return Slice(np.asarray(Image.fromarray(rgb[..., :3]).convert("L"), np.float32) / 255.0, "DICOM", notes, mode="DICOM")
+
+
+def dicom_colour_to_grey(array: np.ndarray, dataset) -> np.ndarray | None:
+    """Grey in [0, 1] (ITU-R 601 luma) of a colour or palette-colour frame; None
+    for a monochrome one."""
+    from pydicom.pixels import apply_color_lut
+
+    photometric = str(dataset.get("PhotometricInterpretation", ""))
+    if photometric == "PALETTE COLOR":
+        array = apply_color_lut(array, dataset)
+    elif int(dataset.get("SamplesPerPixel", 1) or 1) == 1:
+        return None
+    rgb = np.asarray(array)
+    if rgb.dtype == np.uint16:  # 16-bit palette entries
+        rgb = np.round(rgb / 257.0).astype(np.uint8)
+    rgb = _as_uint8(rgb)
+    if rgb.ndim == 4:
+        return np.stack([_luma(frame) for frame in rgb])
+    return _luma(rgb)
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb[..., :3])).convert("L"), np.float32) / 255.0
+
+
+def _from_dicom(data: bytes, window: Window, frame: int | None) -> Slice:
+    from pydicom.pixels import apply_modality_lut
+
+    dataset = read_dicom(data)
+    rows, cols = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
+    _check_geometry(cols, rows, "DICOM")
+    notes: list[str] = []
+    n_frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    index = None
+    if n_frames > 1:
+        index = n_frames // 2 if frame is None else frame
+        if not 0 <= index < n_frames:
+            raise ImageDecodeError(f"frame {index} requested but the DICOM file has {n_frames} frames")
+        notes.append(f"multi-frame DICOM: used frame {index + 1} of {n_frames}")
+    # Only the frame used is decoded: a compressed multi-frame file would
+    # otherwise inflate every frame (RLE: up to 64x the file size).
+    array = dicom_pixels(dataset, index)
+    grey = dicom_colour_to_grey(array, dataset)
+    if grey is not None:
+        if str(dataset.get("PhotometricInterpretation", "")) == "PALETTE COLOR":
+            notes.append("palette-colour DICOM shown in grey")
+        return Slice(grey, "DICOM", notes, mode="DICOM")
     hu = np.asarray(apply_modality_lut(array, dataset), dtype=np.float32)
     modality = str(dataset.get("Modality", ""))[:16]  # a code string: at most 16 characters
     if modality and modality != "CT":

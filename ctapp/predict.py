@@ -1,29 +1,54 @@
-"""Classify slices from the command line.
+"""Classify slices, series and volumes from the command line.
 
-    python -m ctapp.predict FILE_OR_DIR... --model models/NAME [--json]
+    python -m ctapp.predict INPUT... --model models/NAME [--json]
 
-One line per image; an unreadable file gets an error line and the others are
-still classified; the exit status is 1 when any file failed.
+INPUT: image files (PNG, JPEG, TIFF, BMP, DICOM), folders (searched
+recursively; DICOM files of several series may be mixed, with or without
+extensions), ``.zip`` archives of either, NIfTI volumes (``.nii``,
+``.nii.gz``), multi-frame and enhanced CT DICOM.
+
+A single image is one line, as it always was. A series (two or more DICOM
+slices of one SeriesInstanceUID, a multi-frame file or a volume) is one line
+per slice in reading order (slice 0 most superior), then one summary line
+with its verdict (``ctapp.series.VERDICT_RULE``). With ``--json`` every line is
+a JSON object: ``{"kind": "slice", ...}``, ``{"kind": "series", ...}``, or
+``{"file": ..., "error": ...}``. Progress goes to stderr. An unreadable file
+gets an error line and the others are still classified; the exit status is 1
+when any file or series failed.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .data import IGNORED_FILES, IGNORED_SUFFIXES
-from .imaging import ImageDecodeError
+from .imaging import ImageDecodeError, is_dicom
 from .inference import load_model
+from .series import (
+    ReadResult,
+    Series,
+    SeriesPredictions,
+    classify_series,
+    inputs_from_paths,
+    read_inputs,
+    summarise,
+)
+
+SNIFF_BYTES = 4096
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Classify CT slices (PNG, JPEG, DICOM) with a trained model.",
-                                add_help=add_help)
-    p.add_argument("inputs", nargs="+", help="image files, or folders searched recursively")
+    p = argparse.ArgumentParser(description="Classify CT slices, series and volumes (PNG, JPEG, DICOM, zip, NIfTI) "
+                                            "with a trained model.", add_help=add_help)
+    p.add_argument("inputs", nargs="+", help="image files, DICOM series, zip archives, NIfTI volumes, or folders "
+                                             "searched recursively")
     p.add_argument("--model", required=True, help="model folder (with model.pt and model_card.json)")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
+    p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass of a series (default 32)")
     return p
 
 
@@ -39,28 +64,135 @@ def expand(inputs: list[str]) -> list[Path]:
     return files
 
 
+def _may_be_series(path: Path) -> bool:
+    """Whether a file is read as part of a series: DICOM, zip, NIfTI (by content)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError:
+        return False
+    return is_dicom(head) or head[:4] == b"PK\x03\x04" or head[:2] == b"\x1f\x8b" or \
+        (len(head) >= 348 and head[344:348] == b"n+1\0") or head[4:8] == b"n+2\0"
+
+
+def _single_dicom(series: Series) -> bool:
+    """A series of one single-frame DICOM file: classified as a slice, as before."""
+    return series.kind == "DICOM" and len(series) == 1 and series.reference is not None and \
+        series.reference.instances[0][2] is None
+
+
+def slice_record(path: str, p, series: str | None = None, index: int | None = None) -> dict:
+    return {"kind": "slice", "series": series, "slice_index": index, "file": path, **p.to_dict()}
+
+
+def series_record(series: Series, result: SeriesPredictions) -> dict:
+    summary = summarise(series.id, result)
+    return {"kind": "series", "series": series.id, "slices": len(series), "label": summary.label,
+            "verdict": summary.verdict, "has_result": summary.has_result, "rule": summary.rule,
+            "confident_counts": summary.confident_counts, "uncertain": summary.uncertain,
+            "uncertain_by_state": summary.uncertain_by_state, "key_slices": summary.key_slices,
+            "source": series.kind, "description": series.description(), "seconds": round(result.seconds, 3)}
+
+
+def _text_slice(path: str, p) -> str:
+    probs = " ".join(f"{name}={value:.3f}" for name, value in p.probabilities.items())
+    # An uncertain answer never reads like a result: the label column says so.
+    label = f"UNCERTAIN ({p.state}; leans {p.label})" if p.uncertain else p.label
+    flags = f"\t{'; '.join(p.reasons)}" if p.reasons else ""
+    return f"{path}\t{label}\t{p.confidence:.3f}\t{probs}{flags}"
+
+
+def _text_series(series: Series, result: SeriesPredictions) -> list[str]:
+    """A series as a block: a header, one aligned row per slice, the verdict."""
+    rows = [("slice", "file", "result", "confidence", "probabilities", "flags")]
+    for i, p in enumerate(result.predictions):
+        label = f"UNCERTAIN ({p.state}; leans {p.label})" if p.uncertain else p.label
+        rows.append((str(i), series.sources[i] if series.kind != "NIfTI" else f"{series.sources[i]}#{i}", label,
+                     f"{p.confidence:.3f}", " ".join(f"{k}={v:.3f}" for k, v in p.probabilities.items()),
+                     "; ".join(p.reasons)))
+    widths = [max(len(r[c]) for r in rows) for c in range(5)]
+    summary = summarise(series.id, result)
+    lines = [f"== series {series.id}: {series.description()} (slice 0 is the most superior)"]
+    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r[:5], widths)) + ("  " + r[5] if r[5] else "")
+              for r in rows]
+    lines.append(f"== series {series.id}: {summary.verdict}")
+    return [line.rstrip() for line in lines]
+
+
+def _error(path: str, message: str, as_json: bool, series: str | None = None) -> str:
+    if as_json:
+        return json.dumps({"file": path, "error": message, **({"series": series} if series else {})})
+    return f"{path}\tERROR\t{message}"
+
+
+def _progress(series_id: str):
+    started = time.perf_counter()
+    tty = sys.stderr.isatty()
+
+    def show(done: int, total: int) -> None:
+        if tty:
+            print(f"\rseries {series_id}: {done}/{total} slices classified", end="", file=sys.stderr, flush=True)
+        if done == total:
+            print(f"{'' if not tty else chr(13)}series {series_id}: {total} slices classified in "
+                  f"{time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    return show
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         model = load_model(args.model)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    paths = expand(args.inputs)
+    # Single images are read as before, by path; DICOM, zip and NIfTI files are
+    # read together so that slices of one series are grouped whatever folder
+    # or argument they came from.
+    grouped = [p for p in paths if p.is_file() and _may_be_series(p)]
+    read = read_inputs(inputs_from_paths(grouped), window=model.preprocess.window) if grouped else ReadResult()
+    series_by_id = {s.id: s for s in read.series}
+    errors_by_key = {e.series or e.name: e for e in read.errors}
+    position = {str(p): i for i, p in enumerate(paths)}
+    # Every line appears where its (first) file was given.
+    plan = [(position[str(p)], "image", p) for p in paths if not (p.is_file() and _may_be_series(p))]
+    plan += [(position[str(grouped[read.origin[entry]])], *entry) for entry in read.order]
+    plan.sort(key=lambda item: item[0])
+    singles = {str(p) for p in grouped}
+
     failures = 0
-    for path in expand(args.inputs):
-        try:
-            p = model.predict(path)
-        except ImageDecodeError as exc:
+    for _, kind, key in plan:
+        if kind == "image":
+            path = key
+            try:
+                p = model.predict(path)
+            except ImageDecodeError as exc:
+                failures += 1
+                print(_error(str(path), str(exc), args.json))
+                continue
+            print(json.dumps(slice_record(str(path), p)) if args.json else _text_slice(str(path), p))
+        elif kind == "error":
             failures += 1
-            print(json.dumps({"file": str(path), "error": str(exc)}) if args.json else f"{path}\tERROR\t{exc}")
-            continue
-        if args.json:
-            print(json.dumps({"file": str(path), **p.to_dict()}))
-        else:
-            probs = " ".join(f"{name}={value:.3f}" for name, value in p.probabilities.items())
-            # An uncertain answer never reads like a result: the label column says so.
-            label = f"UNCERTAIN ({p.state}; leans {p.label})" if p.uncertain else p.label
-            flags = f"\t{'; '.join(p.reasons)}" if p.reasons else ""
-            print(f"{path}\t{label}\t{p.confidence:.3f}\t{probs}{flags}")
+            error = errors_by_key[key]
+            print(_error(error.name, error.message, args.json, error.series))
+        elif kind == "series":
+            series = series_by_id[key]
+            if _single_dicom(series) and series.sources[0] in singles:
+                path = series.sources[0]
+                try:
+                    p = model.predict(Path(path))
+                except ImageDecodeError as exc:
+                    failures += 1
+                    print(_error(path, str(exc), args.json))
+                    continue
+                print(json.dumps(slice_record(path, p)) if args.json else _text_slice(path, p))
+            else:
+                result = classify_series(model, series, batch_size=args.batch_size, on_progress=_progress(series.id))
+                if args.json:
+                    for i, p in enumerate(result.predictions):
+                        print(json.dumps(slice_record(series.sources[i], p, series.id, i)))
+                    print(json.dumps(series_record(series, result)))
+                else:
+                    print("\n".join(_text_series(series, result)))
         sys.stdout.flush()
     return 1 if failures else 0
 

@@ -6,7 +6,10 @@
 * Reports, model lists, training histories, predictions and Grad-CAMs are data
   (``st.cache_data``), keyed by the file's modification time so that a
   retrained model or a rewritten report is read again.
-* The audit log is a resource, one per log path.
+* The store (audit log and evaluation index) is a resource, one per
+  database URL or log path.
+* Sign-in: ``st.login`` (OIDC) when ``.streamlit/secrets.toml`` has ``[auth]``;
+  roles come from its ``[roles]`` section (:mod:`ctapp.auth`).
 * Folder evaluations take the process-wide :func:`evaluation_slot`: one at a
   time, whoever asks.
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,10 +31,11 @@ from pathlib import Path
 
 import streamlit as st
 
-from .auditlog import AuditLog, default_path
+from .auth import RoleConfig, User, user_from_claims
 from .evaluation import predictions_path, read_predictions
 from .figures import read_history
 from .inference import Analysis, LoadedModel, ModelEntry, Prediction, list_models, load_model, model_dirs, model_stamp
+from .store import DATABASE_URL_ENV, Store, configured_location
 
 HISTORY_FILE = "history.csv"
 AUDIT_FILE = "audit.json"
@@ -158,13 +163,14 @@ def dataset_audit(model_folder: str | Path) -> dict | None:
 
 
 @st.cache_resource(show_spinner=False)
-def _audit_log(path: str) -> AuditLog:
-    return AuditLog(path)
+def _store(location: str, is_url: bool) -> Store:
+    return Store(url=location) if is_url else Store(location)
 
 
-def audit_log() -> AuditLog:
-    """The diagnosis audit log at ``CTAPP_AUDIT_LOG`` (or the default path)."""
-    return _audit_log(str(default_path()))
+def audit_log() -> Store:
+    """The store of this server: PostgreSQL at ``CTAPP_DATABASE_URL`` when set,
+    else the SQLite log at ``CTAPP_AUDIT_LOG`` (or the default path)."""
+    return _store(configured_location(), bool(os.environ.get(DATABASE_URL_ENV, "").strip()))
 
 
 # --------------------------------------------------------------------------- folder evaluations
@@ -180,3 +186,121 @@ def evaluation_slot() -> Iterator[bool]:
     finally:
         if acquired:
             _evaluation_lock.release()
+
+
+# --------------------------------------------------------------------------- sign-in and roles
+
+
+def sign_in_enabled() -> bool:
+    """Whether ``.streamlit/secrets.toml`` configures sign-in (an ``[auth]`` section)."""
+    try:
+        return "auth" in st.secrets
+    except FileNotFoundError:  # no secrets file at all
+        return False
+
+
+def role_config() -> RoleConfig:
+    try:
+        section = st.secrets.get("roles")
+    except FileNotFoundError:
+        section = None
+    return RoleConfig.from_mapping(section)
+
+
+def current_user() -> User | None:
+    """The signed-in user; None when sign-in is off or nobody has signed in."""
+    if not sign_in_enabled() or not st.user.is_logged_in:
+        return None
+    return user_from_claims(st.user.to_dict(), role_config())
+
+
+def user_identity() -> str:
+    """What the audit log records as the user: '' when sign-in is off."""
+    user = current_user()
+    return user.identity if user else ""
+
+
+def is_admin() -> bool:
+    """Whether this session may evaluate folders and read the audit log: a
+    signed-in admin, or the one local user when sign-in is off."""
+    if not sign_in_enabled():
+        return True
+    user = current_user()
+    return bool(user and user.is_admin)
+
+
+def record_evaluation(report_path: str | Path, report: dict) -> None:
+    """Index a folder evaluation's report under the signed-in user."""
+    audit_log().add_report(user=user_identity(), model=str(report.get("model", "")),
+                           model_version=str(report.get("model_version", "")), report=Path(report_path).name,
+                           evaluated_on=str(report.get("evaluated_on", "")), images=int(report.get("images", 0)),
+                           accuracy=report.get("accuracy"), macro_f1=report.get("macro_f1"))
+
+
+# --------------------------------------------------------------------------- series and volumes (issue 9)
+
+from .series import ReadResult, Series, SeriesPredictions, read_inputs  # noqa: E402
+from .series import classify_series as _classify_series_batched  # noqa: E402
+from .series_figures import thumbnails as _thumbnails  # noqa: E402
+
+MAX_READ_SERIES = 3  # reads held at once: a 300-slice CT series is ~150 MB of int16 Hounsfield units
+
+
+@st.cache_resource(max_entries=MAX_READ_SERIES, ttl=TTL, show_spinner=False)
+def _read_series(key: str, _inputs: tuple) -> ReadResult:
+    return read_inputs(list(_inputs))
+
+
+def read_series(inputs: list) -> ReadResult:
+    """Series, volumes and loose images of uploaded files (a list of
+    :class:`~ctapp.series.Input`), read once per distinct upload and shared
+    (read-only) by the sessions that upload the same files."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for item in inputs:
+        digest.update(item.name.encode("utf-8", "replace") + b"\0" + hashlib.sha256(item.data).digest())
+    return _read_series(digest.hexdigest(), tuple(inputs))
+
+
+@st.cache_resource(max_entries=8, ttl=TTL, show_spinner=False)
+def _series_result_slot(path: str, weights_stamp: float, digest: str) -> dict:
+    # A slot, not the result: the classification runs outside the cached
+    # function, so that it may drive a progress bar of the calling page.
+    return {"lock": threading.Lock()}
+
+
+def classify_series(path: str | Path, series: Series, on_progress=None) -> SeriesPredictions:
+    """Per-slice predictions of a series by the model in ``path`` (batched, no
+    Grad-CAM), computed once per series and model; ``on_progress(done,
+    total)`` is called while it is computed."""
+    path = Path(path).resolve()
+    stamp_ = model_stamp(path)
+    slot = _series_result_slot(str(path), stamp_, series.digest)
+    with slot["lock"]:
+        if "result" not in slot:
+            slot["result"] = _classify_series_batched(_load_model(str(path), stamp_), series, on_progress=on_progress)
+    return slot["result"]
+
+
+@st.cache_data(max_entries=MAX_ANALYSES, ttl=TTL, show_spinner=False)
+def _analyse_series_slice(path: str, weights_stamp: float, digest: str, index: int, method: str,
+                          _image) -> Analysis:
+    return _load_model(path, weights_stamp).analyse(_image, method=method)
+
+
+def analyse_series_slice(path: str | Path, series: Series, index: int, image, method: str = "Grad-CAM") -> Analysis:
+    """Prediction and Grad-CAM of slice ``index`` of a series (``image``: the
+    slice as the model reads it), computed when the slice is viewed."""
+    path = Path(path).resolve()
+    return _analyse_series_slice(str(path), model_stamp(path), series.digest, index, method, image)
+
+
+@st.cache_data(max_entries=8, ttl=TTL, show_spinner=False)
+def _series_thumbnails(digest: str, _series: Series) -> list[str]:
+    return _thumbnails(_series)
+
+
+def series_thumbnails(series: Series) -> list[str]:
+    """Small PNG data URIs of every slice (lung window), for the slice table."""
+    return _series_thumbnails(series.digest, series)

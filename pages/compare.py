@@ -239,14 +239,17 @@ def local_bytes(path: Path | None) -> bytes | None:
         return None
 
 
-def show_paired(chosen: list[ReportEntry], opacity: float = 0.4) -> None:
+def show_paired(chosen: list[ReportEntry], task: str, opacity: float = 0.4) -> None:
+    """Two reports on their shared images. Widget keys carry the task: the
+    choices of one task are never offered under another."""
     if len(chosen) < 2:
         st.info("Choose at least two reports above to compare two models on the same images.")
         return
     labels = [e.label for e in chosen]
     left, right = st.columns(2)
-    a = left.selectbox("Model A", range(len(chosen)), format_func=lambda i: labels[i], key="pair_a")
-    b = right.selectbox("Model B", range(len(chosen)), index=1, format_func=lambda i: labels[i], key="pair_b")
+    a = left.selectbox("Model A", range(len(chosen)), format_func=lambda i: labels[i], key=f"pair_a_{task}")
+    b = right.selectbox("Model B", range(len(chosen)), index=1, format_func=lambda i: labels[i],
+                        key=f"pair_b_{task}")
     if a == b:
         st.info("Choose two different reports.")
         return
@@ -288,7 +291,7 @@ def show_paired(chosen: list[ReportEntry], opacity: float = 0.4) -> None:
                   for k in table[0] if k.endswith("confidence")}
     st.dataframe(table, hide_index=True, column_config=confidence, key="disagreements")
     pick = st.selectbox("Image to explain", range(len(table)), format_func=lambda i: table[i]["Image"],
-                        key="disagreement_pick")
+                        key=f"disagreement_pick_{task}_{a}_{b}")
     ra, _ = disagreements[pick]
     data = local_bytes(image_file(ea.report, ra["path"]))
     if data is None:
@@ -310,12 +313,12 @@ def show_paired(chosen: list[ReportEntry], opacity: float = 0.4) -> None:
                   output_format="PNG", caption=f"{e.model.name}: {label} ({p.confidence:.0%}), Grad-CAM of {label}")
 
 
-def evaluation_form(models: list[ModelEntry]) -> tuple[ModelEntry, str, str, bool] | None:
+def evaluation_form(models: list[ModelEntry], task: str = "") -> tuple[ModelEntry, str, str, bool] | None:
     """The 'Evaluate on a folder' form; returns its values when submitted."""
     roots = data_roots()
     with st.form("evaluate_form"):
         paths = {str(m.path): m for m in models}
-        model = st.selectbox("Model", list(paths), format_func=lambda p: paths[p].name, key="eval_model")
+        model = st.selectbox("Model", list(paths), format_func=lambda p: paths[p].name, key=f"eval_model_{task}")
         folder = st.text_input(
             "Data folder on the server", key="eval_folder", placeholder="e.g. chest-ct-scan-images/Data/test",
             help="A folder of class sub-folders (or train/valid/test folders of class sub-folders), relative to "
@@ -361,6 +364,11 @@ def run_evaluation(model: ModelEntry, folder_text: str, split: str, dedupe: bool
             st.error(f"The evaluation failed ({type(exc).__name__}); the server log has details.")
             return None
     bar.empty()
+    try:
+        ui_cache.record_evaluation(path, ui_cache.read_json(path) or {})
+    except Exception as exc:
+        log.exception("indexing the evaluation of %s failed", model.name)
+        st.warning(f"The report was written but not indexed in the audit log ({type(exc).__name__}).")
     return str(path)
 
 
@@ -425,11 +433,14 @@ def main() -> None:
             st.caption("Points on the dotted diagonal mean the stated probability matches how often the model is "
                        "right; the bars show how many images fall in each confidence bin.")
         with tabs[4]:
-            show_paired(chosen)
+            show_paired(chosen, task)
     with tabs[5]:
+        if not ui_cache.is_admin():
+            st.info("Evaluating models on server folders is open to admins.", icon=":material/lock:")
+            return
         st.markdown("Evaluate a model on a labelled folder on this server. The report is saved in the reports "
                     f"folder (`{reports_dir()}`) and joins this dashboard.")
-        values = evaluation_form(models)
+        values = evaluation_form(models, task)
         if values:
             written = run_evaluation(*values)
             if written:

@@ -36,6 +36,7 @@ from ctapp.inference import (
     cam_methods,
 )
 from ctapp.report import DISCLAIMER, ModelResult, markdown_text, safe_stem, slice_report, spreadsheet_cell
+from ctapp.series import holds_series
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ PREDICTED = ""  # "class to explain": the predicted class
 WINDOW_PRESETS = {"Lung": LUNG_WINDOW, "Mediastinum": MEDIASTINUM_WINDOW}
 BATCH_PROGRESS_FROM = 3  # show a progress bar from this many files on
 MAX_FILES = 20  # files analysed per upload
+VIEWER_HANDOFF = "viewer_handoff"  # uploads handed to the series viewer (pages/viewer.py reads this key)
 
 
 @dataclass(frozen=True)
@@ -132,23 +134,25 @@ def classify(uploads: list[Upload], models: list[ModelEntry], on_progress=None) 
 def record_diagnoses(results: list[SliceResult], models: list[ModelEntry], loaded: list[LoadedModel],
                      logged: set) -> int:
     """Append each new (image, model) diagnosis to the audit log once per
-    session (``logged`` holds what this session already recorded); returns the
-    number of records written."""
-    written = 0
-    audit = None
+    session (``logged`` holds what this session already recorded), under the
+    signed-in user, all in one transaction; returns the number of records written."""
+    records, keys = [], []
     for result in results:
         if result.error:
             continue
         for entry, model, prediction in zip(models, loaded, result.predictions):
             key = (result.upload.sha256, str(entry.path), model.version)
-            if key in logged:
+            if key in logged or key in keys:
                 continue
-            audit = audit or ui_cache.audit_log()
-            audit.record(model=model.name, model_version=model.version, image_sha256=result.upload.sha256,
-                         prediction=prediction.label, probabilities=prediction.probabilities, flags=flags(prediction))
-            logged.add(key)
-            written += 1
-    return written
+            records.append(dict(model=model.name, model_version=model.version, image_sha256=result.upload.sha256,
+                                prediction=prediction.label, probabilities=prediction.probabilities,
+                                flags=flags(prediction)))
+            keys.append(key)
+    if records:
+        user = ui_cache.user_identity()
+        ui_cache.audit_log().record_many([{**r, "user": user} for r in records])
+        logged.update(keys)
+    return len(records)
 
 
 def result_text(prediction: Prediction, display_label: str) -> str:
@@ -385,6 +389,26 @@ def show_detail(result: SliceResult, models: list[ModelEntry], loaded: list[Load
                        icon=":material/download:", key="report_html", type="primary")
 
 
+def offer_viewer(files) -> bool:
+    """A series, a volume or an archive is read in the series viewer (this page
+    stops: True); a batch of loose slices may be viewed there as well."""
+    items = [(f.name, f.getvalue()) for f in files or []]
+    series = holds_series(items)
+    if not series and len(items) < 2:
+        return False
+    if series:
+        st.info("These files hold a CT series, a volume or an archive. The series viewer reads them whole: slices "
+                "in reading order, a verdict for the series and the probability of each class along it.",
+                icon=":material/view_carousel:")
+    else:
+        st.caption("The series viewer shows these slices in one scrollable view with thumbnails.")
+    if st.button("Open in the series viewer", key="open_in_viewer", type="primary" if series else "secondary",
+                 icon=":material/view_carousel:"):
+        st.session_state[VIEWER_HANDOFF] = items
+        st.switch_page("pages/viewer.py")
+    return series
+
+
 # --------------------------------------------------------------------------- page
 
 
@@ -410,6 +434,8 @@ def main() -> None:
         help=f"PNG, JPEG, TIFF, BMP or DICOM (.dcm or no extension), up to {MAX_FILES} at a time; the format is "
              "detected from the file content.",
     )
+    if offer_viewer(files):
+        return
     uploads = read_uploads(files)
     if not uploads:
         st.info("Upload one or more chest CT slices (PNG, JPEG, TIFF, BMP or DICOM) to classify them. "

@@ -803,9 +803,9 @@ def hammer_model(loaded, images: list[np.ndarray], *, threads: int = 8, seconds:
 def audit_writer(path: str, writer: str, count: int) -> int:
     """Write ``count`` records tagged ``writer``; returns how many were written.
     Runs in threads and in child processes."""
-    from ctapp.auditlog import AuditLog
+    from ctapp.store import Store
 
-    log = AuditLog(path)
+    log = Store(path)
     try:
         for i in range(count):
             log.record(model=f"model-{writer}", model_version="v1", image_sha256=f"{writer}:{i:06d}",
@@ -825,10 +825,10 @@ def hammer_audit_log(path: Path, *, processes: int = 4, threads: int = 4, count:
     """``processes`` processes each running ``threads`` writer threads (plus as
     many threads here) write ``count`` records each; then every record is
     checked (present once, intact) in a fresh connection."""
-    from ctapp.auditlog import AuditLog
+    from ctapp.store import Store
 
     path = Path(path)
-    AuditLog(path).close()  # create the schema before the race
+    Store(path).close()  # create the schema before the race
     # fork: the children start at once (a spawned child would spend ~5 s importing
     # torch through ctapp/__init__); each opens its own connection, as a
     # separate server process would.
@@ -842,9 +842,9 @@ def hammer_audit_log(path: Path, *, processes: int = 4, threads: int = 4, count:
 
 def _endless_writer(path: str, fd: int) -> None:
     """Child process: write records forever, reporting each committed id on ``fd``."""
-    from ctapp.auditlog import AuditLog
+    from ctapp.store import Store
 
-    log = AuditLog(path)
+    log = Store(path)
     i = 0
     while True:
         row_id = log.record(model="model-crash", model_version="v1", image_sha256=f"crash:{i:06d}",
@@ -859,9 +859,9 @@ def kill_audit_writer(path: Path, after: int = 100, timeout: float = 60) -> dict
     record is there and the database is intact."""
     import sqlite3
 
-    from ctapp.auditlog import AuditLog
+    from ctapp.store import Store
 
-    AuditLog(path).close()
+    Store(path).close()
     read_fd, write_fd = os.pipe()
     child = get_context("fork").Process(target=_endless_writer, args=(str(path), write_fd), daemon=True)
     child.start()
@@ -878,10 +878,9 @@ def kill_audit_writer(path: Path, after: int = 100, timeout: float = 60) -> dict
             reported += [line.decode().split()[1] for line in lines]
         os.kill(child.pid, signal.SIGKILL)  # mid-write: it never stops writing
         child.join(10)
-    log = AuditLog(path)  # the restart
+    log = Store(path)  # the restart
     try:
-        stored = {r[0] for r in log._connect().execute(
-            "SELECT image_sha256 FROM diagnoses WHERE model = 'model-crash'").fetchall()}
+        stored = {r["image_sha256"] for r in log.diagnoses(model="model-crash", limit=10**9)}
         after_restart = log.record(model="model-restart", model_version="v1", image_sha256="restart",
                                    prediction="class0", probabilities={"class0": 1.0})
     finally:
@@ -896,12 +895,13 @@ def verify_audit_log(path: Path, processes: int, threads: int, count: int) -> di
     """Reopen the log (as after a restart) and check every expected record."""
     import sqlite3
 
-    from ctapp.auditlog import AuditLog
+    from ctapp.store import Store
 
-    log = AuditLog(path)
+    log = Store(path)
     try:
         stored = log.count()
-        rows = log._connect().execute("SELECT image_sha256, model, probabilities, flags, confidence FROM diagnoses").fetchall()
+        rows = [(r["image_sha256"], r["model"], r["probabilities"], r["flags"], r["confidence"])
+                for r in log.diagnoses(limit=10**9)]
     finally:
         log.close()
     expected = {f"{prefix}t{k}:{i:06d}" for prefix in [f"p{p}" for p in range(processes)] + ["main"]

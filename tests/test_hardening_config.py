@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import pytest
 from app_fixtures import REPO
 
-from ctapp.auditlog import AuditLog
+from ctapp.store import Store
 
 tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
 
@@ -81,7 +81,7 @@ def test_websocket_refuses_foreign_hosts_and_origins():
 
 
 def test_audit_log_is_private(tmp_path):
-    log = AuditLog(tmp_path / "audit" / "audit.sqlite")
+    log = Store(tmp_path / "audit" / "audit.sqlite")
     log.record(model="m", model_version="1", image_sha256="0" * 64, prediction="a", probabilities={"a": 1.0})
     assert stat.S_IMODE((tmp_path / "audit").stat().st_mode) == 0o700
     for name in ("audit.sqlite", "audit.sqlite-wal", "audit.sqlite-shm"):
@@ -91,7 +91,7 @@ def test_audit_log_is_private(tmp_path):
 
 def test_an_existing_readable_audit_log_is_tightened(tmp_path):
     path = tmp_path / "audit.sqlite"
-    AuditLog(path).close()
+    Store(path).close()
     path.chmod(0o644)
-    AuditLog(path).close()
+    Store(path).close()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -9,8 +9,8 @@ import sqlite3
 
 import pytest
 
-from ctapp.auditlog import AuditLog
 from ctapp.inference import ModelEntry, Prediction
+from ctapp.store import Store
 
 NAME = "Doe_Jane_1951-02-03_PID778899.png"
 DATA = b"not really a slice, the model is stubbed"
@@ -61,7 +61,7 @@ def test_server_log_of_a_failed_explanation_names_the_hash_not_the_file(diagnosi
 
 
 def test_audit_log_rows_hold_the_uploads_hash_never_its_name(diagnosis, monkeypatch, tmp_path):
-    log = AuditLog(tmp_path / "audit.sqlite")
+    log = Store(tmp_path / "audit.sqlite")
     monkeypatch.setattr(diagnosis.ui_cache, "audit_log", lambda: log)
     prediction = Prediction("alpha", "Alpha", {"alpha": 0.55, "beta": 0.45}, 0.55, True, False, None,
                             ["low confidence: the top probability 55% is below 75%"])

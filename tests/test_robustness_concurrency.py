@@ -81,13 +81,13 @@ def test_audit_log_survives_a_killed_writer_and_a_restart(tmp_path):
 
 
 def test_audit_log_reopen_counts(tmp_path):
-    from ctapp.auditlog import AuditLog
+    from ctapp.store import Store
 
-    log = AuditLog(tmp_path / "audit.sqlite")
+    log = Store(tmp_path / "audit.sqlite")
     ids = [log.record(model="m", model_version="v", image_sha256=str(i), prediction="a",
                       probabilities={"a": 0.9, "b": 0.1}) for i in range(5)]
     log.close()
-    again = AuditLog(tmp_path / "audit.sqlite")
+    again = Store(tmp_path / "audit.sqlite")
     assert again.count() == 5
     assert [r["id"] for r in again.recent()] == sorted(ids, reverse=True)
     again.close()

@@ -100,12 +100,20 @@ def test_cli_json(cases, model_dir):
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
+    # A multi-frame file is a series: a line per frame and a summary line. Its first
+    # frame's line stands for the file here.
+    series = [line for line in lines if line.get("kind") == "series"]
+    assert [s["slices"] for s in series] == [5] and series[0]["source"] == "DICOM"
+    lines = [line for line in lines if line.get("kind") != "series" and not line.get("slice_index")]
     assert [line["file"] for line in lines] == [str(f) for f in files]
     for line, name in zip(lines, BAD_INPUT_NAMES):
         case = cases[name]
         if case.error is None:
             assert "error" not in line, (name, line)
             assert line["label"] in ("class0", "class1")
+            if line["series"] is not None:
+                assert name == "multi-frame DICOM" and line["slice_index"] == 0
+                continue
             for word in case.notes:
                 assert word.lower() in " ".join(line["notes"]).lower(), (name, line["notes"])
         else:
@@ -118,7 +126,12 @@ def test_cli_text_one_line_per_file(cases, model_dir):
     result = run_predict_cli(files, model_dir, max_file_bytes=SMALL_FILE_LIMIT, json_lines=False)
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
+    # The multi-frame file is a series: printed as a block (header, column names,
+    # a row per frame, verdict), which its header line stands for here.
     lines = result.stdout.splitlines()
+    block = [i for i, line in enumerate(lines) if line.startswith("== series ")]
+    assert len(block) == 2 and block[1] - block[0] == 7, result.stdout
+    lines = lines[:block[0]] + [f"{files[BAD_INPUT_NAMES.index('multi-frame DICOM')]}\tSERIES"] + lines[block[1] + 1:]
     assert len(lines) == len(files), result.stdout
     for line, name in zip(lines, BAD_INPUT_NAMES):
         path, status = line.split("\t")[:2]

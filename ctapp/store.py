@@ -1,0 +1,358 @@
+"""The app's records: the audit log of diagnoses and the index of folder
+evaluations, in one store with two engines (SQLAlchemy 2).
+
+* SQLite (the default): one file, ``audit_log/audit_log.sqlite`` beside the
+  app or ``CTAPP_AUDIT_LOG``, in its own folder (0700), the file 0600, WAL mode.
+* PostgreSQL when ``CTAPP_DATABASE_URL`` is set, in libpq's form
+  ``postgresql://user:password@host:port/database`` (driven by psycopg 3), so
+  that several replicas of the app write to one database.
+
+A diagnosis record holds the UTC time, the signed-in user ('' when sign-in is
+off), model name and version, the SHA-256 of the uploaded file, the predicted
+class, calibrated probabilities and flags: never a file name, a header value or
+pixels. Every write is one transaction, committed before it returns.
+
+The schema is created on first use and brought up to date by the explicit
+steps in ``MIGRATIONS``; each process migrates under a database-wide lock
+(PostgreSQL's advisory lock, SQLite's write lock), so replicas starting
+together apply every step exactly once.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+from sqlalchemy import (
+    Column,
+    Connection,
+    Float,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from .report import spreadsheet_cell
+
+AUDIT_LOG_ENV = "CTAPP_AUDIT_LOG"
+DATABASE_URL_ENV = "CTAPP_DATABASE_URL"
+DEFAULT_PATH = Path(__file__).resolve().parent.parent / "audit_log" / "audit_log.sqlite"
+URL_FORM = "postgresql://user:password@host:port/database"
+# Any constant shared by every replica: the key of PostgreSQL's advisory lock around migrations.
+_MIGRATION_LOCK = 0x63746170
+
+
+class StoreConfigError(ValueError):
+    """A database URL the store cannot use (the message never shows a password)."""
+
+
+metadata = MetaData()
+# Times are ISO 8601 text in UTC with milliseconds ("2025-01-31T12:00:00.123+00:00"), as the
+# first SQLite logs stored them: one format on both engines, ordered like the times themselves,
+# and the first 10 characters are the day.
+diagnoses = Table(
+    "diagnoses", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("time", Text, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("model_version", Text, nullable=False),
+    Column("image_sha256", Text, nullable=False),
+    Column("prediction", Text, nullable=False),
+    Column("confidence", Float, nullable=False),
+    Column("probabilities", Text, nullable=False),
+    Column("flags", Text, nullable=False),
+    Column("username", Text, nullable=False, server_default=""),
+    sqlite_autoincrement=True,
+)
+evaluation_reports = Table(
+    "evaluation_reports", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("time", Text, nullable=False),
+    Column("username", Text, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("model_version", Text, nullable=False),
+    Column("report", Text, nullable=False),  # the report's file name in the reports folder
+    Column("evaluated_on", Text, nullable=False),  # the server data folder's name (and split)
+    Column("images", Integer, nullable=False),
+    Column("accuracy", Float),
+    Column("macro_f1", Float),
+    sqlite_autoincrement=True,
+)
+schema_version = Table("ctapp_schema", metadata, Column("version", Integer, nullable=False))
+
+
+def _v1_diagnoses(conn: Connection) -> None:
+    """The first layout (no user column); SQLite logs written before the schema table have it."""
+    Table("diagnoses", MetaData(),
+          Column("id", Integer, primary_key=True, autoincrement=True),
+          *(Column(name, kind, nullable=False) for name, kind in [
+              ("time", Text), ("model", Text), ("model_version", Text), ("image_sha256", Text),
+              ("prediction", Text), ("confidence", Float), ("probabilities", Text), ("flags", Text)]),
+          sqlite_autoincrement=True).create(conn, checkfirst=True)
+
+
+def _v2_users_and_reports(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE diagnoses ADD COLUMN username TEXT NOT NULL DEFAULT ''"))
+    evaluation_reports.create(conn)
+    for name, column in [("ix_diagnoses_time", "time"), ("ix_diagnoses_username", "username"),
+                         ("ix_diagnoses_model", "model"), ("ix_evaluation_reports_time", "time")]:
+        table = "evaluation_reports" if name.startswith("ix_evaluation") else "diagnoses"
+        conn.execute(text(f"CREATE INDEX {name} ON {table} ({column})"))
+
+
+# Step n brings the schema from version n-1 to n. Append steps, never edit one that has shipped.
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1_diagnoses, _v2_users_and_reports]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def database_url(text_url: str) -> URL:
+    """``CTAPP_DATABASE_URL`` as a SQLAlchemy URL: libpq's ``postgresql://`` (or
+    ``postgres://``) runs on psycopg 3; ``sqlite:///path`` is accepted too."""
+    shown = "CTAPP_DATABASE_URL"
+    try:
+        url = make_url((text_url or "").strip())
+    except ArgumentError:
+        raise StoreConfigError(f"{shown} is not a database URL; expected {URL_FORM}") from None
+    backend, _, driver = url.drivername.partition("+")
+    if backend in ("postgresql", "postgres"):
+        if driver not in ("", "psycopg"):
+            raise StoreConfigError(f"{shown}: the driver '{driver}' is not installed here; use {URL_FORM} (psycopg 3)")
+        url = url.set(drivername="postgresql+psycopg")
+        if not url.database:
+            raise StoreConfigError(f"{shown} names no database: expected {URL_FORM}")
+    elif backend == "sqlite":
+        if not url.database or url.database == ":memory:":
+            raise StoreConfigError(f"{shown}: a SQLite URL needs a file, e.g. sqlite:////srv/ctapp/audit.sqlite")
+    else:
+        raise StoreConfigError(f"{shown}: '{backend}' databases are not supported; use {URL_FORM}")
+    return url
+
+
+def default_path() -> Path:
+    return Path(os.environ.get(AUDIT_LOG_ENV) or DEFAULT_PATH)
+
+
+def configured_location() -> str:
+    """Where the app's store is: the database URL from ``CTAPP_DATABASE_URL``,
+    else the SQLite file (``CTAPP_AUDIT_LOG`` or the default path)."""
+    return os.environ.get(DATABASE_URL_ENV, "").strip() or str(default_path())
+
+
+def now_text() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _private_file(path: Path) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Created (or tightened) before SQLite opens it, whatever the umask; SQLite gives its
+    # -wal and -shm files the database's permissions.
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    os.chmod(path, 0o600)
+
+
+class Store:
+    """The audit log and the evaluation index. ``Store(path)`` opens a SQLite
+    file, ``Store(url=...)`` any URL :func:`database_url` accepts,
+    ``Store.from_environment()`` what the app is configured with."""
+
+    def __init__(self, path: str | Path | None = None, *, url: str | None = None, timeout: float = 30.0):
+        if url is not None:
+            self.url = database_url(url)
+        else:
+            self.url = URL.create("sqlite", database=str(Path(path) if path is not None else default_path()))
+        self.dialect = self.url.get_backend_name()
+        self.path = Path(self.url.database) if self.dialect == "sqlite" else None
+        if self.path is not None:
+            _private_file(self.path)
+            self.engine = create_engine(self.url, connect_args={"timeout": timeout})
+            event.listen(self.engine, "connect", _sqlite_connect)
+            event.listen(self.engine, "begin", _sqlite_begin)
+        else:
+            self.engine = create_engine(self.url, pool_pre_ping=True, pool_size=4, max_overflow=4,
+                                        connect_args={"connect_timeout": int(timeout), "application_name": "ctapp"})
+        self.migrate()
+
+    @classmethod
+    def from_environment(cls) -> Store:
+        location = configured_location()
+        return cls(url=location) if os.environ.get(DATABASE_URL_ENV, "").strip() else cls(location)
+
+    def __repr__(self) -> str:
+        return f"Store({self.url.render_as_string(hide_password=True)!r})"
+
+    # ------------------------------------------------------------------ transactions and schema
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """One transaction that holds the write lock from its start (SQLite:
+        BEGIN IMMEDIATE, so it never fails half-way on a busy database)."""
+        with self.engine.connect() as conn:
+            conn.execution_options(ctapp_write=True)
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            yield conn
+
+    def migrate(self) -> int:
+        """Create or update the schema; returns the version it was at before."""
+        with self._write() as conn:
+            if self.dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+            tables = set(inspect(conn).get_table_names())
+            if "ctapp_schema" not in tables:
+                schema_version.create(conn)
+                conn.execute(schema_version.insert().values(version=1 if "diagnoses" in tables else 0))
+            found = conn.execute(select(schema_version.c.version)).scalar_one()
+            if found > SCHEMA_VERSION:
+                raise RuntimeError(f"the database's schema is version {found}, newer than this app's "
+                                   f"{SCHEMA_VERSION}: update the app")
+            for step in MIGRATIONS[found:]:
+                step(conn)
+            if found < SCHEMA_VERSION:
+                conn.execute(schema_version.update().values(version=SCHEMA_VERSION))
+        return found
+
+    def schema_version(self) -> int:
+        with self._read() as conn:
+            return conn.execute(select(schema_version.c.version)).scalar_one()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ diagnoses
+
+    def record(self, *, model: str, model_version: str, image_sha256: str, prediction: str,
+               probabilities: dict[str, float], flags: Iterable[str] = (), user: str = "") -> int:
+        """Append one diagnosis; returns its id once it is committed."""
+        return self.record_many([dict(model=model, model_version=model_version, image_sha256=image_sha256,
+                                      prediction=prediction, probabilities=probabilities, flags=flags,
+                                      user=user)])[0]
+
+    def record_many(self, records: list[dict]) -> list[int]:
+        """Append several diagnoses (keyword sets of :meth:`record`) in one
+        transaction: all of them or, on an error, none."""
+        time = now_text()
+        rows = [_diagnosis_row(time, **r) for r in records]
+        with self._write() as conn:
+            return [conn.execute(diagnoses.insert().values(**row)).inserted_primary_key[0] for row in rows]
+
+    def count(self) -> int:
+        with self._read() as conn:
+            return conn.execute(select(func.count()).select_from(diagnoses)).scalar_one()
+
+    def recent(self, limit: int = 100) -> list[dict]:
+        with self._read() as conn:
+            result = conn.execute(select(diagnoses).order_by(diagnoses.c.id.desc()).limit(limit))
+            return [dict(row._mapping) for row in result]
+
+    def diagnoses(self, *, since: date | None = None, until: date | None = None, user: str | None = None,
+                  model: str | None = None, prediction: str | None = None, limit: int = 10_000) -> list[dict]:
+        """Diagnoses newest first, filtered by day (``since`` and ``until``
+        inclusive, UTC), user, model and predicted class."""
+        query = _filtered(select(diagnoses), since, until, user, model, prediction)
+        with self._read() as conn:
+            result = conn.execute(query.order_by(diagnoses.c.time.desc(), diagnoses.c.id.desc()).limit(limit))
+            return [dict(row._mapping) for row in result]
+
+    def counts_per_day(self, *, since: date | None = None, until: date | None = None, user: str | None = None,
+                       model: str | None = None, prediction: str | None = None) -> list[tuple[str, int]]:
+        """(UTC day 'YYYY-MM-DD', diagnoses) for each day with any, oldest first."""
+        day = func.substr(diagnoses.c.time, 1, 10)
+        query = _filtered(select(day, func.count()), since, until, user, model, prediction)
+        with self._read() as conn:
+            return [(d, int(n)) for d, n in conn.execute(query.group_by(day).order_by(day))]
+
+    def choices(self) -> dict[str, list[str]]:
+        """The users, models and predicted classes that occur, for filters."""
+        out = {}
+        with self._read() as conn:
+            for name, column in [("user", diagnoses.c.username), ("model", diagnoses.c.model),
+                                 ("prediction", diagnoses.c.prediction)]:
+                out[name] = [v for (v,) in conn.execute(select(column).distinct().order_by(column))]
+        return out
+
+    # ------------------------------------------------------------------ folder evaluations
+
+    def add_report(self, *, user: str, model: str, model_version: str, report: str, evaluated_on: str,
+                   images: int, accuracy: float | None = None, macro_f1: float | None = None) -> int:
+        """Index one folder evaluation (``report``: its file name in the reports folder)."""
+        row = dict(time=now_text(), username=user or "", model=model, model_version=model_version,
+                   report=Path(report).name, evaluated_on=evaluated_on, images=int(images),
+                   accuracy=None if accuracy is None else float(accuracy),
+                   macro_f1=None if macro_f1 is None else float(macro_f1))
+        with self._write() as conn:
+            return conn.execute(evaluation_reports.insert().values(**row)).inserted_primary_key[0]
+
+    def reports(self, limit: int = 200) -> list[dict]:
+        """Indexed folder evaluations, newest first."""
+        query = select(evaluation_reports).order_by(evaluation_reports.c.id.desc()).limit(limit)
+        with self._read() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+
+def _diagnosis_row(time: str, *, model: str, model_version: str, image_sha256: str, prediction: str,
+                   probabilities: dict[str, float], flags: Iterable[str] = (), user: str = "") -> dict:
+    if not (isinstance(image_sha256, str) and image_sha256):
+        raise ValueError("a diagnosis record needs the file's SHA-256")
+    return dict(time=time, username=user or "", model=model, model_version=model_version, image_sha256=image_sha256,
+                prediction=prediction, confidence=float(max(probabilities.values(), default=0.0)),
+                probabilities=json.dumps({k: round(float(v), 6) for k, v in probabilities.items()}),
+                flags=json.dumps(list(flags)))
+
+
+def _filtered(query, since, until, user, model, prediction):
+    if since is not None:
+        query = query.where(diagnoses.c.time >= since.isoformat())
+    if until is not None:
+        query = query.where(diagnoses.c.time < (until + timedelta(days=1)).isoformat())
+    for column, value in [(diagnoses.c.username, user), (diagnoses.c.model, model),
+                          (diagnoses.c.prediction, prediction)]:
+        if value is not None:
+            query = query.where(column == value)
+    return query
+
+
+def _sqlite_connect(dbapi_connection, _record) -> None:
+    # SQLAlchemy's recipe for real SQLite transactions: the driver stays out of
+    # the way (autocommit) and the "begin" listener below issues BEGIN itself.
+    dbapi_connection.isolation_level = None
+    dbapi_connection.execute("PRAGMA journal_mode=WAL")
+    dbapi_connection.execute("PRAGMA synchronous=FULL")
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("ctapp_write") else "BEGIN")
+
+
+# --------------------------------------------------------------------------- CSV export
+
+AUDIT_CSV_COLUMNS = ["time", "username", "model", "model_version", "image_sha256", "prediction", "confidence",
+                     "probabilities", "flags"]
+
+
+def audit_csv(rows: list[dict]) -> str:
+    """Diagnosis records as CSV; text cells that a spreadsheet would run as a
+    formula are neutralised the way every CSV of the app is."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(AUDIT_CSV_COLUMNS)
+    for row in rows:
+        writer.writerow([spreadsheet_cell(row.get(c, "")) for c in AUDIT_CSV_COLUMNS])
+    return out.getvalue()

@@ -1,0 +1,309 @@
+"""Series viewer: a whole CT series, a volume or a batch of loose slices in a
+reading view.
+
+Upload loose DICOM files (several series may be mixed, names and extensions
+do not matter), a folder, a ``.zip`` of either, a NIfTI volume or PNG/JPEG
+slices. Every slice is classified in batches (no Grad-CAM until a slice is
+viewed); the series gets a verdict under a stated rule. The viewer scrolls
+the slices (slider, previous/next, a click on the probability profile or on a
+row of the table), windows them (presets or custom; contrast and brightness
+for PNG/JPEG), zooms and pans (the image is a plotly figure), and overlays the
+Grad-CAM of the slice shown. Downloads: the series CSV, an HTML report and,
+for DICOM series, a DICOM Structured Report.
+
+Series are named by an opaque short id and slices by their number (1 = most
+superior); no DICOM header value that could identify a patient is shown.
+"""
+from __future__ import annotations
+
+import logging
+
+import streamlit as st
+
+from ctapp import figures, ui_cache
+from ctapp.checkpoint import CheckpointError
+from ctapp.imaging import LUNG_WINDOW, Window
+from ctapp.inference import LOW_CONFIDENCE, NOT_CHEST_CT, UNLIKE_TRAINING, ModelEntry
+from ctapp.report import DISCLAIMER, KeySlice, markdown_text, safe_stem, series_report, verdict
+from ctapp.series import Input, Series, SeriesPredictions, images_series, series_csv, slice_rows, summarise
+from ctapp.series_figures import (
+    WINDOW_PRESETS,
+    adjust,
+    probability_profile,
+    selected_slice,
+    slice_figure,
+)
+
+log = logging.getLogger(__name__)
+
+HANDOFF = "viewer_handoff"  # uploads handed over by the diagnosis page: [(name, bytes), ...]
+REPORT_KEY_SLICES = 4
+
+
+# --------------------------------------------------------------------------- plain functions
+
+
+def stack_label(series: Series) -> str:
+    return f"{series.id} · {series.description()}" if series.kind != "images" else \
+        f"Loose slices · {series.description()}"
+
+
+def table_rows(series: Series, result: SeriesPredictions, thumbnails: list[str]) -> list[dict]:
+    """The slice table: thumbnail, slice number, name, result, one confidence format."""
+    rows = []
+    for row, thumb in zip(slice_rows(series, result), thumbnails):
+        rows.append({"Slice": row["slice"], "Thumbnail": thumb, "Name": row["name"], "Result": row["result"],
+                     "Confidence": row["confidence"]})
+    return rows
+
+
+# --------------------------------------------------------------------------- UI
+
+
+def choose_model(by_task: dict[str, list[ModelEntry]]) -> ModelEntry:
+    st.sidebar.header("Model")
+    task = st.sidebar.selectbox("Task", list(by_task), key="viewer_task")
+    paths = {str(e.path): e for e in by_task[task]}
+    chosen = st.sidebar.selectbox("Model", list(paths), format_func=lambda p: paths[p].name,
+                                  key=f"viewer_model_{task}")
+    return paths[chosen]
+
+
+def uploaded_inputs() -> list[Input]:
+    files = st.file_uploader(
+        "Upload a series, a volume or slices", type=None, accept_multiple_files=True, key="viewer_files",
+        help="DICOM files of one or several series (any names, with or without extension), a .zip of them, a NIfTI "
+             "volume (.nii, .nii.gz), multi-frame DICOM, or PNG/JPEG slices. The content decides, not the name.")
+    folder = st.file_uploader("...or a whole folder", accept_multiple_files="directory", key="viewer_folder",
+                              help="Every file of the folder and its sub-folders.")
+    items = [Input(f.name, f.getvalue()) for f in [*(files or []), *(folder or [])]]
+    if not items and st.session_state.get(HANDOFF):
+        items = [Input(name, data) for name, data in st.session_state[HANDOFF]]
+        st.caption(f"{len(items)} files handed over from the Diagnosis page.")
+    return items
+
+
+def slice_key(series: Series) -> str:
+    return f"viewer_slice_{series.id}"
+
+
+def _step(key: str, delta: int, n: int) -> None:
+    st.session_state[key] = min(n, max(1, int(st.session_state.get(key, 1)) + delta))
+
+
+def _go(key: str, number: int) -> None:
+    st.session_state[key] = number
+
+
+def _jump_from_profile(key: str, chart_key: str, n: int) -> None:
+    index = selected_slice(st.session_state.get(chart_key), n)
+    if index is not None:
+        st.session_state[key] = index + 1
+
+
+def _jump_from_table(key: str, table_key: str, n: int) -> None:
+    event = st.session_state.get(table_key)
+    rows = (event or {}).get("selection", {}).get("rows", []) if isinstance(event, dict) else \
+        getattr(getattr(event, "selection", None), "rows", [])
+    if rows and 0 <= int(rows[0]) < n:
+        st.session_state[key] = int(rows[0]) + 1
+
+
+def show_summary(series: Series, result: SeriesPredictions, key: str) -> None:
+    summary = summarise(series.id, result)
+    names = dict(zip(result.class_names, result.display_names))
+    text = f"**{markdown_text(summary.verdict)}**"
+    if not summary.has_result:
+        st.warning(text, icon=":material/help:")
+    elif summary.label is not None:
+        st.info(text, icon=":material/radiology:")
+    else:
+        st.success(text, icon=":material/check_circle:")
+    cols = st.columns(len(result.class_names) + 1)
+    for col, (cls, count) in zip(cols, summary.confident_counts.items()):
+        col.metric(f"{names[cls]} (confident)", count)
+    by_state = summary.uncertain_by_state
+    cols[-1].metric("Uncertain (no result)", summary.uncertain,
+                    help=f"low confidence {by_state[LOW_CONFIDENCE]}, unlike the training images "
+                         f"{by_state[UNLIKE_TRAINING]}, not a chest CT {by_state[NOT_CHEST_CT]}")
+    st.caption(f"How the series verdict is reached: {summary.rule}")
+    if summary.key_slices:
+        st.markdown("Key slices: " + ("the slices that drive the verdict" if summary.label else
+                                      "the slices closest to a finding, for reference"))
+        buttons = st.columns(len(summary.key_slices))
+        for button, index in zip(buttons, summary.key_slices):
+            button.button(f"Slice {index + 1}", key=f"viewer_key_{series.id}_{index}", on_click=_go,
+                          args=(key, index + 1), width="stretch")
+
+
+def display_controls(series: Series) -> tuple[Window | None, float, float]:
+    """Window (HU series) or contrast and brightness (PNG/JPEG stacks)."""
+    if series.is_hu:
+        preset = st.radio("Window", [*WINDOW_PRESETS, "Custom"], horizontal=True, key="viewer_window",
+                          help="Display only: the model reads every slice with its own training window.")
+        if preset in WINDOW_PRESETS:
+            return WINDOW_PRESETS[preset], 1.0, 0.0
+        left, right = st.columns(2)
+        center = left.slider("Level / centre (HU)", -1400, 1500, int(LUNG_WINDOW.center), 10, key="viewer_center")
+        width = right.slider("Width (HU)", 50, 4000, int(LUNG_WINDOW.width), 10, key="viewer_width")
+        return Window(float(center), float(width)), 1.0, 0.0
+    left, right = st.columns(2)
+    contrast = left.slider("Contrast", 0.5, 3.0, 1.0, 0.1, key="viewer_contrast")
+    brightness = right.slider("Brightness", -0.5, 0.5, 0.0, 0.05, key="viewer_brightness")
+    return None, contrast, brightness
+
+
+def show_viewer(entry: ModelEntry, model, series: Series, result: SeriesPredictions) -> None:
+    n = len(series)
+    key = slice_key(series)
+    st.session_state.setdefault(key, 1)
+    left, right = st.columns([1.15, 1], gap="large")
+    with left:
+        nav = st.columns([1, 6, 1], vertical_alignment="bottom")
+        nav[0].button("Prev", key=f"viewer_prev_{series.id}", on_click=_step, args=(key, -1, n),
+                      icon=":material/arrow_upward:", help="Previous slice (toward the head)")
+        nav[2].button("Next", key=f"viewer_next_{series.id}", on_click=_step, args=(key, 1, n),
+                      icon=":material/arrow_downward:", help="Next slice (toward the feet)")
+        if n > 1:
+            number = nav[1].slider("Slice (1 = most superior)", 1, n, key=key)
+        else:
+            number = 1
+        index = number - 1
+        window, contrast, brightness = display_controls(series)
+        controls = st.columns([1, 2], vertical_alignment="center")
+        show_cam = controls[0].toggle("Grad-CAM overlay", value=True, key="viewer_cam")
+        opacity = controls[1].slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05, key="viewer_opacity",
+                                     disabled=not show_cam)
+        image = series.slice(index, model.preprocess.window)
+        shown = series.slice(index, window).pixels if window is not None else adjust(image.pixels, contrast,
+                                                                                      brightness)
+        prediction = result.predictions[index]
+        cam = None
+        if show_cam and prediction.state == NOT_CHEST_CT:
+            st.info("No Grad-CAM map: this slice is not a chest CT for the model.", icon=":material/block:")
+        elif show_cam:
+            try:
+                cam = ui_cache.analyse_series_slice(entry.path, series, index, image).cam
+            except Exception:  # the map must not hide the slice or its prediction
+                log.exception("Grad-CAM of a series slice failed")
+                st.error("The Grad-CAM map could not be computed for this slice.")
+        st.plotly_chart(slice_figure(shown, cam, opacity=opacity, revision=series.id), key="viewer_image",
+                        config={"scrollZoom": True, "displaylogo": False})
+        st.caption(f"{markdown_text(series.slice_name(index))} · scroll to zoom, drag to pan, double-click to reset"
+                   + (" · Grad-CAM: warm colours weighed most" if cam is not None else ""))
+    with right:
+        names = dict(zip(result.class_names, result.display_names))
+        st.markdown(f"**Slice {number} of {n}:** {markdown_text(verdict(prediction, names[prediction.label]))}")
+        st.plotly_chart(figures.probability_bars(prediction.probabilities, names, predicted=prediction.label,
+                                                 threshold=model.confidence_threshold, muted=prediction.uncertain),
+                        key="viewer_probs", config={"displayModeBar": False})
+        chart_key = f"viewer_profile_{series.id}"
+        st.plotly_chart(probability_profile(result, current=index), key=chart_key, on_select=lambda: _jump_from_profile(
+            key, chart_key, n), selection_mode="points", config={"displayModeBar": False})
+        st.caption("Class probabilities along the series; grey crosses mark uncertain slices. Click a point to open "
+                   "that slice.")
+        notes = [*series.notes, *image.notes]
+        if notes:
+            st.caption("How the series was read: " + markdown_text("; ".join(dict.fromkeys(notes)) + "."))
+
+
+def show_table(series: Series, result: SeriesPredictions) -> None:
+    key = slice_key(series)
+    table_key = f"viewer_table_{series.id}"
+    st.subheader("All slices")
+    rows = table_rows(series, result, ui_cache.series_thumbnails(series))
+    st.dataframe(rows, hide_index=True, key=table_key, on_select=lambda: _jump_from_table(key, table_key, len(series)),
+                 selection_mode="single-row", height=min(420, 40 + 35 * len(rows)), column_config={
+                     "Thumbnail": st.column_config.ImageColumn("Thumbnail", width="small"),
+                     "Name": st.column_config.TextColumn("Name", width="large"),
+                     "Confidence": st.column_config.ProgressColumn("Confidence", format="percent", min_value=0.0,
+                                                                   max_value=1.0)})
+    st.caption("Select a row to open its slice. Confidence is the calibrated probability of the most likely class.")
+
+
+def show_downloads(entry: ModelEntry, model, series: Series, result: SeriesPredictions) -> None:
+    stem = safe_stem(series.id)
+    cols = st.columns(3)
+    cols[0].download_button("Series CSV", lambda: series_csv(series, result), file_name=f"{stem}-slices.csv",
+                            mime="text/csv", on_click="ignore", icon=":material/download:", key="viewer_csv")
+    cols[1].download_button("Series report (HTML)", lambda: build_report(model, series, result),
+                            file_name=f"{stem}-report.html", mime="text/html", on_click="ignore",
+                            icon=":material/download:", key="viewer_report", type="primary")
+    if series.kind == "DICOM" and series.reference is not None:
+        cols[2].download_button("DICOM Structured Report", lambda: build_sr(model, series, result),
+                                file_name=f"{stem}-sr.dcm", mime="application/dicom", on_click="ignore",
+                                icon=":material/download:", key="viewer_sr")
+
+
+def build_report(model, series: Series, result: SeriesPredictions) -> str:
+    summary = summarise(series.id, result)
+    names = dict(zip(result.class_names, result.display_names))
+    key_slices = []
+    for index in summary.key_slices[:REPORT_KEY_SLICES]:
+        image = series.slice(index, model.preprocess.window)
+        prediction = result.predictions[index]
+        overlay = None
+        if prediction.state != NOT_CHEST_CT:
+            overlay = figures.cam_overlay(image.pixels, model.analyse(image).cam, 0.4)
+        key_slices.append(KeySlice(index + 1, image.pixels, overlay, prediction))
+    return series_report(series_id=series.id, description=series.description(), summary=summary,
+                         key_slices=key_slices, model_name=model.name, model_version=model.version,
+                         display_names=names, notes=series.notes)
+
+
+def build_sr(model, series: Series, result: SeriesPredictions) -> bytes:
+    from ctapp.structured_report import series_sr_bytes
+
+    return series_sr_bytes(series.reference, summarise(series.id, result), model_name=model.name,
+                           model_version=model.version, display_names=dict(zip(result.class_names,
+                                                                               result.display_names)))
+
+
+# --------------------------------------------------------------------------- page
+
+
+def main() -> None:
+    st.title("Series viewer")
+    st.warning(DISCLAIMER, icon=":material/warning:")
+    by_task = ui_cache.models_by_task()
+    if not by_task:
+        st.info("No trained models were found: train one with `python -m training.fit ... --out models/NAME`, "
+                "or list model folders in `CTAPP_MODELS_DIR`.", icon=":material/info:")
+        return
+    entry = choose_model(by_task)
+    try:
+        model = ui_cache.loaded_model(entry.path)
+    except (CheckpointError, OSError, ValueError):
+        log.exception("loading a model failed")
+        st.error("The model could not be loaded; the server log has details.")
+        return
+    inputs = uploaded_inputs()
+    if not inputs:
+        st.info("Upload a CT series (DICOM files, a folder or a .zip), a NIfTI volume, or PNG/JPEG slices to read "
+                "them slice by slice.", icon=":material/upload_file:")
+        return
+    with st.spinner("Reading the files..."):
+        read = ui_cache.read_series(inputs)
+    for error in read.errors:
+        st.error(markdown_text(error.message), icon=":material/error:")
+    stacks = [*read.series, *([images_series(read.images)] if read.images else [])]
+    if not stacks:
+        return
+    labels = [stack_label(s) for s in stacks]
+    chosen = st.selectbox("Series", range(len(stacks)), format_func=lambda i: labels[i], key="viewer_series",
+                          disabled=len(stacks) == 1)
+    series = stacks[chosen]
+    bar = st.progress(0.0, text=f"Classifying {len(series)} slices...")
+    result = ui_cache.classify_series(entry.path, series, on_progress=lambda done, total: bar.progress(
+        done / total, text=f"Classifying: {done} of {total} slices"))
+    bar.empty()
+    show_summary(series, result, slice_key(series))
+    st.divider()
+    show_viewer(entry, model, series, result)
+    st.divider()
+    show_table(series, result)
+    show_downloads(entry, model, series, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Sign-in end to end in a real browser: the app (``streamlit run app.py`` with
+an ``[auth]`` secrets file) signs users in through a local mock OpenID Connect
+provider (the ``oidc-provider-mock`` package). A clinician diagnoses a slice
+and is named in its audit record, and cannot reach the Audit log page, not
+even by its URL; an admin sees the page and the clinician's record there.
+Skipped, with the reason, without Chromium or the mock provider."""
+# ruff: noqa: F811  (pytest fixtures imported from app_fixtures are "redefined" as test arguments)
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+import pytest
+from app_fixtures import REPO, TASK, app_env, png_bytes  # noqa: F401
+from app_server import CHROMIUM_ARGS, chromium_path, diagnose, start_replica, stop, wait_healthy
+from pg_cluster import free_port
+
+from ctapp.store import Store
+
+oidc_provider_mock = pytest.importorskip("oidc_provider_mock", reason="oidc-provider-mock is not installed "
+                                         "(pip install -r requirements-dev.txt)")
+pytestmark = [pytest.mark.browser, pytest.mark.slow,
+              pytest.mark.skipif(chromium_path() is None, reason="Chromium is not installed (apt-get install chromium)")]
+
+CLINICIAN, ADMIN = "dr.b@example.org", "head.radiologist@example.org"
+WAIT_MS = 120_000
+
+
+def sign_in(page, url: str, who: str) -> None:
+    page.goto(url, wait_until="networkidle")
+    page.get_by_role("button", name="Sign in").click()
+    page.locator("input[name='sub']").fill(who)  # the mock provider's own form: any subject, e-mail = subject
+    page.get_by_role("button", name="Authorize").click()
+    page.get_by_text(f"Signed in as {who}", exact=False).wait_for(timeout=WAIT_MS)
+
+
+def test_sign_in_names_the_user_in_the_audit_log_and_roles_gate_the_audit_page(app_env, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    audit = tmp_path / "audit.sqlite"
+    upload = tmp_path / "Doe_Jane.png"
+    upload.write_bytes(png_bytes(label=0, seed=90))
+    with oidc_provider_mock.run_server_in_thread() as provider:
+        secrets_file = tmp_path / "secrets.toml"
+        secrets_file.write_text(f"""
+[auth]
+redirect_uri = "http://127.0.0.1:{port}/oauth2callback"
+cookie_secret = "{secrets.token_hex(32)}"
+client_id = "ctapp-test"
+client_secret = "{secrets.token_hex(16)}"
+server_metadata_url = "http://localhost:{provider.server_port}/.well-known/openid-configuration"
+
+[roles]
+admin_emails = ["{ADMIN}"]
+""")
+        process, url = start_replica({**app_env.env, "CTAPP_AUDIT_LOG": str(audit)}, tmp_path / "server.log", port=port,
+                                     args=["--secrets.files", str(secrets_file)])
+        try:
+            wait_healthy(url, process)
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
+                try:
+                    clinician = browser.new_context(viewport={"width": 1400, "height": 1200}).new_page()
+                    clinician.goto(url + "/audit_log", wait_until="networkidle")  # signed out: no page but sign-in
+                    clinician.wait_for_timeout(3000)
+                    assert clinician.get_by_role("heading", name="Audit log").count() == 0
+
+                    sign_in(clinician, url, CLINICIAN)
+                    assert clinician.get_by_text(f"Signed in as {CLINICIAN} (clinician)").count() == 1
+                    assert clinician.get_by_role("link", name="Audit log").count() == 0
+                    diagnose(clinician, upload, TASK)
+                    clinician.goto(url + "/audit_log", wait_until="networkidle")
+                    clinician.wait_for_timeout(3000)
+                    assert clinician.get_by_role("heading", name="Audit log").count() == 0
+
+                    admin = browser.new_context(viewport={"width": 1400, "height": 1400}).new_page()
+                    sign_in(admin, url, ADMIN)
+                    assert admin.get_by_text(f"Signed in as {ADMIN} (admin)").count() == 1
+                    admin.get_by_role("link", name="Audit log").click()
+                    admin.get_by_role("heading", name="Audit log").wait_for(timeout=WAIT_MS)
+                    admin.get_by_text("Export as CSV").wait_for(timeout=WAIT_MS)
+                    assert admin.locator("[data-testid='stMetricValue']").first.inner_text() == "1"
+                    admin.wait_for_timeout(1500)
+                    (REPO / "test-artifacts").mkdir(exist_ok=True)
+                    admin.screenshot(path=str(REPO / "test-artifacts" / "audit-log.png"), full_page=True)
+
+                    clinician.goto(url, wait_until="networkidle")
+                    clinician.get_by_role("button", name="Sign out").click()
+                    clinician.wait_for_timeout(3000)
+                    clinician.goto(url, wait_until="networkidle")
+                    clinician.get_by_role("button", name="Sign in").wait_for(timeout=WAIT_MS)
+                finally:
+                    browser.close()
+        finally:
+            stop(process)
+    log = (tmp_path / "server.log").read_text(errors="replace")
+    assert "Traceback" not in log, log[-3000:]
+    store = Store(audit)
+    try:
+        (row,) = store.diagnoses()
+    finally:
+        store.close()
+    assert row["username"] == CLINICIAN
+    assert row["image_sha256"] == hashlib.sha256(upload.read_bytes()).hexdigest()
+    assert not any("Doe_Jane" in str(value) for value in row.values())

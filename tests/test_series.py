@@ -1,0 +1,391 @@
+"""Whole series and volumes (``ctapp.series``) and the command line on them:
+grouping, reading order, orientation, Hounsfield units, compressed syntaxes,
+NIfTI, enhanced multi-frame DICOM, limits, batched classification and the
+series verdict. Every series is generated here (pydicom, nibabel)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+from app_fixtures import PATIENT_ID, PATIENT_NAME
+from PIL import Image
+from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
+from series_synthetic import (
+    dicom_series,
+    enhanced_ct,
+    grey_volume,
+    nifti_bytes,
+    palette_dicom,
+    shuffled_names,
+    write_files,
+    zip_bytes,
+)
+
+from ctapp.imaging import LUNG_WINDOW, decode
+from ctapp.inference import CONFIDENT, LOW_CONFIDENCE, NOT_CHEST_CT, Prediction, load_model
+from ctapp.series import (
+    MIN_FINDING_SLICES,
+    Input,
+    Limits,
+    SeriesPredictions,
+    classify_series,
+    read_inputs,
+    summarise,
+)
+
+IDENTIFIERS = (PATIENT_NAME, "Doe", "Jane", PATIENT_ID, "19510203", "Nowhere", "ACC-4455")
+
+
+def grey_of(series) -> np.ndarray:
+    """The series as the model sees it (lung window), back in 0..255."""
+    return np.stack([series.slice(i, LUNG_WINDOW).pixels for i in range(len(series))]) * 255
+
+
+def read(members: dict[str, bytes], **kwargs):
+    return read_inputs([Input(name, data) for name, data in members.items()], **kwargs)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@pytest.mark.parametrize("orientation", ["standard", "rows-flipped", "columns-flipped", "transposed"])
+@pytest.mark.parametrize("signed", [False, True])
+def test_slices_come_out_in_reading_order_and_the_right_way_up(orientation, signed):
+    grey = grey_volume(5, 40, seed=1)
+    files = dicom_series(grey, orientation=orientation, signed=signed, reverse_instances=True)
+    result = read(shuffled_names(files, np.random.default_rng(2)))
+    assert not result.errors
+    (series,) = result.series
+    assert series.orientation == "axial" and len(series) == 5
+    np.testing.assert_allclose(grey_of(series), grey, atol=1e-3)  # slice 0 most superior, R on the left, A up
+    assert series.positions == pytest.approx([0, 2.5, 5, 7.5, 10])
+    hu = series.slice(0, LUNG_WINDOW).hu
+    assert hu.min() == pytest.approx(-1350, abs=0.01)  # rescale applied: G=0 is -1350 HU whatever was stored
+
+
+def test_two_series_mixed_in_one_folder_are_told_apart():
+    a, b = grey_volume(4, 32, seed=3), grey_volume(3, 40, seed=4)
+    rng = np.random.default_rng(5)
+    mixed = {**shuffled_names(dicom_series(a), rng), **shuffled_names(dicom_series(b, orientation="transposed"), rng)}
+    names = list(mixed)
+    rng.shuffle(names)
+    result = read({n: mixed[n] for n in names})
+    assert not result.errors and sorted(len(s) for s in result.series) == [3, 4]
+    for series in result.series:
+        expected = a if len(series) == 4 else b
+        np.testing.assert_allclose(grey_of(series), expected, atol=1e-3)
+        assert series.id.startswith("S-") and len(series.id) == 10
+        assert series.reference.series_uid not in series.id + series.description()
+
+
+def test_a_zip_reads_as_its_files_do():
+    grey = grey_volume(4, 32, seed=6)
+    members = shuffled_names(dicom_series(grey), np.random.default_rng(7), prefix="export/DIR1/")
+    folder = read(members)
+    zipped = read({"study.zip": zip_bytes({**members, "export/.DS_Store": b"junk"})})
+    assert not zipped.errors
+    np.testing.assert_array_equal(zipped.series[0].values, folder.series[0].values)
+    assert zipped.series[0].id == folder.series[0].id
+    assert all(s.startswith("study.zip:export/DIR1/IM") for s in zipped.series[0].sources)
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless],
+                         ids=["RLE", "JPEG-Lossless", "JPEG-LS", "JPEG-2000"])
+def test_compressed_series_decode_to_the_same_values(syntax):
+    grey = grey_volume(3, 32, seed=8)
+    plain = read({f"p{i}": f for i, f in enumerate(dicom_series(grey, signed=True))}).series[0]
+    files = dicom_series(grey, signed=True, syntax=syntax)
+    assert all(syntax in f[:600].decode("latin-1") for f in files)  # really compressed
+    result = read({f"c{i}": f for i, f in enumerate(files)})
+    assert not result.errors
+    np.testing.assert_array_equal(result.series[0].values, plain.values)
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless],
+                         ids=["RLE", "JPEG-Lossless", "JPEG-LS", "JPEG-2000"])
+def test_runtime_plugins_alone_decode_every_compressed_syntax(syntax):
+    """pylibjpeg with its codecs (requirements.txt) decodes each syntax; the
+    test-only encoders (pyjpegls, imagecodecs) are not needed to read."""
+    import pydicom
+    from pydicom.pixels import pixel_array
+
+    grey = grey_volume(1, 32, seed=9)
+    dataset = pydicom.dcmread(io.BytesIO(dicom_series(grey, syntax=syntax)[0]))
+    np.testing.assert_array_equal(pixel_array(dataset, decoding_plugin="pylibjpeg"), grey[0])
+
+
+def test_an_undecodable_syntax_is_named():
+    import pydicom
+
+    grey = grey_volume(2, 32, seed=10)
+    files = dicom_series(grey, syntax=RLELossless)
+    broken = []
+    for f in files:  # RLE data labelled as High-Throughput JPEG 2000: no plugin can decode it
+        ds = pydicom.dcmread(io.BytesIO(f))
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.201"
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        broken.append(buffer.getvalue())
+    result = read({f"h{i}": f for i, f in enumerate(broken)})
+    assert not result.series and len(result.errors) == 1
+    assert "could not be decoded (transfer syntax: High-Throughput JPEG 2000" in result.errors[0].message
+
+
+def test_nifti_volume_comes_out_as_its_dicom_series():
+    grey = grey_volume(5, 40, seed=11)
+    from_dicom = read({f"d{i}": f for i, f in enumerate(dicom_series(grey, orientation="rows-flipped"))}).series[0]
+    for data in (nifti_bytes(grey, gz=True), nifti_bytes(grey, gz=False)):
+        result = read({"volume": data})  # no extension: the content decides
+        assert not result.errors
+        (volume,) = result.series
+        assert volume.kind == "NIfTI" and volume.orientation == "axial"
+        np.testing.assert_array_equal(volume.values, from_dicom.values)
+        assert volume.positions == pytest.approx(from_dicom.positions)
+
+
+def test_enhanced_multi_frame_ct_uses_per_frame_positions_and_rescale():
+    grey = grey_volume(6, 32, seed=12)
+    result = read({"enhanced": enhanced_ct(grey, frame_order=[3, 1, 0, 5, 2, 4])})
+    assert not result.errors
+    np.testing.assert_allclose(grey_of(result.series[0]), grey, atol=1e-3)
+    assert [f[2] for f in result.series[0].reference.instances] == [2, 1, 4, 0, 5, 3]
+
+
+def test_palette_colour_dicom_decodes_to_grey():
+    data, expected = palette_dicom()
+    image = decode(data)
+    np.testing.assert_allclose(image.pixels * 255, expected, atol=1e-3)
+    assert "palette-colour DICOM shown in grey" in image.notes
+
+
+def test_instance_numbers_order_a_series_without_positions():
+    grey = grey_volume(4, 32, seed=13)
+    result = read(shuffled_names(dicom_series(grey, positions=False), np.random.default_rng(1)))
+    np.testing.assert_allclose(grey_of(result.series[0]), grey, atol=1e-3)
+    assert any("ordered by instance number" in n for n in result.series[0].notes)
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def test_mixed_shapes_and_missing_positions_are_refused_and_nothing_else_is_lost():
+    import pydicom
+
+    grey = grey_volume(4, 32, seed=14)
+    odd = dicom_series(grey_volume(1, 40, seed=15))[0]
+    files = dicom_series(grey)
+    ds = pydicom.dcmread(io.BytesIO(odd))
+    ds.SeriesInstanceUID = pydicom.dcmread(io.BytesIO(files[0])).SeriesInstanceUID
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    gapped = dicom_series(grey_volume(3, 32, seed=16))
+    ds = pydicom.dcmread(io.BytesIO(gapped[1]))
+    del ds.ImagePositionPatient
+    buffer2 = io.BytesIO()
+    ds.save_as(buffer2)
+    good = dicom_series(grey_volume(3, 32, seed=17))
+    members = {**{f"a{i}": f for i, f in enumerate(files)}, "a-odd": buffer.getvalue(),
+               **{f"b{i}": f for i, f in enumerate([gapped[0], buffer2.getvalue(), gapped[2]])},
+               **{f"c{i}": f for i, f in enumerate(good)}, "slice.png": _png(grey[0])}
+    result = read(members)
+    messages = [e.message for e in result.errors]
+    assert len(messages) == 2
+    assert any("slices of different sizes in one series: 32x32 (4 slices), 40x40 (1 slices)" in m for m in messages)
+    assert any("1 of 3 slices have no position" in m for m in messages)
+    assert [len(s) for s in result.series] == [3] and len(result.images) == 1
+    assert [kind for kind, _ in result.order] == ["error", "error", "series", "image"]  # where each first appeared
+
+
+def _png(grey: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_zip_bomb_is_refused_before_it_is_expanded():
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for i in range(3):
+            archive.writestr(f"IM{i}", b"\0" * (8 << 20))  # 24 MB of zeros in ~25 kB
+    bomb = buffer.getvalue()
+    assert len(bomb) < 100_000
+    result = read({"bomb.zip": bomb}, limits=Limits(max_expanded_bytes=10 << 20))
+    assert not result.series and not result.images
+    assert "expands to more than 10 MB (a possible zip bomb)" in result.errors[0].message
+
+
+def test_limits_on_members_slices_and_total_bytes():
+    grey = grey_volume(6, 32, seed=18)
+    members = {f"IM{i}": f for i, f in enumerate(dicom_series(grey))}
+    too_many = read({"many.zip": zip_bytes(members)}, limits=Limits(max_zip_members=5))
+    assert "holds 6 files; at most 5" in too_many.errors[0].message
+    too_long = read(members, limits=Limits(max_slices=5))
+    assert "6 slices; at most 5 are read from one series" in too_long.errors[0].message
+    too_big = read(members, limits=Limits(max_total_bytes=3 * len(members["IM0"])))
+    assert len(too_big.errors) == 3 and "add up to more than" in too_big.errors[0].message
+    nested = read({"outer.zip": zip_bytes({"inner.zip": zip_bytes(members)})})
+    assert "an archive inside an archive is not opened" in nested.errors[0].message
+
+
+def test_a_nifti_larger_than_the_limits_is_refused_from_its_header():
+    import gzip
+
+    import nibabel as nib
+
+    header = nib.Nifti1Image(np.zeros((1, 1, 1), np.int16), np.eye(4)).header
+    header.set_data_shape((512, 512, 4000))
+    raw = header.binaryblock + b"\0" * 4  # a header that promises 2 GB of voxels and holds none
+    result = read({"huge.nii.gz": gzip.compress(bytes(raw))})
+    assert "512x512x4000 voxels; at most 1000 slices" in result.errors[0].message
+
+
+def test_no_header_value_that_identifies_the_patient_is_kept_for_display():
+    grey = grey_volume(3, 32, seed=19)
+    result = read({f"x{i}": f for i, f in enumerate(dicom_series(grey))})
+    (series,) = result.series
+    shown = " ".join([series.id, series.description(), *series.notes, *(series.slice_name(i) for i in range(3))])
+    for identifier in IDENTIFIERS:
+        assert identifier not in shown
+
+
+# --------------------------------------------------------------------------- classification
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return load_model(tiny_model)
+
+
+def test_series_slices_give_the_probabilities_of_the_same_pixels_as_png(model, tmp_path):
+    grey = grey_volume(5, 48, seed=20, labels=(0, 1, 0, 1, 1))
+    files = dicom_series(grey, orientation="columns-flipped", signed=True, reverse_instances=True)
+    (series,) = read(shuffled_names(files, np.random.default_rng(3))).series
+    seen = []
+    result = classify_series(model, series, batch_size=2, on_progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (5, 5) and len(seen) == 3  # one report per batch
+    for k in range(5):
+        path = tmp_path / f"{k}.png"
+        Image.fromarray(grey[k]).save(path)
+        single = model.predict(path)
+        batched = result.predictions[k]
+        assert batched.label == single.label and batched.state == single.state
+        for name in model.class_names:
+            assert batched.probabilities[name] == pytest.approx(single.probabilities[name], abs=1e-4)
+        assert batched.ood_score == pytest.approx(single.ood_score, rel=1e-3)
+
+
+def test_an_ensemble_classifies_a_series_as_it_predicts_each_slice(tmp_path):
+    from robustness_helpers import write_model_folder
+
+    from ctapp.inference import ENSEMBLE_FILE, EnsembleModel
+    write_model_folder(tmp_path / "a", seed=0)
+    write_model_folder(tmp_path / "b", seed=7)
+    (tmp_path / "ab").mkdir()
+    (tmp_path / "ab" / ENSEMBLE_FILE).write_text(json.dumps({"members": ["../a", "../b"],
+                                                            "confidence_threshold": 0.6}))
+    ensemble = load_model(tmp_path / "ab")
+    assert isinstance(ensemble, EnsembleModel)
+    grey = grey_volume(4, 48, seed=21, labels=(0, 1, 1, 0))
+    (series,) = read(shuffled_names(dicom_series(grey), np.random.default_rng(4))).series
+    seen = []
+    result = classify_series(ensemble, series, on_progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (8, 8)  # both members' passes
+    for k in range(4):
+        path = tmp_path / f"{k}.png"
+        Image.fromarray(grey[k]).save(path)
+        single, batched = ensemble.predict(path), result.predictions[k]
+        assert batched.state == single.state and batched.reasons == single.reasons
+        for name in ensemble.class_names:
+            assert batched.probabilities[name] == pytest.approx(single.probabilities[name], abs=1e-4)
+    assert result.probabilities.shape == (4, len(ensemble.class_names))
+
+
+def _predictions(states_labels: list[tuple[str, str]], classes=("covid", "non-covid")) -> SeriesPredictions:
+    preds = []
+    for state, label in states_labels:
+        p = 0.9 if state == CONFIDENT else 0.55
+        probs = {c: (p if c == label else (1 - p) / (len(classes) - 1)) for c in classes}
+        preds.append(Prediction(label, label.title(), probs, p, state != CONFIDENT, state == NOT_CHEST_CT, None,
+                                [], [], state))
+    return SeriesPredictions(preds, list(classes), ["COVID", "Non-COVID"][:len(classes)])
+
+
+def test_the_verdict_counts_confident_slices_of_a_finding_class_only():
+    c, u, n = CONFIDENT, LOW_CONFIDENCE, NOT_CHEST_CT
+    finding = _predictions([(c, "covid")] * 4 + [(c, "non-covid")] * 5 + [(u, "covid")] * 6 + [(n, "covid")])
+    summary = summarise("S-1", finding)
+    assert summary.label == "covid" and summary.verdict == "COVID-like findings on 4 of 16 slices"
+    assert summary.confident_counts == {"covid": 4, "non-covid": 5}
+    assert summary.uncertain == 7 and summary.uncertain_by_state[LOW_CONFIDENCE] == 6
+    assert set(summary.key_slices) == {0, 1, 2, 3}
+    # Uncertain slices never make a finding, however many lean to it.
+    leaning = summarise("S-2", _predictions([(c, "covid")] * (MIN_FINDING_SLICES - 1) + [(u, "covid")] * 20
+                                            + [(c, "non-covid")] * 10))
+    assert leaning.label is None and leaning.has_result
+    assert leaning.verdict == f"No finding class on {MIN_FINDING_SLICES} or more confident slices (Non-COVID on 10 " \
+                              f"of {MIN_FINDING_SLICES + 29} slices)"
+    nothing = summarise("S-3", _predictions([(u, "covid")] * 10 + [(c, "covid")]))
+    assert not nothing.has_result and nothing.label is None and nothing.verdict.startswith("No result: only 1 of 11")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _cli(*args) -> tuple[int, list[str], str]:
+    from ctapp.predict import get_args_parser, main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(get_args_parser().parse_args([str(a) for a in args]))
+    return code, out.getvalue().splitlines(), err.getvalue()
+
+
+def test_cli_json_lines_for_series_volumes_single_images_and_errors(tiny_model, tmp_path):
+    rng = np.random.default_rng(21)
+    a, b = grey_volume(4, 32, seed=22), grey_volume(3, 32, seed=23)
+    folder = tmp_path / "export"
+    write_files(folder, {**shuffled_names(dicom_series(a), rng), **shuffled_names(dicom_series(b), rng)})
+    volume = tmp_path / "b.nii.gz"
+    volume.write_bytes(nifti_bytes(b))
+    single = tmp_path / "single.png"
+    single.write_bytes(_png(a[0]))
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    code, lines, err = _cli(single, folder, volume, bad, "--model", tiny_model, "--json")
+    assert code == 1
+    records = [json.loads(line) for line in lines]
+    assert records[0]["kind"] == "slice" and records[0]["file"] == str(single) and records[0]["series"] is None
+    series_lines = [r for r in records if r.get("kind") == "series"]
+    assert sorted(r["slices"] for r in series_lines) == [3, 3, 4] and series_lines[-1]["source"] == "NIfTI"
+    for summary in series_lines:
+        slices = [r for r in records if r.get("kind") == "slice" and r["series"] == summary["series"]]
+        assert [r["slice_index"] for r in slices] == list(range(summary["slices"]))
+        assert set(slices[0]) >= {"label", "probabilities", "uncertain", "state", "file"}
+        assert summary["verdict"] and summary["rule"] and "confident_counts" in summary
+    nifti = [r for r in records if r.get("kind") == "slice" and r["file"] == str(volume)]
+    from_dicom = [r for r in records if r.get("kind") == "slice" and r["file"].startswith(str(folder))
+                  and r["series"] == next(s["series"] for s in series_lines if s["slices"] == 3 and
+                                          s["source"] == "DICOM")]
+    for x, y in zip(nifti, from_dicom):  # the volume gives the same answers as its DICOM series
+        assert x["probabilities"] == pytest.approx(y["probabilities"], abs=1e-5)
+    assert records[-1] == {"file": str(bad), "error": records[-1]["error"]} and "not an image" in records[-1]["error"]
+    assert "slices classified in" in err
+    text = "\n".join(lines) + err
+    for identifier in IDENTIFIERS:
+        assert identifier not in text
+
+
+def test_cli_text_prints_series_in_columns(tiny_model, tmp_path):
+    grey = grey_volume(3, 32, seed=24)
+    archive = tmp_path / "study.zip"
+    archive.write_bytes(zip_bytes(shuffled_names(dicom_series(grey), np.random.default_rng(4))))
+    code, lines, _ = _cli(archive, "--model", tiny_model)
+    assert code == 0
+    assert lines[0].startswith("== series S-") and "3 axial slices, 32x32 px" in lines[0]
+    assert lines[1].split() == ["slice", "file", "result", "confidence", "probabilities", "flags"]
+    assert [line.split()[0] for line in lines[2:5]] == ["0", "1", "2"]
+    assert lines[5].startswith("== series S-") and "slices" in lines[5]

@@ -1,0 +1,198 @@
+"""AppTest of the series viewer: a zip of two series, loose DICOM and PNG
+files, the slice slider and previous/next, the z-profile, the slice table,
+the downloads (CSV, HTML report, DICOM SR read back with highdicom), the
+hand-over from the diagnosis page, and no patient identifier on the page."""
+# ruff: noqa: F811  (pytest fixtures imported from app_fixtures are "redefined" as test arguments)
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+from app_fixtures import TASK, app_env, app_settings  # noqa: F401
+from series_synthetic import dicom_series, grey_volume, nifti_bytes, shuffled_names, zip_bytes
+from streamlit.testing.v1 import AppTest
+from test_app import all_text, choose_tiny_task, plain, run, start
+from test_series import IDENTIFIERS, _png
+
+VIEWER = "pages/viewer.py"
+
+
+def viewer() -> AppTest:
+    return choose_tiny_task(start(VIEWER), "viewer_task")
+
+
+def charts(at: AppTest) -> dict[str, dict]:
+    """Plotly charts of the page by key, as their figure JSON."""
+    out = {}
+    for chart in at.get("plotly_chart"):
+        spec = json.loads(chart.proto.spec)
+        out[chart.proto.id.split("-")[-1] if not chart.key else chart.key] = spec
+    return out
+
+
+def values(array) -> list:
+    """A plotly JSON array (a list, or typed binary data)."""
+    if isinstance(array, dict) and "bdata" in array:
+        return np.frombuffer(base64.b64decode(array["bdata"]), dtype=array["dtype"]).tolist()
+    return list(array)
+
+
+def profile(at: AppTest) -> dict:
+    return next(spec for key, spec in charts(at).items() if "viewer_profile" in key)
+
+
+def slider(at: AppTest):
+    return next(s for s in at.slider if s.key and s.key.startswith("viewer_slice_"))
+
+
+def test_zip_of_two_series_opens_in_the_viewer(app_settings):
+    at = viewer()
+    a, b = grey_volume(6, 48, seed=30), grey_volume(4, 40, seed=31)
+    rng = np.random.default_rng(32)
+    members = {**shuffled_names(dicom_series(a), rng, "export/"),
+               **shuffled_names(dicom_series(b, orientation="columns-flipped"), rng, "export/")}
+    at = run(at.file_uploader(key="viewer_files").set_value(("study.zip", zip_bytes(members), "application/zip")))
+    box = at.selectbox(key="viewer_series")
+    assert len(box.options) == 2 and all(o.startswith("S-") for o in box.options)
+    assert "6 axial slices, 48x48 px" in box.options[0] and "4 axial slices, 40x40 px" in box.options[1]
+    text = all_text(at)
+    assert "How the series verdict is reached" in text and "Uncertain (no result)" in text
+    # the tiny models never saw DICOM-windowed slices: every slice is uncertain, so no result
+    assert "No result: only 0 of 6 slices were answered confidently" in text
+
+    z = profile(at)
+    class_traces = [t for t in z["data"] if t.get("mode") == "lines+markers"]
+    assert [t["name"] for t in class_traces] == ["Alpha", "Beta"]
+    assert all(values(t["x"]) == [1, 2, 3, 4, 5, 6] for t in class_traces)
+    flagged = [t for t in z["data"] if t.get("name") == "uncertain (no result)"]
+    assert len(flagged) == 1 and values(flagged[0]["x"]) == [1, 2, 3, 4, 5, 6]
+
+    assert slider(at).value == 1 and slider(at).max == 6
+    at = run(slider(at).set_value(4))
+    assert "Slice 4 of 6:" in all_text(at)
+    at = run(next(b for b in at.button if b.key and b.key.startswith("viewer_next_")).click())
+    assert slider(at).value == 5 and "Slice 5 of 6:" in all_text(at)
+    at = run(next(b for b in at.button if b.key and b.key.startswith("viewer_prev_")).click())
+    assert slider(at).value == 4
+    assert any(shape.get("x0") == 4 for shape in profile(at)["layout"].get("shapes", []))  # current slice marked
+
+    table = next(frame.value for frame in at.dataframe if "Thumbnail" in frame.value.columns)
+    assert list(table["Slice"]) == [1, 2, 3, 4, 5, 6]
+    assert table["Name"][0].endswith("/ slice 1 of 6") and table["Thumbnail"][0].startswith("data:image/png;base64,")
+    at = run(at.selectbox(key="viewer_series").set_value(1))
+    assert slider(at).max == 4
+    text = all_text(at)
+    for identifier in IDENTIFIERS:
+        assert identifier not in text
+
+
+def test_loose_files_and_a_volume_in_one_upload(app_settings):
+    at = viewer()
+    grey = grey_volume(3, 48, seed=33)
+    files = [(name, data, "application/octet-stream")
+             for name, data in shuffled_names(dicom_series(grey), np.random.default_rng(34)).items()]
+    files += [("scans/a.png", _png(grey[0]), "image/png"), ("scans/b.png", _png(grey[1]), "image/png"),
+              ("vol.nii.gz", nifti_bytes(grey), "application/gzip"), ("notes.txt", b"not an image", "text/plain")]
+    at = run(at.file_uploader(key="viewer_files").set_value(files))
+    assert any("notes.txt" in plain(e.value) and "not an image" in plain(e.value) for e in at.error)
+    options = at.selectbox(key="viewer_series").options
+    assert len(options) == 3 and options[2].startswith("Loose slices · 2 loose slices")
+    at = run(at.selectbox(key="viewer_series").set_value(2))
+    table = next(frame.value for frame in at.dataframe if "Thumbnail" in frame.value.columns)
+    assert list(table["Name"]) == ["scans/a.png", "scans/b.png"]
+    assert all(0.0 < c <= 1.0 for c in table["Confidence"])
+    assert at.slider(key="viewer_contrast").value == 1.0  # PNG stacks: contrast and brightness, no HU window
+    assert not [r for r in at.radio if r.key == "viewer_window"]
+    # The PNG slices are chest-CT-like for the tiny model: its Grad-CAM overlay and colour bar show.
+    image = charts(at)["viewer_image"]
+    assert image["data"][0]["type"] == "image"
+    assert any(t.get("marker", {}).get("showscale") for t in image["data"][1:]) or \
+        "not a chest CT" in all_text(at)
+
+
+def test_downloads_csv_report_and_a_structured_report_that_reads_back(app_settings, tiny_model):
+    """The download buttons' content, built by the page's own functions on the
+    series the page shows."""
+    import highdicom as hd
+    import pydicom
+
+    from ctapp.inference import load_model
+    from ctapp.series import Input, classify_series, read_inputs
+    from pages.viewer import build_report, build_sr, series_csv
+
+    at = viewer()
+    grey = grey_volume(4, 48, seed=35)
+    files = dicom_series(grey)
+    at = run(at.file_uploader(key="viewer_files").set_value(
+        [(f"IM{i}", f, "application/octet-stream") for i, f in enumerate(files)]))
+    labels = [b.label for b in at.get("download_button")]
+    assert labels == ["Series CSV", "Series report (HTML)", "DICOM Structured Report"]
+
+    model = load_model(tiny_model)
+    (series,) = read_inputs([Input(f"IM{i}", f) for i, f in enumerate(files)]).series
+    result = classify_series(model, series)
+    csv_text = series_csv(series, result)
+    assert csv_text.splitlines()[0] == "series,slice,name,position_mm,result,state,confidence,p_alpha,p_beta"
+    assert len(csv_text.splitlines()) == 5
+    page = build_report(model, series, result)
+    assert "CT series classification report" in page and series.id in page and "Rule." in page
+    assert "Research use only" in page
+    data = build_sr(model, series, result)
+    sr = hd.sr.srread(io.BytesIO(data))
+    dataset = pydicom.dcmread(io.BytesIO(data))
+    evidence = dataset.CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.StudyInstanceUID == series.reference.study_uid
+    referenced = evidence.ReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == series.reference.series_uid
+    assert len(referenced.ReferencedSOPSequence) == 4
+    group = sr.content.get_image_measurement_groups()[0]
+    assert group.get_qualitative_evaluations()[0].value.value == "NO_RESULT"
+    assert [m.value for m in group.get_measurements()] == [0, 0, 4]
+    for text in (csv_text, page, data.decode("latin-1")):
+        for identifier in IDENTIFIERS:
+            assert identifier not in text
+
+
+def test_diagnosis_hands_a_series_over_to_the_viewer(app_settings):
+    at = choose_tiny_task(start(), "task")
+    grey = grey_volume(3, 48, seed=36)
+    archive = zip_bytes({f"IM{i}": f for i, f in enumerate(dicom_series(grey))})
+    at = run(at.file_uploader(key="uploads").set_value(("study.zip", archive, "application/zip")))
+    assert "series" in all_text(at).lower()
+    at = run(at.button(key="open_in_viewer").click())
+    assert not at.exception
+    at = choose_tiny_task(at, "viewer_task")
+    assert at.selectbox(key="viewer_series").options[0].startswith("S-")
+    assert slider(at).max == 3
+
+
+def test_comparison_widgets_follow_the_task(app_settings, monkeypatch, tmp_path):
+    """After switching Task, Model A/B and Image to explain offer only that
+    task's reports (their widget state is keyed by the task)."""
+    from app_fixtures import copy_model, flip_predictions
+
+    other = tmp_path / "other"
+    for name in ("other-x", "other-y"):
+        folder = copy_model(app_settings.model_a, other / name, name)
+        card = json.loads((folder / "model_card.json").read_text())
+        card["task"] = "Other task"
+        (folder / "model_card.json").write_text(json.dumps(card))
+    flip_predictions(other / "other-y")
+    import os
+
+    monkeypatch.setenv("CTAPP_MODELS_DIR", os.pathsep.join([str(app_settings.models_dir), str(other)]))
+    at = choose_tiny_task(start("pages/compare.py"), "compare_task")
+    a = at.selectbox(key=f"pair_a_{TASK}")
+    assert a.options == ["tiny-a · validation split", "tiny-b · validation split"]
+    at = run(a.set_value(1))
+    at = run(at.selectbox(key="compare_task").set_value("Other task"))
+    a, b = at.selectbox(key="pair_a_Other task"), at.selectbox(key="pair_b_Other task")
+    assert a.options == b.options == ["other-x · validation split", "other-y · validation split"]
+    assert (a.value, b.value) == (0, 1)  # this task's defaults, not the other task's choice
+    pick = next(s for s in at.selectbox if s.key and s.key.startswith("disagreement_pick_Other task"))
+    assert pick.options  # the images these two models disagree on
+    assert not [s for s in at.selectbox if s.key and s.key.startswith("pair_a_" + TASK)]
+    at = run(at.selectbox(key="compare_task").set_value(TASK))
+    assert at.selectbox(key=f"pair_a_{TASK}").options[0] == "tiny-a · validation split"

@@ -1,0 +1,322 @@
+"""The store (audit log + evaluation index) on both engines: SQLite files and a
+real PostgreSQL server started here on loopback (those cases are skipped, with
+the reason, when Debian's server binaries are absent).
+
+Covers the URL forms, migrating a log of the first layout, filters and counts,
+all-or-nothing writes, the CSV export, replicas migrating at the same moment,
+concurrent writers in several processes, and a writer killed mid-run."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date
+from multiprocessing import get_context
+
+import pytest
+from pg_cluster import PostgresCluster, postgres_missing
+
+from ctapp import store as store_module
+from ctapp.store import SCHEMA_VERSION, Store, StoreConfigError, audit_csv, database_url
+
+PG_MISSING = postgres_missing()
+needs_postgres = pytest.mark.skipif(PG_MISSING is not None, reason=f"no PostgreSQL to test against: {PG_MISSING}")
+SHA = "9f" * 32
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if PG_MISSING:
+        pytest.skip(f"no PostgreSQL to test against: {PG_MISSING}")
+    with PostgresCluster() as pg:
+        yield pg
+
+
+_databases = iter(range(10**6))
+
+
+def fresh_database(cluster) -> str:
+    """The URL of a new, empty database on the cluster."""
+    name = f"t{next(_databases)}"
+    cluster.psql(f"CREATE DATABASE {name} OWNER {cluster.user}")
+    return cluster.url.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_postgres)])
+def location(request, tmp_path) -> dict:
+    """Store() keyword arguments for an empty store of each engine."""
+    if request.param == "sqlite":
+        return {"path": str(tmp_path / "audit" / "audit.sqlite")}
+    return {"url": fresh_database(request.getfixturevalue("cluster"))}
+
+
+def open_store(location: dict) -> Store:
+    return Store(location.get("path"), url=location.get("url"))
+
+
+def diagnosis(i: int = 0, **changes) -> dict:
+    record = dict(model="tiny", model_version="2025-01-01T00:00:00", image_sha256=f"{i:064x}", prediction="alpha",
+                  probabilities={"alpha": 0.75, "beta": 0.25}, flags=[], user="")
+    return {**record, **changes}
+
+
+# ---------------------------------------------------------------------------------------- URLs
+
+
+@pytest.mark.parametrize("given, driver, database", [
+    ("postgresql://ct:pw@db.example:5433/ctapp", "postgresql+psycopg", "ctapp"),
+    ("postgres://ct:pw@db.example/ctapp", "postgresql+psycopg", "ctapp"),
+    ("postgresql+psycopg://ct:p%40ss@db.example/ctapp", "postgresql+psycopg", "ctapp"),
+    ("  sqlite:////srv/ctapp/audit.sqlite ", "sqlite", "/srv/ctapp/audit.sqlite"),
+])
+def test_database_url_forms(given, driver, database):
+    url = database_url(given)
+    assert (url.drivername, url.database) == (driver, database)
+
+
+def test_a_percent_encoded_password_reaches_the_driver_decoded():
+    assert database_url("postgresql://ct:p%40ss%2Fw@db.example/ctapp").password == "p@ss/w"
+
+
+@pytest.mark.parametrize("given, words", [
+    ("", "not a database URL"),
+    ("db.example:5432/ctapp", "not a database URL"),
+    ("mysql://ct:secret-pw@db.example/ctapp", "'mysql' databases are not supported"),
+    ("postgresql://ct:secret-pw@db.example", "names no database"),
+    ("postgresql+asyncpg://ct:secret-pw@db.example/ctapp", "driver 'asyncpg'"),
+    ("sqlite://", "needs a file"),
+])
+def test_unusable_database_urls_say_why_without_the_password(given, words):
+    with pytest.raises(StoreConfigError) as caught:
+        database_url(given)
+    assert words in str(caught.value)
+    assert "secret-pw" not in str(caught.value)
+    assert "postgresql://user:password@host:port/database" in str(caught.value) or "sqlite" in given
+
+
+@needs_postgres
+def test_the_store_never_shows_its_password(cluster):
+    store = Store(url=cluster.url)
+    try:
+        assert cluster.password not in repr(store) and "***" in repr(store)
+    finally:
+        store.close()
+
+
+def test_the_environment_chooses_the_engine(tmp_path, monkeypatch):
+    monkeypatch.setenv("CTAPP_AUDIT_LOG", str(tmp_path / "log.sqlite"))
+    monkeypatch.delenv("CTAPP_DATABASE_URL", raising=False)
+    store = Store.from_environment()
+    assert store.dialect == "sqlite" and store.path == tmp_path / "log.sqlite"
+    store.close()
+    monkeypatch.setenv("CTAPP_DATABASE_URL", "oracle://x@y/z")
+    with pytest.raises(StoreConfigError, match="'oracle' databases are not supported"):
+        Store.from_environment()
+
+
+# ----------------------------------------------------------------------------------- schema
+
+
+def test_a_log_of_the_first_layout_is_migrated_and_keeps_its_records(tmp_path):
+    path = tmp_path / "audit.sqlite"
+    with sqlite3.connect(path) as db:  # the layout ctapp wrote before the schema table existed
+        db.execute("CREATE TABLE diagnoses (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, model TEXT "
+                   "NOT NULL, model_version TEXT NOT NULL, image_sha256 TEXT NOT NULL, prediction TEXT NOT NULL, "
+                   "confidence REAL NOT NULL, probabilities TEXT NOT NULL, flags TEXT NOT NULL)")
+        db.execute("INSERT INTO diagnoses VALUES (7, '2024-05-01T10:00:00.000+00:00', 'old', 'v0', ?, 'beta', 0.6, "
+                   "'{\"beta\": 0.6}', '[]')", (SHA,))
+    store = Store(path)
+    try:
+        assert store.schema_version() == SCHEMA_VERSION == 2
+        (old,) = store.recent()
+        assert (old["id"], old["model"], old["image_sha256"], old["username"]) == (7, "old", SHA, "")
+        new = store.record(**diagnosis(1, user="dr.a@example.org"))
+        assert new == 8
+        assert store.diagnoses(user="dr.a@example.org")[0]["id"] == 8
+        assert store.migrate() == SCHEMA_VERSION  # a restart finds nothing to do
+    finally:
+        store.close()
+
+
+def test_a_database_newer_than_the_app_is_refused(tmp_path):
+    store = Store(tmp_path / "audit.sqlite")
+    with store.engine.begin() as conn:
+        conn.execute(store_module.schema_version.update().values(version=SCHEMA_VERSION + 1))
+    store.close()
+    with pytest.raises(RuntimeError, match="newer than this app"):
+        Store(tmp_path / "audit.sqlite")
+
+
+def _open_at(location: dict, start: float) -> int:
+    time.sleep(max(0.0, start - time.time()))
+    store = open_store(location)
+    try:
+        return store.schema_version()
+    finally:
+        store.close()
+
+
+def test_replicas_starting_together_migrate_once(location):
+    start = time.time() + 1.0  # every process opens the empty database at this moment
+    with get_context("fork").Pool(4) as pool:
+        versions = pool.starmap(_open_at, [(location, start)] * 4)
+    assert versions == [SCHEMA_VERSION] * 4
+    store = open_store(location)
+    try:
+        with store.engine.connect() as conn:
+            assert conn.execute(store_module.select(store_module.schema_version.c.version)).scalars().all() == [2]
+        store.record(**diagnosis())
+        assert store.count() == 1
+    finally:
+        store.close()
+
+
+# ------------------------------------------------------------------------------ reads and writes
+
+
+def test_filters_counts_per_day_and_choices(location, monkeypatch):
+    times = iter(["2025-03-01T08:00:00.000+00:00", "2025-03-01T23:59:59.999+00:00", "2025-03-02T00:00:00.000+00:00",
+                  "2025-03-04T12:00:00.000+00:00", "2025-03-04T12:30:00.000+00:00"])
+    monkeypatch.setattr(store_module, "now_text", lambda: next(times))
+    store = open_store(location)
+    try:
+        store.record(**diagnosis(1, user="a@x.org"))
+        store.record(**diagnosis(2, user="b@x.org", prediction="beta", probabilities={"alpha": 0.1, "beta": 0.9}))
+        store.record(**diagnosis(3, user="a@x.org", model="other"))
+        store.record(**diagnosis(4, user="a@x.org", flags=["low confidence"]))
+        store.record(**diagnosis(5))
+        assert store.count() == 5
+        assert store.counts_per_day() == [("2025-03-01", 2), ("2025-03-02", 1), ("2025-03-04", 2)]
+        assert store.counts_per_day(since=date(2025, 3, 2), until=date(2025, 3, 3)) == [("2025-03-02", 1)]
+        assert [r["image_sha256"][-1] for r in store.diagnoses(until=date(2025, 3, 1))] == ["2", "1"]
+        assert [r["image_sha256"][-1] for r in store.diagnoses(user="a@x.org")] == ["4", "3", "1"]
+        assert [r["image_sha256"][-1] for r in store.diagnoses(user="a@x.org", model="tiny")] == ["4", "1"]
+        assert [r["image_sha256"][-1] for r in store.diagnoses(prediction="beta")] == ["2"]
+        assert [r["image_sha256"][-1] for r in store.diagnoses(user="")] == ["5"]
+        assert store.choices() == {"user": ["", "a@x.org", "b@x.org"], "model": ["other", "tiny"],
+                                   "prediction": ["alpha", "beta"]}
+        (row,) = store.diagnoses(prediction="beta")
+        assert row["confidence"] == 0.9 and json.loads(row["probabilities"]) == {"alpha": 0.1, "beta": 0.9}
+        assert json.loads(store.diagnoses(user="a@x.org", limit=1)[0]["flags"]) == ["low confidence"]
+    finally:
+        store.close()
+
+
+def test_several_records_are_written_all_or_none(location):
+    store = open_store(location)
+    try:
+        with pytest.raises(ValueError, match="SHA-256"):
+            store.record_many([diagnosis(1), diagnosis(2), diagnosis(3, image_sha256="")])
+        assert store.count() == 0
+        assert len(store.record_many([diagnosis(1), diagnosis(2)])) == 2
+        assert store.count() == 2
+    finally:
+        store.close()
+
+
+def test_folder_evaluations_are_indexed(location):
+    store = open_store(location)
+    try:
+        store.add_report(user="admin@x.org", model="tiny", model_version="v1", report="/srv/reports/tiny--test--1.json",
+                         evaluated_on="test", images=12, accuracy=0.75, macro_f1=0.7)
+        store.add_report(user="", model="tiny", model_version="v1", report="tiny--valid--2.json", evaluated_on="valid",
+                         images=4)
+        first, second = store.reports()
+        assert (first["report"], first["images"], first["accuracy"]) == ("tiny--valid--2.json", 4, None)
+        assert (second["report"], second["username"], second["macro_f1"]) == ("tiny--test--1.json", "admin@x.org", 0.7)
+    finally:
+        store.close()
+
+
+def test_the_csv_export_neutralises_formula_cells(tmp_path):
+    store = Store(tmp_path / "audit.sqlite")
+    try:
+        store.record(**diagnosis(1, user="=HYPERLINK(\"http://evil.example\")", prediction="+cmd"))
+        store.record(**diagnosis(2, user="plain@x.org", model="-tiny"))
+        text = audit_csv(store.diagnoses())
+    finally:
+        store.close()
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [r["username"] for r in rows] == ["plain@x.org", "'=HYPERLINK(\"http://evil.example\")"]
+    assert rows[0]["model"] == "'-tiny" and rows[1]["prediction"] == "'+cmd"
+    assert rows[0]["image_sha256"] == f"{2:064x}" and float(rows[0]["confidence"]) == 0.75
+
+
+# ------------------------------------------------------------------------------ concurrency
+
+
+def _writer(location: dict, prefix: str, threads: int, count: int) -> list[str]:
+    store = open_store(location)
+
+    def one(k: int) -> list[str]:
+        done = []
+        for i in range(count):
+            sha = f"{prefix}t{k}:{i:05d}"
+            store.record(**diagnosis(image_sha256=sha, model=f"model-{prefix}"))
+            done.append(sha)
+        return done
+
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            return [sha for part in pool.map(one, range(threads)) for sha in part]
+    finally:
+        store.close()
+
+
+def test_concurrent_writers_in_several_processes_lose_nothing(location):
+    open_store(location).close()  # the schema exists before the race (replicas race on it above)
+    with get_context("fork").Pool(3) as pool:
+        acknowledged = [sha for part in pool.starmap(_writer, [(location, f"p{p}", 3, 25) for p in range(3)])
+                        for sha in part]
+    store = open_store(location)
+    try:
+        stored = [r["image_sha256"] for r in store.diagnoses(limit=10**6)]
+        assert len(acknowledged) == 3 * 3 * 25
+        assert sorted(stored) == sorted(acknowledged)  # every record once, nothing else
+        assert all(r["model"] == "model-" + r["image_sha256"].split("t")[0] for r in store.diagnoses(limit=10**6))
+    finally:
+        store.close()
+
+
+def _endless_writer(location: dict, fd: int) -> None:
+    store = open_store(location)
+    i = 0
+    while True:
+        sha = f"crash:{i:06d}"
+        store.record(**diagnosis(image_sha256=sha, model="model-crash"))
+        os.write(fd, f"{sha}\n".encode())  # acknowledged: the record is committed
+        i += 1
+
+
+def test_a_writer_killed_mid_run_loses_nothing_it_acknowledged(location):
+    open_store(location).close()
+    read_fd, write_fd = os.pipe()
+    child = get_context("fork").Process(target=_endless_writer, args=(location, write_fd), daemon=True)
+    child.start()
+    os.close(write_fd)
+    reported, buffer = [], b""
+    deadline = time.monotonic() + 60
+    with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+        while len(reported) < 60 and time.monotonic() < deadline:
+            chunk = pipe.read(4096)
+            if not chunk:
+                break
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            reported += [line.decode() for line in lines]
+        os.kill(child.pid, signal.SIGKILL)  # it never stops writing: the kill lands mid-write
+        child.join(10)
+    assert len(reported) >= 60
+    store = open_store(location)  # the restart
+    try:
+        stored = {r["image_sha256"] for r in store.diagnoses(model="model-crash", limit=10**6)}
+        assert set(reported) <= stored
+        assert len(stored) - len(reported) <= 1  # at most the one committed before its acknowledgement
+        assert store.record(**diagnosis(image_sha256="after-restart")) > 0
+    finally:
+        store.close()
