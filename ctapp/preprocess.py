@@ -300,8 +300,9 @@ class AcquisitionShift(torch.nn.Module):
             x = (x + self._uniform(0.0, 0.05) * torch.randn_like(x)).clamp(0.0, 1.0)
         if self._chance():
             quality = int(torch.randint(10, 71, ()))
-            as_bytes = v2.functional.to_dtype(x, torch.uint8, scale=True)
-            x = v2.functional.to_dtype(v2.functional.jpeg(as_bytes, quality), torch.float32, scale=True)
+            grey = np.round(x[0].numpy() * 255).astype(np.uint8)
+            _, encoded = cv2.imencode(".jpg", grey, [cv2.IMWRITE_JPEG_QUALITY, quality])
+            x = torch.from_numpy(cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255)[None]
         return x
 
 

@@ -26,6 +26,12 @@ CLINICIAN, ADMIN = "dr.b@example.org", "head.radiologist@example.org"
 WAIT_MS = 120_000
 
 
+def new_page(browser, height: int):
+    context = browser.new_context(viewport={"width": 1400, "height": height})
+    context.set_default_timeout(WAIT_MS)  # a first render on a loaded CI machine can take longer than 30 s
+    return context.new_page()
+
+
 def sign_in(page, url: str, who: str) -> None:
     page.goto(url, wait_until="networkidle")
     page.get_by_role("button", name="Sign in").click()
@@ -61,7 +67,7 @@ admin_emails = ["{ADMIN}"]
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
                 try:
-                    clinician = browser.new_context(viewport={"width": 1400, "height": 1200}).new_page()
+                    clinician = new_page(browser, 1200)
                     clinician.goto(url + "/audit_log", wait_until="networkidle")  # signed out: no page but sign-in
                     clinician.wait_for_timeout(3000)
                     assert clinician.get_by_role("heading", name="Audit log").count() == 0
@@ -74,7 +80,7 @@ admin_emails = ["{ADMIN}"]
                     clinician.wait_for_timeout(3000)
                     assert clinician.get_by_role("heading", name="Audit log").count() == 0
 
-                    admin = browser.new_context(viewport={"width": 1400, "height": 1400}).new_page()
+                    admin = new_page(browser, 1400)
                     sign_in(admin, url, ADMIN)
                     assert admin.get_by_text(f"Signed in as {ADMIN} (admin)").count() == 1
                     admin.get_by_role("link", name="Audit log").click()
