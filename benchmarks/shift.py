@@ -2,6 +2,7 @@
 differently from its training images.
 
     .venv/bin/python benchmarks/shift.py RUN [RUN ...] [--per-fold N] [--update-card]
+    .venv/bin/python benchmarks/shift.py RUN --raw-fold K
 
 RUN is the ``--out`` folder of ``training.fit --cv``. Each held-out slice is
 altered the way slices from other hospitals and papers differ (window,
@@ -29,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from ctapp.checkpoint import atomic_write_text  # noqa: E402
 from ctapp.imaging import decode  # noqa: E402
 from ctapp.inference import CONFIDENT, LOW_CONFIDENCE, NOT_CHEST_CT, UNLIKE_TRAINING, load_model  # noqa: E402
-from training.crossval import FOLD_MODEL_FILE, FOLDS_FILE  # noqa: E402
+from training.crossval import FOLD_MODEL_FILE, FOLDS_FILE, stored_path  # noqa: E402
 
 
 def _jpeg(x: np.ndarray, quality: int = 15) -> np.ndarray:
@@ -91,7 +92,7 @@ def measure(run: Path, per_fold: int, seed: int = 0) -> dict:
         chosen = rng.choice(len(held), size=min(per_fold, len(held)), replace=False)
         for i in chosen:
             row = held[i]
-            image = decode(root / row["path"], window=model.preprocess.window)
+            image = decode(stored_path(row["path"], root), window=model.preprocess.window)
             for name, shift in SHIFTS.items():
                 pixels = np.ascontiguousarray(shift(image.pixels, rng), dtype=np.float32)
                 p = model.predict(pixels)
@@ -110,12 +111,39 @@ def measure(run: Path, per_fold: int, seed: int = 0) -> dict:
     return table
 
 
+def raw_accuracy(run: Path, fold: int, seed: int = 0) -> dict[str, float]:
+    """Accuracy of the fold model as trained (``cv/fold-K/model.pt``: no
+    calibration, no flags) on all of the fold's held-out slices under each
+    shift: how much of the shift the network itself absorbs. Usable as soon
+    as the fold has finished, before the run is finalised."""
+    with open(run / "cv" / FOLDS_FILE, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["fold"]) == fold]
+    model = load_model(run / "cv" / f"fold-{fold}" / "model.pt")
+    root = Path(json.loads((run / "audit.json").read_text())["root"])
+    rng = np.random.default_rng(seed)
+    hits = {name: 0 for name in SHIFTS}
+    for row in rows:
+        image = decode(stored_path(row["path"], root), window=model.preprocess.window)
+        for name, shift in SHIFTS.items():
+            pixels = np.ascontiguousarray(shift(image.pixels, rng), dtype=np.float32)
+            hits[name] += model.predict(pixels).label == row["class"]
+    return {name: hits[name] / max(len(rows), 1) for name in SHIFTS}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="training.fit --cv output folders")
     p.add_argument("--per-fold", type=int, default=60, help="held-out slices per fold")
     p.add_argument("--update-card", action="store_true", help="record the figures in each run's model card")
+    p.add_argument("--raw-fold", type=int, metavar="K", default=None,
+                   help="instead: accuracy of fold K's network as trained, without calibration or flags")
     args = p.parse_args()
+    if args.raw_fold is not None:
+        for run in args.runs:
+            figures = raw_accuracy(run, args.raw_fold)
+            print(f"{run.name} fold {args.raw_fold}, accuracy as trained: "
+                  + ", ".join(f"{name} {acc:.2f}" for name, acc in figures.items()))
+        return
     for run in args.runs:
         table = measure(run, args.per_fold)
         print(f"{run.name}: {table['none']['images']} held-out slices, each shift applied to all")

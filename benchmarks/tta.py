@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from ctapp.imaging import decode  # noqa: E402
 from ctapp.inference import load_model  # noqa: E402
 from ctapp.metrics import evaluation_report  # noqa: E402
-from training.crossval import FOLD_MODEL_FILE, FOLDS_FILE  # noqa: E402
+from training.crossval import FOLD_MODEL_FILE, FOLDS_FILE, stored_path  # noqa: E402
 
 
 def accuracy_at_coverage(probs: np.ndarray, labels: np.ndarray, coverage: float) -> float:
@@ -45,7 +45,7 @@ def measure(run: Path) -> dict:
     for k in sorted({int(r["fold"]) for r in rows}):
         model = load_model(run / "cv" / f"fold-{k}" / FOLD_MODEL_FILE)
         for row in (r for r in rows if int(r["fold"]) == k):
-            image = decode(root / row["path"], window=model.preprocess.window)
+            image = decode(stored_path(row["path"], root), window=model.preprocess.window)
             plain.append(list(model.predict(image.pixels).probabilities.values()))
             mirrored.append(list(model.predict(np.ascontiguousarray(image.pixels[:, ::-1])).probabilities.values()))
             labels.append(classes.index(row["class"]))

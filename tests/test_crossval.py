@@ -253,3 +253,12 @@ def test_fit_cv_reports_out_of_fold_and_resumes_after_a_kill(tmp_path):
     assert ensemble_report["images"] == 36 and ensemble_report["accuracy"] == pytest.approx(report["accuracy"])
     ensemble_card = json.loads((tmp_path / "ens" / "model_card.json").read_text())
     assert set(ensemble_card["member_comparison"]) == {"ensemble", "reference", "killed"}
+
+
+def test_stored_paths_of_one_root_and_of_pooled_sources_find_their_images(tmp_path, monkeypatch):
+    from training.crossval import stored_path
+    (tmp_path / "a" / "c0").mkdir(parents=True)
+    (tmp_path / "a" / "c0" / "x.png").write_bytes(b"")
+    assert stored_path("c0/x.png", tmp_path / "a") == tmp_path / "a" / "c0" / "x.png"
+    monkeypatch.chdir(tmp_path / "a")  # pooled sources: rows keep the path as fit was given it
+    assert stored_path("../a/c0/x.png", Path("/elsewhere")).resolve() == (tmp_path / "a" / "c0" / "x.png").resolve()

@@ -113,6 +113,14 @@ def _rel(path: Path, root: Path) -> str:
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
+def stored_path(text: str, root: Path) -> Path:
+    """The image a ``folds.csv`` or report row names: relative to the data root,
+    or, where the image is not under it as given (sources pooled from several
+    roots), as it was given to ``fit``."""
+    path = Path(text)
+    return path if path.is_absolute() or not (root / path).exists() and path.exists() else root / path
+
+
 def _epochs_done(folder: Path) -> int:
     history = folder / "history.csv"
     if (folder / WEIGHTS_FILE).is_file():
