@@ -14,6 +14,7 @@ in the app's Markdown (:func:`markdown_text`) and in every CSV it writes
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import io
 import re
@@ -218,6 +219,17 @@ def spreadsheet_cell(value):
     if isinstance(value, str) and value.startswith((*SPREADSHEET_TRIGGERS, "'")):
         return "'" + value
     return value
+
+
+def csv_text(rows: list[dict]) -> str:
+    """Rows as CSV, the header from the first row's keys; a cell a spreadsheet
+    would run as a formula is written as text (:func:`spreadsheet_cell`)."""
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({key: spreadsheet_cell(value) for key, value in row.items()} for row in rows)
+    return buffer.getvalue()
 
 
 def from_spreadsheet_cell(value: str) -> str:

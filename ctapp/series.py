@@ -35,7 +35,6 @@ file name.
 """
 from __future__ import annotations
 
-import csv
 import gzip
 import hashlib
 import io
@@ -67,7 +66,7 @@ from .imaging import (
 from .inference import CONFIDENT, LOW_CONFIDENCE, NOT_CHEST_CT, UNLIKE_TRAINING, EnsembleModel, Prediction
 from .metrics import NEGATIVE_NAME
 from .preprocess import to_square
-from .report import spreadsheet_cell
+from .report import csv_text
 
 log = logging.getLogger(__name__)
 
@@ -914,12 +913,5 @@ def slice_rows(series: Series, result: SeriesPredictions) -> list[dict]:
 
 
 def series_csv(series: Series, result: SeriesPredictions) -> str:
-    """The series CSV: :func:`slice_rows`, a cell a spreadsheet would run as a
-    formula written as text."""
-    rows = slice_rows(series, result)
-    buffer = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({key: spreadsheet_cell(value) for key, value in row.items()} for row in rows)
-    return buffer.getvalue()
+    """The series CSV: :func:`slice_rows`, formula-like cells written as text."""
+    return csv_text(slice_rows(series, result))

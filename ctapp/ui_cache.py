@@ -67,10 +67,16 @@ def models() -> list[ModelEntry]:
 
 
 def models_by_task() -> dict[str, list[ModelEntry]]:
-    """The models grouped by task, tasks in the order their first model is listed."""
+    """The models grouped by task, tasks in the order their first model is listed;
+    when there is none, the page is told how to get one."""
     tasks: dict[str, list[ModelEntry]] = {}
     for entry in models():
         tasks.setdefault(entry.task, []).append(entry)
+    if not tasks:
+        st.warning("**No trained models were found.** Train one, for example\n\n"
+                   "`python -m training.fit --data DATA_FOLDER --arch resnet50 --out models/NAME`\n\n"
+                   "then reload this page. Models are read from `models/` in the app folder and from the folders "
+                   "listed in the `CTAPP_MODELS_DIR` environment variable.", icon=":material/info:")
     return tasks
 
 

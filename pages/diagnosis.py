@@ -11,9 +11,7 @@ are shown as text (``markdown_text``), never as Markdown.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import logging
 import re
 from dataclasses import dataclass, field
@@ -35,7 +33,7 @@ from ctapp.inference import (
     Prediction,
     cam_methods,
 )
-from ctapp.report import DISCLAIMER, ModelResult, markdown_text, safe_stem, slice_report, spreadsheet_cell
+from ctapp.report import DISCLAIMER, ModelResult, csv_text, markdown_text, safe_stem, slice_report
 from ctapp.series import holds_series
 
 log = logging.getLogger(__name__)
@@ -188,12 +186,7 @@ def results_table(results: list[SliceResult], models: list[ModelEntry], loaded: 
 
 def table_csv(rows: list[dict]) -> str:
     """The results table as CSV; a cell a spreadsheet would run as a formula is written as text."""
-    buffer = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({key: spreadsheet_cell(value) for key, value in row.items()} for row in rows)
-    return buffer.getvalue()
+    return csv_text(rows)
 
 
 def _display(model: LoadedModel, key: str) -> str:
@@ -229,15 +222,6 @@ def report_file_name(upload_name: str) -> str:
 
 # --------------------------------------------------------------------------- UI: widgets in, plain values out
 
-
-def no_models_message() -> None:
-    st.warning(
-        "**No trained models were found.** Train one, for example\n\n"
-        "`python -m training.fit --data DATA_FOLDER --arch resnet50 --out models/NAME`\n\n"
-        "then reload this page. Models are read from `models/` in the app folder and from the folders "
-        "listed in the `CTAPP_MODELS_DIR` environment variable.",
-        icon=":material/info:",
-    )
 
 
 def choose_models(by_task: dict[str, list[ModelEntry]]) -> list[ModelEntry]:
@@ -417,7 +401,6 @@ def main() -> None:
     st.warning(DISCLAIMER, icon=":material/warning:")
     by_task = ui_cache.models_by_task()
     if not by_task:
-        no_models_message()
         return
     models = choose_models(by_task)
     try:

@@ -310,8 +310,6 @@ def main() -> None:
     st.warning(DISCLAIMER, icon=":material/warning:")
     by_task = ui_cache.models_by_task()
     if not by_task:
-        st.info("No trained models were found: train one with `python -m training.fit ... --out models/NAME`, "
-                "or list model folders in `CTAPP_MODELS_DIR`.", icon=":material/info:")
         return
     entry = choose_model(by_task)
     card = entry.card
