@@ -1,6 +1,7 @@
 """The series viewer in a real browser (headless Chromium, as ``test_browser``):
-upload a zip of a generated CT series, scroll it with the next button and the
-keyboard on the slice slider, switch the window, and save screenshots of the
+upload a zip of a generated CT series, scroll it with the next button, the
+keyboard on the slice slider and a click on the probability profile, switch the
+window, and save screenshots of the
 reading view to ``test-artifacts/``. Skipped without Chromium."""
 # ruff: noqa: F811  (fixtures imported from app_fixtures and test_browser are "redefined" as arguments)
 from __future__ import annotations
@@ -56,6 +57,10 @@ def test_scroll_a_series_in_the_viewer(server, pw, tmp_path):
         slider.focus()
         slider.press("Home")
         wait_slice(page, 1)
+        # A click on the 8th point of the first class's curve in the probability profile opens slice 8.
+        profile = page.locator(".js-plotly-plot").nth(2)
+        profile.locator(".scatterlayer .trace").first.locator("path.point").nth(7).click(force=True)
+        wait_slice(page, 8)
         text = page.locator("body").inner_text()
         assert PATIENT_NAME.split("^")[0] not in text and "Hospital of Nowhere" not in text
         assert "All slices" in text
