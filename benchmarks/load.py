@@ -22,8 +22,6 @@ import json
 import os
 import re
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,8 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from app_server import CHROMIUM_ARGS, chromium_path  # noqa: E402
-from pg_cluster import PostgresCluster, free_port, postgres_missing  # noqa: E402
+from app_server import CHROMIUM_ARGS, chromium_path, department  # noqa: E402
+from pg_cluster import PostgresCluster, postgres_missing  # noqa: E402
 
 SLICES = ROOT.parent / "shared" / "data" / "sarscov2-ctscan"
 RESULT_WORDS = ("Prediction:", "Uncertain:", "no result", "no reliable result")
@@ -62,15 +60,6 @@ def png_upload(pixels, n: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -192,51 +181,29 @@ def main(argv: list[str] | None = None) -> int:
     slices, source = source_slices()
     with tempfile.TemporaryDirectory(prefix="ctapp-load-") as tmp, PostgresCluster() as pg:
         tmp = Path(tmp)
-        proxy, first = free_port(), free_port()
-        while not port_free(first + 1):  # two consecutive free ports for the replicas
-            first = free_port()
-        run_dir = tmp / "run"
-        env = {**os.environ, "CTAPP_DATABASE_URL": pg.url, "PROXY_LISTEN": f"127.0.0.1:{proxy}",
-               "FIRST_PORT": str(first), "RUN_DIR": str(run_dir), "OMP_NUM_THREADS": "1",
-               "CTAPP_REPORTS_DIR": str(tmp / "reports")}
-        out = tmp / "script.out"
-        with open(out, "wb") as sink:
-            script = subprocess.Popen(["bash", "deploy/run-replicas.sh", "2"], cwd=ROOT, env=env, stdout=sink,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 300
-            while "ready:" not in out.read_text() and time.monotonic() < deadline:
-                if script.poll() is not None:
-                    raise RuntimeError(out.read_text())
-                time.sleep(0.5)
-            replicas = [f"127.0.0.1:{first}", f"127.0.0.1:{first + 1}"]
+        env = {"CTAPP_DATABASE_URL": pg.url, "CTAPP_REPORTS_DIR": str(tmp / "reports")}
+        with department(env, tmp) as dept:
+            replicas = dept.replica_addresses
             for address in replicas:
                 warm(f"http://{address}", slices, tmp)
             from ctapp.store import Store
 
             store = Store(url=pg.url)
             before = store.count()
-            victim_pid = int((run_dir / "replica-0.pid").read_text())
             killing = f"replica {replicas[0]} is killed at {kill_after:.0f} s" if kill_after >= 0 else "no kill"
-            print(f"load: {args.users} users for {args.duration:.0f} s through nginx on 127.0.0.1:{proxy}, "
+            print(f"load: {args.users} users for {args.duration:.0f} s through nginx on {dept.proxy_url}, "
                   f"2 replicas, PostgreSQL {pg.bin.parent.name}; {source}; {killing}", flush=True)
-            log = asyncio.run(drive(f"http://127.0.0.1:{proxy}", args.users, args.duration,
-                                    kill_after if kill_after >= 0 else None, victim_pid, slices, tmp,
+            log = asyncio.run(drive(dept.proxy_url, args.users, args.duration,
+                                    kill_after if kill_after >= 0 else None, dept.replica_pid(0), slices, tmp,
                                     int(args.timeout * 1000), args.screenshots))
             time.sleep(2)  # a write still in flight on the survivor
             stored = store.count() - before
             store.close()
-            access = (run_dir / "nginx-access.log").read_text()
+            access = (dept.run_dir / "nginx-access.log").read_text()
             replica_of = {}
             for k, route in log["routes"].items():
                 hits = re.findall(rf"upstream=(\S+) route={re.escape(route)}\b", access) if route else []
                 replica_of[k] = hits[0].split(",")[0] if hits else "?"
-        finally:
-            script.send_signal(signal.SIGTERM)
-            try:
-                script.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(script.pid, signal.SIGKILL)
     summary = summarise(log, stored, replica_of, replicas[0])
     print(f"diagnoses shown {summary['diagnoses_shown']}, audit records stored {summary['audit_records_stored']} "
           f"({'equal' if summary['equal'] else 'NOT EQUAL'}), errors {summary['errors']} "

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from pg_cluster import free_port
@@ -99,3 +102,63 @@ def diagnose(page, upload: Path, task: str | None = None, timeout_ms: int = 120_
     for words in ("Uncertain:", "no result", "no reliable result"):
         shown = shown.or_(page.get_by_text(words, exact=False))
     shown.first.wait_for(timeout=timeout_ms)
+
+
+def free_port_pair() -> int:
+    """A port p with p and p + 1 both free on loopback (run-replicas.sh numbers replicas upwards)."""
+    for _ in range(50):
+        port = free_port()
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no two consecutive free ports")
+
+
+@dataclass
+class Department:
+    """``deploy/run-replicas.sh`` running: nginx on ``proxy_port``, replicas from ``first_port`` up."""
+    proxy_port: int
+    first_port: int
+    run_dir: Path
+    count: int
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.proxy_port}"
+
+    @property
+    def replica_addresses(self) -> list[str]:
+        return [f"127.0.0.1:{self.first_port + i}" for i in range(self.count)]
+
+    def replica_pid(self, index: int) -> int:
+        return int((self.run_dir / f"replica-{index}.pid").read_text())
+
+
+@contextmanager
+def department(env: dict[str, str], folder: Path, count: int = 2, timeout: float = 300):
+    """``count`` replicas behind nginx on loopback, started by the deployment script itself and
+    stopped with it (SIGTERM to the script; its process group is killed if it hangs)."""
+    proxy, first = free_port(), free_port_pair()
+    run_dir, out = folder / "run", folder / "run-replicas.out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env, "PROXY_LISTEN": f"127.0.0.1:{proxy}",
+           "FIRST_PORT": str(first), "RUN_DIR": str(run_dir)}
+    with open(out, "wb") as sink:
+        script = subprocess.Popen(["bash", "deploy/run-replicas.sh", str(count)], cwd=REPO, env=env, stdout=sink,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while "ready:" not in out.read_text():
+            if script.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"run-replicas.sh did not get ready:\n{out.read_text()}")
+            time.sleep(0.5)
+        yield Department(proxy, first, run_dir, count)
+    finally:
+        script.send_signal(signal.SIGTERM)
+        try:
+            script.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(script.pid, signal.SIGKILL)
+            raise

@@ -15,34 +15,18 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 from app_fixtures import REPO, TASK, app_env, png_bytes  # noqa: F401
-from app_server import CHROMIUM_ARGS, chromium_path, diagnose
-from pg_cluster import free_port
+from app_server import CHROMIUM_ARGS, chromium_path, department, diagnose
 
 from ctapp.store import Store
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light)")]
-
-
-def free_port_pair() -> int:
-    """A port p with p and p + 1 both free on loopback."""
-    for _ in range(50):
-        port = free_port()
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no two consecutive free ports")
 
 
 def get(url: str, cookie: str | None = None) -> tuple[int, dict]:
@@ -61,22 +45,8 @@ def websocket_status(port: int, origin: str) -> int:
 
 
 def test_replicas_behind_nginx_are_sticky_upgrade_websockets_and_fail_over(app_env, tmp_path):
-    proxy, first = free_port(), free_port_pair()
-    run_dir = tmp_path / "run"
-    env = {**os.environ, **app_env.env, "PROXY_LISTEN": f"127.0.0.1:{proxy}", "FIRST_PORT": str(first),
-           "RUN_DIR": str(run_dir), "OMP_NUM_THREADS": "1"}
-    out = tmp_path / "script.out"
-    with open(out, "wb") as sink:
-        script = subprocess.Popen(["bash", "deploy/run-replicas.sh", "2"], cwd=REPO, env=env, stdout=sink,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while "ready:" not in out.read_text() and time.monotonic() < deadline:
-            assert script.poll() is None, out.read_text()
-            time.sleep(0.5)
-        assert "ready:" in out.read_text(), out.read_text()
-        base = f"http://127.0.0.1:{proxy}"
-
+    with department(app_env.env, tmp_path) as dept:
+        base, proxy, first, run_dir = dept.proxy_url, dept.proxy_port, dept.first_port, dept.run_dir
         status, headers = get(base + "/")
         assert status == 200 and re.match(r"ctapp_route=\w{32}; Path=/; HttpOnly; SameSite=Lax", headers["Set-Cookie"])
         status, headers = get(base + "/", cookie="ctapp_route=abc")
@@ -115,21 +85,8 @@ def test_replicas_behind_nginx_are_sticky_upgrade_websockets_and_fail_over(app_e
             finally:
                 store.close()
 
-        victim = int((run_dir / "replica-0.pid").read_text())
+        victim = dept.replica_pid(0)
         os.kill(victim, signal.SIGKILL)
         moved = [r for r, u in by_route.items() if u == {f"127.0.0.1:{first}"}]
         for route in moved:
             assert get(base + "/_stcore/health", cookie=f"ctapp_route={route}")[0] == 200  # served by the survivor
-    finally:
-        script.send_signal(signal.SIGTERM)
-        try:
-            script.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(script.pid, signal.SIGKILL)
-            raise
-    time.sleep(1)
-    left = subprocess.run(["pgrep", "-f", f"--server.port {first + 1}|-p {run_dir}"], capture_output=True, text=True)
-    assert left.stdout.strip() == "", "the script left processes running"
-    for k in range(2):
-        log = (run_dir / f"replica-{k}.log").read_text(errors="replace")
-        assert "Traceback" not in log, log[-3000:]
