@@ -30,7 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from synthetic import ct_dataset  # noqa: E402
 
 from ctapp.inference import DEFAULT_MODELS_DIR, load_model  # noqa: E402
 from ctapp.series import classify_series, inputs_from_paths, read_inputs  # noqa: E402
@@ -41,8 +44,7 @@ SYNTAXES = {"none": None, "RLE": "1.2.840.10008.1.2.5", "JPEG-LS": "1.2.840.1000
 
 
 def write_series(folder: Path, slices: int, size: int, syntax: str | None) -> list[Path]:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     rng = np.random.default_rng(0)
     base = ct_phantom(size).astype(np.float32) / 255.0
@@ -50,19 +52,7 @@ def write_series(folder: Path, slices: int, size: int, syntax: str | None) -> li
     paths = []
     for k in rng.permutation(slices):
         hu = base * 1500.0 - 1350.0 + rng.normal(0, 15, base.shape) + 40 * np.sin(k / 20)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.Modality = "CT"
-        ds.Rows = ds.Columns = size
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit, ds.PixelRepresentation = 15, 1
+        ds = ct_dataset(size, size, signed=True, study_uid=study, series_uid=series, frame_uid=frame)
         ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.ImagePositionPatient = [0, 0, -1.25 * float(k)]

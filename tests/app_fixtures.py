@@ -17,14 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from synthetic import make_slice
+from synthetic import PATIENT_ID, PATIENT_NAME, ct_dataset, dicom_file_bytes, make_slice  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 APP = REPO / "app.py"
 TASK = "Alpha / Beta"
 MODEL_FILES = ("model.pt", "model_card.json", "eval_report.json", "eval_report.csv", "history.csv", "audit.json")
-PATIENT_NAME = "Doe^Jane"
-PATIENT_ID = "PID-778899"
 
 
 @dataclass
@@ -47,37 +45,13 @@ def png_bytes(label: int = 0, seed: int = 0, size: int = 48) -> bytes:
 def dicom_bytes(size: int = 64, seed: int = 0) -> bytes:
     """A CT DICOM slice (int16 stored values, rescale slope 1 / intercept -1024)
     with patient identifiers in its header, which the app must never show."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
     grey = make_slice(0, np.random.default_rng(seed), size).astype(np.float32) / 255.0
     hu = grey * 1500.0 - 1350.0  # air about -1350 HU, bright blobs near 0 HU
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.PatientName = PATIENT_NAME
-    ds.PatientID = PATIENT_ID
-    ds.PatientBirthDate = "19510203"
-    ds.InstitutionName = "Hospital of Nowhere"
-    ds.Modality = "CT"
-    ds.Rows = ds.Columns = size
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
+    ds = ct_dataset(size, size, signed=True)
     ds.RescaleSlope = 1
     ds.RescaleIntercept = -1024
     ds.PixelData = np.round(hu + 1024).astype(np.int16).tobytes()
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    return dicom_file_bytes(ds)
 
 
 def copy_model(source: Path, target: Path, name: str) -> Path:

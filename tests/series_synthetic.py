@@ -15,8 +15,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from app_fixtures import PATIENT_ID, PATIENT_NAME
-from synthetic import make_slice
+from synthetic import ct_dataset, dicom_file_bytes, make_slice
 
 SLOPE = 1500 / 255  # G -> HU: window (-600, 1500) gives back G / 255
 INTERCEPT = -1350.0
@@ -35,36 +34,6 @@ def grey_volume(n: int = 6, size: int = 48, seed: int = 0, labels=(0, 1)) -> np.
 
 def hu_of(grey: np.ndarray) -> np.ndarray:
     return grey.astype(np.float64) * SLOPE + INTERCEPT
-
-
-def _base_dataset(rows: int, cols: int, *, study_uid: str, series_uid: str, frame_uid: str, sop_class: str,
-                  signed: bool):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
-    ds.PatientName = PATIENT_NAME
-    ds.PatientID = PATIENT_ID
-    ds.PatientBirthDate = "19510203"
-    ds.InstitutionName = "Hospital of Nowhere"
-    ds.AccessionNumber = "ACC-4455"
-    ds.SeriesDescription = "Thorax Doe Jane"
-    ds.Modality = "CT"
-    ds.Rows, ds.Columns = rows, cols
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = int(signed)
-    return ds
 
 
 def _stored(grey: np.ndarray, signed: bool) -> tuple[np.ndarray, float]:
@@ -102,7 +71,7 @@ def dicom_series(grey: np.ndarray, *, orientation: str = "standard", signed: boo
     for k in range(n):
         stored, iop, (x0, y0) = _layout(grey[k], orientation)
         values, intercept = _stored(np.ascontiguousarray(stored), signed)
-        ds = _base_dataset(*values.shape, study_uid=study, series_uid=series, frame_uid=frame,
+        ds = ct_dataset(*values.shape, study_uid=study, series_uid=series, frame_uid=frame,
                            sop_class=CTImageStorage, signed=signed)
         ds.InstanceNumber = (n - k) if reverse_instances else (k + 1)
         if positions:
@@ -121,9 +90,7 @@ def dicom_series(grey: np.ndarray, *, orientation: str = "standard", signed: boo
 def _save(ds, syntax: str | None) -> bytes:
     if syntax is not None:
         compress(ds, syntax)
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    return dicom_file_bytes(ds)
 
 
 def compress(ds, syntax: str) -> None:
@@ -156,7 +123,7 @@ def enhanced_ct(grey: np.ndarray, *, frame_order=None, z0: float = 100.0) -> byt
 
     n = len(grey)
     order = list(range(n)) if frame_order is None else list(frame_order)
-    ds = _base_dataset(*grey.shape[1:], study_uid=generate_uid(), series_uid=generate_uid(), frame_uid=generate_uid(),
+    ds = ct_dataset(*grey.shape[1:], study_uid=generate_uid(), series_uid=generate_uid(), frame_uid=generate_uid(),
                        sop_class=EnhancedCTImageStorage, signed=False)
     ds.NumberOfFrames = n
     ds.InstanceNumber = 1
@@ -190,7 +157,7 @@ def palette_dicom(size: int = 48) -> tuple[bytes, np.ndarray]:
     red = np.arange(256, dtype=np.uint16)
     green = (255 - np.arange(256)).astype(np.uint16)
     blue = ((np.arange(256) * 7) % 256).astype(np.uint16)
-    ds = _base_dataset(size, size, study_uid=generate_uid(), series_uid=generate_uid(), frame_uid=generate_uid(),
+    ds = ct_dataset(size, size, study_uid=generate_uid(), series_uid=generate_uid(), frame_uid=generate_uid(),
                        sop_class=CTImageStorage, signed=False)
     ds.PhotometricInterpretation = "PALETTE COLOR"
     ds.BitsAllocated = ds.BitsStored = 8

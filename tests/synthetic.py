@@ -2,12 +2,15 @@
 a class-specific bright blob pattern, so tiny models can learn the task."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 PATTERNS = ("disc", "ring", "bar", "dots")
+PATIENT_NAME = "Doe^Jane"  # identifiers in every generated DICOM header, which the app must never show
+PATIENT_ID = "PID-778899"
 
 
 def make_slice(label: int, rng: np.random.Generator, size: int = 48) -> np.ndarray:
@@ -49,3 +52,45 @@ def make_split_dataset(root: Path, classes: list[str], train: int = 12, valid: i
     write_classes(root / "train", classes, train, seed, size)
     write_classes(root / "valid", classes, valid, seed + 1, size, start=1000)
     return root
+
+
+def ct_dataset(rows: int, cols: int, *, signed: bool = True, sop_class: str | None = None, study_uid: str | None = None,
+               series_uid: str | None = None, frame_uid: str | None = None):
+    """A CT image's DICOM header without pixels: file meta (explicit VR little
+    endian), patient identifiers, study / series / frame-of-reference UIDs (new
+    ones unless given) and a 16-bit MONOCHROME2 pixel module. The caller sets
+    rescale, geometry and ``PixelData``."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class or CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.FrameOfReferenceUID = frame_uid or generate_uid()
+    ds.PatientName = PATIENT_NAME
+    ds.PatientID = PATIENT_ID
+    ds.PatientBirthDate = "19510203"
+    ds.InstitutionName = "Hospital of Nowhere"
+    ds.AccessionNumber = "ACC-4455"
+    ds.SeriesDescription = "Thorax Doe Jane"
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = int(signed)
+    return ds
+
+
+def dicom_file_bytes(ds) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
