@@ -223,6 +223,25 @@ class BatchScores:
     errors: list[str] = field(default_factory=list)
     digests: list[str] = field(default_factory=list)
 
+    def prediction(self, i: int, class_names: list[str], display_names: list[str], notes: list[str]) -> Prediction:
+        """Input ``i`` as the :class:`Prediction` the app, the command line and reports show."""
+        probs, state = self.probs[i], self.states[i]
+        top = int(np.argmax(probs))
+        return Prediction(label=class_names[top], display_label=display_names[top],
+                          probabilities={name: float(p) for name, p in zip(class_names, probs)},
+                          confidence=float(probs[top]), uncertain=state != CONFIDENT,
+                          out_of_distribution=state in (NOT_CHEST_CT, UNLIKE_TRAINING),
+                          ood_score=None if np.isnan(self.ood_scores[i]) else float(self.ood_scores[i]),
+                          reasons=list(self.reasons[i]), notes=notes, state=state)
+
+
+NO_BODY_NOTE = "no body found in the slice: left uncropped"
+
+
+def slice_notes(notes: list[str], body_found: bool) -> list[str]:
+    """How a slice was read, and whether the body crop found a body."""
+    return list(notes) + ([] if body_found else [NO_BODY_NOTE])
+
 
 def answer_state(input_state: str, confidence: float, threshold: float) -> tuple[str, list[str]]:
     """The state of an answer and its reasons, given what the input looked like
@@ -289,33 +308,32 @@ class LoadedModel:
             input_state = CONFIDENT
         return answer_state(input_state, confidence, self.confidence_threshold)
 
+    def _scores(self, logits, features: dict, body_found: list[bool]) -> BatchScores:
+        probs = calibrated(logits, self.temperature)
+        ood = self.ood.score(features) if self.ood is not None else np.full(len(probs), np.nan)
+        assessed = [self.assess(float(probs[i].max()), None if np.isnan(ood[i]) else float(ood[i]), body_found[i])
+                    for i in range(len(probs))]
+        return BatchScores(probs, calibrated(logits, 1.0), np.asarray(ood, float),
+                           [state for state, _ in assessed], [reasons for _, reasons in assessed])
+
     def _prediction(self, logits: torch.Tensor, features: dict[str, torch.Tensor], image: Slice,
                     body_found: bool = True) -> Prediction:
-        scaled = logits.double() / self.temperature
-        probs = torch.softmax(scaled, dim=1)[0].numpy()
-        top = int(probs.argmax())
-        ood_score = float(self.ood.score(features)[0]) if self.ood is not None else None
-        state, reasons = self.assess(float(probs[top]), ood_score, body_found)
-        return Prediction(
-            label=self.class_names[top],
-            display_label=self.display_names[top],
-            probabilities={name: float(p) for name, p in zip(self.class_names, probs)},
-            confidence=float(probs[top]),
-            uncertain=state != CONFIDENT,
-            out_of_distribution=state in (NOT_CHEST_CT, UNLIKE_TRAINING),
-            ood_score=ood_score,
-            reasons=reasons,
-            notes=list(image.notes) + ([] if body_found else ["no body found in the slice: left uncropped"]),
-            state=state,
-        )
+        scores = self._scores(logits.float(), features, [body_found])
+        return scores.prediction(0, self.class_names, self.display_names, slice_notes(image.notes, body_found))
 
-    def predict(self, image: ImageSource | Slice) -> Prediction:
-        """Label and calibrated probabilities of every class for one slice."""
+    def score_slice(self, image: ImageSource | Slice) -> tuple[BatchScores, bool]:
+        """One slice's scores (a batch of one) and whether its body crop found a body."""
         image = self._decode(image)
         x, geometry = model_input(image.pixels, self.preprocess)
         with self._lock, torch.inference_mode(), FeatureCapture(self.model, self.feature_layers) as capture:
             logits = self.model(x)
-        return self._prediction(logits, capture.features(), image, geometry.body_found)
+        return self._scores(logits.float(), capture.features(), [geometry.body_found]), geometry.body_found
+
+    def predict(self, image: ImageSource | Slice) -> Prediction:
+        """Label and calibrated probabilities of every class for one slice."""
+        image = self._decode(image)
+        scores, body_found = self.score_slice(image)
+        return scores.prediction(0, self.class_names, self.display_names, slice_notes(image.notes, body_found))
 
     def forward_batch(self, images: torch.Tensor, batch_size: int = 32,
                       on_progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -349,12 +367,7 @@ class LoadedModel:
         (N, 1, S, S) input squares (``to_square``): the same answers as
         :meth:`predict` gives one slice at a time, batched and without Grad-CAM."""
         logits, features = self.forward_batch(images, batch_size, on_progress=on_progress)
-        probs = calibrated(logits, self.temperature)
-        ood = self.ood.score(features) if self.ood is not None else np.full(len(images), np.nan)
-        assessed = [self.assess(float(probs[i].max()), None if np.isnan(ood[i]) else float(ood[i]), body_found[i])
-                    for i in range(len(images))]
-        return BatchScores(probs, calibrated(logits, 1.0), np.asarray(ood, float),
-                           [state for state, _ in assessed], [reasons for _, reasons in assessed])
+        return self._scores(logits, features, body_found)
 
     def score_files(self, paths: list[Path], *, workers: int = 2,
                     on_progress: Callable[[int, int], None] | None = None) -> BatchScores:
@@ -490,26 +503,15 @@ class EnsembleModel:
                            np.full(n, np.nan) if np.isnan(ratios).all() else np.nanmax(ratios, axis=0),
                            states, reasons, errors, parts[0].digests)
 
-    def _prediction(self, predictions: list[Prediction], image: Slice) -> Prediction:
-        probs, state, reasons = self._combine([np.array(list(p.probabilities.values())) for p in predictions],
-                                              [p.state for p in predictions])
-        top = int(probs.argmax())
-        scores = [p.ood_score / m.ood.threshold for p, m in zip(predictions, self.members)
-                  if p.ood_score is not None and m.ood is not None and m.ood.threshold]
-        return Prediction(
-            label=self.class_names[top], display_label=self.display_names[top],
-            probabilities={name: float(v) for name, v in zip(self.class_names, probs)},
-            confidence=float(probs[top]), uncertain=state != CONFIDENT,
-            out_of_distribution=state in (NOT_CHEST_CT, UNLIKE_TRAINING),
-            ood_score=max(scores) if scores else None, reasons=reasons,
-            notes=list(dict.fromkeys(n for p in predictions for n in p.notes)), state=state)
-
     def _decoded(self, image: ImageSource | Slice) -> Slice:
         return image if isinstance(image, Slice) else decode(image, window=self.preprocess.window)
 
     def predict(self, image: ImageSource | Slice) -> Prediction:
         image = self._decoded(image)
-        return self._prediction([m.predict(image) for m in self.members], image)
+        parts = [m.score_slice(image) for m in self.members]
+        scores = self.combine([p for p, _ in parts])
+        notes = slice_notes(image.notes, all(body_found for _, body_found in parts))
+        return scores.prediction(0, self.class_names, self.display_names, notes)
 
     def class_index(self, target: int | str | None) -> int | None:
         return self.members[0].class_index(target)

@@ -63,7 +63,7 @@ from .imaging import (
     is_dicom,
     read_dicom,
 )
-from .inference import CONFIDENT, LOW_CONFIDENCE, NOT_CHEST_CT, UNLIKE_TRAINING, EnsembleModel, Prediction
+from .inference import CONFIDENT, LOW_CONFIDENCE, NOT_CHEST_CT, UNLIKE_TRAINING, EnsembleModel, Prediction, slice_notes
 from .metrics import NEGATIVE_NAME
 from .preprocess import to_square
 from .report import csv_text
@@ -779,17 +779,6 @@ def _squares(series: Series, window: Window, config, workers: int = 2) -> tuple[
     return images, body
 
 
-def _prediction(model, scores, i: int, notes: list[str]) -> Prediction:
-    probs = scores.probs[i]
-    top = int(np.argmax(probs))
-    return Prediction(label=model.class_names[top], display_label=model.display_names[top],
-                      probabilities={name: float(p) for name, p in zip(model.class_names, probs)},
-                      confidence=float(probs[top]), uncertain=scores.states[i] != CONFIDENT,
-                      out_of_distribution=scores.states[i] in (NOT_CHEST_CT, UNLIKE_TRAINING),
-                      ood_score=None if np.isnan(scores.ood_scores[i]) else float(scores.ood_scores[i]),
-                      reasons=scores.reasons[i], notes=notes, state=scores.states[i])
-
-
 def classify_series(model, series: Series, *, batch_size: int = 32,
                     on_progress: Callable[[int, int], None] | None = None) -> SeriesPredictions:
     """Every slice of ``series`` through ``model`` in batches, with calibrated
@@ -811,10 +800,8 @@ def classify_series(model, series: Series, *, batch_size: int = 32,
     scores = model.combine(parts) if len(members) > 1 else parts[0]
     predictions = []
     for i in range(n):
-        notes = list(series.slice_notes[i]) if series.slice_notes else []
-        if not body[i]:
-            notes.append("no body found in the slice: left uncropped")
-        predictions.append(_prediction(model, scores, i, notes))
+        notes = slice_notes(series.slice_notes[i] if series.slice_notes else [], body[i])
+        predictions.append(scores.prediction(i, model.class_names, model.display_names, notes))
     return SeriesPredictions(predictions, list(model.class_names), list(model.display_names),
                              time.perf_counter() - started)
 
