@@ -100,3 +100,17 @@ def test_a_broken_ensemble_is_refused_with_a_clear_message(tmp_path):
     (tmp_path / "junk" / ENSEMBLE_FILE).write_text("[1, 2")
     with pytest.raises(CheckpointError, match="unreadable"):
         load_model(tmp_path / "junk")
+
+
+def test_the_models_table_gives_an_ensemble_its_own_command(tmp_path):
+    from training.models_table import table
+
+    write_model_folder(tmp_path / "a", seed=0)
+    write_model_folder(tmp_path / "b", seed=7)
+    (tmp_path / "ab").mkdir()
+    (tmp_path / "ab" / ENSEMBLE_FILE).write_text(json.dumps({"members": ["../a", "../b"]}))
+    (tmp_path / "ab" / "model_card.json").write_text(json.dumps({"architecture": "ensemble", "members": ["a", "b"],
+                                                                 "validation": {"macro_f1": 0.5}}))
+    commands = table(tmp_path).split("```bash\n")[1]
+    assert "# ab\npython -m training.ensemble --members models/a models/b --out models/ab\n" in commands
+    assert commands.count("python -m training.fit") == 2  # the members', not the ensemble's

@@ -80,6 +80,11 @@ def table(folder: Path) -> str:
             f"{'n/a' if auc is None else f'{auc:.3f}'} | "
             f"{card.get('calibration', {}).get('ece_after', float('nan')):.3f} | {answers} | "
             f"{card.get('size_bytes', 0) / 1e6:.1f} MB | {latency.get('predict', '?')} / {latency.get('predict_gradcam', '?')} |")
+        if card.get("architecture") == "ensemble":
+            members = " ".join(f"models/{m}" for m in card.get("members", []))
+            commands.append(f"# {entry.name}\npython -m training.ensemble --members {members} "
+                            f"--out models/{entry.path.name}")
+            continue
         settings = dict(card.get("training", {}).get("settings", {}))
         # Cards written before a preprocessing option existed trained without it.
         preprocessing = card.get("preprocessing") or {}
