@@ -1,0 +1,211 @@
+"""``training.fit --cv`` and what reads its output, run in this process (fast,
+and visible to mutation testing): every figure of the report is recomputed here
+from the per-image rows or from the fold models by another route, so a fault in
+the out-of-fold bookkeeping, the cross-fitted calibration, the per-fold and
+per-source breakdowns, the ensemble, ``training.evaluate`` or
+``training.audit`` changes a number these tests check."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import accuracy_score, f1_score
+from synthetic import write_classes
+
+from ctapp.inference import load_model
+from ctapp.metrics import fit_temperature
+
+CLASSES = ["alpha_stage_T1", "beta"]
+COMMON = ["--cv", "3", "--arch", "baseline", "--img-size", "32", "--batch-size", "8", "--workers", "1",
+          "--weight-storage", "fp32", "--split-block", "4", "--quiet"]
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Two sources (one with train / valid / test splits and a copy across them,
+    one of class folders only), and two runs on the same folds."""
+    from training.fit import run
+
+    root = tmp_path_factory.mktemp("cv")
+    first, second = root / "first", root / "second"
+    write_classes(first / "train", CLASSES, 10, size=40)
+    write_classes(first / "valid", ["alpha", "beta"], 4, seed=1, size=40, start=100)
+    write_classes(first / "test", ["alpha", "beta"], 3, seed=2, size=40, start=200)
+    Image.open(first / "train" / "beta" / "beta (3).png").save(first / "valid" / "beta" / "copy of 3.png")
+    write_classes(second, ["alpha", "beta"], 6, seed=3, size=40, start=300)
+    data = ["--data", str(first), str(second)]
+    a, b = root / "run-a", root / "run-b"
+    assert run([*data, *COMMON, "--epochs", "2", "--out", str(a)]) == 0
+    assert run([*data, *COMMON, "--epochs", "1", "--lr", "0.003", "--out", str(b)]) == 0
+    return {"first": first, "second": second, "a": a, "b": b, "root": root}
+
+
+def test_every_labelled_image_gets_one_prediction_from_the_fold_model_that_never_saw_it(runs):
+    out = runs["a"]
+    rows, folds = read_rows(out / "eval_report.csv"), read_rows(out / "cv" / "folds.csv")
+    labelled = {str(p) for p in runs["first"].glob("train/*/*.png")} | {str(p) for p in runs["first"].glob("valid/*/*.png")} \
+        | {str(p) for p in runs["second"].glob("*/*.png")}
+    assert len(labelled) == 20 + 9 + 12
+    named = [r["path"] for r in rows]
+    assert len(named) == len(set(named)) == 40  # the copy in valid is kept once, the test split never
+    assert not any("test" in Path(p).parts or "copy of" in p for p in named)
+    assert sorted(named) == sorted(r["path"] for r in folds)
+    fold_of = {r["path"]: r["fold"] for r in folds}
+    assert all(r["fold"] == fold_of[r["path"]] for r in rows)
+    assert {r["fold"] for r in rows} == {"0", "1", "2"}
+    # Blocks of 4 consecutive numbers of one class folder of one source stay in one fold.
+    blocks: dict[tuple, set] = {}
+    for r in folds:
+        number = int(re.search(r"\((\d+)\)", r["path"]).group(1))
+        blocks.setdefault((r["source"], r["class"], number // 4), set()).add(r["fold"])
+    assert all(len(f) == 1 for f in blocks.values()) and len(blocks) > 3
+
+    # The fold model with the calibration fitted on the other folds gives each row's answer again.
+    models = {k: load_model(out / "cv" / f"fold-{k}" / "calibrated.pt") for k in "012"}
+    for r in rows[::4]:
+        assert str(stored(runs, r["path"])) in labelled
+        shown = models[r["fold"]].predict(stored(runs, r["path"]))
+        assert shown.probabilities["beta"] == pytest.approx(float(r["p_beta"]), abs=1e-4)
+        assert shown.uncertain == (r["uncertain"] == "True")
+
+
+def test_calibration_of_each_fold_and_of_the_shipped_model_comes_from_out_of_fold_logits(runs):
+    out = runs["a"]
+    rows = read_rows(out / "eval_report.csv")
+    report = json.loads((out / "eval_report.json").read_text())
+    labels = np.array([r["true"] == "beta" for r in rows], int)
+    folds = np.array([int(r["fold"]) for r in rows])
+    # Raw logits up to a constant per row, from each fold's network as trained (temperature 1).
+    logits = np.zeros((len(rows), 2))
+    for k in range(3):
+        raw = load_model(out / "cv" / f"fold-{k}" / "model.pt")
+        held = np.flatnonzero(folds == k)
+        scores = raw.score_files([stored(runs, rows[i]["path"]) for i in held], workers=1)
+        logits[held] = np.log(scores.raw_probs)
+    shipped = load_model(out)
+    assert shipped.temperature == pytest.approx(fit_temperature(logits, labels), rel=1e-3)
+    assert report["temperature"] == pytest.approx(shipped.temperature)
+    for fitted in report["crossfit"]["per_fold"]:
+        rest = folds != fitted["fold"]
+        assert fitted["temperature"] == pytest.approx(fit_temperature(logits[rest], labels[rest]), rel=1e-3)
+
+
+def stored(runs: dict, path: str) -> Path:
+    """A row's image: pooled sources are named relative to their common parent."""
+    assert (runs["root"] / path).is_file(), path
+    return runs["root"] / path
+
+
+def test_out_of_fold_figures_per_fold_and_per_source_are_those_of_the_rows(runs):
+    out = runs["a"]
+    rows = read_rows(out / "eval_report.csv")
+    report = json.loads((out / "eval_report.json").read_text())
+    card = json.loads((out / "model_card.json").read_text())
+
+    def figures(subset: list[dict]) -> dict:
+        true, pred = [r["true"] for r in subset], [r["pred"] for r in subset]
+        answered = [r for r in subset if r["uncertain"] == "False"]
+        return {"images": len(subset), "accuracy": accuracy_score(true, pred),
+                "macro_f1": f1_score(true, pred, average="macro"), "coverage": len(answered) / len(subset),
+                "accuracy_when_confident": (np.mean([r["true"] == r["pred"] for r in answered])
+                                            if answered else None)}
+
+    whole = figures(rows)
+    for key, value in whole.items():
+        assert report[key] == pytest.approx(value), key
+        assert card["validation"][key] == pytest.approx(value), key
+    per_fold = {k: figures([r for r in rows if r["fold"] == k]) for k in "012"}
+    for k, expected in per_fold.items():
+        for key, value in expected.items():
+            assert report["per_fold"][k][key] == pytest.approx(value), (k, key)
+    accuracies = [per_fold[k]["accuracy"] for k in "012"]
+    spread = report["fold_spread"]["accuracy"]
+    assert spread["mean"] == pytest.approx(np.mean(accuracies))
+    assert spread["std"] == pytest.approx(np.std(accuracies, ddof=1)) and spread["folds"] == 3
+    sources = sorted({r["source"] for r in rows})
+    assert len(sources) == 2 and sorted(report["per_source"]) == sources
+    for source in sources:
+        expected = figures([r for r in rows if r["source"] == source])
+        for key, value in expected.items():
+            assert report["per_source"][source][key] == pytest.approx(value), (source, key)
+    supports = {c: sum(r["true"] == c for r in rows) for c in ("alpha", "beta")}
+    assert supports == {"alpha": 20, "beta": 20}  # 20 images: just enough not to be marked as rough
+    for c, n in supports.items():
+        assert report["per_class"][c]["support"] == n and "note" not in report["per_class"][c]
+    subsets = [*report["per_fold"].values(), *report["per_source"].values()]
+    assert sorted(row["images"] for row in report["per_source"].values()) == [12, 28]
+    assert all(("fewer than 20 images" in row.get("note", "")) == (row["images"] < 20) for row in subsets)
+    assert card["cross_validation"]["fold_sizes"] == [sum(r["fold"] == k for r in rows) for k in "012"]
+
+
+def test_an_ensemble_of_two_runs_averages_their_out_of_fold_rows(runs):
+    from training.ensemble import run as make_ensemble
+
+    out = runs["root"] / "ensemble"
+    assert make_ensemble(["--members", str(runs["a"]), str(runs["b"]), "--out", str(out)]) == 0
+    a = {r["path"]: r for r in read_rows(runs["a"] / "eval_report.csv")}
+    b = {r["path"]: r for r in read_rows(runs["b"] / "eval_report.csv")}
+    rows = read_rows(out / "eval_report.csv")
+    assert sorted(r["path"] for r in rows) == sorted(a)
+    differ = 0
+    for r in rows:
+        mean = (float(a[r["path"]]["p_beta"]) + float(b[r["path"]]["p_beta"])) / 2
+        assert float(r["p_beta"]) == pytest.approx(mean, abs=1e-6)
+        assert r["fold"] == a[r["path"]]["fold"]
+        differ += abs(float(a[r["path"]]["p_beta"]) - float(b[r["path"]]["p_beta"])) > 1e-3
+    assert differ  # two different networks
+    report = json.loads((out / "eval_report.json").read_text())
+    assert report["accuracy"] == pytest.approx(np.mean([r["true"] == r["pred"] for r in rows]))
+    thresholds = {str(f["fold"]): f["confidence_threshold"] for f in report["crossfit"]["per_fold"]}
+    for r in rows:  # below its fold's threshold (fitted on the other folds) is uncertain
+        if float(r["confidence"]) < thresholds[r["fold"]]:
+            assert r["uncertain"] == "True"
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["members"] == ["run-a", "run-b"]
+    assert card["member_comparison"]["run-b"]["accuracy"] == pytest.approx(
+        json.loads((runs["b"] / "eval_report.json").read_text())["accuracy"])
+    ensemble = load_model(out)
+    assert [m.name for m in ensemble.members] == ["run-a", "run-b"]
+    assert ensemble.confidence_threshold == pytest.approx(card["confidence_threshold"])
+
+
+def test_evaluate_reports_the_test_split_with_the_apps_flags(runs, capsys):
+    from training.evaluate import run as evaluate
+
+    out = runs["root"] / "test-report.json"
+    assert evaluate(["--model", str(runs["a"]), "--data", str(runs["first"]), "--split", "test", "--out", str(out),
+                     "--workers", "1", "--quiet"]) == 0
+    assert "6 images" in capsys.readouterr().out
+    rows = read_rows(out.with_suffix(".csv"))
+    report = json.loads(out.read_text())
+    assert len(rows) == report["images"] == 6 and all("test" in Path(r["path"]).parts for r in rows)
+    assert report["accuracy"] == pytest.approx(np.mean([r["true"] == r["pred"] for r in rows]))
+    model = load_model(runs["a"])
+    for r in rows:
+        shown = model.predict(runs["first"] / r["path"])
+        assert (r["uncertain"] == "True") == shown.uncertain and r["pred"] == shown.label
+    assert report["coverage"] == pytest.approx(np.mean([r["uncertain"] == "False" for r in rows]))
+    assert evaluate(["--model", str(runs["a"]), "--data", str(runs["root"] / "nowhere"), "--out", str(out)]) == 2
+
+
+def test_audit_command_counts_the_planted_copy(runs, capsys):
+    from training.audit import run as audit
+
+    assert audit(["--data", str(runs["first"]), "--json", "--workers", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == 20 + 9 + 6
+    assert report["cross_split_copies"] == 1 and report["duplicate_groups"] == 1
+    assert report["class_balance"]["test"] == {"alpha": 3, "beta": 3}
+    assert audit(["--data", str(runs["first"]), "--workers", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "evaluation images also in training: 1" in text and "exact duplicates: 1 groups" in text
