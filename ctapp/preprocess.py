@@ -92,25 +92,60 @@ class Geometry:
 # A body smaller than this share of the slice is not trusted: the slice is left uncropped.
 MIN_BODY_FRACTION = 0.05
 BODY_MARGIN = 0.02  # of the longer crop side, so the skin line is never cut
+BODY_PART_FRACTION = 0.25  # of the largest tissue component: big enough to be part of the body
+
+
+def _inside_frame(grey: np.ndarray, level: float) -> tuple[int, int, int, int]:
+    """``(top, left, bottom, right)`` inside a flat band brighter than ``level``
+    pasted around the slice (the white or grey margin of a figure or an export),
+    peeled one edge row or column at a time; the whole slice when there is none.
+    Dark margins are left alone: they are background to the threshold anyway."""
+    h, w = grey.shape
+
+    def frame_line(line: np.ndarray) -> bool:
+        value = float(np.median(line))
+        return value > level and float(np.mean(np.abs(line.astype(np.int16) - value) <= 12)) >= 0.98
+
+    top, left, bottom, right = 0, 0, h, w
+    peeled = True
+    while peeled:
+        peeled = False
+        if bottom - top > h // 4 and frame_line(grey[top, left:right]):
+            top, peeled = top + 1, True
+        if bottom - top > h // 4 and frame_line(grey[bottom - 1, left:right]):
+            bottom, peeled = bottom - 1, True
+        if right - left > w // 4 and frame_line(grey[top:bottom, left]):
+            left, peeled = left + 1, True
+        if right - left > w // 4 and frame_line(grey[top:bottom, right - 1]):
+            right, peeled = right - 1, True
+    return top, left, bottom, right
 
 
 def body_box(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
     """Bounding box ``(top, left, bottom, right)`` of the patient's body in a grey
     slice in [0, 1], or None when no body-sized region is found.
 
-    Classical and deterministic: an Otsu threshold separates air (outside the
-    body and in the lungs) from tissue, a morphological opening cuts thin links
-    to rulers, text and table edges, and the largest connected component is the
-    body wall with the mediastinum. Everything outside its box (frame, labels,
-    arrows beside the patient) is dropped by the crop; the lungs, enclosed by
-    the body wall, stay within it. A slice cut off by its frame keeps its
-    extent, as the body then reaches the edges.
+    Classical and deterministic: a flat bright frame around the slice is peeled
+    off first; then an Otsu threshold separates air (outside the body and in the
+    lungs) from tissue, a morphological opening cuts thin links to rulers, text
+    and table edges, and the connected components of tissue are found. The body
+    is the largest with every component at least a quarter of its size (a body
+    cut in two by a stitching line, arms beside the chest). Everything outside
+    its box (frame, labels, arrows beside the patient) is dropped by the crop;
+    the lungs, enclosed by the body wall, stay within it. A slice cut off by its
+    frame keeps its extent, as the body then reaches the edges.
     """
-    h, w = pixels.shape
     grey = np.round(np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8)
     if int(grey.max()) - int(grey.min()) < 8:
         return None
     otsu, _ = cv2.threshold(grey, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    top, left, bottom, right = _inside_frame(grey, otsu)
+    if (top, left, bottom, right) != (0, 0, *grey.shape):
+        grey = grey[top:bottom, left:right]
+        if int(grey.max()) - int(grey.min()) < 8:
+            return None
+        otsu, _ = cv2.threshold(grey, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    h, w = grey.shape
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (max(3, round(min(h, w) / 64)) | 1,) * 2)
     # Where bone or contrast is bright enough to draw Otsu's cut above soft
     # tissue, half of it still separates the body from air.
@@ -119,11 +154,16 @@ def body_box(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
         count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
         if count < 2:
             continue
-        largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-        x, y, bw, bh, area = (int(v) for v in stats[largest])
-        if area >= MIN_BODY_FRACTION * h * w:
-            margin = round(BODY_MARGIN * max(bw, bh))
-            return max(0, y - margin), max(0, x - margin), min(h, y + bh + margin), min(w, x + bw + margin)
+        areas = stats[1:, cv2.CC_STAT_AREA]
+        if areas.max() < MIN_BODY_FRACTION * h * w:
+            continue
+        parts = stats[1:][areas >= BODY_PART_FRACTION * areas.max()]
+        x, y = int(parts[:, cv2.CC_STAT_LEFT].min()), int(parts[:, cv2.CC_STAT_TOP].min())
+        x_end = int((parts[:, cv2.CC_STAT_LEFT] + parts[:, cv2.CC_STAT_WIDTH]).max())
+        y_end = int((parts[:, cv2.CC_STAT_TOP] + parts[:, cv2.CC_STAT_HEIGHT]).max())
+        margin = round(BODY_MARGIN * max(x_end - x, y_end - y))
+        return (top + max(0, y - margin), left + max(0, x - margin),
+                top + min(h, y_end + margin), left + min(w, x_end + margin))
     return None
 
 

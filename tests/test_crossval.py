@@ -141,6 +141,28 @@ def test_body_crop_drops_frame_and_text():
     assert not geometry.body_found and geometry.box == (0, 0, 64, 64) and x.shape == (1, 3, 32, 32)
 
 
+@pytest.mark.parametrize("value", [1.0, 0.8])
+def test_a_bright_frame_pasted_around_the_slice_is_peeled_before_the_crop(value):
+    canvas, _ = body_on_canvas()
+    inner = body_box(canvas)
+    framed = np.pad(canvas, ((12, 30), (25, 7)), constant_values=value)  # the margins of a paper's figure
+    assert body_box(framed) == (inner[0] + 12, inner[1] + 25, inner[2] + 12, inner[3] + 25)
+    _, geometry = model_input(framed, PreprocessConfig(img_size=32, crop="body"))
+    assert geometry.body_found and geometry.box == body_box(framed)  # no frame pixel reaches the model
+
+
+def test_a_body_cut_in_two_by_a_stitching_line_is_cropped_whole():
+    slice_ = make_slice(0, np.random.default_rng(0), 180).astype(np.float32) / 255
+    canvas = np.zeros((200, 300), np.float32)
+    canvas[10:190, 60:240] = np.where(slice_ > 0.1, np.maximum(slice_, 0.6), 0)
+    ys, xs = np.nonzero(canvas)
+    canvas[95:97, :] = 0.0  # a dark line across the whole slice, through the body
+    top, left, bottom, right = body_box(canvas)
+    # Both halves, up to the few edge pixels the morphological opening takes off the ellipse.
+    assert top <= ys.min() + 4 and bottom >= ys.max() - 4 and left <= xs.min() + 4 and right >= xs.max() - 4
+    assert bottom - top <= (ys.max() - ys.min()) + 10
+
+
 def test_cam_maps_back_onto_the_original_pixels_through_the_crop():
     # A crop of 100 x 160 at (50, 100) of a 200 x 300 slice: padded to 160 x 160
     # with 30 rows above, resized to 32 x 32 (factor 0.2). A map that is a linear
