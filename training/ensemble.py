@@ -38,7 +38,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="the ensemble's folder")
     p.add_argument("--explain-with", default=None,
                    help="Grad-CAM from this member only (its folder name); default: the mean of all members' maps")
-    p.add_argument("--target-accuracy", type=float, default=0.90,
+    p.add_argument("--target-accuracy", type=float, default=0.95,
                    help="the confidence threshold is the lowest at which out-of-fold answers reach this accuracy")
     return p
 
