@@ -97,11 +97,31 @@ def test_ood_score_is_the_worst_layer_relative_to_validation():
     np.testing.assert_allclose(again.score(odd), ood.score(odd), rtol=1e-5)
 
 
-def test_model_ood_watches_every_backbone_stage(model):
+def test_model_ood_watches_every_backbone_stage_by_mean_spread_and_peak(model):
+    from ctapp.inference import ood_feature_keys
     from ctapp.models import get_spec
 
-    assert model.feature_layers == get_spec(model.arch).feature_layers(model.model)
-    assert len(model.feature_layers) == 4
+    stages = get_spec(model.arch).feature_layers(model.model)
+    assert len(stages) == 4 and model.feature_layers == ood_feature_keys(stages)
+    assert set(model.feature_layers) == {s + suffix for s in stages for suffix in ("", ":std", ":max")}
+
+
+def test_feature_capture_pools_each_stage_by_mean_spread_and_peak():
+    import torch
+    from torch import nn
+
+    from ctapp.inference import FeatureCapture
+
+    net = nn.Sequential(nn.Identity(), nn.Flatten())
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5) ** 1.5
+    with FeatureCapture(net, ["0", "0:std", "0:max", "1"]) as capture:
+        net(x)
+    got = capture.features()
+    values = x.numpy().reshape(2, 3, -1)
+    np.testing.assert_allclose(got["0"].numpy(), values.mean(axis=2), rtol=1e-6)
+    np.testing.assert_allclose(got["0:std"].numpy(), values.std(axis=2, ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(got["0:max"].numpy(), values.max(axis=2), rtol=1e-6)
+    assert got["1"].shape == (2, 60)  # a flat output is taken as it is
 
 
 def test_unknown_class_and_method(model, slice_png):

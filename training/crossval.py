@@ -34,7 +34,7 @@ from ctapp.audit import audit_dataset
 from ctapp.checkpoint import atomic_write_text, load_model_file, pack_state, save_model_file, unpack_state
 from ctapp.data import DatasetError, DatasetIndex, cv_folds, group_ids, scan_sources
 from ctapp.evaluation import write_report
-from ctapp.inference import WEIGHTS_FILE, LoadedModel, MahalanobisOOD, batched_forward, load_model
+from ctapp.inference import WEIGHTS_FILE, LoadedModel, MahalanobisOOD, batched_forward, load_model, ood_feature_keys
 from ctapp.metrics import (
     calibrated,
     evaluation_report,
@@ -206,7 +206,7 @@ def out_of_fold(setup, cv_dir: Path, folds: np.ndarray, images: torch.Tensor, la
     for k in range(args.cv):
         model, meta = _load_run(cv_dir / f"fold-{k}", args.weight_storage)
         seconds += float(meta.get("train_seconds", 0.0))
-        layers = get_spec(args.arch).feature_layers(model)
+        layers = ood_feature_keys(get_spec(args.arch).feature_layers(model))
         held, train = folds == k, folds != k
         fold_logits, held_features = batched_forward(model, images[held], setup.config, feature_layers=layers)
         _, train_features = batched_forward(model, images[train], setup.config, feature_layers=layers)
@@ -306,7 +306,7 @@ def finalize_cv(setup, out: Path, index: DatasetIndex, folds: np.ndarray, images
                                                ood_scores > ood_threshold, args.target_accuracy)
     save_fold_models(cv_dir, oof, crossfit, args.weight_storage)
     model, full_meta = _load_run(cv_dir / "full", args.weight_storage)
-    layers = get_spec(args.arch).feature_layers(model)
+    layers = ood_feature_keys(get_spec(args.arch).feature_layers(model))
     _, features = batched_forward(model, images, setup.config, feature_layers=layers)
     ood = MahalanobisOOD.fit(features, labels, features)
     for name, gaussians in ood.layers.items():

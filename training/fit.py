@@ -55,6 +55,7 @@ from ctapp.inference import (
     MahalanobisOOD,
     batched_forward,
     load_model,
+    ood_feature_keys,
 )
 from ctapp.metrics import calibrated, evaluation_report, fit_temperature
 from ctapp.models import ARCHITECTURES, WeightsError, count_parameters, create_model, get_spec
@@ -535,7 +536,7 @@ def finalize(args, out: Path, meta_base: dict, state: dict, index: DatasetIndex,
     # Everything below is fitted on the weights exactly as model.pt will hold them.
     model.load_state_dict(unpack_state(*pack_state(model.state_dict(), args.weight_storage)))
     config = PreprocessConfig.from_dict(best_meta["preprocess"])
-    layers = get_spec(args.arch).feature_layers(model)
+    layers = ood_feature_keys(get_spec(args.arch).feature_layers(model))
     logits, valid_features = batched_forward(model, valid_images, config, feature_layers=layers)
     _, train_features = batched_forward(model, train_images, config, feature_layers=layers)
     temperature = fit_temperature(logits, valid_labels)
@@ -625,8 +626,9 @@ def model_card(args, out: Path, meta: dict, state: dict, report: dict, parameter
                         "temperature": meta["temperature"], "ece_before": report["ece_uncalibrated"],
                         "ece_after": report["ece"]},
         "out_of_distribution": {"method": "Mahalanobis distance of pooled features to the nearest training-class "
-                                          "mean (PCA, shared covariance) at every backbone stage, relative to its "
-                                          "validation median; the largest ratio over the stages is the score",
+                                          "mean (PCA, shared covariance) at every backbone stage, pooled by mean, "
+                                          "spread and peak, relative to its validation median; the largest ratio "
+                                          "is the score",
                                 "layers": list(meta["ood"]["layers"]),
                                 "threshold": meta["ood"]["threshold"],
                                 "threshold_rule": f"{args.ood_quantile:.0%} quantile of validation scores",
