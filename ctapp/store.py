@@ -20,9 +20,12 @@ together apply every step exactly once.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
+import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import date, datetime, timedelta, timezone
@@ -179,7 +182,7 @@ class Store:
         if self.path is not None:
             _private_file(self.path)
             self.engine = create_engine(self.url, connect_args={"timeout": timeout})
-            event.listen(self.engine, "connect", _sqlite_connect)
+            event.listen(self.engine, "connect", functools.partial(_sqlite_connect, timeout=timeout))
             event.listen(self.engine, "begin", _sqlite_begin)
         else:
             self.engine = create_engine(self.url, pool_pre_ping=True, pool_size=4, max_overflow=4,
@@ -329,12 +332,26 @@ def _filtered(query, since, until, user, model, prediction):
     return query
 
 
-def _sqlite_connect(dbapi_connection, _record) -> None:
+def _sqlite_connect(dbapi_connection, _record, *, timeout: float) -> None:
     # SQLAlchemy's recipe for real SQLite transactions: the driver stays out of
     # the way (autocommit) and the "begin" listener below issues BEGIN itself.
     dbapi_connection.isolation_level = None
-    dbapi_connection.execute("PRAGMA journal_mode=WAL")
+    _use_wal(dbapi_connection, timeout)
     dbapi_connection.execute("PRAGMA synchronous=FULL")
+
+
+def _use_wal(dbapi_connection, timeout: float) -> None:
+    # WAL mode is stored in the file, so only the first opener switches it; the
+    # switch needs an exclusive lock and SQLite answers "database is locked" at
+    # once, without its busy timeout, when replicas starting together race for it.
+    deadline = time.monotonic() + timeout
+    while dbapi_connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        try:
+            dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _sqlite_begin(conn: Connection) -> None:

@@ -128,6 +128,21 @@ def screenshot(page, name: str) -> Path:
     return path
 
 
+@contextmanager
+def explained_failure(page, name: str):
+    """On any failure inside, keep what the browser showed: a screenshot
+    ``FAILED-<name>.png`` in test-artifacts/ and the page's text on the error."""
+    try:
+        yield
+    except Exception as error:
+        try:
+            screenshot(page, f"FAILED-{name}.png")
+            error.add_note("page text when it failed:\n" + page.locator("body").inner_text(timeout=10_000)[-3000:])
+        except Exception as unavailable:  # the page itself may be gone
+            error.add_note(f"no screenshot: {unavailable}")
+        raise
+
+
 def assert_clean(page) -> None:
     text = page.locator("body").inner_text()
     assert "Traceback" not in text and "Error running app" not in text

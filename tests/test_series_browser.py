@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from app_fixtures import PATIENT_NAME, TASK, app_env  # noqa: F401
 from series_synthetic import dicom_series, grey_volume, shuffled_names, zip_bytes
-from test_browser import WAIT_MS, assert_clean, pw, screenshot, select_option, server  # noqa: F401
+from test_browser import WAIT_MS, assert_clean, explained_failure, pw, screenshot, select_option, server  # noqa: F401
 from test_browser import pytestmark as browser_marks
 
 pytestmark = browser_marks
@@ -31,39 +31,40 @@ def test_scroll_a_series_in_the_viewer(server, pw, tmp_path):
     browser = pw.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
     page = browser.new_page(viewport={"width": 1440, "height": 1600})
     try:
-        page.goto(server, wait_until="networkidle")
-        page.get_by_role("link", name="Series viewer").click()
-        page.get_by_role("heading", name="Series viewer").wait_for(timeout=WAIT_MS)
-        select_option(page, "Task", TASK)
-        page.locator("input[type='file']").first.set_input_files([str(archive)])
-        page.get_by_text("How the series verdict is reached", exact=False).wait_for(timeout=WAIT_MS)
-        page.locator(".js-plotly-plot").nth(2).wait_for(timeout=WAIT_MS)  # slice, probabilities, profile
-        wait_slice(page, 1)
-        assert_clean(page)
-        assert screenshot(page, "viewer-series.png").stat().st_size > 10_000
+        with explained_failure(page, "viewer"):
+            page.goto(server, wait_until="networkidle")
+            page.get_by_role("link", name="Series viewer").click()
+            page.get_by_role("heading", name="Series viewer").wait_for(timeout=WAIT_MS)
+            select_option(page, "Task", TASK)
+            page.locator("input[type='file']").first.set_input_files([str(archive)])
+            page.get_by_text("How the series verdict is reached", exact=False).wait_for(timeout=WAIT_MS)
+            page.locator(".js-plotly-plot").nth(2).wait_for(timeout=WAIT_MS)  # slice, probabilities, profile
+            wait_slice(page, 1)
+            assert_clean(page)
+            assert screenshot(page, "viewer-series.png").stat().st_size > 10_000
 
-        for number in (2, 3, 4):
-            page.get_by_role("button", name="Next").click()
-            wait_slice(page, number)
-        screenshot(page, "viewer-slice-4.png")
+            for number in (2, 3, 4):
+                page.get_by_role("button", name="Next").click()
+                wait_slice(page, number)
+            screenshot(page, "viewer-slice-4.png")
 
-        slider = page.get_by_role("slider").first
-        slider.focus()
-        slider.press("End")
-        wait_slice(page, SLICES)
-        page.get_by_text("Mediastinum", exact=True).click()
-        page.wait_for_timeout(1500)
-        screenshot(page, "viewer-last-slice-mediastinum.png")
-        slider.focus()
-        slider.press("Home")
-        wait_slice(page, 1)
-        # A click on the 8th point of the first class's curve in the probability profile opens slice 8.
-        profile = page.locator(".js-plotly-plot").nth(2)
-        profile.locator(".scatterlayer .trace").first.locator("path.point").nth(7).click(force=True)
-        wait_slice(page, 8)
-        text = page.locator("body").inner_text()
-        assert PATIENT_NAME.split("^")[0] not in text and "Hospital of Nowhere" not in text
-        assert "All slices" in text
-        assert_clean(page)
+            slider = page.get_by_role("slider").first
+            slider.focus()
+            slider.press("End")
+            wait_slice(page, SLICES)
+            page.get_by_text("Mediastinum", exact=True).click()
+            page.wait_for_timeout(1500)
+            screenshot(page, "viewer-last-slice-mediastinum.png")
+            slider.focus()
+            slider.press("Home")
+            wait_slice(page, 1)
+            # A click on the 8th point of the first class's curve in the probability profile opens slice 8.
+            profile = page.locator(".js-plotly-plot").nth(2)
+            profile.locator(".scatterlayer .trace").first.locator("path.point").nth(7).click(force=True)
+            wait_slice(page, 8)
+            text = page.locator("body").inner_text()
+            assert PATIENT_NAME.split("^")[0] not in text and "Hospital of Nowhere" not in text
+            assert "All slices" in text
+            assert_clean(page)
     finally:
         browser.close()
