@@ -473,6 +473,18 @@ def _read_card(folder: Path) -> dict:
 
 
 ENSEMBLE_FILE = "ensemble.json"
+
+
+def ensemble_logits(member_probs) -> np.ndarray:
+    """Log of the mean of the members' probabilities (members on the first axis)."""
+    return np.log(np.clip(np.mean(member_probs, axis=0), 1e-12, None))
+
+
+def ensemble_probabilities(member_probs, temperature: float = 1.0) -> np.ndarray:
+    """The mean of the members' probabilities, sharpened or softened by ``temperature``
+    (1.0: the plain mean); one input (C,) or a batch (N, C) per member."""
+    logits = ensemble_logits(member_probs)
+    return calibrated(np.atleast_2d(logits), temperature).reshape(logits.shape)
 # The order of severity when members disagree on an answer's state.
 _SEVERITY = {CONFIDENT: 0, LOW_CONFIDENCE: 1, UNLIKE_TRAINING: 2, NOT_CHEST_CT: 3}
 
@@ -480,8 +492,10 @@ _SEVERITY = {CONFIDENT: 0, LOW_CONFIDENCE: 1, UNLIKE_TRAINING: 2, NOT_CHEST_CT: 
 class EnsembleModel:
     """Several models of one task answering as one, used wherever a model is.
 
-    Its probabilities are the mean of the members' calibrated probabilities; its
-    out-of-distribution check is the members' (a slice any member finds unlike
+    Its probabilities are the mean of the members' calibrated probabilities,
+    rescaled by a temperature of its own (``softmax(log(mean) / T)``, fitted on
+    out-of-fold predictions: averaging makes the mean less confident than its
+    members, ECE 0.11 on the lung pair before this); its out-of-distribution check is the members' (a slice any member finds unlike
     its training images, or not a chest CT, is flagged so); its confidence
     threshold is its own, fitted on out-of-fold predictions like a member's; its
     Grad-CAM is the mean of the members' maps over the original pixels, or one
@@ -489,7 +503,6 @@ class EnsembleModel:
     """
 
     arch = "ensemble"
-    temperature = None  # the members are calibrated; their mean is not rescaled
     ood = None
 
     def __init__(self, members: list[LoadedModel], spec: dict, path: Path | None = None, card: dict | None = None):
@@ -505,14 +518,19 @@ class EnsembleModel:
         self.preprocess = first.preprocess
         n = len(self.class_names)
         self.confidence_threshold = float(spec.get("confidence_threshold") or (0.5 + 0.5 / n))
+        self.temperature = float(spec.get("temperature") or 1.0)
         self.name = (path.name if path else None) or spec.get("name") or "ensemble"
         self.version = str(spec.get("created", ""))[:19]
         self.explain_with = spec.get("explain_with")
         if self.explain_with and self.explain_with not in [m.name for m in members]:
             raise CheckpointError(f"{path}: explain_with names {self.explain_with!r}, not a member")
 
+    def mean_probabilities(self, probs) -> np.ndarray:
+        """The members' calibrated probabilities (member first) -> the ensemble's."""
+        return ensemble_probabilities(probs, self.temperature)
+
     def _combine(self, probs: list[np.ndarray], states: list[str]) -> tuple[np.ndarray, str, list[str]]:
-        mean = np.mean(probs, axis=0)
+        mean = self.mean_probabilities(probs)
         worst = max(states, key=_SEVERITY.get)
         input_state = worst if worst in (NOT_CHEST_CT, UNLIKE_TRAINING) else CONFIDENT
         return mean, *answer_state(input_state, float(mean.max()), self.confidence_threshold)
@@ -529,7 +547,7 @@ class EnsembleModel:
         for i in range(n):
             if not errors[i]:
                 _, states[i], reasons[i] = self._combine([p.probs[i] for p in parts], [p.states[i] for p in parts])
-        return BatchScores(np.mean([p.probs for p in parts], axis=0), np.mean([p.raw_probs for p in parts], axis=0),
+        return BatchScores(self.mean_probabilities([p.probs for p in parts]), np.mean([p.raw_probs for p in parts], axis=0),
                            np.full(n, np.nan) if np.isnan(ratios).all() else np.nanmax(ratios, axis=0),
                            states, reasons, errors, parts[0].digests)
 

@@ -18,7 +18,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from synthetic import write_classes
 
 from ctapp.inference import load_model
-from ctapp.metrics import fit_temperature
+from ctapp.metrics import calibrated, fit_temperature
 
 CLASSES = ["alpha_stage_T1", "beta"]
 COMMON = ["--cv", "3", "--arch", "baseline", "--img-size", "32", "--batch-size", "8", "--workers", "1",
@@ -157,14 +157,23 @@ def test_an_ensemble_of_two_runs_averages_their_out_of_fold_rows(runs):
     b = {r["path"]: r for r in read_rows(runs["b"] / "eval_report.csv")}
     rows = read_rows(out / "eval_report.csv")
     assert sorted(r["path"] for r in rows) == sorted(a)
-    differ = 0
-    for r in rows:
-        mean = (float(a[r["path"]]["p_beta"]) + float(b[r["path"]]["p_beta"])) / 2
-        assert float(r["p_beta"]) == pytest.approx(mean, abs=1e-6)
-        assert r["fold"] == a[r["path"]]["fold"]
-        differ += abs(float(a[r["path"]]["p_beta"]) - float(b[r["path"]]["p_beta"])) > 1e-3
-    assert differ  # two different networks
     report = json.loads((out / "eval_report.json").read_text())
+    # Each row: the members' mean, tempered by a temperature fitted on the other folds' means only.
+    paths = sorted(a)
+    mean = np.array([[(float(a[p][f"p_{c}"]) + float(b[p][f"p_{c}"])) / 2 for c in ("alpha", "beta")] for p in paths])
+    labels = np.array([("alpha", "beta").index(a[p]["true"]) for p in paths])
+    fold = np.array([a[p]["fold"] for p in paths])
+    by_path = {r["path"]: r for r in rows}
+    temperatures = {str(f["fold"]): f["temperature"] for f in report["crossfit"]["per_fold"]}
+    for k in "012":
+        expected = fit_temperature(np.log(mean[fold != k]), labels[fold != k])
+        assert temperatures[k] == pytest.approx(expected, rel=1e-3)
+        for p, row in zip(np.array(paths)[fold == k], calibrated(np.log(mean[fold == k]), expected)):
+            assert float(by_path[p]["p_beta"]) == pytest.approx(row[1], abs=1e-4)
+            assert by_path[p]["fold"] == k
+    assert len(set(temperatures.values())) == 3  # fitted per fold, not once on all
+    assert report["temperature"] == pytest.approx(fit_temperature(np.log(mean), labels), rel=1e-3)
+    assert np.abs(mean[:, 1] - np.array([float(a[p]["p_beta"]) for p in paths])).max() > 1e-3  # two networks
     assert report["accuracy"] == pytest.approx(np.mean([r["true"] == r["pred"] for r in rows]))
     thresholds = {str(f["fold"]): f["confidence_threshold"] for f in report["crossfit"]["per_fold"]}
     for r in rows:  # below its fold's threshold (fitted on the other folds) is uncertain
@@ -177,6 +186,11 @@ def test_an_ensemble_of_two_runs_averages_their_out_of_fold_rows(runs):
     ensemble = load_model(out)
     assert [m.name for m in ensemble.members] == ["run-a", "run-b"]
     assert ensemble.confidence_threshold == pytest.approx(card["confidence_threshold"])
+    assert ensemble.temperature == pytest.approx(report["temperature"]) != 1.0
+    image = stored(runs, paths[0])  # the app's answer uses the same temperature
+    member_probs = [[m.predict(image).probabilities[c] for c in ("alpha", "beta")] for m in ensemble.members]
+    expected = calibrated(np.log(np.mean(member_probs, axis=0, keepdims=True)), ensemble.temperature)[0]
+    assert ensemble.predict(image).probabilities["beta"] == pytest.approx(expected[1], abs=1e-6)
 
 
 def test_evaluate_reports_the_test_split_with_the_apps_flags(runs, capsys):

@@ -6,8 +6,9 @@ The members must come from ``training.fit --cv`` runs on the same images with
 the same folds (same data, ``--cv``, ``--seed``, ``--split-block`` and
 ``--group-pattern``), so that every image has an out-of-fold prediction from
 each member that never saw it. The ensemble's out-of-fold probabilities are the
-mean of the members'; its confidence threshold is fitted on them as a member's
-is (each fold's on the other folds for the reported figures). The folder holds
+mean of the members', rescaled by a temperature of its own; temperature and
+confidence threshold are fitted on them as a member's are (each fold's on the
+other folds for the reported figures). The folder holds
 ``ensemble.json`` (members, threshold), ``model_card.json`` comparing the
 ensemble with each member, and ``eval_report.json`` + CSV. No weights are
 copied: the members' folders are the ensemble's weights.
@@ -25,8 +26,17 @@ import numpy as np
 
 from ctapp.checkpoint import CheckpointError, atomic_write_text
 from ctapp.evaluation import read_predictions, write_report
-from ctapp.inference import CONFIDENT, ENSEMBLE_FILE, NOT_CHEST_CT, UNLIKE_TRAINING, load_model
-from ctapp.metrics import evaluation_report, risk_coverage, selective_statement, selective_summary, selective_threshold
+from ctapp.inference import CONFIDENT, ENSEMBLE_FILE, NOT_CHEST_CT, UNLIKE_TRAINING, ensemble_logits, load_model
+from ctapp.metrics import (
+    calibrated,
+    evaluation_report,
+    expected_calibration_error,
+    fit_temperature,
+    risk_coverage,
+    selective_statement,
+    selective_summary,
+    selective_threshold,
+)
 from training.crossval import breakdown, card_figures, fold_spread
 from training.fit import DISCLAIMER, measure_latency
 
@@ -63,17 +73,22 @@ def main(args: argparse.Namespace) -> Path:
     folds = np.array([int(tables[0][p]["fold"]) for p in paths])
     sources = np.array([tables[0][p].get("source", "") for p in paths])
     member_probs = np.stack([[[float(t[p][f"p_{c}"]) for c in classes] for p in paths] for t in tables])
-    probs = member_probs.mean(axis=0)
+    logits = ensemble_logits(member_probs)
     flagged = np.array([any(t[p].get("state") in (NOT_CHEST_CT, UNLIKE_TRAINING) for t in tables) for p in paths])
 
+    probs = np.zeros_like(logits)
     uncertain = np.zeros(len(paths), bool)
     per_fold = []
     for k in np.unique(folds):
         held, rest = folds == k, folds != k
-        threshold = selective_threshold(probs[rest], labels[rest], flagged[rest], args.target_accuracy)
+        temperature = fit_temperature(logits[rest], labels[rest])
+        threshold = selective_threshold(calibrated(logits[rest], temperature), labels[rest], flagged[rest],
+                                        args.target_accuracy)
+        probs[held] = calibrated(logits[held], temperature)
         uncertain[held] = flagged[held] | (probs[held].max(axis=1) < threshold)
-        per_fold.append({"fold": int(k), "confidence_threshold": threshold})
-    threshold = selective_threshold(probs, labels, flagged, args.target_accuracy)
+        per_fold.append({"fold": int(k), "temperature": temperature, "confidence_threshold": threshold})
+    temperature = fit_temperature(logits, labels)
+    threshold = selective_threshold(calibrated(logits, temperature), labels, flagged, args.target_accuracy)
 
     names = [m.name for m in models]
     report = evaluation_report(labels, probs, classes, models[0].display_names)
@@ -81,6 +96,7 @@ def main(args: argparse.Namespace) -> Path:
     report.update(
         split=f"out-of-fold ({len(by_fold)}-fold cross-validation), mean of {len(models)} members",
         out_of_fold=True, folds=len(by_fold), model=args.out.name, arch="ensemble", members=names,
+        temperature=temperature, ece_uncalibrated=expected_calibration_error(calibrated(logits, 1.0), labels),
         ood_flagged=float(flagged.mean()), **selective_summary(probs, labels, uncertain),
         risk_coverage=risk_coverage(probs, labels),
         fold_spread=fold_spread(by_fold),
@@ -95,7 +111,7 @@ def main(args: argparse.Namespace) -> Path:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     spec = {"members": [os.path.relpath(m.resolve(), out.resolve()) for m in args.members],
-            "confidence_threshold": threshold, "explain_with": args.explain_with, "name": out.name,
+            "temperature": temperature, "confidence_threshold": threshold, "explain_with": args.explain_with, "name": out.name,
             "created": report["created"]}
     atomic_write_text(json.dumps(spec, indent=2), out / ENSEMBLE_FILE)
     write_report(report, rows, out / "eval_report.json")
@@ -117,7 +133,10 @@ def main(args: argparse.Namespace) -> Path:
         "size_bytes": sum(m.card.get("size_bytes", 0) for m in models),
         "validation": card_figures(report),
         "member_comparison": comparison,
-        "calibration": {"method": "mean of the members' calibrated probabilities", "ece_after": report["ece"]},
+        "calibration": {"method": "mean of the members' calibrated probabilities, temperature-scaled on the "
+                                  f"{len(labels)} out-of-fold predictions (each fold's on the other folds)",
+                        "temperature": temperature, "ece_before": report["ece_uncalibrated"],
+                        "ece_after": report["ece"]},
         "cross_validation": {"folds": len(by_fold), "images": len(paths)},
         "selective_answers": {"target_accuracy": args.target_accuracy, "confidence_threshold": threshold,
                               **selective, "statement": selective_statement(selective)},
