@@ -79,7 +79,7 @@ def test_out_of_distribution_and_uncertain_flags(model):
     assert p.uncertain == bool(p.reasons)
 
 
-def test_ood_score_is_the_worst_layer_relative_to_validation():
+def test_ood_score_is_the_geometric_mean_of_the_keys_relative_to_validation():
     from ctapp.inference import MahalanobisOOD
 
     rng = np.random.default_rng(0)
@@ -92,9 +92,15 @@ def test_ood_score_is_the_worst_layer_relative_to_validation():
     odd = {"early": rng.normal(size=(5, 8)) + 6, "late": rng.normal(size=(5, 4))}
     scores = ood.layer_scores(odd)
     assert (scores["early"] > 5).all() and (scores["late"] < 5).all()
-    np.testing.assert_allclose(ood.score(odd), scores["early"])
+    np.testing.assert_allclose(ood.score(odd), np.sqrt(scores["early"] * scores["late"]), rtol=1e-9)
     again = MahalanobisOOD.from_dict(ood.to_dict())
+    assert again.combine == "geometric mean"
     np.testing.assert_allclose(again.score(odd), ood.score(odd), rtol=1e-5)
+    # A detector saved before the field (or with "max") keeps the largest ratio its thresholds were fitted for.
+    legacy = {k: v for k, v in ood.to_dict().items() if k != "combine"}
+    np.testing.assert_allclose(MahalanobisOOD.from_dict(legacy).score(odd), scores["early"], rtol=1e-5)
+    with pytest.raises(CheckpointError, match="unknown out-of-distribution combination"):
+        MahalanobisOOD.from_dict({**ood.to_dict(), "combine": "mean"})
 
 
 def test_model_ood_watches_every_backbone_stage_by_mean_spread_and_peak(model):

@@ -627,8 +627,8 @@ def model_card(args, out: Path, meta: dict, state: dict, report: dict, parameter
                         "ece_after": report["ece"]},
         "out_of_distribution": {"method": "Mahalanobis distance of pooled features to the nearest training-class "
                                           "mean (PCA, shared covariance) at every backbone stage, pooled by mean, "
-                                          "spread and peak, relative to its validation median; the largest ratio "
-                                          "is the score",
+                                          "spread and peak, relative to its validation median; the score is the "
+                                          "geometric mean of these ratios",
                                 "layers": list(meta["ood"]["layers"]),
                                 "threshold": meta["ood"]["threshold"],
                                 "threshold_rule": f"{args.ood_quantile:.0%} quantile of validation scores",
