@@ -4,11 +4,13 @@ differently from its training images.
     .venv/bin/python benchmarks/shift.py RUN [RUN ...] [--per-fold N] [--update-card]
     .venv/bin/python benchmarks/shift.py RUN --raw-fold K
 
-RUN is the ``--out`` folder of ``training.fit --cv``. Each held-out slice is
-altered the way slices from other hospitals and papers differ (window,
-contrast, sharpness, JPEG artefacts, crop, borders, arrows and text) and
-classified by the fold model that never saw it, with that fold's calibration
-and thresholds (``cv/fold-K/calibrated.pt``). Printed per shift: the share of
+RUN is the ``--out`` folder of ``training.fit --cv``, or of ``training.ensemble``
+over such runs. Each held-out slice is altered the way slices from other
+hospitals and papers differ (window, contrast, sharpness, JPEG artefacts, crop,
+borders, arrows and text) and classified by the fold model that never saw it,
+with that fold's calibration and thresholds (``cv/fold-K/calibrated.pt``; an
+ensemble: its members' fold-K models, with the temperature and threshold the
+ensemble fitted on the other folds). Printed per shift: the share of
 slices flagged (not a chest CT / unlike the training images / low confidence),
 the accuracy of the answers given, and confident mistakes (answered and wrong)
 as a share of all slices: the figure that must stay small.
@@ -29,7 +31,15 @@ sys.path.insert(0, str(ROOT))
 
 from ctapp.checkpoint import atomic_write_text  # noqa: E402
 from ctapp.imaging import decode  # noqa: E402
-from ctapp.inference import CONFIDENT, LOW_CONFIDENCE, NOT_CHEST_CT, UNLIKE_TRAINING, load_model  # noqa: E402
+from ctapp.inference import (  # noqa: E402
+    CONFIDENT,
+    ENSEMBLE_FILE,
+    LOW_CONFIDENCE,
+    NOT_CHEST_CT,
+    UNLIKE_TRAINING,
+    EnsembleModel,
+    load_model,
+)
 from training.crossval import FOLD_MODEL_FILE, FOLDS_FILE, stored_path  # noqa: E402
 
 
@@ -77,17 +87,34 @@ SHIFTS = {
 }
 
 
+def cross_validated_runs(run: Path) -> list[Path]:
+    """The ``training.fit --cv`` folders behind ``run``: itself, or an ensemble's members."""
+    if (run / ENSEMBLE_FILE).is_file():
+        return [(run / m).resolve() for m in json.loads((run / ENSEMBLE_FILE).read_text())["members"]]
+    return [run]
+
+
+def fold_model(run: Path, k: int):
+    """Fold ``k``'s model with the calibration and thresholds fitted without its held-out images."""
+    members = [load_model(r / "cv" / f"fold-{k}" / FOLD_MODEL_FILE) for r in cross_validated_runs(run)]
+    if not (run / ENSEMBLE_FILE).is_file():
+        return members[0]
+    fitted = {f["fold"]: f for f in json.loads((run / "eval_report.json").read_text())["crossfit"]["per_fold"]}[k]
+    return EnsembleModel(members, {"temperature": fitted.get("temperature"),
+                                   "confidence_threshold": fitted["confidence_threshold"]}, card={})
+
+
 def measure(run: Path, per_fold: int, seed: int = 0) -> dict:
-    with open(run / "cv" / FOLDS_FILE, newline="") as f:
+    first = cross_validated_runs(run)[0]
+    with open(first / "cv" / FOLDS_FILE, newline="") as f:
         rows = list(csv.DictReader(f))
-    report = json.loads((run / "eval_report.json").read_text())
-    root = Path(report["data"])
+    root = Path(json.loads((first / "eval_report.json").read_text())["data"])
     rng = np.random.default_rng(seed)
     counts = {name: {"images": 0, CONFIDENT: 0, "correct": 0, NOT_CHEST_CT: 0, UNLIKE_TRAINING: 0,
                      LOW_CONFIDENCE: 0} for name in SHIFTS}
     folds = sorted({int(r["fold"]) for r in rows})
     for k in folds:
-        model = load_model(run / "cv" / f"fold-{k}" / FOLD_MODEL_FILE)
+        model = fold_model(run, k)
         held = [r for r in rows if int(r["fold"]) == k]
         chosen = rng.choice(len(held), size=min(per_fold, len(held)), replace=False)
         for i in chosen:
@@ -132,7 +159,7 @@ def raw_accuracy(run: Path, fold: int, seed: int = 0) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", type=Path, help="training.fit --cv output folders")
+    p.add_argument("runs", nargs="+", type=Path, help="training.fit --cv or training.ensemble output folders")
     p.add_argument("--per-fold", type=int, default=60, help="held-out slices per fold")
     p.add_argument("--update-card", action="store_true", help="record the figures in each run's model card")
     p.add_argument("--raw-fold", type=int, metavar="K", default=None,
