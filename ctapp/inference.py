@@ -501,7 +501,7 @@ def ensemble_probabilities(member_probs, temperature: float = 1.0) -> np.ndarray
     logits = ensemble_logits(member_probs)
     return calibrated(np.atleast_2d(logits), temperature).reshape(logits.shape)
 # The order of severity when members disagree on an answer's state.
-_SEVERITY = {CONFIDENT: 0, LOW_CONFIDENCE: 1, UNLIKE_TRAINING: 2, NOT_CHEST_CT: 3}
+SEVERITY = {CONFIDENT: 0, LOW_CONFIDENCE: 1, UNLIKE_TRAINING: 2, NOT_CHEST_CT: 3}
 
 
 class EnsembleModel:
@@ -546,7 +546,7 @@ class EnsembleModel:
 
     def _combine(self, probs: list[np.ndarray], states: list[str]) -> tuple[np.ndarray, str, list[str]]:
         mean = self.mean_probabilities(probs)
-        worst = max(states, key=_SEVERITY.get)
+        worst = max(states, key=SEVERITY.get)
         input_state = worst if worst in (NOT_CHEST_CT, UNLIKE_TRAINING) else CONFIDENT
         return mean, *answer_state(input_state, float(mean.max()), self.confidence_threshold)
 

@@ -176,9 +176,19 @@ def test_an_ensemble_of_two_runs_averages_their_out_of_fold_rows(runs):
     assert np.abs(mean[:, 1] - np.array([float(a[p]["p_beta"]) for p in paths])).max() > 1e-3  # two networks
     assert report["accuracy"] == pytest.approx(np.mean([r["true"] == r["pred"] for r in rows]))
     thresholds = {str(f["fold"]): f["confidence_threshold"] for f in report["crossfit"]["per_fold"]}
-    for r in rows:  # below its fold's threshold (fitted on the other folds) is uncertain
-        if float(r["confidence"]) < thresholds[r["fold"]]:
-            assert r["uncertain"] == "True"
+    fitted = [{str(f["fold"]): f for f in json.loads((runs[m] / "eval_report.json").read_text())["crossfit"]
+               ["per_fold"]} for m in ("a", "b")]
+    flagged_by_a_member = 0
+    for r in rows:  # flagged by either member, or below its fold's threshold (fitted on the other folds): uncertain
+        scores = [(float(m[r["path"]]["ood_score"]), f[r["fold"]]) for m, f in zip((a, b), fitted)]
+        far = any(score > f["far_threshold"] for score, f in scores)
+        unlike = any(score > f["ood_threshold"] for score, f in scores)
+        flagged_by_a_member += unlike
+        low = float(r["confidence"]) < thresholds[r["fold"]]
+        assert (r["uncertain"] == "True") == (unlike or low), r
+        assert r["state"] == ("not a chest CT" if far else "unlike the training images" if unlike else
+                              "low confidence" if low else "confident")
+    assert flagged_by_a_member and report["ood_flagged"] == pytest.approx(flagged_by_a_member / len(rows))
     card = json.loads((out / "model_card.json").read_text())
     assert card["members"] == ["run-a", "run-b"]
     assert card["member_comparison"]["run-b"]["accuracy"] == pytest.approx(

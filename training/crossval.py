@@ -34,7 +34,17 @@ from ctapp.audit import audit_dataset
 from ctapp.checkpoint import atomic_write_text, load_model_file, pack_state, save_model_file, unpack_state
 from ctapp.data import DatasetError, DatasetIndex, cv_folds, group_ids, scan_sources
 from ctapp.evaluation import write_report
-from ctapp.inference import WEIGHTS_FILE, LoadedModel, MahalanobisOOD, batched_forward, load_model, ood_feature_keys
+from ctapp.inference import (
+    CONFIDENT,
+    NOT_CHEST_CT,
+    UNLIKE_TRAINING,
+    WEIGHTS_FILE,
+    LoadedModel,
+    MahalanobisOOD,
+    batched_forward,
+    load_model,
+    ood_feature_keys,
+)
 from ctapp.metrics import (
     calibrated,
     evaluation_report,
@@ -252,6 +262,19 @@ def crossfit_flags(logits: np.ndarray, labels: np.ndarray, ood: np.ndarray, fold
         per_fold.append({"fold": int(k), "temperature": temperature, "confidence_threshold": threshold,
                          "ood_threshold": ood_threshold, "far_threshold": far_threshold(ood[rest])})
     return probs, uncertain, {"per_fold": per_fold}
+
+
+def out_of_fold_input_states(rows: list[dict], report: dict) -> list[str]:
+    """The input state of each out-of-fold row of a ``--cv`` report (not a chest CT,
+    unlike the training images, or CONFIDENT when the slice looks like the training
+    images): its OOD score against the thresholds its fold fitted on the other folds."""
+    fitted = {str(f["fold"]): f for f in report["crossfit"]["per_fold"]}
+    states = []
+    for row in rows:
+        f, score = fitted[str(row["fold"])], float(row["ood_score"])
+        states.append(NOT_CHEST_CT if f.get("far_threshold") is not None and score > f["far_threshold"] else
+                      UNLIKE_TRAINING if score > f["ood_threshold"] else CONFIDENT)
+    return states
 
 
 SPREAD_METRICS = ("accuracy", "macro_f1", "roc_auc_macro", "ece", "coverage", "accuracy_when_confident")

@@ -26,7 +26,7 @@ import numpy as np
 
 from ctapp.checkpoint import CheckpointError, atomic_write_text
 from ctapp.evaluation import read_predictions, write_report
-from ctapp.inference import CONFIDENT, ENSEMBLE_FILE, NOT_CHEST_CT, UNLIKE_TRAINING, ensemble_logits, load_model
+from ctapp.inference import CONFIDENT, ENSEMBLE_FILE, SEVERITY, answer_state, ensemble_logits, load_model
 from ctapp.metrics import (
     calibrated,
     evaluation_report,
@@ -37,7 +37,7 @@ from ctapp.metrics import (
     selective_summary,
     selective_threshold,
 )
-from training.crossval import breakdown, card_figures, fold_spread
+from training.crossval import breakdown, card_figures, fold_spread, out_of_fold_input_states
 from training.fit import DISCLAIMER, measure_latency
 
 
@@ -54,10 +54,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def out_of_fold_rows(member: Path) -> dict[str, dict]:
+    """A ``--cv`` member's out-of-fold rows by path, each with the input state
+    (``input_state``) its fold's out-of-distribution thresholds give it."""
     report = json.loads((member / "eval_report.json").read_text())
     if not report.get("out_of_fold"):
         raise CheckpointError(f"{member}: its report is not out-of-fold; train it with training.fit --cv")
-    return {row["path"]: row for row in read_predictions(member / "eval_report.json")}
+    rows = read_predictions(member / "eval_report.json")
+    for row, state in zip(rows, out_of_fold_input_states(rows, report)):
+        row["input_state"] = state
+    return {row["path"]: row for row in rows}
 
 
 def main(args: argparse.Namespace) -> Path:
@@ -74,10 +79,13 @@ def main(args: argparse.Namespace) -> Path:
     sources = np.array([tables[0][p].get("source", "") for p in paths])
     member_probs = np.stack([[[float(t[p][f"p_{c}"]) for c in classes] for p in paths] for t in tables])
     logits = ensemble_logits(member_probs)
-    flagged = np.array([any(t[p].get("state") in (NOT_CHEST_CT, UNLIKE_TRAINING) for t in tables) for p in paths])
+    # A slice any member finds unlike its training images (or not a chest CT) is flagged, as in the app.
+    input_states = [max((t[p]["input_state"] for t in tables), key=SEVERITY.get) for p in paths]
+    flagged = np.array([state != CONFIDENT for state in input_states])
 
     probs = np.zeros_like(logits)
     uncertain = np.zeros(len(paths), bool)
+    states = [""] * len(paths)
     per_fold = []
     for k in np.unique(folds):
         held, rest = folds == k, folds != k
@@ -85,7 +93,9 @@ def main(args: argparse.Namespace) -> Path:
         threshold = selective_threshold(calibrated(logits[rest], temperature), labels[rest], flagged[rest],
                                         args.target_accuracy)
         probs[held] = calibrated(logits[held], temperature)
-        uncertain[held] = flagged[held] | (probs[held].max(axis=1) < threshold)
+        for i in np.flatnonzero(held):
+            states[i], _ = answer_state(input_states[i], float(probs[i].max()), threshold)
+        uncertain[held] = [states[i] != CONFIDENT for i in np.flatnonzero(held)]
         per_fold.append({"fold": int(k), "temperature": temperature, "confidence_threshold": threshold})
     temperature = fit_temperature(logits, labels)
     threshold = selective_threshold(calibrated(logits, temperature), labels, flagged, args.target_accuracy)
@@ -106,7 +116,7 @@ def main(args: argparse.Namespace) -> Path:
     rows = [{"path": p, "source": sources[i], "fold": int(folds[i]), "true": classes[labels[i]],
              "pred": classes[int(probs[i].argmax())], "confidence": float(probs[i].max()),
              **{f"p_{c}": float(v) for c, v in zip(classes, probs[i])}, "uncertain": bool(uncertain[i]),
-             "state": CONFIDENT if not uncertain[i] else "uncertain"} for i, p in enumerate(paths)]
+             "state": states[i]} for i, p in enumerate(paths)]
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
