@@ -31,7 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SCOPE = ("ctapp", "training")
-COPIED = ("ctapp", "training", "pages", "tests", "benchmarks", "app.py", "pyproject.toml")
+COPIED = ("ctapp", "training", "pages", "tests", "benchmarks", "deploy", ".streamlit", "app.py", "pyproject.toml",
+          ".gitignore", "README.md")
 LINKED = ("models",)  # large and read-only: linked, not copied
 STATUS_ORDER = ("killed", "survived", "timeout", "no tests", "suspicious", "segfault", "skipped", "not checked")
 
@@ -85,6 +86,11 @@ def prepare(workdir: Path, modules: list[str], resume: bool, without_tests: list
         if link.is_symlink() or link.exists():
             link.unlink() if link.is_symlink() else shutil.rmtree(link)
         link.symlink_to(REPO / name, target_is_directory=True)
+    # mutmut runs the tests in workdir/mutants/, whose ../shared must be the real data for the
+    # golden and real-data tests (they skip without it, and mutants they would kill survive).
+    shared = REPO.parent / "shared"
+    if shared.is_dir() and not (workdir / "shared").exists():
+        (workdir / "shared").symlink_to(shared, target_is_directory=True)
     settings = workdir / "pyproject.toml"
     text = settings.read_text(encoding="utf-8")
     if "[tool.mutmut]" not in text:

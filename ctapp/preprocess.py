@@ -293,15 +293,20 @@ def load_squares(paths: list[Path], config: PreprocessConfig, *, workers: int = 
     return LoadedSquares(images, errors, digests, boxes)
 
 
+DETAIL_P = 0.4  # each of sharpening-or-blur, noise and JPEG, at the "detail" level
 AUGMENT_LEVELS = {
     # rotation degrees, shift fraction, zoom range (low, high), brightness/contrast, horizontal-flip
-    # probability, and whether acquisition shifts (AcquisitionShift) are added
-    "none": (0.0, 0.0, (1.0, 1.0), 0.0, 0.0, False),
-    "light": (5.0, 0.04, (0.95, 1.05), 0.1, 0.5, False),
-    "medium": (10.0, 0.08, (0.90, 1.10), 0.2, 0.5, False),
-    "strong": (15.0, 0.10, (0.85, 1.15), 0.3, 0.5, False),
-    # medium geometry, zoom up to the tighter crops of other exports, plus acquisition shifts
-    "acquisition": (10.0, 0.08, (0.90, 1.40), 0.2, 0.5, True),
+    # probability, and which acquisition shifts (AcquisitionShift kinds) are added
+    "none": (0.0, 0.0, (1.0, 1.0), 0.0, 0.0, ()),
+    "light": (5.0, 0.04, (0.95, 1.05), 0.1, 0.5, ()),
+    "medium": (10.0, 0.08, (0.90, 1.10), 0.2, 0.5, ()),
+    "strong": (15.0, 0.10, (0.85, 1.15), 0.3, 0.5, ()),
+    # medium geometry, zoom up to the tighter crops of other exports, plus every acquisition shift
+    "acquisition": (10.0, 0.08, (0.90, 1.40), 0.2, 0.5, ("gamma", "window", "detail", "noise", "jpeg")),
+    # medium, plus fine detail made uninformative: sharpening or blur, noise, JPEG. In the lung data
+    # the normal slices come from a sharper source (median |Laplacian| 2.2-2.6x the cancer classes'),
+    # and a network trained without this calls a sharpened cancer slice normal.
+    "detail": (10.0, 0.08, (0.90, 1.10), 0.2, 0.5, ("detail", "noise", "jpeg")),
 }
 
 
@@ -314,12 +319,17 @@ class AcquisitionShift(torch.nn.Module):
     and a model trained without them answers confidently on shifted slices.
     """
 
-    def __init__(self, p: float = 0.2):
-        super().__init__()
-        self.p = p
+    KINDS = ("gamma", "window", "detail", "noise", "jpeg")
 
-    def _chance(self) -> bool:
-        return bool(torch.rand(()) < self.p)
+    def __init__(self, p: float = 0.2, kinds: tuple[str, ...] = KINDS):
+        super().__init__()
+        unknown = set(kinds) - set(self.KINDS)
+        if unknown:
+            raise ValueError(f"unknown acquisition shifts {sorted(unknown)}; known: {self.KINDS}")
+        self.p, self.kinds = p, tuple(kinds)
+
+    def _chance(self, kind: str) -> bool:
+        return kind in self.kinds and bool(torch.rand(()) < self.p)
 
     @staticmethod
     def _uniform(low: float, high: float) -> float:
@@ -327,18 +337,18 @@ class AcquisitionShift(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.clamp(0.0, 1.0)
-        if self._chance():
+        if self._chance("gamma"):
             x = x ** float(np.exp(self._uniform(np.log(0.5), np.log(2.0))))
-        if self._chance():
+        if self._chance("window"):
             low, high = self._uniform(0.0, 0.25), self._uniform(0.75, 1.0)
             x = ((x - low) / (high - low)).clamp(0.0, 1.0)
-        if self._chance():
+        if self._chance("detail"):
             sigma = self._uniform(0.3, 1.5)
             blurred = v2.functional.gaussian_blur(x, kernel_size=2 * round(3 * sigma) + 1, sigma=sigma)
             x = blurred if torch.rand(()) < 0.5 else (x + self._uniform(0.3, 1.0) * (x - blurred)).clamp(0.0, 1.0)
-        if self._chance():
+        if self._chance("noise"):
             x = (x + self._uniform(0.0, 0.05) * torch.randn_like(x)).clamp(0.0, 1.0)
-        if self._chance():
+        if self._chance("jpeg"):
             quality = int(torch.randint(10, 71, ()))
             grey = np.round(x[0].numpy() * 255).astype(np.uint8)
             _, encoded = cv2.imencode(".jpg", grey, [cv2.IMWRITE_JPEG_QUALITY, quality])
@@ -349,7 +359,7 @@ class AcquisitionShift(torch.nn.Module):
 def train_augment(level: str) -> v2.Transform:
     """Augmentations of the reference projects (rotation, shift, zoom, flip,
     brightness, contrast) on one (1, S, S) grey tensor in [0, 1]; the
-    ``acquisition`` level adds :class:`AcquisitionShift`."""
+    ``acquisition`` and ``detail`` levels add :class:`AcquisitionShift` of their kinds."""
     if level not in AUGMENT_LEVELS:
         raise ValueError(f"augmentation must be one of {sorted(AUGMENT_LEVELS)}, got {level!r}")
     degrees, shift, zoom, jitter, flip, acquisition = AUGMENT_LEVELS[level]
@@ -362,6 +372,6 @@ def train_augment(level: str) -> v2.Transform:
         v2.ColorJitter(brightness=jitter, contrast=jitter),
     ]
     if acquisition:
-        steps.append(AcquisitionShift())
+        steps.append(AcquisitionShift(p=DETAIL_P if level == "detail" else 0.2, kinds=acquisition))
     steps.append(v2.Lambda(lambda x: x.clamp(0.0, 1.0)))
     return v2.Compose(steps)

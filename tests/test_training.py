@@ -189,3 +189,27 @@ def test_acquisition_shift_is_nonlinear_and_seeded():
                               first.flatten()[:, None]).solution.flatten()
     assert (first.flatten() - (a * ramp.flatten() + b)).abs().max() > 0.05
     assert AcquisitionShift(p=0.0)(ramp).equal(ramp)
+
+
+def test_detail_augmentation_changes_fine_detail_only():
+    """The ``detail`` level's shifts (sharpening or blur, noise, JPEG) leave the coarse picture alone:
+    away from an edge nothing changes and the mean stays, while the edge itself gains or loses detail."""
+    from ctapp.preprocess import AUGMENT_LEVELS, AcquisitionShift
+
+    assert AUGMENT_LEVELS["detail"][-1] == ("detail", "noise", "jpeg")
+    with pytest.raises(ValueError, match="unknown acquisition shifts"):
+        AcquisitionShift(kinds=("detail", "contrast"))
+    edge = torch.zeros(1, 64, 64)
+    edge[:, :, 32:] = 0.8
+    only_detail = AcquisitionShift(p=1.0, kinds=("detail",))
+    changed = 0
+    for seed in range(6):
+        torch.manual_seed(seed)
+        out = only_detail(edge)
+        assert out.mean().item() == pytest.approx(edge.mean().item(), abs=0.03)  # no brightness or window change
+        assert torch.allclose(out[:, :, :20], edge[:, :, :20], atol=1e-5)  # flat regions stay flat
+        assert torch.allclose(out[:, :, 44:], edge[:, :, 44:], atol=1e-5)
+        changed += (out - edge).abs().max().item() > 0.02
+    assert changed == 6  # every draw alters the edge
+    torch.manual_seed(0)
+    assert torch.equal(AcquisitionShift(p=1.0, kinds=())(edge), edge)

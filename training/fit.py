@@ -131,7 +131,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--augment", default="medium", choices=list(AUGMENT_LEVELS),
                    help="augmentation strength: rotation, shift, zoom, flip, brightness, contrast; "
                         "'acquisition' adds random gamma, window, blur/sharpening, noise and JPEG "
-                        "artefacts, as slices from other scanners and exports differ")
+                        "artefacts, as slices from other scanners and exports differ; 'detail' adds only "
+                        "blur/sharpening, noise and JPEG (fine detail as a cue of the source, not the class)")
     g.add_argument("--patience", type=int, default=0, help="early stopping: epochs without a better macro-F1 (0: off)")
     g = p.add_argument_group("transfer learning (with pretrained weights)")
     g.add_argument("--freeze-epochs", type=int, default=None,
