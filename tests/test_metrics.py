@@ -71,3 +71,56 @@ def test_mcnemar():
     assert result["only_a_correct"] == 10 and result["only_b_correct"] == 5
     assert 0.05 < result["p_value"] < 0.5  # 10 vs 5 discordant: two-sided exact p = 0.30
     assert mcnemar(a, a)["p_value"] == 1.0
+
+
+def test_selective_threshold_judges_each_slice_by_its_own_predicted_class():
+    """Right or wrong is the argmax of each row against its label (here the predicted class
+    alternates), and flags given as 0/1 integers count like booleans."""
+    from ctapp.metrics import selective_threshold
+
+    confidence = np.linspace(0.99, 0.60, 40)
+    predicted = np.arange(40) % 2
+    probs = np.where(predicted[:, None] == 0, np.column_stack([confidence, 1 - confidence]),
+                     np.column_stack([1 - confidence, confidence]))
+    labels = predicted.copy()
+    labels[[5, 6, 7, 8]] ^= 1  # four mistakes among the ten most confident
+    # Answering the top 20 holds those 4 mistakes (16/20 = 0.8); the top 40, 36/40 = 0.9.
+    assert selective_threshold(probs, labels, np.zeros(40, bool), target=0.9) == pytest.approx(confidence[39])
+    flags = np.zeros(40, int)
+    flags[[20, 21]] = 1  # two right answers flagged: at most 34/38 < 0.9 over any 20 or more answers,
+    # so the threshold with the best accuracy is taken, answering all 38 unflagged slices
+    assert selective_threshold(probs, labels, flags.astype(bool), target=0.9) == pytest.approx(confidence[39])
+    assert selective_threshold(probs, labels, flags, target=0.9) == pytest.approx(confidence[39])
+    assert selective_threshold(probs, labels, flags.astype(bool), target=0.85) == pytest.approx(confidence[39])
+    flags[[38, 39]] = 1  # now 34/36: the lowest reaching 0.9 is the 36th unflagged, rank 37
+    assert selective_threshold(probs, labels, flags, target=0.9) == pytest.approx(confidence[37])
+
+
+def test_selective_threshold_answers_at_least_twenty_slices_by_default():
+    """A threshold never rests on fewer than ``min_answered`` (20) answers: the top 20 are all
+    right, so the lowest threshold reaching 0.99 is the 20th confidence; the 21st is wrong."""
+    from ctapp.metrics import selective_threshold
+
+    confidence = np.linspace(0.99, 0.55, 30)
+    probs = np.column_stack([confidence, 1 - confidence])
+    labels = np.zeros(30, int)
+    labels[20:] = 1  # every slice from the 21st on is wrong
+    assert selective_threshold(probs, labels, np.zeros(30, bool), target=0.99) == pytest.approx(confidence[19])
+    # Asking for 21 answers at least, no threshold reaches 0.99: the best over 21 or more is the 21st cut.
+    assert selective_threshold(probs, labels, np.zeros(30, bool), target=0.99, min_answered=21) == \
+        pytest.approx(confidence[20])
+
+
+def test_selective_statement_in_plain_words():
+    from ctapp.metrics import selective_statement, selective_summary
+
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    labels = np.array([0, 0, 1, 1])
+    summary = selective_summary(probs, labels, np.array([False, False, False, True]))
+    assert summary == {"coverage": 0.75, "accuracy_when_confident": 1.0, "answered": 3, "images": 4,
+                       "confident_mistakes": 0.0}
+    assert selective_statement(summary) == ("When it answers, it was right 100% of the time; it answers 75% of "
+                                            "slices (out-of-fold, 4 images).")
+    none = selective_summary(probs, labels, np.ones(4, bool))
+    assert none["accuracy_when_confident"] is None and none["coverage"] == 0.0
+    assert selective_statement(none) == "It declined to answer every out-of-fold slice."
