@@ -4,6 +4,7 @@ many small planted faults the test suite notices, per module.
     .venv/bin/python benchmarks/mutation.py                                   # every module (hours on 2 cores)
     .venv/bin/python benchmarks/mutation.py --modules ctapp/metrics.py ctapp/audit.py
     .venv/bin/python benchmarks/mutation.py --modules ctapp/metrics.py --report-only --survivors
+    .venv/bin/python benchmarks/mutation.py --sample 40 --workdir /work/mutation   # 40 mutants per module
 
 mutmut's settings are in ``pyproject.toml`` (``[tool.mutmut]``: the tests it runs,
 process isolation). The run happens in a copy of the project under ``--workdir``
@@ -14,12 +15,18 @@ failure. Too slow for CI: a benchmark. Figures are printed per module:
 killed, survived, timed out (also a detection: the mutant hung the tests), no
 tests (nothing calls the function), and the kill rate
 (killed + timed out) / (all mutants checked).
+
+Every mutant of the core is about ten thousand, a day of CPU on 2 cores.
+``--sample N`` tests a seeded random sample of N mutants per module instead and
+prints each kill rate with its 95% (Wilson) interval: an estimate to steer by,
+with the whole run (same workdir, ``--resume``) as the final figure.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -54,6 +61,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="print the figures of the last run, run nothing")
     p.add_argument("--survivors", action="store_true", help="also print the diff of every surviving mutant")
     p.add_argument("--json", type=Path, default=None, help="write the figures (and survivor names) to this file")
+    p.add_argument("--sample", type=int, default=None, metavar="N",
+                   help="test a seeded random sample of N mutants per module (kill rates with a 95%% interval)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample")
     return p
 
 
@@ -114,7 +124,28 @@ def _replace_with_committed(workdir: Path, ref: str) -> None:
     (workdir / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text(encoding="utf-8"), encoding="utf-8")
 
 
-def run_mutmut(workdir: Path, max_children: int) -> int:
+SAMPLE_FILE = "sample.json"
+NO_MUTANT = "no-such-mutant-*"  # a filter that matches nothing: mutmut generates mutants and collects stats, then stops
+
+
+def sampled_names(workdir: Path, modules: list[str], size: int, seed: int) -> list[str]:
+    """A seeded sample of ``size`` mutants per module (all of a smaller module), kept in
+    ``workdir/sample.json`` so that --resume and --report-only use the same one."""
+    path = workdir / SAMPLE_FILE
+    if path.is_file():
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        if kept["size"] == size and kept["seed"] == seed and sorted(kept["modules"]) == sorted(modules):
+            return kept["names"]
+    names = []
+    for module in modules:
+        every = sorted(statuses(workdir, module), key=_natural)
+        names += sorted(random.Random(f"{seed}:{module}").sample(every, min(size, len(every))), key=_natural)
+    path.write_text(json.dumps({"size": size, "seed": seed, "modules": modules, "names": names}, indent=1),
+                    encoding="utf-8")
+    return names
+
+
+def run_mutmut(workdir: Path, max_children: int, names: list[str] | None = None, quiet: bool = False) -> int:
     env = dict(os.environ)
     # One thread per test process: the parallelism is the number of mutants in flight.
     for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -123,9 +154,9 @@ def run_mutmut(workdir: Path, max_children: int) -> int:
     log = workdir / "mutmut.log"
     print(f"running mutmut in {workdir} (log: {log})", flush=True)
     with open(log, "w", encoding="utf-8") as out:
-        process = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)],
-                                 cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
-    if process.returncode != 0:
+        process = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children),
+                                  *(names or [])], cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if process.returncode != 0 and not quiet:
         tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
         print(f"mutmut exited with status {process.returncode}; end of its log:\n{tail}", file=sys.stderr)
     return process.returncode
@@ -142,15 +173,22 @@ def statuses(workdir: Path, module: str) -> dict[str, str]:
     return {name: status_by_exit_code[code] for name, code in codes.items()}
 
 
-def summarise(workdir: Path, modules: list[str]) -> dict:
+def summarise(workdir: Path, modules: list[str], sample: list[str] | None = None) -> dict:
+    from scipy.stats import binomtest
+
     rows, survivors = {}, {}
     for module in modules:
         found = statuses(workdir, module)
+        if sample is not None:
+            found = {name: status for name, status in found.items() if name in set(sample)}
         counts = Counter(found.values())
         checked = sum(v for k, v in counts.items() if k not in ("skipped", "not checked"))
         detected = counts["killed"] + counts["timeout"]
         rows[module] = {"mutants": len(found), **{k: counts.get(k, 0) for k in STATUS_ORDER},
                         "kill_rate": detected / checked if checked else None}
+        if checked:
+            interval = binomtest(detected, checked).proportion_ci(0.95, method="wilson")
+            rows[module]["kill_rate_95"] = [interval.low, interval.high]
         survivors[module] = sorted((n for n, s in found.items() if s in ("survived", "no tests")), key=_natural)
     return {"modules": rows, "survivors": survivors}
 
@@ -162,13 +200,15 @@ def _natural(name: str):
 def print_table(summary: dict) -> None:
     rows = summary["modules"]
     header = f"{'module':28} {'mutants':>7} {'killed':>6} {'survived':>8} {'timeout':>7} {'no tests':>8} {'other':>5} " \
-             f"{'kill rate':>9}"
+             f"{'kill rate' + (' (95% interval)' if summary.get('sampled') else ''):>9}"
     print(header)
     print("-" * len(header))
     total = Counter()
     for module, r in rows.items():
         other = r["suspicious"] + r["segfault"] + r["skipped"] + r["not checked"]
         rate = "n/a" if r["kill_rate"] is None else f"{r['kill_rate']:.1%}"
+        if r["kill_rate"] is not None and r["kill_rate_95"][0] > 0 and summary.get("sampled"):
+            rate += f" ({r['kill_rate_95'][0]:.0%}-{r['kill_rate_95'][1]:.0%})"
         print(f"{module:28} {r['mutants']:>7} {r['killed']:>6} {r['survived']:>8} {r['timeout']:>7} "
               f"{r['no tests']:>8} {other:>5} {rate:>9}")
         total.update({k: v for k, v in r.items() if isinstance(v, int)})
@@ -198,12 +238,22 @@ def main(args: argparse.Namespace) -> int:
         print("error: --workdir must be outside the repository", file=sys.stderr)
         return 2
     code = 0
+    sample = None
     if not args.report_only:
         prepare(workdir, modules, args.resume, args.without_tests, args.git_ref)
         start = time.perf_counter()
-        code = run_mutmut(workdir, args.max_children)
+        if args.sample:
+            run_mutmut(workdir, args.max_children, [NO_MUTANT], quiet=True)  # generate and collect stats only
+            sample = sampled_names(workdir, modules, args.sample, args.seed)
+            if not sample:
+                print(f"error: mutmut generated no mutants (see {workdir / 'mutmut.log'})", file=sys.stderr)
+                return 1
+            print(f"sample: {len(sample)} mutants ({args.sample} per module, seed {args.seed})")
+        code = run_mutmut(workdir, args.max_children, sample)
         print(f"mutmut ran {time.perf_counter() - start:.0f} s with {args.max_children} worker(s)")
-    summary = summarise(workdir, modules)
+    elif args.sample:
+        sample = sampled_names(workdir, modules, args.sample, args.seed)
+    summary = summarise(workdir, modules, sample) | {"sampled": sample is not None}
     print_table(summary)
     if args.survivors:
         show_survivors(workdir, summary)
