@@ -169,8 +169,10 @@ class MahalanobisOOD:
     exported differently moves every key a little (a narrow window: each 2-3x),
     an unusual but genuine slice one key a lot. On held-out lung slices
     (VGG19-BN, 5 folds, threshold at 5% of unseen slices) the largest ratio
-    flagged 42% of narrow-window slices, the geometric mean 85%; confident
-    mistakes under that shift fell from 20% to 3%. Models saved with the largest
+    flagged 42% of narrow-window slices, the geometric mean 85%; in
+    ``benchmarks/shift.py`` confident mistakes under that shift fell from 25%
+    to 9% (JPEG and noise, which move early keys only, rose from 7-8% to
+    10-11%). Models saved with the largest
     ratio (``combine: "max"``, and every model saved before the field) keep it,
     with the thresholds fitted for it.
     """
@@ -500,6 +502,8 @@ def ensemble_probabilities(member_probs, temperature: float = 1.0) -> np.ndarray
     (1.0: the plain mean); one input (C,) or a batch (N, C) per member."""
     logits = ensemble_logits(member_probs)
     return calibrated(np.atleast_2d(logits), temperature).reshape(logits.shape)
+
+
 # The order of severity when members disagree on an answer's state.
 SEVERITY = {CONFIDENT: 0, LOW_CONFIDENCE: 1, UNLIKE_TRAINING: 2, NOT_CHEST_CT: 3}
 
@@ -509,9 +513,10 @@ class EnsembleModel:
 
     Its probabilities are the mean of the members' calibrated probabilities,
     rescaled by a temperature of its own (``softmax(log(mean) / T)``, fitted on
-    out-of-fold predictions: averaging makes the mean less confident than its
-    members, ECE 0.11 on the lung pair before this); its out-of-distribution check is the members' (a slice any member finds unlike
-    its training images, or not a chest CT, is flagged so); its confidence
+    out-of-fold predictions: the mean is less confident than its members, ECE
+    0.11 on the lung pair untempered); its out-of-distribution check is the
+    members' (a slice any member finds unlike its training images, or not a
+    chest CT, is flagged so); its confidence
     threshold is its own, fitted on out-of-fold predictions like a member's; its
     Grad-CAM is the mean of the members' maps over the original pixels, or one
     named member's (``explain_with`` in ``ensemble.json``).
@@ -562,7 +567,8 @@ class EnsembleModel:
         for i in range(n):
             if not errors[i]:
                 _, states[i], reasons[i] = self._combine([p.probs[i] for p in parts], [p.states[i] for p in parts])
-        return BatchScores(self.mean_probabilities([p.probs for p in parts]), np.mean([p.raw_probs for p in parts], axis=0),
+        return BatchScores(self.mean_probabilities([p.probs for p in parts]),
+                           np.mean([p.raw_probs for p in parts], axis=0),
                            np.full(n, np.nan) if np.isnan(ratios).all() else np.nanmax(ratios, axis=0),
                            states, reasons, errors, parts[0].digests)
 

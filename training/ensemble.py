@@ -9,7 +9,7 @@ each member that never saw it. The ensemble's out-of-fold probabilities are the
 mean of the members', rescaled by a temperature of its own; temperature and
 confidence threshold are fitted on them as a member's are (each fold's on the
 other folds for the reported figures). The folder holds
-``ensemble.json`` (members, threshold), ``model_card.json`` comparing the
+``ensemble.json`` (members, temperature, threshold), ``model_card.json`` comparing the
 ensemble with each member, and ``eval_report.json`` + CSV. No weights are
 copied: the members' folders are the ensemble's weights.
 """
