@@ -165,16 +165,20 @@ class MahalanobisOOD:
     radiographs, blank images, another window, pasted marks), the last one
     content unlike the training classes.
 
-    The score combines the keys' ratios by their geometric mean: a slice
-    exported differently moves every key a little (a narrow window: each 2-3x),
-    an unusual but genuine slice one key a lot. On held-out lung slices
-    (VGG19-BN, 5 folds, threshold at 5% of unseen slices) the largest ratio
-    flagged 42% of narrow-window slices, the geometric mean 85%; in
+    Two scores answer two questions. Unlike the training images (``score``,
+    against ``threshold``): the geometric mean of the keys' ratios, since a
+    slice exported differently moves every key a little (a narrow window: each
+    2-3x) and an unusual but genuine slice one key a lot. On held-out lung
+    slices (VGG19-BN, 5 folds, threshold at 5% of unseen slices) the largest
+    ratio flagged 42% of narrow-window slices, the geometric mean 85%; in
     ``benchmarks/shift.py`` confident mistakes under that shift fell from 25%
     to 9% (JPEG and noise, which move early keys only, rose from 7-8% to
-    10-11%). Models saved with the largest
-    ratio (``combine: "max"``, and every model saved before the field) keep it,
-    with the thresholds fitted for it.
+    10-11%). Not a chest CT (``far_score``, against ``far_threshold``): the
+    largest ratio, since a blank image, a photograph or a document is wildly
+    unlike CT in some stage even where others look ordinary. Detectors saved
+    with the largest ratio as their only score (``combine: "max"``, and every
+    one saved before the field) keep it for both, with the thresholds fitted
+    for it.
     """
 
     COMBINE = ("geometric mean", "max")
@@ -202,10 +206,15 @@ class MahalanobisOOD:
         return {name: g.distance(features[name]) / g.scale for name, g in self.layers.items()}
 
     def score(self, features: dict) -> np.ndarray:
+        """How unlike the training images: compared with ``threshold``."""
         ratios = np.stack(list(self.layer_scores(features).values()))
         if self.combine == "max":
             return np.max(ratios, axis=0)
         return np.exp(np.mean(np.log(np.maximum(ratios, 1e-12)), axis=0))
+
+    def far_score(self, features: dict) -> np.ndarray:
+        """How far from chest CT at all: compared with ``far_threshold``."""
+        return np.max(np.stack(list(self.layer_scores(features).values())), axis=0)
 
     def to_dict(self) -> dict:
         return {"layers": {name: g.to_dict() for name, g in self.layers.items()}, "threshold": self.threshold,
@@ -335,19 +344,21 @@ class LoadedModel:
     def _decode(self, image: ImageSource | Slice) -> Slice:
         return image if isinstance(image, Slice) else decode(image, window=self.preprocess.window)
 
-    def assess(self, confidence: float, ood_score: float | None, body_found: bool = True) -> tuple[str, list[str]]:
+    def assess(self, confidence: float, ood_score: float | None, body_found: bool = True,
+               far_score: float | None = None) -> tuple[str, list[str]]:
         """The state of an answer and the reasons behind it: the one rule shared by
         the app, the command line and evaluation reports.
 
-        Not a chest CT: the body crop found no body, or the out-of-distribution
-        score is beyond anything chest CT scored (``ood.far_threshold``). Unlike
-        the training images: beyond the usual range of unseen chest CT slices
-        (``ood.threshold``). Low confidence: below the threshold chosen on
-        out-of-fold predictions.
+        Not a chest CT: the body crop found no body, or the far score (the OOD
+        score where none is given) is beyond anything chest CT scored
+        (``ood.far_threshold``). Unlike the training images: the OOD score is
+        beyond the usual range of unseen chest CT slices (``ood.threshold``).
+        Low confidence: below the threshold chosen on out-of-fold predictions.
         """
         far = self.ood.far_threshold if self.ood is not None else None
         near = self.ood.threshold if self.ood is not None else None
-        if not body_found or (ood_score is not None and far is not None and ood_score > far):
+        far_score = ood_score if far_score is None else far_score
+        if not body_found or (far_score is not None and far is not None and far_score > far):
             input_state = NOT_CHEST_CT
         elif ood_score is not None and near is not None and ood_score > near:
             input_state = UNLIKE_TRAINING
@@ -358,8 +369,9 @@ class LoadedModel:
     def _scores(self, logits, features: dict, body_found: list[bool]) -> BatchScores:
         probs = calibrated(logits, self.temperature)
         ood = self.ood.score(features) if self.ood is not None else np.full(len(probs), np.nan)
-        assessed = [self.assess(float(probs[i].max()), None if np.isnan(ood[i]) else float(ood[i]), body_found[i])
-                    for i in range(len(probs))]
+        far = self.ood.far_score(features) if self.ood is not None else np.full(len(probs), np.nan)
+        assessed = [self.assess(float(probs[i].max()), None if np.isnan(ood[i]) else float(ood[i]), body_found[i],
+                                None if np.isnan(far[i]) else float(far[i])) for i in range(len(probs))]
         return BatchScores(probs, calibrated(logits, 1.0), np.asarray(ood, float),
                            [state for state, _ in assessed], [reasons for _, reasons in assessed])
 

@@ -107,7 +107,10 @@ def test_png_upload_shows_prediction_overlay_and_report(app_settings):
     verdict = [*at.info, *at.warning[1:], *at.error]
     assert len(verdict) == 1
     text = verdict[0].value
-    assert "Prediction: " in text or "Uncertain" in text
+    # One verdict in one of the answer states (which one is up to a two-epoch model with 8 validation
+    # images behind its thresholds; the states' words are pinned in test_pinned_confidence.py).
+    assert sum(words in text for words in ("Prediction: ", "Uncertain", "Unlike the training images",
+                                          "Not a chest CT")) == 1, text
     assert len(plotly_charts(at)) == 1  # probabilities
     assert at.download_button(key="report_html").label == "Download report (HTML)"
     assert not at.dataframe  # one file: no batch table

@@ -93,14 +93,28 @@ def test_ood_score_is_the_geometric_mean_of_the_keys_relative_to_validation():
     scores = ood.layer_scores(odd)
     assert (scores["early"] > 5).all() and (scores["late"] < 5).all()
     np.testing.assert_allclose(ood.score(odd), np.sqrt(scores["early"] * scores["late"]), rtol=1e-9)
+    np.testing.assert_allclose(ood.far_score(odd), scores["early"], rtol=1e-9)  # "not a chest CT": the worst key
     again = MahalanobisOOD.from_dict(ood.to_dict())
     assert again.combine == "geometric mean"
     np.testing.assert_allclose(again.score(odd), ood.score(odd), rtol=1e-5)
     # A detector saved before the field (or with "max") keeps the largest ratio its thresholds were fitted for.
-    legacy = {k: v for k, v in ood.to_dict().items() if k != "combine"}
-    np.testing.assert_allclose(MahalanobisOOD.from_dict(legacy).score(odd), scores["early"], rtol=1e-5)
+    legacy = MahalanobisOOD.from_dict({k: v for k, v in ood.to_dict().items() if k != "combine"})
+    np.testing.assert_allclose(legacy.score(odd), scores["early"], rtol=1e-5)
+    np.testing.assert_allclose(legacy.far_score(odd), scores["early"], rtol=1e-5)
     with pytest.raises(CheckpointError, match="unknown out-of-distribution combination"):
         MahalanobisOOD.from_dict({**ood.to_dict(), "combine": "mean"})
+
+
+def test_not_a_chest_ct_is_judged_by_the_far_score_and_unlike_training_by_the_ood_score(model):
+    from ctapp.inference import CONFIDENT, NOT_CHEST_CT, UNLIKE_TRAINING
+
+    near, far, sure = model.ood.threshold, model.ood.far_threshold, 0.999
+    assert near < far
+    assert model.assess(sure, near / 2, far_score=far * 2)[0] == NOT_CHEST_CT  # one stage wildly off
+    assert model.assess(sure, near * 1.01, far_score=far / 2)[0] == UNLIKE_TRAINING
+    assert model.assess(sure, near / 2, far_score=far / 2)[0] == CONFIDENT
+    assert model.assess(sure, far * 2)[0] == NOT_CHEST_CT  # without a far score, the OOD score serves both
+    assert model.assess(sure, near / 2, body_found=False, far_score=far / 2)[0] == NOT_CHEST_CT
 
 
 def test_model_ood_watches_every_backbone_stage_by_mean_spread_and_peak(model):

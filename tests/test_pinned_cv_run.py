@@ -95,9 +95,16 @@ def test_calibration_of_each_fold_and_of_the_shipped_model_comes_from_out_of_fol
     shipped = load_model(out)
     assert shipped.temperature == pytest.approx(fit_temperature(logits, labels), rel=1e-3)
     assert report["temperature"] == pytest.approx(shipped.temperature)
+    ood = np.array([float(r["ood_score"]) for r in rows])
+    far = np.array([float(r["far_score"]) for r in rows])
+    assert (far >= ood - 1e-9).all()  # the worst stage is never below the geometric mean of all
     for fitted in report["crossfit"]["per_fold"]:
         rest = folds != fitted["fold"]
         assert fitted["temperature"] == pytest.approx(fit_temperature(logits[rest], labels[rest]), rel=1e-3)
+        # Out-of-distribution thresholds from the other folds' scores: the near one from the geometric
+        # means (95% quantile), the far one from the worst stages (2 x the 99% quantile).
+        assert fitted["ood_threshold"] == pytest.approx(np.quantile(ood[rest], 0.95), rel=1e-6)
+        assert fitted["far_threshold"] == pytest.approx(2 * np.quantile(far[rest], 0.99), rel=1e-6)
 
 
 def stored(runs: dict, path: str) -> Path:
@@ -180,9 +187,9 @@ def test_an_ensemble_of_two_runs_averages_their_out_of_fold_rows(runs):
                ["per_fold"]} for m in ("a", "b")]
     flagged_by_a_member = 0
     for r in rows:  # flagged by either member, or below its fold's threshold (fitted on the other folds): uncertain
-        scores = [(float(m[r["path"]]["ood_score"]), f[r["fold"]]) for m, f in zip((a, b), fitted)]
-        far = any(score > f["far_threshold"] for score, f in scores)
-        unlike = any(score > f["ood_threshold"] for score, f in scores)
+        member_rows = [(m[r["path"]], f[r["fold"]]) for m, f in zip((a, b), fitted)]
+        far = any(float(row["far_score"]) > f["far_threshold"] for row, f in member_rows)
+        unlike = far or any(float(row["ood_score"]) > f["ood_threshold"] for row, f in member_rows)
         flagged_by_a_member += unlike
         low = float(r["confidence"]) < thresholds[r["fold"]]
         assert (r["uncertain"] == "True") == (unlike or low), r

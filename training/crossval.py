@@ -209,7 +209,7 @@ def out_of_fold(setup, cv_dir: Path, folds: np.ndarray, images: torch.Tensor, la
     args = setup.args
     n = len(labels)
     logits = np.zeros((n, len(setup.class_names)))
-    ood_scores = np.zeros(n)
+    ood_scores, far_scores = np.zeros(n), np.zeros(n)
     ratios: list[dict[str, float]] = []
     models, detectors = [], []
     seconds = 0.0
@@ -223,12 +223,13 @@ def out_of_fold(setup, cv_dir: Path, folds: np.ndarray, images: torch.Tensor, la
         ood = MahalanobisOOD.fit(train_features, labels[train], held_features)
         logits[held] = fold_logits
         ood_scores[held] = ood.score(held_features)
+        far_scores[held] = ood.far_score(held_features)
         ratios.append({name: g.scale / max(float(np.median(g.distance(train_features[name]))), 1e-12)
                        for name, g in ood.layers.items()})
         models.append((model, meta))
         detectors.append(ood)
-    return {"logits": logits, "ood": ood_scores, "ratios": ratios, "fold_seconds": seconds, "models": models,
-            "detectors": detectors}
+    return {"logits": logits, "ood": ood_scores, "far": far_scores, "ratios": ratios, "fold_seconds": seconds,
+            "models": models, "detectors": detectors}
 
 
 def save_fold_models(cv_dir: Path, oof: dict, crossfit: dict, storage: str) -> None:
@@ -244,10 +245,11 @@ def save_fold_models(cv_dir: Path, oof: dict, crossfit: dict, storage: str) -> N
 
 
 def crossfit_flags(logits: np.ndarray, labels: np.ndarray, ood: np.ndarray, folds: np.ndarray, *,
-                   target: float, quantile: float) -> tuple[np.ndarray, np.ndarray, dict]:
+                   target: float, quantile: float, far: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Calibrated out-of-fold probabilities and the 'uncertain' flag of every image,
     each fold's temperature and thresholds fitted on the other folds only, so no
     image's own prediction shapes the calibration it is judged by."""
+    far = ood if far is None else far
     probs = np.zeros_like(logits, dtype=np.float64)
     uncertain = np.zeros(len(labels), bool)
     per_fold = []
@@ -260,7 +262,7 @@ def crossfit_flags(logits: np.ndarray, labels: np.ndarray, ood: np.ndarray, fold
         probs[held] = calibrated(logits[held], temperature)
         uncertain[held] = (probs[held].max(axis=1) < threshold) | (ood[held] > ood_threshold)
         per_fold.append({"fold": int(k), "temperature": temperature, "confidence_threshold": threshold,
-                         "ood_threshold": ood_threshold, "far_threshold": far_threshold(ood[rest])})
+                         "ood_threshold": ood_threshold, "far_threshold": far_threshold(far[rest])})
     return probs, uncertain, {"per_fold": per_fold}
 
 
@@ -272,7 +274,8 @@ def out_of_fold_input_states(rows: list[dict], report: dict) -> list[str]:
     states = []
     for row in rows:
         f, score = fitted[str(row["fold"])], float(row["ood_score"])
-        states.append(NOT_CHEST_CT if f.get("far_threshold") is not None and score > f["far_threshold"] else
+        far = float(row.get("far_score") or score)  # rows written before the far score: one score for both
+        states.append(NOT_CHEST_CT if f.get("far_threshold") is not None and far > f["far_threshold"] else
                       UNLIKE_TRAINING if score > f["ood_threshold"] else CONFIDENT)
     return states
 
@@ -320,7 +323,7 @@ def finalize_cv(setup, out: Path, index: DatasetIndex, folds: np.ndarray, images
     oof = out_of_fold(setup, cv_dir, folds, images, labels)
     logits, ood_scores = oof["logits"], oof["ood"]
     probs, uncertain, crossfit = crossfit_flags(logits, labels, ood_scores, folds, target=args.target_accuracy,
-                                                quantile=args.ood_quantile)
+                                                quantile=args.ood_quantile, far=oof["far"])
 
     # The shipped model: trained on everything, calibrated on every out-of-fold prediction.
     temperature = fit_temperature(logits, labels)
@@ -337,7 +340,7 @@ def finalize_cv(setup, out: Path, index: DatasetIndex, folds: np.ndarray, images
         # folds measured by how much, and the full model's scale is moved by as much.
         gaussians.scale *= float(np.mean([r[name] for r in oof["ratios"]]))
     ood.threshold = ood_threshold
-    ood.far_threshold = far_threshold(ood_scores)
+    ood.far_threshold = far_threshold(oof["far"])
 
     report = evaluation_report(labels, probs, index.class_names, index.display_names)
     sources = np.array([s.source for s in index.samples])
@@ -369,7 +372,8 @@ def finalize_cv(setup, out: Path, index: DatasetIndex, folds: np.ndarray, images
                      "true": index.class_names[labels[i]], "pred": index.class_names[int(probs[i].argmax())],
                      "confidence": float(probs[i].max()),
                      **{f"p_{c}": float(v) for c, v in zip(index.class_names, probs[i])},
-                     "ood_score": float(ood_scores[i]), "uncertain": bool(uncertain[i])})
+                     "ood_score": float(ood_scores[i]), "far_score": float(oof["far"][i]),
+                     "uncertain": bool(uncertain[i])})
 
     full_state = {"epoch": full_meta.get("epoch"), "best_epoch": None,
                   "train_seconds": float(full_meta.get("train_seconds", 0.0))}

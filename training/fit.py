@@ -544,7 +544,7 @@ def finalize(args, out: Path, meta_base: dict, state: dict, index: DatasetIndex,
     ood = MahalanobisOOD.fit(train_features, np.array([s.label for s in index.split("train")]), valid_features)
     valid_scores = ood.score(valid_features)
     ood.threshold = float(np.quantile(valid_scores, args.ood_quantile))
-    ood.far_threshold = far_threshold(valid_scores)
+    ood.far_threshold = far_threshold(ood.far_score(valid_features))
     meta = {**best_meta, "temperature": temperature, "ood": ood.to_dict(), "name": out.name,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     report, rows = validate(meta)

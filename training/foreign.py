@@ -63,8 +63,9 @@ def ct_phantom(size: int = 512, seed: int = 0) -> np.ndarray:
 
 
 FAR_FACTOR = 2.0
-FAR_RULE = (f"{FAR_FACTOR:g} x the 99% quantile of the scores of unseen chest CT slices: beyond it a slice is "
-            "called 'not a chest CT'; between the two thresholds 'unlike the training images'")
+FAR_RULE = (f"{FAR_FACTOR:g} x the 99% quantile of the far scores (the largest per-stage ratio) of unseen chest "
+            "CT slices: beyond it a slice is called 'not a chest CT'; beyond the other threshold only, 'unlike "
+            "the training images'")
 
 
 def far_threshold(scores) -> float:
