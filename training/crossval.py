@@ -248,7 +248,9 @@ def crossfit_flags(logits: np.ndarray, labels: np.ndarray, ood: np.ndarray, fold
                    target: float, quantile: float, far: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Calibrated out-of-fold probabilities and the 'uncertain' flag of every image,
     each fold's temperature and thresholds fitted on the other folds only, so no
-    image's own prediction shapes the calibration it is judged by."""
+    image's own prediction shapes the calibration it is judged by. ``ood`` sets
+    the 'unlike the training images' threshold, ``far`` (default: ``ood``) the
+    'not a chest CT' one."""
     far = ood if far is None else far
     probs = np.zeros_like(logits, dtype=np.float64)
     uncertain = np.zeros(len(labels), bool)
