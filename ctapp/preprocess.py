@@ -293,20 +293,19 @@ def load_squares(paths: list[Path], config: PreprocessConfig, *, workers: int = 
     return LoadedSquares(images, errors, digests, boxes)
 
 
-DETAIL_P = 0.4  # each of sharpening-or-blur, noise and JPEG, at the "detail" level
 AUGMENT_LEVELS = {
     # rotation degrees, shift fraction, zoom range (low, high), brightness/contrast, horizontal-flip
-    # probability, and which acquisition shifts (AcquisitionShift kinds) are added
-    "none": (0.0, 0.0, (1.0, 1.0), 0.0, 0.0, ()),
-    "light": (5.0, 0.04, (0.95, 1.05), 0.1, 0.5, ()),
-    "medium": (10.0, 0.08, (0.90, 1.10), 0.2, 0.5, ()),
-    "strong": (15.0, 0.10, (0.85, 1.15), 0.3, 0.5, ()),
+    # probability, and the acquisition shifts added (AcquisitionShift kinds, probability of each)
+    "none": (0.0, 0.0, (1.0, 1.0), 0.0, 0.0, ((), 0.0)),
+    "light": (5.0, 0.04, (0.95, 1.05), 0.1, 0.5, ((), 0.0)),
+    "medium": (10.0, 0.08, (0.90, 1.10), 0.2, 0.5, ((), 0.0)),
+    "strong": (15.0, 0.10, (0.85, 1.15), 0.3, 0.5, ((), 0.0)),
     # medium geometry, zoom up to the tighter crops of other exports, plus every acquisition shift
-    "acquisition": (10.0, 0.08, (0.90, 1.40), 0.2, 0.5, ("gamma", "window", "detail", "noise", "jpeg")),
+    "acquisition": (10.0, 0.08, (0.90, 1.40), 0.2, 0.5, (("gamma", "window", "detail", "noise", "jpeg"), 0.2)),
     # medium, plus fine detail made uninformative: sharpening or blur, noise, JPEG. In the lung data
     # the normal slices come from a sharper source (median |Laplacian| 2.2-2.6x the cancer classes'),
     # and a network trained without this calls a sharpened cancer slice normal.
-    "detail": (10.0, 0.08, (0.90, 1.10), 0.2, 0.5, ("detail", "noise", "jpeg")),
+    "detail": (10.0, 0.08, (0.90, 1.10), 0.2, 0.5, (("detail", "noise", "jpeg"), 0.4)),
 }
 
 
@@ -362,7 +361,7 @@ def train_augment(level: str) -> v2.Transform:
     ``acquisition`` and ``detail`` levels add :class:`AcquisitionShift` of their kinds."""
     if level not in AUGMENT_LEVELS:
         raise ValueError(f"augmentation must be one of {sorted(AUGMENT_LEVELS)}, got {level!r}")
-    degrees, shift, zoom, jitter, flip, acquisition = AUGMENT_LEVELS[level]
+    degrees, shift, zoom, jitter, flip, (kinds, chance) = AUGMENT_LEVELS[level]
     if level == "none":
         return v2.Identity()
     steps = [
@@ -371,7 +370,7 @@ def train_augment(level: str) -> v2.Transform:
                         interpolation=v2.InterpolationMode.BILINEAR),
         v2.ColorJitter(brightness=jitter, contrast=jitter),
     ]
-    if acquisition:
-        steps.append(AcquisitionShift(p=DETAIL_P if level == "detail" else 0.2, kinds=acquisition))
+    if kinds:
+        steps.append(AcquisitionShift(p=chance, kinds=kinds))
     steps.append(v2.Lambda(lambda x: x.clamp(0.0, 1.0)))
     return v2.Compose(steps)

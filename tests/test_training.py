@@ -194,9 +194,12 @@ def test_acquisition_shift_is_nonlinear_and_seeded():
 def test_detail_augmentation_changes_fine_detail_only():
     """The ``detail`` level's shifts (sharpening or blur, noise, JPEG) leave the coarse picture alone:
     away from an edge nothing changes and the mean stays, while the edge itself gains or loses detail."""
-    from ctapp.preprocess import AUGMENT_LEVELS, AcquisitionShift
+    from ctapp.preprocess import AUGMENT_LEVELS, AcquisitionShift, train_augment
 
-    assert AUGMENT_LEVELS["detail"][-1] == ("detail", "noise", "jpeg")
+    assert AUGMENT_LEVELS["detail"][-1] == (("detail", "noise", "jpeg"), 0.4)
+    shifts = [t for t in train_augment("detail").transforms if isinstance(t, AcquisitionShift)]
+    assert [(t.kinds, t.p) for t in shifts] == [(("detail", "noise", "jpeg"), 0.4)]
+    assert not any(isinstance(t, AcquisitionShift) for t in train_augment("medium").transforms)
     with pytest.raises(ValueError, match="unknown acquisition shifts"):
         AcquisitionShift(kinds=("detail", "contrast"))
     edge = torch.zeros(1, 64, 64)
