@@ -205,16 +205,21 @@ class MahalanobisOOD:
     def layer_scores(self, features: dict) -> dict[str, np.ndarray]:
         return {name: g.distance(features[name]) / g.scale for name, g in self.layers.items()}
 
-    def score(self, features: dict) -> np.ndarray:
-        """How unlike the training images: compared with ``threshold``."""
+    def scores(self, features: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Both scores from one pass over the keys: how unlike the training images
+        (against ``threshold``) and how far from chest CT at all (against
+        ``far_threshold``)."""
         ratios = np.stack(list(self.layer_scores(features).values()))
+        far = np.max(ratios, axis=0)
         if self.combine == "max":
-            return np.max(ratios, axis=0)
-        return np.exp(np.mean(np.log(np.maximum(ratios, 1e-12)), axis=0))
+            return far, far
+        return np.exp(np.mean(np.log(np.maximum(ratios, 1e-12)), axis=0)), far
+
+    def score(self, features: dict) -> np.ndarray:
+        return self.scores(features)[0]
 
     def far_score(self, features: dict) -> np.ndarray:
-        """How far from chest CT at all: compared with ``far_threshold``."""
-        return np.max(np.stack(list(self.layer_scores(features).values())), axis=0)
+        return self.scores(features)[1]
 
     def to_dict(self) -> dict:
         return {"layers": {name: g.to_dict() for name, g in self.layers.items()}, "threshold": self.threshold,
@@ -368,8 +373,7 @@ class LoadedModel:
 
     def _scores(self, logits, features: dict, body_found: list[bool]) -> BatchScores:
         probs = calibrated(logits, self.temperature)
-        ood = self.ood.score(features) if self.ood is not None else np.full(len(probs), np.nan)
-        far = self.ood.far_score(features) if self.ood is not None else np.full(len(probs), np.nan)
+        ood, far = self.ood.scores(features) if self.ood is not None else (np.full(len(probs), np.nan),) * 2
         assessed = [self.assess(float(probs[i].max()), None if np.isnan(ood[i]) else float(ood[i]), body_found[i],
                                 None if np.isnan(far[i]) else float(far[i])) for i in range(len(probs))]
         return BatchScores(probs, calibrated(logits, 1.0), np.asarray(ood, float),
@@ -561,11 +565,11 @@ class EnsembleModel:
         """The members' calibrated probabilities (member first) -> the ensemble's."""
         return ensemble_probabilities(probs, self.temperature)
 
-    def _combine(self, probs: list[np.ndarray], states: list[str]) -> tuple[np.ndarray, str, list[str]]:
-        mean = self.mean_probabilities(probs)
+    def _state(self, probs: np.ndarray, states: list[str]) -> tuple[str, list[str]]:
+        """One input's state from the ensemble's probabilities and its members' states."""
         worst = max(states, key=SEVERITY.get)
         input_state = worst if worst in (NOT_CHEST_CT, UNLIKE_TRAINING) else CONFIDENT
-        return mean, *answer_state(input_state, float(mean.max()), self.confidence_threshold)
+        return answer_state(input_state, float(probs.max()), self.confidence_threshold)
 
     def combine(self, parts: list[BatchScores]) -> BatchScores:
         """The members' scores of the same inputs, in member order -> the
@@ -575,12 +579,12 @@ class EnsembleModel:
         errors = [next((p.errors[i] for p in parts if p.errors and p.errors[i]), "") for i in range(n)]
         ratios = np.stack([p.ood_scores / m.ood.threshold if m.ood is not None and m.ood.threshold else
                            np.full(n, np.nan) for p, m in zip(parts, self.members)])
+        probs = self.mean_probabilities([p.probs for p in parts])
         states, reasons = [""] * n, [[] for _ in range(n)]
         for i in range(n):
             if not errors[i]:
-                _, states[i], reasons[i] = self._combine([p.probs[i] for p in parts], [p.states[i] for p in parts])
-        return BatchScores(self.mean_probabilities([p.probs for p in parts]),
-                           np.mean([p.raw_probs for p in parts], axis=0),
+                states[i], reasons[i] = self._state(probs[i], [p.states[i] for p in parts])
+        return BatchScores(probs, np.mean([p.raw_probs for p in parts], axis=0),
                            np.full(n, np.nan) if np.isnan(ratios).all() else np.nanmax(ratios, axis=0),
                            states, reasons, errors, parts[0].digests)
 

@@ -222,8 +222,7 @@ def out_of_fold(setup, cv_dir: Path, folds: np.ndarray, images: torch.Tensor, la
         _, train_features = batched_forward(model, images[train], setup.config, feature_layers=layers)
         ood = MahalanobisOOD.fit(train_features, labels[train], held_features)
         logits[held] = fold_logits
-        ood_scores[held] = ood.score(held_features)
-        far_scores[held] = ood.far_score(held_features)
+        ood_scores[held], far_scores[held] = ood.scores(held_features)
         ratios.append({name: g.scale / max(float(np.median(g.distance(train_features[name]))), 1e-12)
                        for name, g in ood.layers.items()})
         models.append((model, meta))

@@ -542,9 +542,9 @@ def finalize(args, out: Path, meta_base: dict, state: dict, index: DatasetIndex,
     _, train_features = batched_forward(model, train_images, config, feature_layers=layers)
     temperature = fit_temperature(logits, valid_labels)
     ood = MahalanobisOOD.fit(train_features, np.array([s.label for s in index.split("train")]), valid_features)
-    valid_scores = ood.score(valid_features)
+    valid_scores, valid_far_scores = ood.scores(valid_features)
     ood.threshold = float(np.quantile(valid_scores, args.ood_quantile))
-    ood.far_threshold = far_threshold(ood.far_score(valid_features))
+    ood.far_threshold = far_threshold(valid_far_scores)
     meta = {**best_meta, "temperature": temperature, "ood": ood.to_dict(), "name": out.name,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     report, rows = validate(meta)
