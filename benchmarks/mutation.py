@@ -177,10 +177,11 @@ def summarise(workdir: Path, modules: list[str], sample: list[str] | None = None
     from scipy.stats import binomtest
 
     rows, survivors = {}, {}
+    chosen = set(sample) if sample is not None else None
     for module in modules:
         found = statuses(workdir, module)
-        if sample is not None:
-            found = {name: status for name, status in found.items() if name in set(sample)}
+        if chosen is not None:
+            found = {name: status for name, status in found.items() if name in chosen}
         counts = Counter(found.values())
         checked = sum(v for k, v in counts.items() if k not in ("skipped", "not checked"))
         detected = counts["killed"] + counts["timeout"]
