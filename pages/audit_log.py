@@ -28,10 +28,12 @@ def filter_value(choice: str) -> str | None:
 
 
 def main() -> None:
-    st.title("Audit log")
-    if not ui_cache.is_admin():  # the page is only declared for admins; this guards a direct run
+    # The page is only declared for admins, but a fresh server can run a pages/ file directly
+    # before app.py has declared its navigation: nothing of the page is drawn for anyone else.
+    if not ui_cache.is_admin():
         st.error("The audit log is open to admins only.", icon=":material/lock:")
         return
+    st.title("Audit log")
     try:
         store = ui_cache.audit_log()
         choices = store.choices()
