@@ -72,7 +72,7 @@ def identity(claims: Mapping) -> str:
 def role(claims: Mapping, config: RoleConfig) -> str:
     email = claims.get("email")
     # An address the provider says it has not verified could be anyone's.
-    if isinstance(email, str) and claims.get("email_verified", True) is not False \
+    if isinstance(email, str) and claims.get("email_verified") is not False \
             and email.strip().lower() in config.admin_emails:
         return ADMIN
     if config.admin_claim:

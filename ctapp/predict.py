@@ -197,5 +197,9 @@ def main(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def run(argv: list[str] | None = None) -> int:
+    return main(get_args_parser().parse_args(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(run())

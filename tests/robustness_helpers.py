@@ -17,6 +17,7 @@ benchmark exercise exactly the same cases:
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -404,17 +405,23 @@ def try_bad_inputs(folder: Path) -> tuple[int, list[str]]:
 
 
 def run_predict_cli(files: list[Path], model_dir: Path, *, max_file_bytes: int | None = None,
-                    json_lines: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``python -m ctapp.predict`` on ``files``; with ``max_file_bytes`` the
-    upload limit is lowered in the child first (run through runpy)."""
+                    json_lines: bool = True) -> subprocess.CompletedProcess:
+    """``python -m ctapp.predict`` on ``files``, run in this process (so that the
+    mutation run sees which tests reach the CLI; one test runs the real module
+    in a child process); ``max_file_bytes`` lowers the upload limit meanwhile."""
+    from ctapp import imaging, predict
+
     args = [*map(str, files), "--model", str(model_dir)] + (["--json"] if json_lines else [])
-    if max_file_bytes is None:
-        cmd = [PYTHON, "-m", "ctapp.predict", *args]
-    else:
-        code = ("import runpy, sys, ctapp.imaging as m; m.MAX_FILE_BYTES = int(sys.argv.pop(1)); "
-                "sys.argv[0] = 'ctapp.predict'; runpy.run_module('ctapp.predict', run_name='__main__', alter_sys=True)")
-        cmd = [PYTHON, "-c", code, str(max_file_bytes), *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=child_env())
+    stdout, stderr = io.StringIO(), io.StringIO()
+    limit = imaging.MAX_FILE_BYTES
+    try:
+        if max_file_bytes is not None:
+            imaging.MAX_FILE_BYTES = max_file_bytes
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            returncode = predict.run(args)
+    finally:
+        imaging.MAX_FILE_BYTES = limit
+    return subprocess.CompletedProcess(["ctapp.predict", *args], returncode, stdout.getvalue(), stderr.getvalue())
 
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -1,17 +1,15 @@
 """The dataset audit on planted problems (exact counts) and on the real data."""
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
 from PIL import Image
 from synthetic import write_classes
 
 from ctapp.audit import audit_dataset
 from ctapp.data import scan_dataset
+from training import audit as audit_cli
 
 
 @pytest.fixture
@@ -55,11 +53,9 @@ def test_audit_counts_planted_problems(planted):
     assert "train/a_stage1/a (0).png" not in d["dropped_paths"]  # the first copy is kept
 
 
-def test_audit_cli_json_keys(planted):
-    result = subprocess.run([sys.executable, "-m", "training.audit", "--data", str(planted), "--json"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+def test_audit_cli_json_keys(planted, capsys):
+    assert audit_cli.run(["--data", str(planted), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
     for key in ("images", "unique_images", "duplicate_groups", "redundant_copies", "cross_split_copies",
                 "label_conflicts", "unreadable"):
         assert key in report

@@ -163,6 +163,15 @@ def test_metrics_and_per_class_tables(three_class, binary):
     assert figures.evaluated_on({"evaluated_on": "test (test split)", "split": "test"}) == "test (test split)"
 
 
+def test_metrics_table_shows_selective_answers_and_fold_spread_when_the_report_has_them(three_class):
+    cross_validated = {**three_class, "coverage": 0.62, "accuracy_when_confident": 0.95,
+                       "fold_spread": {"accuracy": {"mean": 0.8, "std": 0.04}, "macro_f1": {"mean": 0.78, "std": 0.05}}}
+    with_, without = figures.metrics_table({"cv": cross_validated, "plain": three_class})
+    assert with_["Answered (not uncertain)"] == 0.62 and with_["Accuracy when answered"] == 0.95
+    assert with_["Accuracy, sd over folds"] == 0.04 and with_["Macro-F1, sd over folds"] == 0.05
+    assert "Answered (not uncertain)" not in without and "Accuracy, sd over folds" not in without
+
+
 def test_metrics_by_model_reads_one_metric_per_row(three_class, binary):
     rows = figures.metrics_table({"A": three_class, "B": binary}, {"A": {"size_bytes": 2_500_000}})
     table = {row["Metric"]: row for row in figures.metrics_by_model(rows)}
@@ -191,6 +200,10 @@ def test_training_curves_from_a_history_csv(tmp_path):
                      "validation ROC AUC", "validation ECE", "learning rate"]
     assert list(fig.data[0].y) == [1.2, 0.9] and list(fig.data[1].y) == [1.1, None]
     assert [a.text for a in fig.layout.annotations] == [p[0] for p in figures.HISTORY_PANELS]
+    panels = {}
+    for trace in fig.data:
+        panels.setdefault(trace.xaxis, []).append(trace.line.color)
+    assert all(c is not None and len(set(c)) == len(c) for c in panels.values()), "curves sharing a panel differ in colour"
 
 
 def test_training_curves_skip_missing_columns():

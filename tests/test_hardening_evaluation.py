@@ -88,14 +88,20 @@ def test_files_inside_splits_on_the_real_location(escape_root):
     assert [p.name for p in outside] == ["leak.png"] and len(inside) == 6
 
 
-@pytest.mark.parametrize("row", ["/etc/passwd", "../../outside/class0/class0 (0).png", "valid/class0/leak.png",
-                                 "valid/class1/more/class1 (0).png", "valid/class0/missing.png", "", "a\x00b"])
-def test_report_rows_cannot_name_files_outside_the_roots(escape_root, row, monkeypatch):
+RELATIVE_ONLY, OUTSIDE = "^a report may only name files relative to its data folder$", \
+    "^the file lies outside the data folders this server allows$"
+
+
+@pytest.mark.parametrize("row, reason", [
+    ("/etc/passwd", RELATIVE_ONLY), ("", RELATIVE_ONLY), ("a\x00b", RELATIVE_ONLY),
+    ("../../outside/class0/class0 (0).png", OUTSIDE), ("valid/class0/leak.png", OUTSIDE),
+    ("valid/class1/more/class1 (0).png", OUTSIDE), ("valid/class0/missing.png", "^no such file$")])
+def test_report_rows_cannot_name_files_outside_the_roots(escape_root, row, reason, monkeypatch):
     from pages.compare import image_file
 
     root, folder, _ = escape_root
     monkeypatch.setenv("CTAPP_DATA_ROOTS", str(root))
-    with pytest.raises(PathNotAllowed):
+    with pytest.raises(PathNotAllowed, match=reason):
         resolve_data_file(row, folder, [root])
     assert image_file({"data": str(folder)}, row) is None  # the page then says the file is not available
 

@@ -194,6 +194,18 @@ def test_upload_limit_message_never_reads_equal(monkeypatch):
     assert limit == "200 MB"
 
 
+@pytest.mark.parametrize("data, kind", [
+    (b"PK\x03\x04" + bytes(60), " (it is a ZIP archive)"),
+    (bytes(range(128, 256)) * 4, ""),  # binary, neither text nor a known document
+])
+def test_not_an_image_says_what_it_looks_like(tmp_path, data, kind):
+    path = tmp_path / "upload.png"
+    path.write_bytes(data)
+    with pytest.raises(ImageDecodeError) as err:
+        decode(path)
+    assert str(err.value).startswith(f"upload.png: not an image file{kind}; upload a ")
+
+
 def test_animated_frame_choice():
     frames = [Image.new("L", (32, 32), v) for v in (10, 60, 110, 160, 210)]
     buffer = io.BytesIO()

@@ -56,7 +56,10 @@ def good_payload(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["bare object", "shell command", "inside a valid checkpoint", "inside the state dict"])
-def test_pickled_code_is_refused_and_never_runs(tmp_path, good_payload, kind):
+@pytest.mark.parametrize("pickles_allowed", [False, True], ids=["default", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"])
+def test_pickled_code_is_refused_and_never_runs(tmp_path, good_payload, kind, pickles_allowed, monkeypatch):
+    if pickles_allowed:  # torch honours it only where a caller left weights_only unset
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     marker = tmp_path / "MARKER"
     payload = _payloads(marker, good_payload)[kind]
     folder = tmp_path / "evil"

@@ -13,6 +13,7 @@ from conftest import ROOT
 from ctapp import load_model
 from ctapp.checkpoint import safe_load
 from ctapp.models import create_model, get_spec
+from training import evaluate
 from training.fit import get_args_parser, run, set_trainable
 
 TINY = ["--arch", "baseline", "--img-size", "48", "--batch-size", "8", "--quiet", "--workers", "1"]
@@ -58,13 +59,11 @@ def test_resume_of_a_finished_run_finalises_it_again(tiny_dataset, tmp_path):
     assert load_model(out).card["weights_sha256"] == card["weights_sha256"]
 
 
-def test_evaluate_cli_on_a_split_and_on_everything(tiny_model, tiny_dataset, tmp_path):
+def test_evaluate_cli_on_a_split_and_on_everything(tiny_model, tiny_dataset, tmp_path, capsys):
     out = tmp_path / "reports" / "valid.json"
-    cmd = [sys.executable, "-m", "training.evaluate", "--model", str(tiny_model), "--data", str(tiny_dataset),
-           "--quiet"]
-    result = subprocess.run(cmd + ["--split", "valid", "--out", str(out)], capture_output=True, text=True,
-                            cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stderr
+    argv = ["--model", str(tiny_model), "--data", str(tiny_dataset), "--quiet"]
+    assert evaluate.run(argv + ["--split", "valid", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith("8 images (0 unreadable, 0 duplicates skipped): accuracy ")
     report = json.loads(out.read_text())
     assert report["images"] == 8 and report["split"] == "valid"
     # the model folder's own report was computed the same way
@@ -78,12 +77,14 @@ def test_evaluate_cli_on_a_split_and_on_everything(tiny_model, tiny_dataset, tmp
     everything = tmp_path / "all.json"
     shutil.copy(next((tiny_dataset / "train" / "beta").iterdir()), tiny_dataset / "valid" / "beta" / "again.png")
     try:
-        subprocess.run(cmd + ["--out", str(everything), "--dedupe"], check=True, cwd=ROOT, timeout=300,
-                       capture_output=True)
+        assert evaluate.run(argv + ["--out", str(everything), "--dedupe"]) == 0
     finally:
         (tiny_dataset / "valid" / "beta" / "again.png").unlink()
     report = json.loads(everything.read_text())
     assert report["images_found"] == 33 and report["duplicates_skipped"] == 1 and report["images"] == 32
+
+    assert evaluate.run(argv + ["--split", "test", "--out", str(tmp_path / "none.json")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tiny_dataset}: no images in a 'test' split (found splits: ")
 
 
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_dataset, tmp_path):
