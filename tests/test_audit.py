@@ -55,12 +55,16 @@ def test_audit_counts_planted_problems(planted):
 
 def test_audit_cli_json_keys(planted, capsys):
     assert audit_cli.run(["--data", str(planted), "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    assert printed.err == ""  # no progress line around the JSON
+    report = json.loads(printed.out)
     for key in ("images", "unique_images", "duplicate_groups", "redundant_copies", "cross_split_copies",
                 "label_conflicts", "unreadable"):
         assert key in report
     assert isinstance(report["label_conflicts"], list) and isinstance(report["unreadable"], list)
     assert report["cross_split_copies"] == 2
+    assert audit_cli.run(["--data", str(planted)]) == 0
+    assert capsys.readouterr().err.startswith(f"auditing {report['images']}/{report['images']} images | ")
 
 
 def test_shortcut_probe_sees_brightness(tmp_path):

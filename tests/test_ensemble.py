@@ -102,6 +102,27 @@ def test_a_broken_ensemble_is_refused_with_a_clear_message(tmp_path):
         load_model(tmp_path / "junk")
 
 
+def test_the_models_table_row_headlines_out_of_fold_figures_with_their_spread(tmp_path):
+    from training.models_table import table
+
+    folder = write_model_folder(tmp_path / "lung-x", seed=0)
+    card = json.loads((folder / "model_card.json").read_text())
+    card.update(task="Lung cancer (4 classes)", architecture_title="VGG19-BN", cross_validation={"folds": 5},
+                validation={"images": 577, "accuracy": 0.8412, "macro_f1": 0.8221, "roc_auc": {"macro": 0.9612},
+                            "fold_spread": {"accuracy": {"std": 0.084}, "macro_f1": {"std": 0.0712}}},
+                selective_answers={"coverage": 0.672, "accuracy_when_confident": 0.951},
+                calibration={"ece_after": 0.0412}, size_bytes=20_400_000,
+                latency_ms={"predict": 41.0, "predict_gradcam": 180.0})
+    (folder / "model_card.json").write_text(json.dumps(card))
+    row = table(tmp_path).splitlines()[2]
+    assert row == ("| `lung-x` | Lung cancer (4 classes) | VGG19-BN | out-of-fold, 5-fold CV | 577 | 84.1% ± 8.4% | "
+                   "0.822 ± 0.071 | 0.961 | 0.041 | 67.2% / 95.1% | 20.4 MB | 41.0 / 180.0 |")
+    del card["cross_validation"], card["validation"]["fold_spread"], card["selective_answers"]
+    (folder / "model_card.json").write_text(json.dumps(card))
+    assert table(tmp_path).splitlines()[2].startswith(
+        "| `lung-x` | Lung cancer (4 classes) | VGG19-BN | validation split | 577 | 84.1% | 0.822 | 0.961 | 0.041 | n/a |")
+
+
 def test_the_models_table_gives_an_ensemble_its_own_command(tmp_path):
     from training.models_table import table
 

@@ -250,6 +250,38 @@ def test_slice_report_states_uncertainty_and_reasons():
     assert "NOT A VALID RESULT" not in confident and "bar muted" not in confident
 
 
+def _summary(**kw):
+    from ctapp.series import SeriesSummary
+
+    values = dict(series="S1", slices=3, label="beta", verdict="Beta-like findings on 2 of 3 slices",
+                  rule="a finding on at least 2 slices", confident_counts={"alpha": 0, "beta": 2}, uncertain=1,
+                  uncertain_by_state={"uncertain": 1}, key_slices=[1], has_result=True)
+    return SeriesSummary(**{**values, **kw})
+
+
+def test_series_report_states_the_verdict_counts_key_slices_and_reading_notes():
+    from ctapp.report import KeySlice, series_report
+
+    grey = np.tile(np.linspace(0, 1, 40, dtype=np.float32), (30, 1))
+    html = series_report(series_id="S1", description="3 slices", summary=_summary(), model_name="m",
+                         model_version="", display_names={"alpha": "Alpha", "beta": "Beta"},
+                         key_slices=[KeySlice(2, grey, None, prediction())], notes=["slices <ordered> by position"])
+    for expected in ("Beta-like findings on 2 of 3 slices", "version unknown",
+                     "<tr><td>Beta</td><td class='num'>2</td></tr>", "<tr><td>Alpha</td><td class='num'>0</td></tr>",
+                     "<tr><td>Uncertain (no result)</td><td class='num'>1</td></tr>",
+                     "<td><strong>All slices</strong></td><td class='num'>3</td>", "Slice 2: Beta (80% calibrated",
+                     "<h2>How the series was read</h2><ul><li>slices &lt;ordered&gt; by position</li></ul>"):
+        assert expected in html, expected
+    assert "NOT A VALID RESULT" not in html and "Grad-CAM" not in html
+    (shown,) = _images(html)
+    np.testing.assert_array_equal(np.asarray(shown), np.round(grey * 255).astype(np.uint8))
+
+    flagged = series_report(series_id="S1", description="", summary=_summary(has_result=False, verdict="No result"),
+                            model_name="m", model_version="1", display_names={}, key_slices=[])
+    assert "NOT A VALID RESULT" in flagged and "class='verdict flagged'" in flagged
+    assert "Key slices" not in flagged and "How the series was read" not in flagged
+
+
 def test_report_of_a_dicom_slice_has_no_patient_identifiers():
     from app_fixtures import PATIENT_ID, dicom_bytes
 
@@ -258,3 +290,75 @@ def test_report_of_a_dicom_slice_has_no_patient_identifiers():
                         filename="IM0001", notes=image.notes)
     for identifier in ("Doe", "Jane", PATIENT_ID, "19510203", "Nowhere"):
         assert identifier not in html
+
+
+# --------------------------------------------------------------------------- reading view of a series
+
+
+def _data_uri_image(uri: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))
+
+
+def test_display_adjustment_about_mid_grey():
+    from ctapp.series_figures import adjust
+
+    pixels = np.array([[0.0, 0.25, 0.5, 0.75, 1.0]], np.float32)
+    np.testing.assert_allclose(adjust(pixels), pixels)
+    np.testing.assert_allclose(adjust(pixels, contrast=2.0), [[0.0, 0.0, 0.5, 1.0, 1.0]])
+    np.testing.assert_allclose(adjust(pixels, brightness=0.1), [[0.1, 0.35, 0.6, 0.85, 1.0]])
+
+
+def test_slice_figure_shows_the_slice_pixel_for_pixel_and_a_colour_bar_only_with_a_map():
+    from ctapp.series_figures import slice_figure
+
+    grey = np.tile(np.linspace(0, 1, 30, dtype=np.float32), (20, 1))
+    plain = slice_figure(grey)
+    np.testing.assert_array_equal(_data_uri_image(plain.data[0].source), np.round(grey * 255).astype(np.uint8))
+    assert len(plain.data) == 1
+    assert tuple(plain.layout.xaxis.range) == (-0.5, 29.5) and tuple(plain.layout.yaxis.range) == (19.5, -0.5)
+    cam = np.zeros((20, 30), np.float32)
+    cam[5, 7] = 1.0
+    with_map = slice_figure(grey, cam, opacity=0.5, revision="S1")
+    np.testing.assert_array_equal(_data_uri_image(with_map.data[0].source), figures.cam_overlay(grey, cam, 0.5))
+    assert with_map.data[1].marker.showscale and with_map.layout.uirevision == "S1"
+
+
+def test_probability_profile_marks_uncertain_slices_and_the_current_one():
+    from ctapp.series import SeriesPredictions
+    from ctapp.series_figures import probability_profile
+
+    preds = [prediction(), prediction(uncertain=True, state="uncertain"), prediction(probabilities={"alpha": 0.9,
+                                                                                                   "beta": 0.1})]
+    result = SeriesPredictions(preds, ["alpha", "beta"], ["Alpha", "Beta"])
+    fig = probability_profile(result, current=2)
+    alpha, beta, flagged = fig.data
+    assert list(alpha.x) == [1, 2, 3] and list(alpha.y) == [0.2, 0.2, 0.9] and list(beta.y) == [0.8, 0.8, 0.1]
+    assert alpha.name == "Alpha" and alpha.line.color != beta.line.color
+    assert list(flagged.x) == [2] and list(flagged.customdata) == ["uncertain"]
+    assert fig.layout.shapes[0].x0 == 3  # slice numbers start at 1
+    assert len(probability_profile(SeriesPredictions(preds[:1], ["alpha", "beta"], ["Alpha", "Beta"])).data) == 2
+
+
+@pytest.mark.parametrize("event, expected", [
+    ({"selection": {"points": [{"x": 1}]}}, 0), ({"selection": {"points": [{"x": 3.2}]}}, 2),
+    ({"selection": {"points": [{"x": 4}]}}, None), ({"selection": {"points": [{"x": 0}]}}, None),
+    ({"selection": {"points": []}}, None), ({"selection": {"points": [{"y": 0.5}]}}, None), (None, None)])
+def test_selected_slice_from_a_click_on_the_profile(event, expected):
+    from ctapp.series_figures import selected_slice
+
+    assert selected_slice(event, 3) == expected
+
+
+def test_thumbnail_keeps_the_aspect_and_the_grey_levels():
+    from ctapp.series_figures import thumbnail
+
+    grey = np.full((60, 120), 1.5, np.float32)  # brighter than white: clipped, not wrapped around
+    grey[:, :60] = 0.5
+    small = _data_uri_image(thumbnail(grey, side=40))
+    assert small.shape == (20, 40)
+    assert small[:, :18].max() == small[:, :18].min() == 128 and small[:, 22:].min() == 255
+    stripes = np.zeros((40, 40), np.float32)
+    stripes[:, ::2] = 1.5
+    assert (_data_uri_image(thumbnail(stripes, side=20)) == 128).all()  # clipped before shrinking
+    assert _data_uri_image(thumbnail(np.zeros((400, 2), np.float32), side=40)).shape == (40, 1)
+    assert _data_uri_image(thumbnail(np.zeros((2, 400), np.float32), side=40)).shape == (1, 40)

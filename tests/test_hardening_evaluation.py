@@ -121,6 +121,27 @@ def test_report_rows_inside_the_roots_open(escape_root, monkeypatch):
 # ------------------------------------------------------------------ one at a time, model shared
 
 
+def test_a_folder_evaluation_is_indexed_under_the_signed_in_user(tmp_path, monkeypatch):
+    from ctapp.store import Store
+
+    store = Store(tmp_path / "audit.sqlite")
+    monkeypatch.setattr(ui_cache, "audit_log", lambda: store)
+    monkeypatch.setattr(ui_cache, "user_identity", lambda: "dr.a@example.org")
+    try:
+        ui_cache.record_evaluation(tmp_path / "reports" / "eval-1.json", {
+            "model": "lung-vgg19_bn", "model_version": "2026-11-01", "evaluated_on": "clinic (test split)",
+            "images": 40, "accuracy": 0.9, "macro_f1": 0.85})
+        ui_cache.record_evaluation("eval-2.json", {})
+        second, first = store.reports()
+    finally:
+        store.close()
+    assert {k: first[k] for k in ("username", "model", "model_version", "report", "evaluated_on", "images",
+                                  "accuracy", "macro_f1")} == {
+        "username": "dr.a@example.org", "model": "lung-vgg19_bn", "model_version": "2026-11-01",
+        "report": "eval-1.json", "evaluated_on": "clinic (test split)", "images": 40, "accuracy": 0.9, "macro_f1": 0.85}
+    assert (second["model"], second["evaluated_on"], second["images"], second["accuracy"]) == ("", "", 0, None)
+
+
 def test_one_evaluation_slot_per_process():
     results = []
     with ui_cache.evaluation_slot() as first:

@@ -153,6 +153,17 @@ def test_out_of_fold_figures_per_fold_and_per_source_are_those_of_the_rows(runs)
     assert sorted(row["images"] for row in report["per_source"].values()) == [12, 28]
     assert all(("fewer than 20 images" in row.get("note", "")) == (row["images"] < 20) for row in subsets)
     assert card["cross_validation"]["fold_sizes"] == [sum(r["fold"] == k for r in rows) for k in "012"]
+    for key in ("roc_auc", "per_class", "sensitivity", "specificity", "positive_class", "fold_spread", "per_source"):
+        assert card["validation"][key] == report[key], key
+
+
+def test_no_fold_keeps_the_epoch_its_held_out_images_liked_best(runs):
+    from training.fit import BEST_FILE
+
+    for fold in (runs["a"] / "cv").glob("fold-*"):
+        assert not (fold / BEST_FILE).exists(), fold
+        history = read_rows(fold / "history.csv")
+        assert len(history) == 2  # the fixed schedule, all of it
 
 
 def test_an_ensemble_of_two_runs_averages_their_out_of_fold_rows(runs):
@@ -198,8 +209,15 @@ def test_an_ensemble_of_two_runs_averages_their_out_of_fold_rows(runs):
     assert flagged_by_a_member and report["ood_flagged"] == pytest.approx(flagged_by_a_member / len(rows))
     card = json.loads((out / "model_card.json").read_text())
     assert card["members"] == ["run-a", "run-b"]
-    assert card["member_comparison"]["run-b"]["accuracy"] == pytest.approx(
-        json.loads((runs["b"] / "eval_report.json").read_text())["accuracy"])
+    for member in ("a", "b"):
+        own = json.loads((runs[member] / "eval_report.json").read_text())
+        assert card["member_comparison"][f"run-{member}"] == {
+            "accuracy": own["accuracy"], "macro_f1": own["macro_f1"], "ece": own["ece"],
+            "roc_auc_macro": own["roc_auc"]["macro"], "coverage": own["coverage"],
+            "accuracy_when_confident": own["accuracy_when_confident"]}
+    assert card["member_comparison"]["ensemble"]["coverage"] == report["coverage"]
+    assert card["size_bytes"] == sum(json.loads((runs[m] / "model_card.json").read_text())["size_bytes"]
+                                     for m in ("a", "b")) > 0
     ensemble = load_model(out)
     assert [m.name for m in ensemble.members] == ["run-a", "run-b"]
     assert ensemble.confidence_threshold == pytest.approx(card["confidence_threshold"])

@@ -147,6 +147,19 @@ def test_nifti_volume_comes_out_as_its_dicom_series():
         assert volume.positions == pytest.approx(from_dicom.positions)
 
 
+@pytest.mark.parametrize("high, dtype", [(3000, np.int16), (40000, np.float32)], ids=["int16 range", "beyond int16"])
+def test_integral_nifti_voxels_are_kept_exactly(high, dtype):
+    """Whole-number voxels fit into int16 when they can; beyond its range they must not wrap around."""
+    import nibabel as nib
+
+    data = np.zeros((16, 16, 3), np.int32)
+    data[4:12, 4:12, :] = high
+    data[0, 0, :] = -1000
+    (volume,) = read({"volume.nii": nib.Nifti1Image(data, np.eye(4)).to_bytes()}).series
+    assert volume.values.dtype == dtype
+    assert volume.values.max() == high and volume.values.min() == -1000
+
+
 def test_enhanced_multi_frame_ct_uses_per_frame_positions_and_rescale():
     grey = grey_volume(6, 32, seed=12)
     result = read({"enhanced": enhanced_ct(grey, frame_order=[3, 1, 0, 5, 2, 4])})
@@ -389,3 +402,46 @@ def test_cli_text_prints_series_in_columns(tiny_model, tmp_path):
     assert lines[1].split() == ["slice", "file", "result", "confidence", "probabilities", "flags"]
     assert [line.split()[0] for line in lines[2:5]] == ["0", "1", "2"]
     assert lines[5].startswith("== series S-") and "slices" in lines[5]
+
+
+# --------------------------------------------------------------------------- DICOM structured report
+
+
+def _content_items(items):
+    for item in items:
+        yield item
+        yield from _content_items(item.get("ContentSequence", []))
+
+
+@pytest.mark.parametrize("label, has_result, code, meaning", [
+    ("beta", True, "BETA", "Beta-like findings"),
+    (None, True, "NO_FINDING", "No finding class on enough confident slices"),
+    (None, False, "NO_RESULT", "No result: too few slices answered confidently")])
+def test_structured_report_reads_back_as_the_summary(label, has_result, code, meaning):
+    import highdicom as hd
+    import pydicom
+
+    from ctapp.series import SeriesSummary
+    from ctapp.structured_report import series_sr_bytes
+
+    (series,) = read({f"IM{i}": f for i, f in enumerate(dicom_series(grey_volume(3, 32, seed=40)))}).series
+    summary = SeriesSummary(series=series.id, slices=3, label=label, verdict="", rule="", has_result=has_result,
+                            confident_counts={"alpha": 1, "beta": 2}, uncertain=0, uncertain_by_state={},
+                            key_slices=[2])
+    data = series_sr_bytes(series.reference, summary, model_name="lung-vgg19_bn", model_version="",
+                           display_names={"alpha": "Alpha", "beta": "Beta"})
+    group = hd.sr.srread(io.BytesIO(data)).content.get_image_measurement_groups()[0]
+    (evaluation,) = group.get_qualitative_evaluations()
+    assert (evaluation.name.value, evaluation.name.meaning) == ("SERIES_CLASS", "Series classification")
+    assert (evaluation.value.value, evaluation.value.meaning) == (code, meaning)
+    assert [(m.name.meaning, m.value) for m in group.get_measurements()] == [
+        ("Slices confidently classified as Alpha", 1), ("Slices confidently classified as Beta", 2),
+        ("Slices without a confident answer", 0)]
+    (source,) = group.source_images
+    assert source.referenced_sop_instance_uid == series.reference.instances[2][1]
+    algorithm = {item.ConceptNameCodeSequence[0].CodeMeaning: item.TextValue
+                 for item in _content_items(group) if item.get("ValueType") == "TEXT"}
+    assert (algorithm["Algorithm Name"], algorithm["Algorithm Version"]) == ("lung-vgg19_bn", "unknown")
+    dataset = pydicom.dcmread(io.BytesIO(data))
+    assert dataset.PatientName == "" and dataset.PatientID == "" and dataset.StudyInstanceUID == \
+        series.reference.study_uid

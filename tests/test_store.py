@@ -143,6 +143,25 @@ def test_a_log_of_the_first_layout_is_migrated_and_keeps_its_records(tmp_path):
         store.close()
 
 
+def test_the_migrations_build_the_schema_the_code_declares(location):
+    """Column types aside, a migrated database has exactly the declared columns, NOT NULL where declared, and
+    the indexes the audit log's filters use."""
+    from sqlalchemy import inspect
+
+    store = open_store(location)
+    try:
+        found = inspect(store.engine)
+        for table in (store_module.diagnoses, store_module.evaluation_reports):
+            columns = {c["name"]: c["nullable"] for c in found.get_columns(table.name)}
+            assert columns == {c.name: bool(c.nullable) for c in table.columns}, table.name
+        indexes = {(i["name"], tuple(i["column_names"])) for t in ("diagnoses", "evaluation_reports")
+                   for i in found.get_indexes(t)}
+        assert indexes == {("ix_diagnoses_time", ("time",)), ("ix_diagnoses_username", ("username",)),
+                           ("ix_diagnoses_model", ("model",)), ("ix_evaluation_reports_time", ("time",))}
+    finally:
+        store.close()
+
+
 def test_a_database_newer_than_the_app_is_refused(tmp_path):
     store = Store(tmp_path / "audit.sqlite")
     with store.engine.begin() as conn:

@@ -63,7 +63,8 @@ def test_evaluate_cli_on_a_split_and_on_everything(tiny_model, tiny_dataset, tmp
     out = tmp_path / "reports" / "valid.json"
     argv = ["--model", str(tiny_model), "--data", str(tiny_dataset), "--quiet"]
     assert evaluate.run(argv + ["--split", "valid", "--out", str(out)]) == 0, capsys.readouterr().err
-    assert capsys.readouterr().out.startswith("8 images (0 unreadable, 0 duplicates skipped): accuracy ")
+    printed = capsys.readouterr()
+    assert printed.out.startswith("8 images (0 unreadable, 0 duplicates skipped): accuracy ") and printed.err == ""
     report = json.loads(out.read_text())
     assert report["images"] == 8 and report["split"] == "valid"
     # the model folder's own report was computed the same way
@@ -77,11 +78,12 @@ def test_evaluate_cli_on_a_split_and_on_everything(tiny_model, tiny_dataset, tmp
     everything = tmp_path / "all.json"
     shutil.copy(next((tiny_dataset / "train" / "beta").iterdir()), tiny_dataset / "valid" / "beta" / "again.png")
     try:
-        assert evaluate.run(argv + ["--out", str(everything), "--dedupe"]) == 0
+        assert evaluate.run([*argv[:-1], "--out", str(everything), "--dedupe"]) == 0  # not --quiet
     finally:
         (tiny_dataset / "valid" / "beta" / "again.png").unlink()
     report = json.loads(everything.read_text())
     assert report["images_found"] == 33 and report["duplicates_skipped"] == 1 and report["images"] == 32
+    assert capsys.readouterr().err.startswith("evaluating 33/33 images | ")
 
     assert evaluate.run(argv + ["--split", "test", "--out", str(tmp_path / "none.json")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tiny_dataset}: no images in a 'test' split (found splits: ")
@@ -217,3 +219,25 @@ def test_detail_augmentation_changes_fine_detail_only():
     assert changed == 6  # every draw alters the edge
     torch.manual_seed(0)
     assert torch.equal(AcquisitionShift(p=1.0, kinds=())(edge), edge)
+
+
+CLI_HELP = ROOT / "tests" / "golden" / "help"
+
+
+@pytest.mark.parametrize("module", ["training.fit", "training.evaluate", "training.audit", "training.ensemble",
+                                    "ctapp.predict"])
+def test_command_line_help_is_the_documented_one(module, monkeypatch):
+    """Every option of every command keeps its explanation: a changed help text
+    is a deliberate change, rewritten with CTAPP_UPDATE_HELP=1."""
+    import importlib
+
+    monkeypatch.setenv("COLUMNS", "100")
+    parser = importlib.import_module(module).get_args_parser()
+    parser.prog = f"python -m {module}"
+    text = parser.format_help()
+    path = CLI_HELP / f"{module}.txt"
+    if os.environ.get("CTAPP_UPDATE_HELP"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    words = text.split()  # wrapping aside
+    assert words == path.read_text().split(), f"{module} --help changed; if on purpose, rerun with CTAPP_UPDATE_HELP=1"
