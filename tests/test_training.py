@@ -241,3 +241,89 @@ def test_command_line_help_is_the_documented_one(module, monkeypatch):
         path.write_text(text)
     words = text.split()  # wrapping aside
     assert words == path.read_text().split(), f"{module} --help changed; if on purpose, rerun with CTAPP_UPDATE_HELP=1"
+
+
+# --------------------------------------------------------------------------- schedules, optimisers, stopping
+
+
+def _schedule_args(**kw):
+    return get_args_parser().parse_args(["--data", "x", "--out", "y", "--epochs", "10", "--warmup-epochs", "2",
+                                         *[str(a) for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", v)]])
+
+
+def test_learning_rate_schedules_by_hand():
+    from training.fit import schedule_factor
+
+    cosine = _schedule_args(schedule="cosine")
+    assert [schedule_factor(cosine, e) for e in (0, 1, 2)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert schedule_factor(cosine, 6) == pytest.approx(0.5 * 0.99 + 0.01)  # halfway through the decay
+    assert schedule_factor(cosine, 10) == pytest.approx(0.01)
+    step = _schedule_args(schedule="step", step_size=3, gamma=0.5)
+    assert [schedule_factor(step, e) for e in (1, 2, 4, 5, 8)] == pytest.approx([2 / 3, 1.0, 1.0, 0.5, 0.25])
+    assert [schedule_factor(_schedule_args(schedule="constant"), e) for e in (0, 5)] == pytest.approx([1 / 3, 1.0])
+    assert schedule_factor(_schedule_args(schedule="plateau"), 0) == 1.0  # no warm-up: the plateau rule owns the rate
+
+
+def test_optimisers_and_the_backbone_learning_rate():
+    from training.fit import build_optimizer
+
+    model = create_model("baseline", 2)
+    sgd = build_optimizer(_schedule_args(opt="sgd", lr=0.02, momentum=0.8, weight_decay=0.01), model,
+                          get_spec("baseline").head, 0.1)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.8
+    head, backbone = sgd.param_groups
+    assert (head["lr"], backbone["lr"], backbone["base_lr"]) == pytest.approx((0.02, 0.002, 0.002))
+    assert sgd.defaults["weight_decay"] == 0.01
+    assert sum(p.numel() for p in head["params"]) == sum(
+        p.numel() for p in model.get_submodule(get_spec("baseline").head).parameters())
+    adamw = build_optimizer(_schedule_args(lr=0.003), model, get_spec("baseline").head, 1.0)
+    assert isinstance(adamw, torch.optim.AdamW) and [g["lr"] for g in adamw.param_groups] == [0.003, 0.003]
+
+
+def test_step_schedule_and_sgd_in_a_run(tiny_dataset, tmp_path):
+    out = tmp_path / "step"
+    assert run(["--data", str(tiny_dataset), *TINY, "--epochs", "3", "--opt", "sgd", "--schedule", "step",
+                "--step-size", "1", "--gamma", "0.5", "--warmup-epochs", "0", "--lr", "0.01", "--out", str(out)]) == 0
+    with open(out / "history.csv") as f:
+        assert [float(r["lr"]) for r in csv.DictReader(f)] == pytest.approx([0.01, 0.005, 0.0025])
+
+
+def test_early_stopping_when_validation_macro_f1_stalls(tiny_dataset, tmp_path):
+    out = tmp_path / "stalled"
+    # A learning rate of zero: the first epoch's macro-F1 is never beaten.
+    assert run(["--data", str(tiny_dataset), *TINY, "--epochs", "6", "--lr", "0", "--patience", "2",
+                "--schedule", "constant", "--out", str(out)]) == 0
+    with open(out / "history.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    assert safe_load(out / "last.pt")["state"]["early_stopped"]
+    assert safe_load(out / "best.pt")["epoch"] == 1
+
+
+def test_a_run_of_another_architecture_is_not_resumed(tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(["--data", str(tiny_dataset), *TINY, "--epochs", "1", "--stop-after", "1", "--out", str(out)]) == 0
+    other = [a if a != "baseline" else "resnet50" for a in TINY]
+    assert run(["--data", str(tiny_dataset), *other, "--epochs", "2", "--resume", "--out", str(out)]) == 2
+    assert "is a baseline run on classes ['alpha', 'beta']; it cannot resume this resnet50 run" in \
+        capsys.readouterr().err
+
+
+def test_without_a_validation_split_part_of_the_training_split_is_held_out(tmp_path, capsys):
+    from synthetic import write_classes
+
+    write_classes(tmp_path / "data" / "train", ["alpha", "beta"], 10)
+    out = tmp_path / "run"
+    assert run(["--data", str(tmp_path / "data"), *[a for a in TINY if a != "--quiet"], "--epochs", "1",
+                "--val-fraction", "0.2", "--out", str(out)]) == 0
+    assert "no validation split found: holding out part of the training split" in capsys.readouterr().err
+    report = json.loads((out / "eval_report.json").read_text())
+    assert report["images"] == 4  # 20% of each class
+
+
+def test_a_class_without_training_images_is_refused(tmp_path, capsys):
+    from synthetic import write_classes
+
+    write_classes(tmp_path / "data" / "train", ["alpha"], 6)
+    write_classes(tmp_path / "data" / "valid", ["alpha", "beta"], 3, start=50)
+    assert run(["--data", str(tmp_path / "data"), *TINY, "--epochs", "1", "--out", str(tmp_path / "run")]) == 2
+    assert "class(es) ['beta'] have no readable training images" in capsys.readouterr().err
