@@ -206,6 +206,73 @@ def test_not_an_image_says_what_it_looks_like(tmp_path, data, kind):
     assert str(err.value).startswith(f"upload.png: not an image file{kind}; upload a ")
 
 
+@pytest.mark.parametrize("array, expected, note", [
+    (np.array([[0, 128], [255, 64]], np.uint8), [[0, 128 / 255], [1, 64 / 255]], None),
+    (np.array([[0.0, 0.25], [1.0, 0.5]], np.float32), [[0, 0.25], [1, 0.5]], None),
+    (np.array([[True, False], [False, True]]), [[1, 0], [0, 1]], None),
+    (np.array([[-1000, 0], [1000, 500]], np.int16), [[0, 0.5], [1, 0.75]], "int16 array scaled from its own"),
+    (np.array([[2.0, 4.0], [6.0, 2.0]]), [[0, 0.5], [1, 0]], "float64 array scaled from its own"),
+    (np.full((2, 2), 7, np.int32), [[0, 0], [0, 0]], "int32 array scaled"),  # flat: black, not a division by 0
+    (np.array([[[0], [255]], [[255], [0]]], np.uint8), [[0, 1], [1, 0]], None),  # (H, W, 1)
+    (np.array([[[255, 255, 255], [0, 0, 0]], [[0, 0, 0], [255, 255, 255]]], np.uint8), [[1, 0], [0, 1]], None),
+])
+def test_arrays_decode_to_grey_in_zero_to_one(array, expected, note, monkeypatch):
+    monkeypatch.setattr(imaging, "MIN_SIDE", 2)
+    image = decode(array)
+    np.testing.assert_allclose(image.pixels, expected, atol=1e-6)
+    assert image.pixels.dtype == np.float32
+    assert (note is None and not image.notes) or any(n.startswith(note) for n in image.notes), image.notes
+
+
+@pytest.mark.parametrize("array, words", [
+    (np.zeros((4, 4, 2)), "expected a 2-D grey or (H, W, 3) colour array, got shape (4, 4, 2)"),
+    (np.array([["a", "b"], ["c", "d"]]), "unsupported array type <U1"),
+    (np.array([[np.nan, 0.5], [0.5, 0.5]]), "array: the image contains NaN or infinite values")])
+def test_arrays_that_are_not_slices_are_refused(array, words, monkeypatch):
+    monkeypatch.setattr(imaging, "MIN_SIDE", 2)
+    with pytest.raises(ImageDecodeError) as err:
+        decode(array)
+    assert words in str(err.value)
+
+
+def test_a_folder_or_a_missing_path_is_not_a_slice(tmp_path):
+    (tmp_path / "scans").mkdir()
+    with pytest.raises(ImageDecodeError, match="^scans: not a file$"):
+        decode(tmp_path / "scans")
+    with pytest.raises(ImageDecodeError, match="^gone.png: no such file$"):
+        decode(tmp_path / "gone.png")
+
+
+def test_a_window_needs_a_positive_width():
+    from ctapp.imaging import Window
+
+    np.testing.assert_allclose(Window(0, 200).apply(np.array([-100.0, 0.0, 50.0, 500.0])), [0, 0.5, 0.75, 1])
+    with pytest.raises(ImageDecodeError, match="window width must be positive, got 0"):
+        Window(0, 0).apply(np.zeros(3))
+
+
+@pytest.mark.parametrize("modality, rescale, expected_note", [
+    ("MR", False, "no rescale slope/intercept: pixel values scaled from their own range"),
+    ("MR", True, "lung window"), ("CT", False, "lung window")])
+def test_dicom_of_another_modality_is_noted_and_scaled_without_hounsfield_units(modality, rescale, expected_note):
+    from synthetic import ct_dataset, dicom_file_bytes
+
+    ds = ct_dataset(32, 32, signed=False)
+    ds.Modality = modality
+    stored = np.tile(np.arange(32, dtype=np.uint16) * 10, (32, 1))
+    if rescale:
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.PixelData = stored.tobytes()
+    image = decode(dicom_file_bytes(ds))
+    assert (f"DICOM modality is {modality}, not CT" in image.notes) == (modality != "CT")
+    assert any(n.startswith(expected_note) for n in image.notes), image.notes
+    if expected_note.startswith("no rescale"):
+        np.testing.assert_allclose(image.pixels[0], np.arange(32) / 31, atol=1e-6)
+        assert image.hu is None
+    else:
+        assert image.hu is not None
+
+
 def test_animated_frame_choice():
     frames = [Image.new("L", (32, 32), v) for v in (10, 60, 110, 160, 210)]
     buffer = io.BytesIO()
