@@ -79,6 +79,23 @@ def test_shortcut_probe_sees_brightness(tmp_path):
     assert probe["accuracy"] > 0.9 and probe["chance"] == 0.5
 
 
+def test_input_shortcut_probe_sees_padding_and_not_noise():
+    """On model inputs: classes told apart only by the black padding around the slice are solved; classes
+    drawn from one distribution stay near chance (3 classes, 2 of them 10 images: 5 folds, chance 0.5)."""
+    from ctapp.audit import input_shortcut_probe
+
+    rng = np.random.default_rng(1)
+    inputs = rng.uniform(0.2, 0.8, (40, 16, 16)).astype(np.float32)
+    labels = np.array([0] * 20 + [1] * 10 + [2] * 10)
+    padded = inputs.copy()
+    padded[labels == 1, :4] = 0.0  # a quarter of the square black
+    padded[labels == 2, :8] = 0.0  # half of it
+    found = input_shortcut_probe(padded, labels)
+    assert found["chance"] == 0.5 and found["accuracy"] > 0.9
+    assert found["features"][-1] == "black share" and len(found["features"]) == 8
+    assert input_shortcut_probe(inputs, labels)["accuracy"] < 0.7
+
+
 @pytest.mark.shared_data
 def test_real_chest_ct_audit_matches_hand_count(shared_data):
     """Hand count (file hashes and decoded pixels agree): 59 groups of identical images

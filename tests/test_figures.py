@@ -206,6 +206,34 @@ def test_training_curves_from_a_history_csv(tmp_path):
     assert all(c is not None and len(set(c)) == len(c) for c in panels.values()), "curves sharing a panel differ in colour"
 
 
+def test_training_curves_of_a_cross_validated_run_are_the_mean_over_its_folds(tmp_path):
+    path = tmp_path / "history.csv"
+    path.write_text("run,epoch,train_loss,val_accuracy\n"
+                    "fold-0,1,1.0,0.5\nfold-0,2,0.6,0.7\n"
+                    "fold-1,1,0.8,0.6\nfold-1,2,0.4,\n"
+                    "full,1,0.9,\nfull,2,0.3,\n")  # the final model has no held-out images
+    rows = figures.fold_mean_history(figures.read_history(path))
+    assert rows == [{"epoch": 1.0, "folds": 2, "train_loss": pytest.approx(0.9), "val_accuracy": pytest.approx(0.55)},
+                    {"epoch": 2.0, "folds": 2, "train_loss": pytest.approx(0.5), "val_accuracy": pytest.approx(0.7)}]
+    fig = figures.training_curves(path)
+    assert list(fig.data[0].y) == pytest.approx([0.9, 0.5]) and list(fig.data[0].x) == [1.0, 2.0]
+    plain = [{"epoch": 1.0, "train_loss": 0.5}]
+    assert figures.fold_mean_history(plain) == plain and figures.fold_mean_history([]) == []
+
+
+def test_risk_coverage_curves_with_each_models_operating_point_and_the_target():
+    a = {"risk_coverage": [{"coverage": 0.2, "accuracy": 1.0}, {"coverage": 1.0, "accuracy": 0.8}],
+         "coverage": 0.6, "accuracy_when_confident": 0.93}
+    b = {"risk_coverage": [{"coverage": 1.0, "accuracy": 0.7}]}  # no selective answers recorded
+    fig = figures.risk_coverage_figure({"A": a, "B": b, "C": {}}, target=0.9)
+    assert [t.name for t in fig.data] == ["A", "A: as shipped", "B"]
+    assert list(fig.data[0].x) == [0.2, 1.0] and list(fig.data[0].y) == [1.0, 0.8]
+    assert (fig.data[1].x[0], fig.data[1].y[0]) == (0.6, 0.93) and fig.data[1].marker.color == fig.data[0].line.color
+    assert fig.data[2].line.color != fig.data[0].line.color
+    assert fig.layout.shapes[0].y0 == 0.9 and fig.layout.annotations[0].text == "target 90%"
+    assert not figures.risk_coverage_figure({"A": a}, target=None).layout.shapes
+
+
 def test_training_curves_skip_missing_columns():
     fig = figures.training_curves([{"epoch": "1", "train_loss": "0.5"}])
     assert [t.name for t in fig.data] == ["training loss"]
