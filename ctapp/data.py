@@ -125,34 +125,33 @@ def scan_dataset(root: str | Path, class_names: list[str] | None = None) -> Data
     split_folders = [f for f in folders if f.name.lower() in SPLIT_ALIASES]
     notes: list[str] = []
     found: list[tuple[Path, str, str]] = []  # (path, class folder name, split)
-    class_dirs: list[Path] = []
+    empty: list[Path] = []  # class folders without a file
     if split_folders:
         layout = "splits"
         for extra in sorted(set(folders) - set(split_folders)):
             notes.append(f"ignored folder {extra.name!r}: not a split name")
-        for split_dir in split_folders:
-            split = SPLIT_ALIASES[split_dir.name.lower()]
-            for class_dir in _subfolders(split_dir):
-                class_dirs.append(class_dir)
-                found += [(p, class_dir.name, split) for p in _image_files(class_dir)]
+        class_dirs = [(d, SPLIT_ALIASES[s.name.lower()]) for s in split_folders for d in _subfolders(s)]
     else:
         layout = "classes"
-        class_dirs = folders
-        for class_dir in folders:
-            found += [(p, class_dir.name, "") for p in _image_files(class_dir)]
+        class_dirs = [(d, "") for d in folders]
+    for class_dir, split in class_dirs:
+        files = _image_files(class_dir)
+        found += [(p, class_dir.name, split) for p in files]
+        if not files:
+            empty.append(class_dir)
 
     if not found:
         raise DatasetError(f"{root}: the class folders hold no files")
     spellings: dict[str, set[str]] = {}
     for _, folder, _ in found:
         spellings.setdefault(class_key(folder), set()).add(folder)
-    empty = sorted({d.name for d in class_dirs} - {folder for _, folder, _ in found}, key=str.lower)
-    empty_classes = sorted({class_key(name) for name in empty} - set(spellings))
+    empty_classes = sorted({d.name for d in empty if class_key(d.name) not in spellings}, key=str.lower)
     if empty_classes:
-        raise DatasetError(f"{root}: class folder(s) {', '.join(repr(n) for n in empty if class_key(n) in empty_classes)} "
+        raise DatasetError(f"{root}: class folder(s) {', '.join(map(repr, empty_classes))} "
                            "hold no images; add images or remove the folder")
-    for name in empty:
-        notes.append(f"folder {name!r} is empty in one split")
+    for folder in empty:
+        notes.append(f"folder {folder.relative_to(root).as_posix()!r} is empty: that split has no images of "
+                     f"{folder.name!r}")
     for key, names in sorted(spellings.items()):
         if len(names) > 1:
             notes.append(f"class {key!r} is spelled {len(names)} ways: {', '.join(sorted(names))}")

@@ -215,3 +215,58 @@ def test_unknown_class_for_a_model_is_refused(tmp_path):
     write_classes(tmp_path, ["covid", "pneumonia"], 2, size=24)
     with pytest.raises(DatasetError, match="pneumonia"):
         scan_dataset(tmp_path, class_names=["covid", "non-covid"])
+
+
+def test_notes_on_extra_folders_and_a_class_empty_in_one_split(tmp_path):
+    write_classes(tmp_path / "train", ["covid", "normal"], 3, size=24)
+    write_classes(tmp_path / "valid", ["covid"], 2, size=24)
+    (tmp_path / "valid" / "normal").mkdir()
+    (tmp_path / "scratch").mkdir()
+    index = scan_dataset(tmp_path)
+    assert index.notes == ["ignored folder 'scratch': not a split name",
+                           "folder 'valid/normal' is empty: that split has no images of 'normal'"]
+
+
+def test_a_class_folder_empty_everywhere_is_refused(tmp_path):
+    write_classes(tmp_path, ["covid"], 3, size=24)
+    (tmp_path / "pneumonia").mkdir()
+    with pytest.raises(DatasetError, match=r"class folder\(s\) 'pneumonia' hold no images; add images or remove"):
+        scan_dataset(tmp_path)
+
+
+def test_sources_pooled_with_their_names_and_missing_classes(tmp_path):
+    from ctapp.data import scan_sources
+
+    write_classes(tmp_path / "hospital-a", ["COVID", "non-COVID"], 2, size=24)
+    write_classes(tmp_path / "papers" / "b", ["covid", "pneumonia"], 3, size=24, start=10)
+    index = scan_sources([tmp_path / "hospital-a", tmp_path / "papers" / "b"])
+    assert index.class_names == ["covid", "non-covid", "pneumonia"]
+    assert index.display_names == ["COVID", "Non-COVID", "Pneumonia"]
+    counts = {}
+    for s in index.samples:
+        key = (s.source, index.class_names[s.label])
+        counts[key] = counts.get(key, 0) + 1
+    assert counts == {("hospital-a", "covid"): 2, ("hospital-a", "non-covid"): 2, ("papers/b", "covid"): 3,
+                      ("papers/b", "pneumonia"): 3}
+    assert [n for n in index.notes if "no images of" in n] == [
+        "hospital-a: no images of ['pneumonia']", "papers/b: no images of ['non-covid']"]
+    with pytest.raises(DatasetError, match="the same folder is given twice"):
+        scan_sources([tmp_path / "hospital-a", tmp_path / "hospital-a"])
+    with pytest.raises(DatasetError, match="no dataset folder given"):
+        scan_sources([])
+
+
+def test_folds_need_two_and_enough_images_of_each_class(tmp_path):
+    from ctapp.data import cv_folds
+
+    write_classes(tmp_path, ["covid", "normal"], 6, size=24)
+    index = scan_dataset(tmp_path)
+    groups = np.arange(len(index.samples))
+    with pytest.raises(DatasetError, match="cross-validation needs at least 2 folds, got 1"):
+        cv_folds(index.samples, groups, 1, 0, index.class_names)
+    with pytest.raises(DatasetError, match="class 'covid' has only 6 images, but 7-fold cross-validation needs "
+                                           "at least 7 per class"):
+        cv_folds(index.samples, groups, 7, 0, index.class_names)
+    blocks = groups // 3
+    with pytest.raises(DatasetError, match="has only 2 blocks of consecutive slices"):
+        cv_folds(index.samples, blocks, 3, 0, index.class_names)
