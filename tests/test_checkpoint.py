@@ -90,6 +90,27 @@ def test_other_files_are_refused(tmp_path):
         load_model_file(garbage)
 
 
+def test_a_checkpoint_from_a_newer_format_or_a_missing_file_is_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    save_model_file(path, trained_like_model(), META)
+    payload = safe_load(path)
+    torch.save({**payload, "format_version": payload["format_version"] + 1}, path)
+    with pytest.raises(CheckpointError, match=f"written by a newer version of this project \\(format "
+                                              f"{payload['format_version'] + 1}\\)"):
+        load_model_file(path)
+    with pytest.raises(CheckpointError, match="gone.pt: no such checkpoint file"):
+        load_model_file(tmp_path / "gone.pt")
+
+
+@pytest.mark.parametrize("missing", ["arch", "class_names", "preprocess"])
+def test_checkpoint_metadata_must_say_what_the_network_is(tmp_path, missing):
+    with pytest.raises(ValueError, match=f"checkpoint metadata needs '{missing}'"):
+        save_model_file(tmp_path / "model.pt", trained_like_model(), {k: v for k, v in META.items() if k != missing})
+    assert not (tmp_path / "model.pt").exists()
+    with pytest.raises(ValueError, match="weight storage must be one of"):
+        pack_state(trained_like_model().state_dict(), "int4")
+
+
 class _Payload:
     def __init__(self, marker):
         self.marker = marker

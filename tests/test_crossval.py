@@ -284,3 +284,27 @@ def test_stored_paths_of_one_root_and_of_pooled_sources_find_their_images(tmp_pa
     assert stored_path("c0/x.png", tmp_path / "a") == tmp_path / "a" / "c0" / "x.png"
     monkeypatch.chdir(tmp_path / "a")  # pooled sources: rows keep the path as fit was given it
     assert stored_path("../a/c0/x.png", Path("/elsewhere")).resolve() == (tmp_path / "a" / "c0" / "x.png").resolve()
+
+
+def test_a_cross_validation_resumed_with_other_fold_settings_is_refused(tmp_path, capsys):
+    from training.fit import run
+
+    write_classes(tmp_path / "data", ["alpha", "beta"], 8, size=32)
+    argv = ["--data", str(tmp_path / "data"), "--cv", "2", "--arch", "baseline", "--img-size", "32", "--batch-size",
+            "8", "--epochs", "1", "--workers", "1", "--quiet", "--out", str(tmp_path / "run")]
+    assert run([*argv, "--stop-after", "1"]) == 0
+    assert (tmp_path / "run" / "cv" / "folds.csv").is_file() and not (tmp_path / "run" / "model.pt").exists()
+    capsys.readouterr()
+    assert run([*argv, "--resume", "--seed", "5"]) == 2
+    assert "the data or the fold settings (--cv, --seed, --split-block, --group-pattern) changed since this run " \
+           "started; use a new --out" in capsys.readouterr().err
+    assert run([*argv[:3], "1", *argv[4:]]) == 2
+    assert "--cv needs at least 2 folds, got 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"img_size": 16}, "img_size must be at least 32, got 16"), ({"crop": "lungs!"}, "crop must be one of"),
+    ({"intensity": "zscore"}, "intensity must be one of"), ({"mean": (0.5, 0.5)}, "one value per channel")])
+def test_preprocessing_settings_are_checked_when_made(change, words):
+    with pytest.raises(ValueError, match=words):
+        PreprocessConfig(**change)
