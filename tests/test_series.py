@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +34,7 @@ from ctapp.series import (
     Limits,
     SeriesPredictions,
     classify_series,
+    inputs_from_paths,
     read_inputs,
     summarise,
 )
@@ -242,6 +244,62 @@ def test_limits_on_members_slices_and_total_bytes():
     assert len(too_big.errors) == 3 and "add up to more than" in too_big.errors[0].message
     nested = read({"outer.zip": zip_bytes({"inner.zip": zip_bytes(members)})})
     assert "an archive inside an archive is not opened" in nested.errors[0].message
+
+
+def _encrypted_zip(member: bytes) -> bytes:
+    """A zip whose one member is flagged as encrypted (the flag is what a reader checks before asking for a password)."""
+    data = bytearray(zip_bytes({"IM0": member}))
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # local header and central directory
+        at = data.find(signature)
+        data[at + offset] |= 0x1
+    return bytes(data)
+
+
+@pytest.mark.parametrize("name, data, words", [
+    ("cut.zip", b"PK\x03\x04" + bytes(40), "cut.zip: the zip archive is damaged or incomplete"),
+    ("locked.zip", None, "locked.zip: the archive is encrypted; export it without a password"),
+    ("hidden.zip", {".DS_Store": b"x", "__MACOSX/IM0": b"x", "DICOMDIR": b"x"}, "hidden.zip: the archive holds no files"),
+    ("empty.dcm", b"", "empty.dcm: the file is empty"),
+])
+def test_archives_and_files_that_hold_no_slice_say_why(name, data, words):
+    if data is None:
+        data = _encrypted_zip(dicom_series(grey_volume(1, 32, seed=41))[0])
+    elif isinstance(data, dict):
+        data = zip_bytes(data)
+    result = read({name: data})
+    assert not result.series and not result.images
+    assert [e.message for e in result.errors] == [words]
+
+
+def test_limits_on_loose_images_series_and_member_size(monkeypatch):
+    from ctapp import imaging
+
+    pngs = {f"s{i}.png": _png(grey_volume(1, 32, seed=50 + i)[0]) for i in range(3)}
+    result = read(pngs, limits=Limits(max_images=2))
+    assert [name for name, _ in result.images] == ["s0.png", "s1.png"]
+    assert [e.message for e in result.errors] == ["s2.png: more than 2 loose images; this one was not read"]
+    two_series = {**{f"a{i}": f for i, f in enumerate(dicom_series(grey_volume(2, 32, seed=52)))},
+                  **{f"b{i}": f for i, f in enumerate(dicom_series(grey_volume(2, 32, seed=53)))}}
+    result = read(two_series, limits=Limits(max_series=1))
+    assert len(result.series) == 1
+    assert {e.message for e in result.errors} == {
+        f"b{i}: more than 1 series in one read; this file's series was not read" for i in range(2)}
+    monkeypatch.setattr(imaging, "MAX_FILE_BYTES", 1000)
+    result = read({"big.zip": zip_bytes({"IM0": two_series["a0"]})})
+    assert [e.message for e in result.errors] == ["big.zip: member IM0 is larger than 0 MB"]
+
+
+def test_paths_that_cannot_be_read_carry_their_reason(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a.dcm").write_bytes(b"x" * 100)
+    (tmp_path / "b.dcm").write_bytes(b"y" * 100)
+    inputs = inputs_from_paths([tmp_path / "folder", tmp_path / "gone.dcm", tmp_path / "a.dcm", tmp_path / "b.dcm"],
+                               Limits(max_total_bytes=150))
+    assert [(Path(i.name).name, i.error) for i in inputs] == [
+        ("folder", f"{tmp_path / 'folder'}: not a file"), ("gone.dcm", f"{tmp_path / 'gone.dcm'}: no such file"),
+        ("a.dcm", ""), ("b.dcm", f"{tmp_path / 'b.dcm'}: the inputs add up to more than 0 MB; this file was not read")]
+    assert inputs[2].data == b"x" * 100 and inputs[3].data == b""
+    assert [e.message for e in read_inputs(inputs[:2]).errors] == [inputs[0].error, inputs[1].error]
 
 
 def test_a_nifti_larger_than_the_limits_is_refused_from_its_header():
