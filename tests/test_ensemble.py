@@ -100,6 +100,35 @@ def test_a_broken_ensemble_is_refused_with_a_clear_message(tmp_path):
     (tmp_path / "junk" / ENSEMBLE_FILE).write_text("[1, 2")
     with pytest.raises(CheckpointError, match="unreadable"):
         load_model(tmp_path / "junk")
+    for name, spec, words in [
+        ("listless", {"members": "../two"}, "needs a list of member folders under 'members'"),
+        ("nested", {"members": ["../two", "../alone"]}, "member ../alone is an ensemble itself"),
+        ("stranger", {"members": ["../two", "../two"], "explain_with": "three"},
+         "explain_with names 'three', not a member")]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ENSEMBLE_FILE).write_text(json.dumps(spec))
+        with pytest.raises(CheckpointError, match=words):
+            load_model(tmp_path / name)
+
+
+def test_model_folders_are_listed_once_with_their_cards(tmp_path):
+    from ctapp.inference import model_stamp
+
+    a = write_model_folder(tmp_path / "one" / "a", seed=0)
+    (tmp_path / "one" / "b").mkdir()  # no model.pt and no ensemble.json: not a model
+    (tmp_path / "one" / "b" / "model_card.json").write_text("{}")
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "a-again").symlink_to(a)
+    (tmp_path / "two" / "odd").mkdir()
+    (tmp_path / "two" / "odd" / ENSEMBLE_FILE).write_text("{}")
+    (tmp_path / "two" / "odd" / "model_card.json").write_text("[broken")
+    entries = list_models([tmp_path / "one", tmp_path / "two", tmp_path / "missing"])
+    assert [(e.path.name, e.name) for e in entries] == [("a", "a"), ("odd", "odd")]
+    assert entries[1].card == {} and entries[1].task == "unknown task"
+    assert entries[0].report_path == a / "eval_report.json"
+    assert model_stamp(a) == (a / "model.pt").stat().st_mtime
+    assert model_stamp(tmp_path / "two" / "odd") == (tmp_path / "two" / "odd" / ENSEMBLE_FILE).stat().st_mtime
+    assert model_stamp(tmp_path / "one" / "b") == 0.0
 
 
 def test_the_models_table_row_headlines_out_of_fold_figures_with_their_spread(tmp_path):
