@@ -286,7 +286,7 @@ def test_stored_paths_of_one_root_and_of_pooled_sources_find_their_images(tmp_pa
     assert stored_path("../a/c0/x.png", Path("/elsewhere")).resolve() == (tmp_path / "a" / "c0" / "x.png").resolve()
 
 
-def test_a_cross_validation_resumed_with_other_fold_settings_is_refused(tmp_path, capsys):
+def test_a_cross_validation_resumes_its_unfinished_folds_and_refuses_other_fold_settings(tmp_path, capsys):
     from training.fit import run
 
     write_classes(tmp_path / "data", ["alpha", "beta"], 8, size=32)
@@ -300,6 +300,16 @@ def test_a_cross_validation_resumed_with_other_fold_settings_is_refused(tmp_path
            "started; use a new --out" in capsys.readouterr().err
     assert run([*argv[:3], "1", *argv[4:]]) == 2
     assert "--cv needs at least 2 folds, got 1" in capsys.readouterr().err
+
+    first_fold = tmp_path / "run" / "cv" / "fold-0" / "model.pt"
+    written = first_fold.stat().st_mtime_ns
+    assert run([*argv, "--resume"]) == 0  # the finished fold is kept, the others and the final model trained
+    assert first_fold.stat().st_mtime_ns == written
+    with open(tmp_path / "run" / "eval_report.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["path"] for r in rows) == sorted(
+        p.relative_to(tmp_path / "data").as_posix() for p in (tmp_path / "data").glob("*/*.png"))
+    assert (tmp_path / "run" / "model.pt").is_file()
 
 
 @pytest.mark.parametrize("change, words", [
