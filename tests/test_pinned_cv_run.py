@@ -18,7 +18,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from synthetic import write_classes
 
 from ctapp.inference import load_model
-from ctapp.metrics import calibrated, fit_temperature
+from ctapp.metrics import calibrated, fit_temperature, selective_statement
 
 CLASSES = ["alpha_stage_T1", "beta"]
 COMMON = ["--cv", "3", "--arch", "baseline", "--img-size", "32", "--batch-size", "8", "--workers", "1",
@@ -220,6 +220,20 @@ def test_an_ensemble_of_two_runs_averages_their_out_of_fold_rows(runs):
                                      for m in ("a", "b")) > 0
     ensemble = load_model(out)
     assert [m.name for m in ensemble.members] == ["run-a", "run-b"]
+    spec = json.loads((out / "ensemble.json").read_text())
+    assert spec["members"] == ["../run-a", "../run-b"] and spec["temperature"] == report["temperature"]
+    selective = card["selective_answers"]
+    assert spec["confidence_threshold"] == card["confidence_threshold"] == selective["confidence_threshold"]
+    assert ensemble.confidence_threshold == spec["confidence_threshold"] and ensemble.temperature == spec["temperature"]
+    assert selective["coverage"] == report["coverage"] and selective["target_accuracy"] == 0.95
+    assert selective["statement"] == selective_statement(selective)
+    assert card["calibration"]["temperature"] == report["temperature"]
+    assert (card["calibration"]["ece_before"], card["calibration"]["ece_after"]) == (report["ece_uncalibrated"],
+                                                                                       report["ece"])
+    assert card["cross_validation"] == {"folds": 3, "images": 40}
+    assert card["architecture_title"] == "Ensemble of Baseline CNN + Baseline CNN" and card["task"] == "Alpha / Beta"
+    assert card["classes"] == ["alpha", "beta"] and card["gradcam_layer"] == "mean of the members' maps"
+    assert card["latency_ms"]["predict"] > 0
     assert ensemble.confidence_threshold == pytest.approx(card["confidence_threshold"])
     assert ensemble.temperature == pytest.approx(report["temperature"]) != 1.0
     image = stored(runs, paths[0])  # the app's answer uses the same temperature
@@ -258,3 +272,26 @@ def test_audit_command_counts_the_planted_copy(runs, capsys):
     assert audit(["--data", str(runs["first"]), "--workers", "1"]) == 0
     text = capsys.readouterr().out
     assert "evaluation images also in training: 1" in text and "exact duplicates: 1 groups" in text
+
+
+def test_an_ensemble_needs_members_cross_validated_on_the_same_folds(runs, capsys):
+    import shutil
+
+    from training.ensemble import run as make_ensemble
+
+    plain, moved = runs["root"] / "plain", runs["root"] / "moved"
+    shutil.copytree(runs["b"], plain)
+    report = json.loads((plain / "eval_report.json").read_text())
+    (plain / "eval_report.json").write_text(json.dumps({**report, "out_of_fold": False}))
+    assert make_ensemble(["--members", str(runs["a"]), str(plain), "--out", str(runs["root"] / "x")]) == 2
+    assert f"{plain}: its report is not out-of-fold; train it with training.fit --cv" in capsys.readouterr().err
+    shutil.copytree(runs["b"], moved)
+    rows = read_rows(moved / "eval_report.csv")
+    rows[0]["fold"] = str((int(rows[0]["fold"]) + 1) % 3)
+    with open(moved / "eval_report.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert make_ensemble(["--members", str(runs["a"]), str(moved), "--out", str(runs["root"] / "y")]) == 2
+    assert f"{moved}: its out-of-fold images or folds differ from {runs['a']}'s" in capsys.readouterr().err
+    assert not (runs["root"] / "x").exists() and not (runs["root"] / "y").exists()
