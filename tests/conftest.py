@@ -1,6 +1,7 @@
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,3 +37,26 @@ def tiny_model(tmp_path_factory, tiny_dataset) -> Path:
                 "--batch-size", "8", "--out", str(out), "--quiet", "--workers", "1"])
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def three_class() -> dict:
+    """The evaluation report of 60 noisy three-class predictions (20 per class)."""
+    from synthetic import report_for
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 20)
+    logits = rng.normal(size=(60, 3)) + 2.0 * np.eye(3)[y]
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return report_for(["adenocarcinoma", "normal", "squamous-cell-carcinoma"], y, probs,
+                      ["Adenocarcinoma", "Normal", "Squamous cell carcinoma"])
+
+
+@pytest.fixture(scope="session")
+def binary() -> dict:
+    """The evaluation report of six binary predictions (COVID positive)."""
+    from synthetic import report_for
+
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p1 = np.array([0.1, 0.4, 0.7, 0.8, 0.6, 0.3])
+    return report_for(["covid", "non-covid"], y, np.stack([1 - p1, p1], axis=1), ["COVID", "non-COVID"])

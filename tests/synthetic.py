@@ -94,3 +94,20 @@ def dicom_file_bytes(ds) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def report_for(class_names, y_true, probs, display=None) -> dict:
+    """An evaluation report of given probabilities, as training.evaluate writes it."""
+    from ctapp.metrics import evaluation_report
+
+    return evaluation_report(np.asarray(y_true), np.asarray(probs, dtype=float), class_names, display)
+
+
+def prediction(**kw):
+    """A two-class :class:`ctapp.inference.Prediction`, confident 'beta' unless changed."""
+    from ctapp.inference import Prediction
+
+    values = {"label": "beta", "display_label": "Beta", "probabilities": {"alpha": 0.2, "beta": 0.8}, "confidence": 0.8,
+              "uncertain": False, "out_of_distribution": False, "ood_score": 1.0, "reasons": [], "notes": []}
+    values.update(kw)
+    return Prediction(**values)

@@ -9,41 +9,11 @@ import numpy as np
 import plotly.graph_objects as go
 import pytest
 from PIL import Image
+from synthetic import prediction
 
 from ctapp import figures
 from ctapp.imaging import decode
-from ctapp.inference import Prediction
-from ctapp.metrics import evaluation_report
 from ctapp.report import DISCLAIMER, ModelResult, slice_report, verdict
-
-
-def report_for(class_names, y_true, probs, display=None) -> dict:
-    return evaluation_report(np.asarray(y_true), np.asarray(probs, dtype=float), class_names, display)
-
-
-@pytest.fixture(scope="module")
-def three_class() -> dict:
-    rng = np.random.default_rng(0)
-    y = np.repeat([0, 1, 2], 20)
-    logits = rng.normal(size=(60, 3)) + 2.0 * np.eye(3)[y]
-    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    return report_for(["adenocarcinoma", "normal", "squamous-cell-carcinoma"], y, probs,
-                      ["Adenocarcinoma", "Normal", "Squamous cell carcinoma"])
-
-
-@pytest.fixture(scope="module")
-def binary() -> dict:
-    y = np.array([0, 0, 0, 1, 1, 1])
-    p1 = np.array([0.1, 0.4, 0.7, 0.8, 0.6, 0.3])
-    return report_for(["covid", "non-covid"], y, np.stack([1 - p1, p1], axis=1), ["COVID", "non-COVID"])
-
-
-def prediction(**kw) -> Prediction:
-    values = {"label": "beta", "display_label": "Beta", "probabilities": {"alpha": 0.2, "beta": 0.8}, "confidence": 0.8,
-                  "uncertain": False, "out_of_distribution": False, "ood_score": 1.0, "reasons": [], "notes": []}
-    values.update(kw)
-    return Prediction(**values)
-
 
 # --------------------------------------------------------------------------- probability bars and overlay
 

@@ -1,0 +1,188 @@
+"""Reviewed snapshots of what people read: every command's ``--help``, the
+dashboard's figures and tables, and the HTML reports, for fixed inputs.
+
+Other tests check what these outputs mean (the right numbers in the right
+places); these keep everything else (wording, layout, colours, hover text) from
+changing unnoticed. A change is made on purpose: rerun with
+``CTAPP_UPDATE_SNAPSHOTS=1`` and review the diff of ``tests/golden/snapshots/``
+with the code. Numbers compare to a relative 1e-9 and images by their pixels,
+so neither the CPU nor the PNG encoder's version matters.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib
+import io
+import json
+import os
+import re
+from datetime import datetime, timezone
+
+import numpy as np
+import plotly.io
+import pytest
+from conftest import ROOT
+from PIL import Image
+from synthetic import prediction
+
+from ctapp import figures, series_figures
+from ctapp.report import KeySlice, ModelResult, series_report, slice_report
+
+SNAPSHOTS = ROOT / "tests" / "golden" / "snapshots"
+UPDATE = bool(os.environ.get("CTAPP_UPDATE_SNAPSHOTS"))
+CREATED = datetime(2026, 1, 2, 3, 4, tzinfo=timezone.utc)
+PNG_URI = re.compile(r"data:image/png;base64,([A-Za-z0-9+/=]+)")
+
+
+def _png_summary(match: re.Match) -> str:
+    image = Image.open(io.BytesIO(base64.b64decode(match.group(1))))
+    pixels = hashlib.sha256(np.asarray(image).tobytes()).hexdigest()[:16]
+    return f"<png {image.width}x{image.height} {image.mode} pixels {pixels}>"
+
+
+def _plain(value):
+    """JSON-like data with every embedded PNG replaced by a summary of its pixels."""
+    if isinstance(value, str):
+        return PNG_URI.sub(_png_summary, value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _figure(fig) -> dict:
+    data = json.loads(plotly.io.to_json(fig, validate=False, remove_uids=True))
+    data["layout"].pop("template", None)  # plotly's own theme, not this project's choices
+    return _plain(data)
+
+
+def _assert_same(actual, expected, where: str = "") -> None:
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and list(actual) == list(expected), (where, list(actual), list(expected))
+        for key in expected:
+            _assert_same(actual[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), (where, actual, expected)
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            _assert_same(a, e, f"{where}[{i}]")
+    elif isinstance(expected, float) and not isinstance(actual, bool):
+        assert actual == pytest.approx(expected, rel=1e-9, abs=1e-12), where
+    else:
+        assert actual == expected, where
+
+
+def check(name: str, value) -> None:
+    """``value`` (text or JSON-like data) against its snapshot."""
+    value = _plain(value)
+    text = isinstance(value, str)
+    path = SNAPSHOTS / (name + (".txt" if text else ".json"))
+    if UPDATE:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(value if text else json.dumps(value, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+    assert path.is_file(), f"no snapshot {path.name}: run with CTAPP_UPDATE_SNAPSHOTS=1 and review it"
+    hint = f"{name} changed; if on purpose, rerun with CTAPP_UPDATE_SNAPSHOTS=1 and review the diff"
+    if text:
+        assert value.split() == path.read_text(encoding="utf-8").split(), hint  # line wrapping aside
+    else:
+        try:
+            _assert_same(value, json.loads(path.read_text(encoding="utf-8")))
+        except AssertionError as exc:
+            raise AssertionError(f"{hint}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@pytest.mark.parametrize("module", ["training.fit", "training.evaluate", "training.audit", "training.ensemble",
+                                    "ctapp.predict"])
+def test_command_line_help(module, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    parser = importlib.import_module(module).get_args_parser()
+    parser.prog = f"python -m {module}"
+    check(f"help-{module}", parser.format_help())
+
+
+# --------------------------------------------------------------------------- dashboard
+
+
+def _history() -> list[dict]:
+    rows = []
+    for run, shift in (("fold-0", 0.0), ("fold-1", 0.1), ("full", 0.2)):
+        for epoch in (1, 2, 3):
+            row = {"run": run, "epoch": epoch, "lr": 0.001 / epoch, "train_loss": 1.0 / epoch + shift,
+                   "train_accuracy": 0.5 + 0.1 * epoch}
+            if run != "full":
+                row.update(val_loss=1.1 / epoch + shift, val_accuracy=0.45 + 0.1 * epoch, val_macro_f1=0.4 + 0.1 * epoch,
+                           val_auc=0.6 + 0.1 * epoch, val_ece=0.1 / epoch)
+            rows.append(row)
+    return rows
+
+
+def _selective(report: dict, coverage: float, accuracy: float) -> dict:
+    curve = [{"coverage": c, "accuracy": 1.0 - 0.3 * c} for c in (0.1, 0.4, 0.7, 1.0)]
+    return {**report, "risk_coverage": curve, "coverage": coverage, "accuracy_when_confident": accuracy,
+            "fold_spread": {"accuracy": {"mean": report["accuracy"], "std": 0.03},
+                            "macro_f1": {"mean": report["macro_f1"], "std": 0.04}}}
+
+
+def test_dashboard_figures(three_class, binary):
+    names = {"alpha": "Alpha", "beta": "Beta"}
+    check("probability-bars", _figure(figures.probability_bars({"alpha": 0.2, "beta": 0.8}, names, threshold=0.75)))
+    check("probability-bars-muted", _figure(figures.probability_bars({"alpha": 0.45, "beta": 0.55}, names,
+                                                                     threshold=0.75, muted=True, title="Uncertain")))
+    check("roc", _figure(figures.roc_figure({"A": three_class, "B": three_class}, title="ROC")))
+    check("roc-binary", _figure(figures.roc_figure({"B": binary})))
+    check("confusion", _figure(figures.confusion_figure(three_class)))
+    check("confusion-normalised", _figure(figures.confusion_figure(three_class, normalize=True, title="Recall")))
+    check("reliability", _figure(figures.reliability_figure({"A": three_class, "B": binary})))
+    check("risk-coverage", _figure(figures.risk_coverage_figure(
+        {"A": _selective(three_class, 0.6, 0.93), "B": _selective(binary, 0.5, 0.9)}, target=0.9)))
+    check("training-curves", _figure(figures.training_curves(_history(), title="Training")))
+
+
+def test_dashboard_tables(three_class, binary):
+    reports = {"A": _selective(three_class, 0.6, 0.93), "B": {**binary, "split": "valid"}}
+    cards = {"A": {"size_bytes": 20_400_000, "latency_ms": {"predict": 41.0, "predict_gradcam": 180.0}}}
+    rows = figures.metrics_table(reports, cards)
+    check("metrics-table", {"rows": rows, "by_model": figures.metrics_by_model(rows),
+                            "per_class": figures.per_class_table(reports)})
+
+
+def test_reading_view_figures():
+    from ctapp.series import SeriesPredictions
+
+    grey = np.tile(np.linspace(0, 1, 24, dtype=np.float32), (16, 1))
+    cam = np.outer(np.hanning(16), np.hanning(24)).astype(np.float32)
+    check("slice-with-map", _figure(series_figures.slice_figure(grey, cam, opacity=0.5, revision="S1")))
+    check("slice", _figure(series_figures.slice_figure(grey)))
+    preds = [prediction(), prediction(uncertain=True, state="low confidence"),
+             prediction(probabilities={"alpha": 0.9, "beta": 0.1}, label="alpha", display_label="Alpha")]
+    result = SeriesPredictions(preds, ["alpha", "beta"], ["Alpha", "Beta"])
+    check("probability-profile", _figure(series_figures.probability_profile(result, current=1)))
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def test_html_reports():
+    from ctapp.inference import UNLIKE_TRAINING, UNLIKE_TRAINING_REASON
+    from ctapp.series import SeriesSummary
+
+    grey = np.tile(np.linspace(0, 1, 24, dtype=np.float32), (16, 1))
+    overlay = figures.cam_overlay(grey, np.eye(16, 24))
+    names = {"alpha": "Alpha", "beta": "Beta"}
+    confident = ModelResult("lung-vgg19_bn", "2026-01-01T00:00:00", prediction(), names, overlay, "Grad-CAM", "Beta")
+    unlike = ModelResult("lung-resnet50", "2026-01-01T00:00:00", prediction(
+        uncertain=True, out_of_distribution=True, confidence=0.55, state=UNLIKE_TRAINING,
+        reasons=[UNLIKE_TRAINING_REASON]), names)
+    check("report-slice", slice_report(image=grey, results=[confident, unlike], filename="slice <1>.png",
+                                       sha256="ab" * 32, notes=["lung window: center -600 HU"], created=CREATED))
+    summary = SeriesSummary(series="S-1", slices=3, label="beta", verdict="Beta-like findings on 2 of 3 slices",
+                            rule="a finding on at least 2 slices", confident_counts={"alpha": 0, "beta": 2},
+                            uncertain=1, uncertain_by_state={"low confidence": 1}, key_slices=[1], has_result=True)
+    check("report-series", series_report(series_id="S-1", description="3 slices", summary=summary,
+                                         model_name="lung-vgg19_bn", model_version="2026-01-01", display_names=names,
+                                         key_slices=[KeySlice(2, grey, overlay, prediction())],
+                                         notes=["slices ordered by position"], created=CREATED))
