@@ -186,3 +186,31 @@ def test_html_reports():
                                          model_name="lung-vgg19_bn", model_version="2026-01-01", display_names=names,
                                          key_slices=[KeySlice(2, grey, overlay, prediction())],
                                          notes=["slices ordered by position"], created=CREATED))
+
+
+def test_command_text_outputs(tmp_path):
+    from synthetic import write_classes
+
+    from ctapp.audit import audit_dataset
+    from ctapp.data import scan_dataset
+    from ctapp.inference import LOW_CONFIDENCE
+    from ctapp.predict import _error, _text_series, _text_slice
+    from ctapp.series import Series, SeriesPredictions
+    from training.audit import summary_text
+
+    confident = prediction()
+    weak = prediction(uncertain=True, state=LOW_CONFIDENCE, confidence=0.55, reasons=["low confidence"],
+                      probabilities={"alpha": 0.45, "beta": 0.55})
+    series = Series("S-1", "DICOM", np.zeros((2, 8, 8), np.int16), ["IM1", "IM2"], positions=[0.0, 2.5],
+                    spacing=(0.7, 0.7), modality="CT", orientation="axial")
+    result = SeriesPredictions([confident, weak], ["alpha", "beta"], ["Alpha", "Beta"])
+    lines = [_text_slice("a.png", confident), _text_slice("b.png", weak), *_text_series(series, result),
+             _error("c.png", "c.png: not an image file", False), _error("c.png", "c.png: not an image file", True)]
+    check("predict-text", "\n".join(lines))
+
+    data = tmp_path / "data"
+    write_classes(data / "train", ["alpha", "beta"], 6, size=32)
+    write_classes(data / "valid", ["alpha", "beta"], 2, size=32, seed=1, start=50)
+    (data / "valid" / "beta" / "copy.png").write_bytes((data / "train" / "beta" / "beta (0).png").read_bytes())
+    report = audit_dataset(scan_dataset(data), workers=1).to_dict()
+    check("audit-summary", summary_text(report).replace(str(data), "<data>"))
