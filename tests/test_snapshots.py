@@ -214,3 +214,14 @@ def test_command_text_outputs(tmp_path):
     (data / "valid" / "beta" / "copy.png").write_bytes((data / "train" / "beta" / "beta (0).png").read_bytes())
     report = audit_dataset(scan_dataset(data), workers=1).to_dict()
     check("audit-summary", summary_text(report).replace(str(data), "<data>"))
+
+
+def test_generated_images():
+    """The foreign images every card's 'not a chest CT' figure is measured on, and the CT phantom of the
+    benchmarks: their pixels, so a change to them is seen (and the cards' figures measured again)."""
+    from training.foreign import ct_phantom, foreign_images
+
+    images = {**foreign_images(), "ct_phantom": ct_phantom(128)}
+    check("generated-images", {name: {"shape": list(a.shape), "dtype": str(a.dtype), "mean": round(float(a.mean()), 6),
+                                      "pixels": hashlib.sha256(a.tobytes()).hexdigest()[:16]}
+                               for name, a in images.items()})

@@ -305,3 +305,9 @@ def test_a_class_without_training_images_is_refused(tmp_path, capsys):
     write_classes(tmp_path / "data" / "valid", ["alpha", "beta"], 3, start=50)
     assert run(["--data", str(tmp_path / "data"), *TINY, "--epochs", "1", "--out", str(tmp_path / "run")]) == 2
     assert "class(es) ['beta'] have no readable training images" in capsys.readouterr().err
+
+
+def test_far_threshold_is_twice_the_99th_percentile():
+    from training.foreign import far_threshold
+
+    assert far_threshold(list(range(101))) == pytest.approx(2 * 99.0)
