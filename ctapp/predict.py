@@ -159,19 +159,19 @@ def main(args: argparse.Namespace) -> int:
     plan.sort(key=lambda item: item[0])
     singles = {str(p) for p in grouped}
 
-    failures = 0
+    failed = False
     for _, kind, key in plan:
         if kind == "image":
             path = key
             try:
                 p = model.predict(path)
             except ImageDecodeError as exc:
-                failures += 1
+                failed = True
                 print(_error(str(path), str(exc), args.json))
                 continue
             print(json.dumps(slice_record(str(path), p)) if args.json else _text_slice(str(path), p))
         elif kind == "error":
-            failures += 1
+            failed = True
             error = errors_by_key[key]
             print(_error(error.name, error.message, args.json, error.series))
         elif kind == "series":
@@ -181,7 +181,7 @@ def main(args: argparse.Namespace) -> int:
                 try:
                     p = model.predict(Path(path))
                 except ImageDecodeError as exc:
-                    failures += 1
+                    failed = True
                     print(_error(path, str(exc), args.json))
                     continue
                 print(json.dumps(slice_record(path, p)) if args.json else _text_slice(path, p))
@@ -194,7 +194,7 @@ def main(args: argparse.Namespace) -> int:
                 else:
                     print("\n".join(_text_series(series, result)))
         sys.stdout.flush()
-    return 1 if failures else 0
+    return 1 if failed else 0
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -342,9 +342,14 @@ def test_probability_profile_marks_uncertain_slices_and_the_current_one():
     ({"selection": {"points": [{"x": 4}]}}, None), ({"selection": {"points": [{"x": 0}]}}, None),
     ({"selection": {"points": []}}, None), ({"selection": {"points": [{"y": 0.5}]}}, None), (None, None)])
 def test_selected_slice_from_a_click_on_the_profile(event, expected):
+    from types import SimpleNamespace
+
     from ctapp.series_figures import selected_slice
 
     assert selected_slice(event, 3) == expected
+    if event is not None:  # Streamlit's event object: the same fields as attributes
+        as_object = SimpleNamespace(selection=SimpleNamespace(points=event["selection"]["points"]))
+        assert selected_slice(as_object, 3) == expected
 
 
 def test_thumbnail_keeps_the_aspect_and_the_grey_levels():

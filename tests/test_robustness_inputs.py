@@ -327,3 +327,19 @@ def test_fuzz_seeds_decode():
     """The seeds themselves decode, so mutations start from valid files."""
     for kind, data in SEEDS.items():
         assert decode_outcome(data) == "ok", kind
+
+
+@pytest.mark.parametrize("tty", [False, True], ids=["log", "terminal"])
+def test_series_progress_on_a_terminal_redraws_one_line(tty, monkeypatch, capsys):
+    from ctapp import predict
+
+    monkeypatch.setattr(predict.sys.stderr, "isatty", lambda: tty, raising=False)
+    show = predict._progress("S-1")
+    show(1, 2)
+    show(2, 2)
+    err = capsys.readouterr().err
+    if tty:
+        assert err.startswith("\rseries S-1: 1/2 slices classified\rseries S-1: 2/2 slices classified")
+        assert "\rseries S-1: 2 slices classified in " in err
+    else:  # a log file gets the last line only, without carriage returns
+        assert err.startswith("series S-1: 2 slices classified in ") and "\r" not in err

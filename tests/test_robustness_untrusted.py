@@ -243,6 +243,12 @@ def test_folder_outside_the_roots_is_refused(tree, user_path, words):
     assert str(base / "outside") not in str(info.value).split("(")[0] or user_path.startswith("{root}")
 
 
+def test_a_very_long_path_is_shortened_in_the_message(tmp_path):
+    with pytest.raises(PathNotAllowed) as err:
+        resolve_data_folder("ab/" * 100, [tmp_path])
+    assert str(err.value) == ("ab/" * 100)[:200] + "...: no such folder"
+
+
 def test_no_roots_configured(tmp_path, monkeypatch):
     monkeypatch.setenv("CTAPP_DATA_ROOTS", str(tmp_path / "nonexistent"))
     with pytest.raises(PathNotAllowed, match="no data folders are configured"):

@@ -172,11 +172,11 @@ def test_html_reports():
 
     grey = np.tile(np.linspace(0, 1, 24, dtype=np.float32), (16, 1))
     overlay = figures.cam_overlay(grey, np.eye(16, 24))
-    names = {"alpha": "Alpha", "beta": "Beta"}
+    names = {"alpha": "Alpha", "beta": "Beta (task name)"}  # the task's names win over the model's own
     confident = ModelResult("lung-vgg19_bn", "2026-01-01T00:00:00", prediction(), names, overlay, "Grad-CAM", "Beta")
     unlike = ModelResult("lung-resnet50", "2026-01-01T00:00:00", prediction(
         uncertain=True, out_of_distribution=True, confidence=0.55, state=UNLIKE_TRAINING,
-        reasons=[UNLIKE_TRAINING_REASON]), names)
+        reasons=[UNLIKE_TRAINING_REASON, "low confidence"]), names)
     check("report-slice", slice_report(image=grey, results=[confident, unlike], filename="slice <1>.png",
                                        sha256="ab" * 32, notes=["lung window: center -600 HU"], created=CREATED))
     summary = SeriesSummary(series="S-1", slices=3, label="beta", verdict="Beta-like findings on 2 of 3 slices",

@@ -194,6 +194,29 @@ def test_acquisition_shift_is_nonlinear_and_seeded():
     assert AcquisitionShift(p=0.0)(ramp).equal(ramp)
 
 
+def test_each_acquisition_shift_alone_does_what_it_is_named_for():
+    from ctapp.preprocess import AcquisitionShift
+
+    ramp = torch.linspace(0, 1, 32 * 32).reshape(1, 32, 32)
+    grey = torch.full((1, 32, 32), 0.98)
+
+    def alone(kind, image, seed=0):
+        torch.manual_seed(seed)
+        return AcquisitionShift(p=1.0, kinds=(kind,))(image)
+
+    for seed in range(4):
+        gamma = alone("gamma", ramp, seed)  # a curve through (0, 0) and (1, 1), order kept
+        assert gamma[0, 0, 0] == 0 and gamma[0, -1, -1] == pytest.approx(1.0)
+        assert (gamma.flatten().diff() >= 0).all() and (gamma - ramp).abs().max() > 0.02
+        window = alone("window", ramp, seed)  # a narrower window: the ends clip to black and white
+        assert window.min() == 0 and window.max() == 1 and (window == 0).sum() > 1 and (window == 1).sum() > 1
+        noise = alone("noise", grey, seed + 10)  # kept inside 0..1 near white
+        assert noise.max() <= 1.0 and noise.min() >= 0.0
+    assert any((alone("noise", grey, s) != grey).any() for s in range(4))
+    jpeg = alone("jpeg", ramp)
+    assert (jpeg * 255 - torch.round(jpeg * 255)).abs().max() < 1e-4 and not torch.equal(jpeg, ramp)
+
+
 def test_detail_augmentation_changes_fine_detail_only():
     """The ``detail`` level's shifts (sharpening or blur, noise, JPEG) leave the coarse picture alone:
     away from an edge nothing changes and the mean stays, while the edge itself gains or loses detail."""
