@@ -874,7 +874,7 @@ def summarise(series_id: str, result: SeriesPredictions) -> SeriesSummary:
         pool = list(range(n))
         key_class = max(findings, key=lambda c: probs[:, result.class_names.index(c)].max()) if findings else \
             result.class_names[0]
-    column = probs[:, result.class_names.index(key_class)] if n else np.zeros(0)
+    column = probs[:, result.class_names.index(key_class)]
     key = sorted(pool, key=lambda i: -column[i])[:KEY_SLICES]
     others = {c: k for c, k in reached.items() if c != label}
     return SeriesSummary(series_id, n, label, verdict, VERDICT_RULE, counts, uncertain, by_state, key, has_result,

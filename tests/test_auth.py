@@ -58,6 +58,7 @@ def test_identity_is_the_email_else_the_subject():
     ({"admin_emails": "a@x.org", "admin_claim": 3}, "admin_claim must be the name of one claim"),
     ({"admin_emails": ["a@x.org", ""]}, "admin_emails must be a list of non-empty strings"),
     ({"admin_claim": "groups"}, "admin_claim and admin_claim_values go together"),
+    ({"admin_claim": "groups", "admin_claim_values": [7]}, "admin_claim_values must be a list of non-empty strings"),
 ])
 def test_unusable_role_config_says_what_to_fix(section, words):
     with pytest.raises(RoleConfigError) as caught:

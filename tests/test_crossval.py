@@ -303,8 +303,12 @@ def test_a_cross_validation_resumes_its_unfinished_folds_and_refuses_other_fold_
 
     first_fold = tmp_path / "run" / "cv" / "fold-0" / "model.pt"
     written = first_fold.stat().st_mtime_ns
-    assert run([*argv, "--resume"]) == 0  # the finished fold is kept, the others and the final model trained
+    capsys.readouterr()
+    loud = [a for a in argv if a != "--quiet"]
+    assert run([*loud, "--resume"]) == 0  # the finished fold is kept, the others and the final model trained
     assert first_fold.stat().st_mtime_ns == written
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cross-validation ")]
+    assert progress[-1].startswith("cross-validation 3/3 epochs | ")  # 2 folds and the final model, 1 epoch each
     with open(tmp_path / "run" / "eval_report.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["path"] for r in rows) == sorted(

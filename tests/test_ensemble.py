@@ -65,6 +65,25 @@ def test_an_ensemble_explains_with_the_mean_of_its_members_maps(ensemble, slices
     assert analysis.cam.shape == (64, 64)
 
 
+def test_a_slice_any_member_finds_foreign_is_foreign_to_the_ensemble(ensemble, slices):
+    from ctapp.inference import SEVERITY, UNLIKE_TRAINING
+
+    model = load_model(ensemble)
+    white = np.full((64, 64), 255, np.uint8)
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    flagged = []
+    for image in [white, noise, *slices]:
+        states = [m.predict(image).state for m in model.members]
+        worst = max(states, key=SEVERITY.get)
+        shown = model.predict(image)
+        if SEVERITY[worst] >= SEVERITY[UNLIKE_TRAINING]:
+            flagged.append(image is white)
+            assert shown.state == worst and shown.uncertain, (states, shown.state)
+        else:
+            assert SEVERITY[shown.state] < SEVERITY[UNLIKE_TRAINING]
+    assert flagged[0], "the blank image is flagged"
+
+
 def test_an_ensemble_evaluates_and_its_csv_flags_what_the_app_flags(ensemble, slices):
     model = load_model(ensemble)
     report, rows = evaluate_files(model, slices, [0, 1, 0, 1, 0, 1], workers=1)

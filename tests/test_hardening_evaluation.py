@@ -142,6 +142,19 @@ def test_a_folder_evaluation_is_indexed_under_the_signed_in_user(tmp_path, monke
     assert (second["model"], second["evaluated_on"], second["images"], second["accuracy"]) == ("", "", 0, None)
 
 
+def test_the_audit_log_opens_the_database_url_when_one_is_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("CTAPP_DATABASE_URL", f"sqlite:///{tmp_path / 'department.sqlite'}")
+    ui_cache._store.clear()
+    try:
+        store = ui_cache.audit_log()
+        assert store.engine.url.database == str(tmp_path / "department.sqlite")
+        store.record(model="m", model_version="v", image_sha256="ab" * 32, prediction="alpha",
+                     probabilities={"alpha": 1.0})
+        assert store.count() == 1 and (tmp_path / "department.sqlite").is_file()
+    finally:
+        ui_cache._store.clear()
+
+
 def test_one_evaluation_slot_per_process():
     results = []
     with ui_cache.evaluation_slot() as first:

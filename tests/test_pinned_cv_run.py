@@ -169,7 +169,7 @@ def test_no_fold_keeps_the_epoch_its_held_out_images_liked_best(runs):
 def test_an_ensemble_of_two_runs_averages_their_out_of_fold_rows(runs):
     from training.ensemble import run as make_ensemble
 
-    out = runs["root"] / "ensemble"
+    out = runs["root"] / "ensembles" / "ab"  # a folder whose parent does not exist yet
     assert make_ensemble(["--members", str(runs["a"]), str(runs["b"]), "--out", str(out)]) == 0
     a = {r["path"]: r for r in read_rows(runs["a"] / "eval_report.csv")}
     b = {r["path"]: r for r in read_rows(runs["b"] / "eval_report.csv")}
@@ -221,7 +221,7 @@ def test_an_ensemble_of_two_runs_averages_their_out_of_fold_rows(runs):
     ensemble = load_model(out)
     assert [m.name for m in ensemble.members] == ["run-a", "run-b"]
     spec = json.loads((out / "ensemble.json").read_text())
-    assert spec["members"] == ["../run-a", "../run-b"] and spec["temperature"] == report["temperature"]
+    assert spec["members"] == ["../../run-a", "../../run-b"] and spec["temperature"] == report["temperature"]
     selective = card["selective_answers"]
     assert spec["confidence_threshold"] == card["confidence_threshold"] == selective["confidence_threshold"]
     assert ensemble.confidence_threshold == spec["confidence_threshold"] and ensemble.temperature == spec["temperature"]
@@ -234,6 +234,10 @@ def test_an_ensemble_of_two_runs_averages_their_out_of_fold_rows(runs):
     assert card["architecture_title"] == "Ensemble of Baseline CNN + Baseline CNN" and card["task"] == "Alpha / Beta"
     assert card["classes"] == ["alpha", "beta"] and card["gradcam_layer"] == "mean of the members' maps"
     assert card["latency_ms"]["predict"] > 0
+    assert report["arch"] == "ensemble" and report["members"] == ["run-a", "run-b"] and report["model"] == "ab"
+    member_card = json.loads((runs["a"] / "model_card.json").read_text())
+    for key in ("intended_use", "disclaimer"):
+        assert card[key] == member_card[key], key
     assert ensemble.confidence_threshold == pytest.approx(card["confidence_threshold"])
     assert ensemble.temperature == pytest.approx(report["temperature"]) != 1.0
     image = stored(runs, paths[0])  # the app's answer uses the same temperature

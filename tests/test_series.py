@@ -492,6 +492,8 @@ def test_structured_report_reads_back_as_the_summary(label, has_result, code, me
     (evaluation,) = group.get_qualitative_evaluations()
     assert (evaluation.name.value, evaluation.name.meaning) == ("SERIES_CLASS", "Series classification")
     assert (evaluation.value.value, evaluation.value.meaning) == (code, meaning)
+    assert {(m.unit.value, m.unit.scheme_designator, m.unit.meaning) for m in group.get_measurements()} == {
+        ("{slices}", "UCUM", "slices")}
     assert [(m.name.meaning, m.value) for m in group.get_measurements()] == [
         ("Slices confidently classified as Alpha", 1), ("Slices confidently classified as Beta", 2),
         ("Slices without a confident answer", 0)]
@@ -503,3 +505,18 @@ def test_structured_report_reads_back_as_the_summary(label, has_result, code, me
     dataset = pydicom.dcmread(io.BytesIO(data))
     assert dataset.PatientName == "" and dataset.PatientID == "" and dataset.StudyInstanceUID == \
         series.reference.study_uid
+
+
+def test_structured_report_names_the_frame_of_a_multi_frame_image():
+    import highdicom as hd
+
+    from ctapp.series import SeriesSummary
+    from ctapp.structured_report import series_sr_bytes
+
+    (series,) = read({"enhanced": enhanced_ct(grey_volume(4, 32, seed=42), frame_order=[2, 0, 3, 1])}).series
+    summary = SeriesSummary(series=series.id, slices=4, label=None, verdict="", rule="", has_result=False,
+                            confident_counts={"alpha": 0}, uncertain=4, uncertain_by_state={}, key_slices=[0, 3])
+    data = series_sr_bytes(series.reference, summary, model_name="m", model_version="1", display_names={})
+    group = hd.sr.srread(io.BytesIO(data)).content.get_image_measurement_groups()[0]
+    frames = [series.reference.instances[i][2] for i in (0, 3)]
+    assert [s.referenced_frame_numbers for s in group.source_images] == [[frames[0] + 1], [frames[1] + 1]]

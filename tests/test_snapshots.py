@@ -136,6 +136,10 @@ def test_dashboard_figures(three_class, binary):
     check("roc-binary", _figure(figures.roc_figure({"B": binary})))
     check("confusion", _figure(figures.confusion_figure(three_class)))
     check("confusion-normalised", _figure(figures.confusion_figure(three_class, normalize=True, title="Recall")))
+    four = {"class_names": ["a", "b", "c", "d"], "display_names": ["Adenocarcinoma", "Large cell carcinoma",
+                                                                    "Normal", "Squamous cell carcinoma"],
+            "confusion_matrix": [[5, 1, 0, 0], [0, 4, 1, 0], [0, 0, 6, 0], [1, 0, 0, 3]]}
+    check("confusion-four-classes", _figure(figures.confusion_figure(four)))  # long names: tilted labels
     check("reliability", _figure(figures.reliability_figure({"A": three_class, "B": binary})))
     check("risk-coverage", _figure(figures.risk_coverage_figure(
         {"A": _selective(three_class, 0.6, 0.93), "B": _selective(binary, 0.5, 0.9)}, target=0.9)))
