@@ -299,3 +299,30 @@ def test_an_ensemble_needs_members_cross_validated_on_the_same_folds(runs, capsy
     assert make_ensemble(["--members", str(runs["a"]), str(moved), "--out", str(runs["root"] / "y")]) == 2
     assert f"{moved}: its out-of-fold images or folds differ from {runs['a']}'s" in capsys.readouterr().err
     assert not (runs["root"] / "x").exists() and not (runs["root"] / "y").exists()
+
+
+def _shape(value, root: str):
+    """The card with every number (also inside its sentences) replaced by # and the run's folder by <tmp>:
+    what it says, not what this run measured."""
+    if isinstance(value, dict):
+        return {k: _shape(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shape(v, root) for v in value]
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        return "#"
+    return re.sub(r"\d+(\.\d+)?", "#", value.replace(root, "<tmp>"))
+
+
+def test_the_model_card_says_what_it_always_says(runs):
+    """Every key and every sentence of a cross-validated run's card (numbers aside)."""
+    from snapshot import check
+
+    card = json.loads((runs["a"] / "model_card.json").read_text())
+    for volatile in ("created", "code_version", "weights_sha256"):
+        card[volatile] = f"<{volatile}>"
+    ood = card["out_of_distribution"]
+    for measured in ("foreign_images", "foreign_states"):  # what this run's network made of each image
+        ood[measured] = {name: "<measured>" for name in ood[measured]}
+    check("model-card-cv-run", _shape(card, str(runs["root"])))

@@ -10,87 +10,19 @@ so neither the CPU nor the PNG encoder's version matters.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import importlib
-import io
-import json
-import os
-import re
 from datetime import datetime, timezone
 
 import numpy as np
-import plotly.io
 import pytest
-from conftest import ROOT
-from PIL import Image
+from snapshot import check, figure_data
 from synthetic import prediction
 
 from ctapp import figures, series_figures
 from ctapp.report import KeySlice, ModelResult, series_report, slice_report
 
-SNAPSHOTS = ROOT / "tests" / "golden" / "snapshots"
-UPDATE = bool(os.environ.get("CTAPP_UPDATE_SNAPSHOTS"))
 CREATED = datetime(2026, 1, 2, 3, 4, tzinfo=timezone.utc)
-PNG_URI = re.compile(r"data:image/png;base64,([A-Za-z0-9+/=]+)")
-
-
-def _png_summary(match: re.Match) -> str:
-    image = Image.open(io.BytesIO(base64.b64decode(match.group(1))))
-    pixels = hashlib.sha256(np.asarray(image).tobytes()).hexdigest()[:16]
-    return f"<png {image.width}x{image.height} {image.mode} pixels {pixels}>"
-
-
-def _plain(value):
-    """JSON-like data with every embedded PNG replaced by a summary of its pixels."""
-    if isinstance(value, str):
-        return PNG_URI.sub(_png_summary, value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _figure(fig) -> dict:
-    data = json.loads(plotly.io.to_json(fig, validate=False, remove_uids=True))
-    data["layout"].pop("template", None)  # plotly's own theme, not this project's choices
-    return _plain(data)
-
-
-def _assert_same(actual, expected, where: str = "") -> None:
-    if isinstance(expected, dict):
-        assert isinstance(actual, dict) and list(actual) == list(expected), (where, list(actual), list(expected))
-        for key in expected:
-            _assert_same(actual[key], expected[key], f"{where}.{key}")
-    elif isinstance(expected, list):
-        assert isinstance(actual, list) and len(actual) == len(expected), (where, actual, expected)
-        for i, (a, e) in enumerate(zip(actual, expected)):
-            _assert_same(a, e, f"{where}[{i}]")
-    elif isinstance(expected, float) and not isinstance(actual, bool):
-        assert actual == pytest.approx(expected, rel=1e-9, abs=1e-12), where
-    else:
-        assert actual == expected, where
-
-
-def check(name: str, value) -> None:
-    """``value`` (text or JSON-like data) against its snapshot."""
-    value = _plain(value)
-    text = isinstance(value, str)
-    path = SNAPSHOTS / (name + (".txt" if text else ".json"))
-    if UPDATE:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(value if text else json.dumps(value, indent=1, sort_keys=False) + "\n", encoding="utf-8")
-    assert path.is_file(), f"no snapshot {path.name}: run with CTAPP_UPDATE_SNAPSHOTS=1 and review it"
-    hint = f"{name} changed; if on purpose, rerun with CTAPP_UPDATE_SNAPSHOTS=1 and review the diff"
-    if text:
-        assert value.split() == path.read_text(encoding="utf-8").split(), hint  # line wrapping aside
-    else:
-        try:
-            _assert_same(value, json.loads(path.read_text(encoding="utf-8")))
-        except AssertionError as exc:
-            raise AssertionError(f"{hint}: {exc}") from None
-
 
 # --------------------------------------------------------------------------- commands
 
@@ -129,21 +61,21 @@ def _selective(report: dict, coverage: float, accuracy: float) -> dict:
 
 def test_dashboard_figures(three_class, binary):
     names = {"alpha": "Alpha", "beta": "Beta"}
-    check("probability-bars", _figure(figures.probability_bars({"alpha": 0.2, "beta": 0.8}, names, threshold=0.75)))
-    check("probability-bars-muted", _figure(figures.probability_bars({"alpha": 0.45, "beta": 0.55}, names,
+    check("probability-bars", figure_data(figures.probability_bars({"alpha": 0.2, "beta": 0.8}, names, threshold=0.75)))
+    check("probability-bars-muted", figure_data(figures.probability_bars({"alpha": 0.45, "beta": 0.55}, names,
                                                                      threshold=0.75, muted=True, title="Uncertain")))
-    check("roc", _figure(figures.roc_figure({"A": three_class, "B": three_class}, title="ROC")))
-    check("roc-binary", _figure(figures.roc_figure({"B": binary})))
-    check("confusion", _figure(figures.confusion_figure(three_class)))
-    check("confusion-normalised", _figure(figures.confusion_figure(three_class, normalize=True, title="Recall")))
+    check("roc", figure_data(figures.roc_figure({"A": three_class, "B": three_class}, title="ROC")))
+    check("roc-binary", figure_data(figures.roc_figure({"B": binary})))
+    check("confusion", figure_data(figures.confusion_figure(three_class)))
+    check("confusion-normalised", figure_data(figures.confusion_figure(three_class, normalize=True, title="Recall")))
     four = {"class_names": ["a", "b", "c", "d"], "display_names": ["Adenocarcinoma", "Large cell carcinoma",
                                                                     "Normal", "Squamous cell carcinoma"],
             "confusion_matrix": [[5, 1, 0, 0], [0, 4, 1, 0], [0, 0, 6, 0], [1, 0, 0, 3]]}
-    check("confusion-four-classes", _figure(figures.confusion_figure(four)))  # long names: tilted labels
-    check("reliability", _figure(figures.reliability_figure({"A": three_class, "B": binary})))
-    check("risk-coverage", _figure(figures.risk_coverage_figure(
+    check("confusion-four-classes", figure_data(figures.confusion_figure(four)))  # long names: tilted labels
+    check("reliability", figure_data(figures.reliability_figure({"A": three_class, "B": binary})))
+    check("risk-coverage", figure_data(figures.risk_coverage_figure(
         {"A": _selective(three_class, 0.6, 0.93), "B": _selective(binary, 0.5, 0.9)}, target=0.9)))
-    check("training-curves", _figure(figures.training_curves(_history(), title="Training")))
+    check("training-curves", figure_data(figures.training_curves(_history(), title="Training")))
 
 
 def test_dashboard_tables(three_class, binary):
@@ -159,12 +91,12 @@ def test_reading_view_figures():
 
     grey = np.tile(np.linspace(0, 1, 24, dtype=np.float32), (16, 1))
     cam = np.outer(np.hanning(16), np.hanning(24)).astype(np.float32)
-    check("slice-with-map", _figure(series_figures.slice_figure(grey, cam, opacity=0.5, revision="S1")))
-    check("slice", _figure(series_figures.slice_figure(grey)))
+    check("slice-with-map", figure_data(series_figures.slice_figure(grey, cam, opacity=0.5, revision="S1")))
+    check("slice", figure_data(series_figures.slice_figure(grey)))
     preds = [prediction(), prediction(uncertain=True, state="low confidence"),
              prediction(probabilities={"alpha": 0.9, "beta": 0.1}, label="alpha", display_label="Alpha")]
     result = SeriesPredictions(preds, ["alpha", "beta"], ["Alpha", "Beta"])
-    check("probability-profile", _figure(series_figures.probability_profile(result, current=1)))
+    check("probability-profile", figure_data(series_figures.probability_profile(result, current=1)))
 
 
 # --------------------------------------------------------------------------- reports
