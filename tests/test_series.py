@@ -520,3 +520,64 @@ def test_structured_report_names_the_frame_of_a_multi_frame_image():
     group = hd.sr.srread(io.BytesIO(data)).content.get_image_measurement_groups()[0]
     frames = [series.reference.instances[i][2] for i in (0, 3)]
     assert [s.referenced_frame_numbers for s in group.source_images] == [[frames[0] + 1], [frames[1] + 1]]
+
+
+def _edited(files: list[bytes], **changes) -> dict[str, bytes]:
+    import pydicom
+
+    out = {}
+    for i, data in enumerate(files):
+        ds = pydicom.dcmread(io.BytesIO(data))
+        for keyword, value in changes.items():
+            if value is None:
+                delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        out[f"IM{i}"] = buffer.getvalue()
+    return out
+
+
+def test_a_series_of_another_modality_or_without_a_frame_of_reference_says_so():
+    files = dicom_series(grey_volume(3, 32, seed=43))
+    (mr,) = read(_edited(files, Modality="MR")).series
+    assert mr.modality == "MR" and mr.is_hu
+    assert "DICOM modality is MR, not CT: values are read as Hounsfield units all the same" in mr.notes
+    (ct,) = read(_edited(files)).series
+    assert ct.modality == "CT" and not any("modality" in n for n in ct.notes)
+    (bare,) = read(_edited(files, FrameOfReferenceUID=None)).series
+    assert bare.reference.frame_of_reference_uid == "" and ct.reference.frame_of_reference_uid != ""
+
+
+def test_a_colour_dicom_series_is_read_as_grey():
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    data, expected = palette_dicom(32)
+    series_uid = generate_uid()
+    members = {}
+    for i in range(2):
+        ds = pydicom.dcmread(io.BytesIO(data))
+        ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.InstanceNumber = series_uid, generate_uid(), i + 1
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        members[f"P{i}"] = buffer.getvalue()
+    (palette,) = read(members).series
+    assert not palette.is_hu and "palette-colour DICOM shown in grey" in palette.notes
+    np.testing.assert_allclose(palette.values[0] * 255, expected, atol=1)
+    rgb = pydicom.dcmread(io.BytesIO(members["P0"]))
+    colour = np.stack([expected, expected // 2, 255 - expected], axis=-1).astype(np.uint8)
+    rgb.PhotometricInterpretation, rgb.SamplesPerPixel, rgb.PlanarConfiguration = "RGB", 3, 0
+    for keyword in ("RedPaletteColorLookupTableDescriptor", "GreenPaletteColorLookupTableDescriptor",
+                    "BluePaletteColorLookupTableDescriptor", "RedPaletteColorLookupTableData",
+                    "GreenPaletteColorLookupTableData", "BluePaletteColorLookupTableData"):
+        delattr(rgb, keyword)
+    rgb.PixelData = colour.tobytes()
+    buffer = io.BytesIO()
+    rgb.save_as(buffer)
+    (shown,) = read({"rgb": buffer.getvalue()}).series
+    assert not shown.is_hu and "colour DICOM shown in grey" in shown.notes
+    luma = np.asarray(Image.fromarray(colour).convert("L"))
+    np.testing.assert_allclose(shown.values[0] * 255, luma, atol=1)
