@@ -108,6 +108,19 @@ def test_the_store_never_shows_its_password(cluster):
         store.close()
 
 
+@needs_postgres
+def test_postgres_sessions_carry_the_apps_name(cluster):
+    """A DBA sees the app's sessions in pg_stat_activity by name."""
+    from sqlalchemy import text
+
+    store = Store(url=cluster.url)
+    try:
+        with store.engine.connect() as conn:
+            assert conn.execute(text("SHOW application_name")).scalar() == "ctapp"
+    finally:
+        store.close()
+
+
 def test_the_environment_chooses_the_engine(tmp_path, monkeypatch):
     monkeypatch.setenv("CTAPP_AUDIT_LOG", str(tmp_path / "log.sqlite"))
     monkeypatch.delenv("CTAPP_DATABASE_URL", raising=False)
