@@ -270,3 +270,16 @@ def test_folds_need_two_and_enough_images_of_each_class(tmp_path):
     blocks = groups // 3
     with pytest.raises(DatasetError, match="has only 2 blocks of consecutive slices"):
         cv_folds(index.samples, blocks, 3, 0, index.class_names)
+
+
+def test_the_dataset_fingerprint_names_the_files_not_their_order(tmp_path):
+    import random
+
+    write_classes(tmp_path / "data", ["covid", "normal"], 4, size=24)
+    index = scan_dataset(tmp_path / "data")
+    first = index.fingerprint()
+    random.Random(0).shuffle(index.samples)
+    assert index.fingerprint() == first
+    (tmp_path / "data" / "normal" / "normal (0).png").write_bytes(
+        (tmp_path / "data" / "normal" / "normal (0).png").read_bytes() + b"\0")  # one file one byte longer
+    assert index.fingerprint() != first

@@ -181,6 +181,10 @@ def test_evaluation_report_uses_the_models_temperature(tmp_path):
     assert report["ece"] == pytest.approx(abs(2 / 3 - p))
     assert report["ece_uncalibrated"] == pytest.approx(abs(2 / 3 - sigmoid(1.0)))
     assert report["log_loss"] == pytest.approx(-(2 * math.log(p) + math.log(1 - p)) / 3)
+    assert report["model"] == model.name
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="^no readable images to evaluate$"):
+        evaluate_files(model, [tmp_path / "broken.png"], [0], workers=1)
 
 
 def test_training_writes_its_validation_report_with_the_fitted_temperature(tiny_model):

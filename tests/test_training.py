@@ -42,6 +42,7 @@ def test_fit_writes_a_complete_model_folder(tiny_model):
                 "sensitivity", "specificity"):
         assert key in report
     assert report["images"] == 8 and report["split"] == "valid"
+    assert report["data"] == card["training_data"]["root"]
     with open(tiny_model / "history.csv") as f:
         history = list(csv.DictReader(f))
     assert [row["epoch"] for row in history] == ["1", "2"]
