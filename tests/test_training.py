@@ -335,3 +335,60 @@ def test_far_threshold_is_twice_the_99th_percentile():
     from training.foreign import far_threshold
 
     assert far_threshold(list(range(101))) == pytest.approx(2 * 99.0)
+
+
+def test_patience_counts_epochs_since_the_last_improvement(tiny_dataset, tmp_path, monkeypatch):
+    """Scripted validation macro-F1 0.5, 0.4, 0.6, 0.55, 0.5, 0.45 with patience 2: the improvement at epoch 3
+    restarts the count, so the run stops after epoch 5, keeping epoch 3."""
+    import training.fit as fit
+
+    scripted = iter([0.5, 0.4, 0.6, 0.55, 0.5, 0.45])
+    real = fit.evaluation_report
+
+    def report(*args, **kwargs):
+        result = real(*args, **kwargs)
+        return {**result, "macro_f1": next(scripted, result["macro_f1"])}
+
+    monkeypatch.setattr(fit, "evaluation_report", report)
+    out = tmp_path / "run"
+    assert run(["--data", str(tiny_dataset), *TINY, "--epochs", "6", "--patience", "2", "--out", str(out)]) == 0
+    state = safe_load(out / "last.pt")["state"]
+    assert (state["epoch"], state["best_epoch"], state["early_stopped"]) == (5, 3, True)
+
+
+def test_precision_and_memory_format_for_each_device():
+    from training.engine import TrainingError, choose_precision
+
+    cpu = torch.device("cpu")
+    assert choose_precision("off", cpu).autocast_dtype is None
+    assert choose_precision("bf16", cpu).autocast_dtype == torch.bfloat16
+    assert choose_precision("bf16", cpu).describe() == "cpu, bf16 autocast, channels_last"
+    with pytest.raises(TrainingError, match="fp16 autocast is for CUDA devices"):
+        choose_precision("fp16", cpu)
+
+
+def test_trained_weights_are_kept_channels_last(tiny_model):
+    state = safe_load(tiny_model / "last.pt")["model"]
+    convs = [t for t in state.values() if t.dim() == 4 and t.shape[-1] > 1]
+    assert convs and all(t.is_contiguous(memory_format=torch.channels_last) for t in convs)
+
+
+def test_slice_dataset_labels_are_class_indices_whatever_their_type():
+    import numpy as np
+
+    from training.engine import SliceDataset
+
+    dataset = SliceDataset(torch.zeros(3, 1, 8, 8), np.array([0, 1, 1], np.int32))
+    assert dataset.labels.dtype == torch.long and len(dataset) == 3 and dataset[2][1].item() == 1
+
+
+@pytest.mark.parametrize("level", ["light", "medium", "strong"])
+def test_augmentation_levels_jitter_brightness_and_contrast(level):
+    from torchvision.transforms import v2
+
+    from ctapp.preprocess import AUGMENT_LEVELS, train_augment
+
+    (jitter,) = [t for t in train_augment(level).transforms if isinstance(t, v2.ColorJitter)]
+    amount = AUGMENT_LEVELS[level][3]
+    assert jitter.brightness == pytest.approx((1 - amount, 1 + amount))
+    assert jitter.contrast == pytest.approx((1 - amount, 1 + amount))
