@@ -124,3 +124,12 @@ def test_selective_statement_in_plain_words():
     none = selective_summary(probs, labels, np.ones(4, bool))
     assert none["accuracy_when_confident"] is None and none["coverage"] == 0.0
     assert selective_statement(none) == "It declined to answer every out-of-fold slice."
+
+
+def test_risk_coverage_starts_with_the_single_most_confident_answer():
+    from ctapp.metrics import risk_coverage
+
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.7, 0.3]])
+    curve = risk_coverage(probs, np.array([1, 1, 0]))  # the most confident (0.9) is wrong
+    assert [(c["coverage"], c["accuracy"]) for c in curve] == [(1 / 3, 0.0), (2 / 3, 0.5), (1.0, 2 / 3)]
+    assert [c["threshold"] for c in curve] == [0.9, 0.7, 0.6]

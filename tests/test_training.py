@@ -392,3 +392,31 @@ def test_augmentation_levels_jitter_brightness_and_contrast(level):
     amount = AUGMENT_LEVELS[level][3]
     assert jitter.brightness == pytest.approx((1 - amount, 1 + amount))
     assert jitter.contrast == pytest.approx((1 - amount, 1 + amount))
+
+
+def test_cuda_precision_follows_the_devices_bf16_support(monkeypatch):
+    """No GPU needed: the choice reads only what the device supports."""
+    from training.engine import choose_precision
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert choose_precision("auto", cuda).autocast_dtype == torch.bfloat16
+    assert choose_precision("fp16", cuda).autocast_dtype == torch.float16  # asked for, even where bf16 runs
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert choose_precision("auto", cuda).autocast_dtype == torch.float16
+    assert choose_precision("bf16", cuda).autocast_dtype == torch.float16
+
+
+def test_cores_are_shared_between_local_processes_unless_the_user_chose(monkeypatch):
+    from training.engine import configure_threads
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    configure_threads(2)
+    configure_threads(16)
+    assert calls == [4, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    configure_threads(2)
+    assert calls == [4, 1]
