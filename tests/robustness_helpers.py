@@ -404,6 +404,16 @@ def try_bad_inputs(folder: Path) -> tuple[int, list[str]]:
     return len(cases), problems
 
 
+class TouchMarker:
+    """Unpickling this object calls ``Path.touch(marker)``: pickled code that must never run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
 def run_predict_cli(files: list[Path], model_dir: Path, *, max_file_bytes: int | None = None,
                     json_lines: bool = True) -> subprocess.CompletedProcess:
     """``python -m ctapp.predict`` on ``files``, run in this process (so that the

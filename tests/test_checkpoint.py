@@ -4,6 +4,7 @@ import pickle
 
 import pytest
 import torch
+from robustness_helpers import TouchMarker
 
 from ctapp.checkpoint import (
     CheckpointError,
@@ -111,18 +112,10 @@ def test_checkpoint_metadata_must_say_what_the_network_is(tmp_path, missing):
         pack_state(trained_like_model().state_dict(), "int4")
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def test_pickled_code_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "code-ran"
     path = tmp_path / "evil.pt"
-    torch.save({"format": "ctapp.model", "payload": _Payload(marker)}, path, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    torch.save({"format": "ctapp.model", "payload": TouchMarker(marker)}, path, pickle_protocol=pickle.HIGHEST_PROTOCOL)
     assert not marker.exists()
     with pytest.raises(CheckpointError, match="refused"):
         safe_load(path)

@@ -294,7 +294,8 @@ def test_report_of_a_dicom_slice_has_no_patient_identifiers():
 
 
 def _data_uri_image(uri: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))
+    (image,) = _images(uri)
+    return np.asarray(image)
 
 
 def test_display_adjustment_about_mid_grey():

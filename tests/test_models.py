@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torchvision
+from robustness_helpers import TouchMarker
 
 from ctapp import models
 from ctapp.models import ARCHITECTURES, WeightsError, create_model, get_spec
@@ -90,20 +91,12 @@ def test_weight_file_of_another_architecture_is_refused(tmp_path):
         create_model("resnet50", 4, weights=tmp_path / "junk.pth")
 
 
-class _TouchOnUnpickle:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (type(self.marker).touch, (self.marker,))
-
-
 def test_weight_file_with_pickled_code_is_refused_even_when_the_environment_allows_pickles(tmp_path, monkeypatch):
     """torch honours TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD only where a caller left weights_only unset."""
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     marker = tmp_path / "MARKER"
     path = tmp_path / "resnet50-imagenet.pth"
-    torch.save({**torchvision.models.resnet50().state_dict(), "extra": _TouchOnUnpickle(marker)}, path)
+    torch.save({**torchvision.models.resnet50().state_dict(), "extra": TouchMarker(marker)}, path)
     with pytest.raises(WeightsError, match="not a loadable weight file"):
         create_model("resnet50", 4, weights=path)
     assert not marker.exists(), "the pickled code ran"

@@ -10,21 +10,11 @@ import pickle
 
 import pytest
 import torch
-from robustness_helpers import tiny_network, write_model_folder
+from robustness_helpers import TouchMarker, tiny_network, write_model_folder
 
 from ctapp.checkpoint import CheckpointError, load_model_file, safe_load, save_model_file, sha256_file
 from ctapp.inference import load_model
 from ctapp.paths import PathNotAllowed, resolve_data_folder
-
-
-class TouchMarker:
-    """Unpickling this object calls ``Path.touch(marker)``."""
-
-    def __init__(self, marker: pathlib.Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (pathlib.Path.touch, (self.marker,))
 
 
 class ShellMarker:
