@@ -160,18 +160,22 @@ def test_the_models_table_row_headlines_out_of_fold_figures_with_their_spread(tm
                             "fold_spread": {"accuracy": {"std": 0.084}, "macro_f1": {"std": 0.0712}}},
                 selective_answers={"coverage": 0.672, "accuracy_when_confident": 0.951},
                 calibration={"ece_after": 0.0412}, size_bytes=20_400_000,
-                latency_ms={"predict": 41.0, "predict_gradcam": 180.0})
+                latency_ms={"predict": 41.0, "predict_gradcam": 180.0},
+                shift_simulation={"shifts": [["none", {"confident_mistakes": 0.03}],
+                                             ["JPEG q20", {"confident_mistakes": 0.0633}],
+                                             ["noise", {"confident_mistakes": 0.05}]]})
     (folder / "model_card.json").write_text(json.dumps(card))
     row = table(tmp_path).splitlines()[2]
     assert row == ("| `lung-x` | Lung cancer (4 classes) | VGG19-BN | out-of-fold, 5-fold CV | 577 | 84.1% ± 8.4% | "
-                   "0.822 ± 0.071 | 0.961 | 0.041 | 67.2% / 95.1% | 20.4 MB | 41.0 / 180.0 |")
+                   "0.822 ± 0.071 | 0.961 | 0.041 | 67.2% / 95.1% | 6.3% (JPEG q20) | 20.4 MB | 41.0 / 180.0 |")
     del card["cross_validation"], card["validation"]["fold_spread"], card["selective_answers"], card["latency_ms"]
+    del card["shift_simulation"]
     del card["validation"]["accuracy"]
     card.pop("preprocessing", None)
     (folder / "model_card.json").write_text(json.dumps(card))
     text = table(tmp_path)
     assert text.splitlines()[2] == ("| `lung-x` | Lung cancer (4 classes) | VGG19-BN | validation split | 577 | n/a | "
-                                    "0.822 | 0.961 | 0.041 | n/a | 20.4 MB | ? / ? |")
+                                    "0.822 | 0.961 | 0.041 | n/a | n/a | 20.4 MB | ? / ? |")
     assert "--crop none --intensity none" in text  # a card from before the crop trained without it
 
 

@@ -56,12 +56,19 @@ def _spread(val: dict, metric: str, percent: bool) -> str:
     return f" ± {std:.1%}" if percent else f" ± {std:.3f}"
 
 
+def _worst_shift(shift: dict) -> str:
+    """The simulated shift with the most confident mistakes (share of all its slices)."""
+    name, row = max(shift["shifts"], key=lambda item: item[1]["confident_mistakes"])
+    return f"{row['confident_mistakes']:.1%} ({name})"
+
+
 def table(folder: Path) -> str:
     """One row per model: the figures its card headlines (out-of-fold with their
     spread over folds when it was cross-validated, else its validation split)."""
     rows = ["| model | task | architecture | figures from | images | accuracy | macro-F1 | AUC | ECE | "
-            "answers given / right when answering | size | CPU ms (predict / +Grad-CAM) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "answers given / right when answering | confident mistakes, worst simulated shift | size | "
+            "CPU ms (predict / +Grad-CAM) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     commands = []
     for entry in list_models([folder]):
         card = entry.card
@@ -73,12 +80,14 @@ def table(folder: Path) -> str:
         answers = (f"{_pct(selective.get('coverage'))} / {_pct(selective.get('accuracy_when_confident'))}"
                    if selective else "n/a")
         auc = (val.get("roc_auc") or {}).get("macro")
+        shift = card.get("shift_simulation") or {}
+        worst = _worst_shift(shift) if shift else "n/a"
         rows.append(
             f"| `{entry.name}` | {card.get('task', '')} | {card.get('architecture_title', card.get('architecture'))} | "
             f"{origin} | {val.get('images', '')} | {_pct(val.get('accuracy'))}{_spread(val, 'accuracy', True)} | "
             f"{val.get('macro_f1', 0):.3f}{_spread(val, 'macro_f1', False)} | "
             f"{'n/a' if auc is None else f'{auc:.3f}'} | "
-            f"{card.get('calibration', {}).get('ece_after', float('nan')):.3f} | {answers} | "
+            f"{card.get('calibration', {}).get('ece_after', float('nan')):.3f} | {answers} | {worst} | "
             f"{card.get('size_bytes', 0) / 1e6:.1f} MB | {latency.get('predict', '?')} / {latency.get('predict_gradcam', '?')} |")
         if card.get("architecture") == "ensemble":
             members = " ".join(f"models/{m}" for m in card.get("members", []))
