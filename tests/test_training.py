@@ -90,6 +90,23 @@ def test_evaluate_cli_on_a_split_and_on_everything(tiny_model, tiny_dataset, tmp
     assert capsys.readouterr().err.startswith(f"error: {tiny_dataset}: no images in a 'test' split (found splits: ")
 
 
+def test_evaluate_labels_a_folder_holding_some_of_the_models_classes_by_the_models_order(
+        tiny_model, tiny_dataset, tmp_path, capsys):
+    """A test folder with only the 'beta' images must score them as beta, the
+    model's second class, not as the first class of the folder's own list; with
+    one class only, sensitivity or specificity is undefined and printed n/a."""
+    shutil.copytree(tiny_dataset / "valid" / "beta", tmp_path / "data" / "beta")
+    out = tmp_path / "beta-only.json"
+    assert evaluate.run(["--model", str(tiny_model), "--data", str(tmp_path / "data"), "--out", str(out),
+                         "--quiet"]) == 0
+    assert "n/a" in capsys.readouterr().out
+    with open(out.with_suffix(".csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {row["true"] for row in rows} == {"beta"}
+    right = sum(row["pred"] == "beta" for row in rows)
+    assert json.loads(out.read_text())["accuracy"] == right / 4
+
+
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_dataset, tmp_path):
     common = ["--data", str(tiny_dataset), *TINY, "--epochs", "3", "--seed", "7"]
     assert run([*common, "--out", str(tmp_path / "straight")]) == 0
@@ -147,10 +164,10 @@ def test_distributed_training_with_two_cpu_processes(tiny_dataset, tmp_path):
     assert len(history) == 2
 
 
-def test_models_table_command_reproduces_the_training_settings(tiny_model, tmp_path):
+def test_models_table_command_reproduces_the_training_settings(tiny_model, tmp_path, capsys):
     import shlex
 
-    from training.models_table import table, write_into
+    from training.models_table import main, table
 
     card = json.loads((tiny_model / "model_card.json").read_text())
     text = table(tiny_model.parent)
@@ -163,9 +180,15 @@ def test_models_table_command_reproduces_the_training_settings(tiny_model, tmp_p
     assert f"`{tiny_model.name}`" in text
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- models-table: x -->\nold\n<!-- /models-table -->\nrest\n")
-    write_into(readme, text)
+    main([str(tiny_model.parent), "--readme", str(readme)])
     content = readme.read_text()
     assert "old" not in content and text in content and content.endswith("rest\n")
+    assert capsys.readouterr().out == ""
+    main([str(tiny_model.parent)])
+    assert capsys.readouterr().out == text + "\n"
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="no <!-- models-table -->"):
+        main([str(tiny_model.parent), "--readme", str(readme)])
 
 
 @pytest.mark.parametrize("level", ["light", "medium", "strong", "acquisition"])

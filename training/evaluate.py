@@ -49,7 +49,8 @@ def main(args: argparse.Namespace) -> dict:
     csv_path = write_report(report, rows, args.out)
     extra = ""
     if "sensitivity" in report:
-        extra = f" sensitivity {report['sensitivity']:.4f} specificity {report['specificity']:.4f}"
+        # None where the images hold no positive (or no negative) case
+        extra = f" sensitivity {_fmt(report['sensitivity'])} specificity {_fmt(report['specificity'])}"
     print(f"{report['images']} images ({len(report['unreadable'])} unreadable, {report['duplicates_skipped']} "
           f"duplicates skipped): accuracy {report['accuracy']:.4f} macro-F1 {report['macro_f1']:.4f} "
           f"AUC {_fmt(report['roc_auc']['macro'])} ECE {report['ece']:.4f}{extra}\n"
