@@ -280,6 +280,30 @@ def test_series_report_states_the_verdict_counts_key_slices_and_reading_notes():
     assert "Key slices" not in flagged and "How the series was read" not in flagged
 
 
+def test_reports_are_stamped_in_utc_whatever_the_servers_time_zone(monkeypatch):
+    """Reports say "UTC" next to their time, so the time must be UTC on a server
+    set to another zone (a department's server usually is)."""
+    import time
+    from datetime import datetime, timedelta, timezone
+
+    from ctapp.report import series_report
+
+    monkeypatch.setenv("TZ", "Asia/Kolkata")  # UTC+05:30 all year: no summer-time edge
+    time.tzset()
+    try:
+        reports = [slice_report(image=np.zeros((20, 20)), results=[ModelResult("m", "v", prediction())]),
+                   series_report(series_id="S1", description="", summary=_summary(), model_name="m",
+                                 model_version="1", display_names={}, key_slices=[])]
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    now = datetime.now(timezone.utc)
+    for html in reports:
+        stamp = re.search(r"Created (\d{4}-\d\d-\d\d \d\d:\d\d) UTC", html).group(1)
+        created = datetime.strptime(stamp, "%Y-%m-%d %H:%M").replace(tzinfo=timezone.utc)
+        assert timedelta(0) <= now - created < timedelta(minutes=2), stamp
+
+
 def test_report_of_a_dicom_slice_has_no_patient_identifiers():
     from app_fixtures import PATIENT_ID, dicom_bytes
 

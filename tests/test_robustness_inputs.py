@@ -145,6 +145,29 @@ def test_cli_all_good_exits_zero(cases, model_dir):
     assert len(result.stdout.splitlines()) == 2
 
 
+def test_cli_names_the_file_of_every_line_in_both_modes(cases, model_dir):
+    """A line a user cannot match to its file is useless: each line, answer or
+    error, JSON or text, starts from the path it was given."""
+    files = [cases[n].path for n in ("good PNG", "truncated PNG", "good JPEG")]
+    result = run_predict_cli(files, model_dir)
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["file"] for line in lines] == [str(f) for f in files]
+    assert ["error" in line for line in lines] == [False, True, False]
+    result = run_predict_cli(files, model_dir, json_lines=False)
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    assert [row[0] for row in rows] == [str(f) for f in files]
+    assert [row[1] == "ERROR" for row in rows] == [False, True, False]
+
+
+def test_cli_folders_skip_system_and_side_files_whatever_their_case(tmp_path):
+    from ctapp.predict import expand
+
+    (tmp_path / "sub").mkdir()
+    for name in ("Thumbs.db", "DESKTOP.INI", ".DS_Store", "notes.TXT", "a.png", "sub/b.dcm"):
+        (tmp_path / name).write_bytes(b"x")
+    assert expand([str(tmp_path)]) == [tmp_path / "a.png", tmp_path / "sub" / "b.dcm"]
+
+
 def test_cli_bad_model_folder(tmp_path, cases):
     result = run_predict_cli([cases["good PNG"].path], tmp_path / "missing")
     assert result.returncode == 2

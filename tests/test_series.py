@@ -34,6 +34,7 @@ from ctapp.series import (
     Limits,
     SeriesPredictions,
     classify_series,
+    images_series,
     inputs_from_paths,
     read_inputs,
     summarise,
@@ -271,6 +272,24 @@ def test_archives_and_files_that_hold_no_slice_say_why(name, data, words):
     assert [e.message for e in result.errors] == [words]
 
 
+def test_loose_images_stack_in_input_order_under_a_short_name_of_their_pixels():
+    """The viewer's stack of loose images is named, like a DICOM series, by the
+    first 8 hex digits of its pixels' digest: the same images, the same name."""
+    import hashlib
+
+    grey = grey_volume(2, 32, seed=60)
+    stack = images_series(read({"b.png": _png(grey[0]), "a.png": _png(grey[1])}).images)
+    assert stack.sources == ["b.png", "a.png"] and not stack.is_hu
+    np.testing.assert_allclose(np.stack(stack.values) * 255, grey, atol=1e-3)
+    digest = hashlib.sha256()
+    for values in stack.values:
+        digest.update(str(values.shape).encode() + values.tobytes())
+    assert stack.digest == digest.hexdigest() and stack.id == "images-" + digest.hexdigest()[:8]
+    again = images_series(read({"c.png": _png(grey[0]), "d.png": _png(grey[1])}).images)
+    assert again.id == stack.id
+    assert images_series([]) is None
+
+
 def test_limits_on_loose_images_series_and_member_size(monkeypatch):
     from ctapp import imaging
 
@@ -413,6 +432,19 @@ def _cli(*args) -> tuple[int, list[str], str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(get_args_parser().parse_args([str(a) for a in args]))
     return code, out.getvalue().splitlines(), err.getvalue()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_cli_reads_an_uncompressed_nifti_of_either_version_as_a_volume(tiny_model, tmp_path, version):
+    """The CLI recognises a volume by its content (NIfTI-1's magic at byte 344,
+    NIfTI-2's at byte 4), not by its name: one series line, a line per slice."""
+    volume = tmp_path / "volume.bin"
+    volume.write_bytes(nifti_bytes(grey_volume(3, 32, seed=31), gz=False, version=version))
+    code, lines, err = _cli(volume, "--model", tiny_model, "--json")
+    assert code == 0, err
+    records = [json.loads(line) for line in lines]
+    assert [r["kind"] for r in records] == ["slice"] * 3 + ["series"]
+    assert records[-1]["source"] == "NIfTI" and records[-1]["slices"] == 3
 
 
 def test_cli_json_lines_for_series_volumes_single_images_and_errors(tiny_model, tmp_path):

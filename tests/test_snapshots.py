@@ -28,7 +28,7 @@ CREATED = datetime(2026, 1, 2, 3, 4, tzinfo=timezone.utc)
 
 
 @pytest.mark.parametrize("module", ["training.fit", "training.evaluate", "training.audit", "training.ensemble",
-                                    "ctapp.predict"])
+                                    "training.models_table", "ctapp.predict"])
 def test_command_line_help(module, monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
     parser = importlib.import_module(module).get_args_parser()

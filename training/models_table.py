@@ -111,11 +111,16 @@ def write_into(readme: Path, text: str) -> None:
     readme.write_text(pattern.sub(lambda m: m.group(1) + text + "\n" + m.group(2), content), encoding="utf-8")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description="The README's table of shipped models and their training commands.")
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="The README's table of shipped models and their training commands.",
+                                add_help=add_help)
     p.add_argument("models", nargs="?", type=Path, default=DEFAULT_MODELS_DIR, help="folder of model folders")
     p.add_argument("--readme", type=Path, help="write the table into this README between its markers")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
     text = table(args.models)
     if args.readme:
         write_into(args.readme, text)
