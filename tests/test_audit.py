@@ -93,7 +93,9 @@ def test_input_shortcut_probe_sees_padding_and_not_noise():
     found = input_shortcut_probe(padded, labels)
     assert found["chance"] == 0.5 and found["accuracy"] > 0.9
     assert found["features"][-1] == "black share" and len(found["features"]) == 8
-    assert input_shortcut_probe(inputs, labels)["accuracy"] < 0.7
+    noise = input_shortcut_probe(inputs, labels)
+    assert noise["accuracy"] < 0.7 and 0.0 < noise["accuracy_std"] < 0.5  # the spread over folds, as printed
+    assert set(noise) == {"features", "chance", "accuracy", "accuracy_std"}
 
 
 @pytest.mark.shared_data

@@ -186,7 +186,9 @@ def test_the_models_table_gives_an_ensemble_its_own_command(tmp_path):
     write_model_folder(tmp_path / "b", seed=7)
     (tmp_path / "ab").mkdir()
     (tmp_path / "ab" / ENSEMBLE_FILE).write_text(json.dumps({"members": ["../a", "../b"]}))
-    (tmp_path / "ab" / "model_card.json").write_text(json.dumps({"architecture": "ensemble", "members": ["a", "b"],
+    # The members' folders come from ensemble.json, not from the names a card gives them.
+    (tmp_path / "ab" / "model_card.json").write_text(json.dumps({"architecture": "ensemble",
+                                                                 "members": ["model a", "model b"],
                                                                  "validation": {"macro_f1": 0.5}}))
     commands = table(tmp_path).split("```bash\n")[1]
     assert "# ab\npython -m training.ensemble --members models/a models/b --out models/ab\n" in commands

@@ -344,6 +344,9 @@ def test_slice_figure_shows_the_slice_pixel_for_pixel_and_a_colour_bar_only_with
     with_map = slice_figure(grey, cam, opacity=0.5, revision="S1")
     np.testing.assert_array_equal(_data_uri_image(with_map.data[0].source), figures.cam_overlay(grey, cam, 0.5))
     assert with_map.data[1].marker.showscale and with_map.layout.uirevision == "S1"
+    overshoot = grey.copy()
+    overshoot[0, :2] = (1.4, -0.2)  # interpolation can overshoot [0, 1]: white and black, never wrapped
+    np.testing.assert_array_equal(_data_uri_image(slice_figure(overshoot).data[0].source)[0, :2], [255, 0])
 
 
 def test_probability_profile_marks_uncertain_slices_and_the_current_one():

@@ -289,6 +289,7 @@ def test_dicom_of_another_modality_is_noted_and_scaled_without_hounsfield_units(
     image = decode(dicom_file_bytes(ds))
     assert (f"DICOM modality is {modality}, not CT" in image.notes) == (modality != "CT")
     assert any(n.startswith(expected_note) for n in image.notes), image.notes
+    assert image.mode == "DICOM" and image.source_format == "DICOM"  # as the audit's table of modes counts it
     if expected_note.startswith("no rescale"):
         np.testing.assert_allclose(image.pixels[0], np.arange(32) / 31, atol=1e-6)
         assert image.hu is None

@@ -368,6 +368,36 @@ def test_series_slices_give_the_probabilities_of_the_same_pixels_as_png(model, t
         assert batched.ood_score == pytest.approx(single.ood_score, rel=1e-3)
 
 
+def test_the_apps_series_cache_answers_with_a_retrained_model_once_it_is_replaced(tmp_path):
+    """A model retrained into the same folder must not keep answering with the
+    old weights' cached series result."""
+    import os
+    import shutil
+
+    from robustness_helpers import write_model_folder
+
+    from ctapp import ui_cache
+    from ctapp.series import images_series
+
+    folder = write_model_folder(tmp_path / "m", seed=0)
+    grey = grey_volume(3, 32, seed=40)
+    series = images_series(read({f"{i}.png": _png(g) for i, g in enumerate(grey)}).images)
+
+    def probabilities(result) -> list[dict]:
+        return [p.probabilities for p in result.predictions]
+
+    first = ui_cache.classify_series(folder, series)
+    assert probabilities(ui_cache.classify_series(folder, series)) == probabilities(first)
+    write_model_folder(tmp_path / "retrained", seed=7)
+    for name in ("model.pt", "model_card.json"):
+        shutil.copy(tmp_path / "retrained" / name, folder / name)
+    stamp = (folder / "model.pt").stat().st_mtime + 5  # a later file time, whatever the clock's resolution
+    os.utime(folder / "model.pt", (stamp, stamp))
+    expected = classify_series(load_model(folder), series)
+    assert probabilities(ui_cache.classify_series(folder, series)) == probabilities(expected)
+    assert probabilities(expected) != probabilities(first)
+
+
 def test_an_ensemble_classifies_a_series_as_it_predicts_each_slice(tmp_path):
     from robustness_helpers import write_model_folder
 
@@ -526,9 +556,11 @@ def test_structured_report_reads_back_as_the_summary(label, has_result, code, me
     assert (evaluation.value.value, evaluation.value.meaning) == (code, meaning)
     assert {(m.unit.value, m.unit.scheme_designator, m.unit.meaning) for m in group.get_measurements()} == {
         ("{slices}", "UCUM", "slices")}
-    assert [(m.name.meaning, m.value) for m in group.get_measurements()] == [
-        ("Slices confidently classified as Alpha", 1), ("Slices confidently classified as Beta", 2),
-        ("Slices without a confident answer", 0)]
+    # The codes are what a receiving system queries by; the meanings what a PACS shows.
+    assert [(m.name.value, m.name.meaning, m.value) for m in group.get_measurements()] == [
+        ("SLICES_0", "Slices confidently classified as Alpha", 1),
+        ("SLICES_1", "Slices confidently classified as Beta", 2),
+        ("SLICES_UNCERTAIN", "Slices without a confident answer", 0)]
     (source,) = group.source_images
     assert source.referenced_sop_instance_uid == series.reference.instances[2][1]
     algorithm = {item.ConceptNameCodeSequence[0].CodeMeaning: item.TextValue
@@ -537,6 +569,8 @@ def test_structured_report_reads_back_as_the_summary(label, has_result, code, me
     dataset = pydicom.dcmread(io.BytesIO(data))
     assert dataset.PatientName == "" and dataset.PatientID == "" and dataset.StudyInstanceUID == \
         series.reference.study_uid
+    assert (dataset.SeriesDescription, dataset.Manufacturer) == ("AI classification (research use only)",
+                                                                 "CT slice classifier (research use only)")
 
 
 def test_structured_report_names_the_frame_of_a_multi_frame_image():

@@ -9,11 +9,12 @@ With ``--readme`` the table replaces what lies between the README's
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 from pathlib import Path
 
-from ctapp.inference import DEFAULT_MODELS_DIR, list_models
+from ctapp.inference import DEFAULT_MODELS_DIR, ENSEMBLE_FILE, list_models
 
 # Options that describe the run rather than the model, left out of the printed command.
 RUN_ONLY = {"quiet", "resume", "stop_after", "workers", "device"}
@@ -89,8 +90,10 @@ def table(folder: Path) -> str:
             f"{'n/a' if auc is None else f'{auc:.3f}'} | "
             f"{card.get('calibration', {}).get('ece_after', float('nan')):.3f} | {answers} | {worst} | "
             f"{card.get('size_bytes', 0) / 1e6:.1f} MB | {latency.get('predict', '?')} / {latency.get('predict_gradcam', '?')} |")
-        if card.get("architecture") == "ensemble":
-            members = " ".join(f"models/{m}" for m in card.get("members", []))
+        if (entry.path / ENSEMBLE_FILE).is_file():
+            # The member folders as ensemble.json names them: what loading the ensemble uses.
+            spec = json.loads((entry.path / ENSEMBLE_FILE).read_text(encoding="utf-8"))
+            members = " ".join(f"models/{Path(m).name}" for m in spec["members"])
             commands.append(f"# {entry.name}\npython -m training.ensemble --members {members} "
                             f"--out models/{entry.path.name}")
             continue
