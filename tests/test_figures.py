@@ -202,6 +202,8 @@ def test_risk_coverage_curves_with_each_models_operating_point_and_the_target():
     assert fig.data[2].line.color != fig.data[0].line.color
     assert fig.layout.shapes[0].y0 == 0.9 and fig.layout.annotations[0].text == "target 90%"
     assert not figures.risk_coverage_figure({"A": a}, target=None).layout.shapes
+    assert figures.risk_coverage_figure({"A": a}, title="Answers by confidence").layout.title.text == \
+        "Answers by confidence"
 
 
 def test_training_curves_skip_missing_columns():

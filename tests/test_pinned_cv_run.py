@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +194,15 @@ def test_an_ensemble_of_two_runs_averages_their_out_of_fold_rows(runs):
     assert report["temperature"] == pytest.approx(fit_temperature(np.log(mean), labels), rel=1e-3)
     assert np.abs(mean[:, 1] - np.array([float(a[p]["p_beta"]) for p in paths])).max() > 1e-3  # two networks
     assert report["accuracy"] == pytest.approx(np.mean([r["true"] == r["pred"] for r in rows]))
+    assert [r["source"] for r in rows] == [a[r["path"]]["source"] for r in rows]
+    # The risk-coverage curve of the rows, recounted: the most confident k answered, k = 1 .. n.
+    ranked = sorted(rows, key=lambda r: -float(r["confidence"]))
+    for point in report["risk_coverage"]:
+        answered = ranked[:round(point["coverage"] * len(rows))]
+        assert point["accuracy"] == pytest.approx(np.mean([r["true"] == r["pred"] for r in answered]))
+    assert report["risk_coverage"][-1]["coverage"] == 1.0
+    created = datetime.fromisoformat(report["created"])
+    assert timedelta(0) <= datetime.now(timezone.utc) - created < timedelta(minutes=10)
     thresholds = {str(f["fold"]): f["confidence_threshold"] for f in report["crossfit"]["per_fold"]}
     fitted = [{str(f["fold"]): f for f in json.loads((runs[m] / "eval_report.json").read_text())["crossfit"]
                ["per_fold"]} for m in ("a", "b")]
@@ -236,7 +246,7 @@ def test_an_ensemble_of_two_runs_averages_their_out_of_fold_rows(runs):
     assert card["latency_ms"]["predict"] > 0
     assert report["arch"] == "ensemble" and report["members"] == ["run-a", "run-b"] and report["model"] == "ab"
     member_card = json.loads((runs["a"] / "model_card.json").read_text())
-    for key in ("intended_use", "disclaimer"):
+    for key in ("intended_use", "disclaimer", "display_names"):
         assert card[key] == member_card[key], key
     assert ensemble.confidence_threshold == pytest.approx(card["confidence_threshold"])
     assert ensemble.temperature == pytest.approx(report["temperature"]) != 1.0
