@@ -168,6 +168,7 @@ def test_no_fold_keeps_the_epoch_its_held_out_images_liked_best(runs):
 
 
 def test_an_ensemble_of_two_runs_averages_their_out_of_fold_rows(runs):
+    from training.crossval import card_figures
     from training.ensemble import run as make_ensemble
 
     out = runs["root"] / "ensembles" / "ab"  # a folder whose parent does not exist yet
@@ -226,6 +227,8 @@ def test_an_ensemble_of_two_runs_averages_their_out_of_fold_rows(runs):
             "roc_auc_macro": own["roc_auc"]["macro"], "coverage": own["coverage"],
             "accuracy_when_confident": own["accuracy_when_confident"]}
     assert card["member_comparison"]["ensemble"]["coverage"] == report["coverage"]
+    assert card["validation"] == card_figures(report)  # the headline the app and the README show
+    assert card["validation"]["accuracy"] == report["accuracy"] and card["validation"]["images"] == 40
     assert card["size_bytes"] == sum(json.loads((runs[m] / "model_card.json").read_text())["size_bytes"]
                                      for m in ("a", "b")) > 0
     ensemble = load_model(out)

@@ -90,6 +90,7 @@ def test_a_percent_encoded_password_reaches_the_driver_decoded():
     ("postgresql://ct:secret-pw@db.example", "names no database"),
     ("postgresql+asyncpg://ct:secret-pw@db.example/ctapp", "driver 'asyncpg'"),
     ("sqlite://", "needs a file"),
+    ("sqlite:///:memory:", "needs a file"),  # an in-memory audit log would vanish with the process
 ])
 def test_unusable_database_urls_say_why_without_the_password(given, words):
     with pytest.raises(StoreConfigError) as caught:
