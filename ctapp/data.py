@@ -291,7 +291,8 @@ def _check_enough(samples: list[Sample], labels: np.ndarray, groups: np.ndarray,
     for label in np.unique(labels):
         have = len(np.unique(groups[labels == label]))
         if have < n_splits:
-            unit = "blocks of consecutive slices" if len(np.unique(groups)) < len(samples) else "images"
+            blocks = len(np.unique(groups)) < len(samples)
+            unit = ("block" if blocks else "image") + ("s" if have != 1 else "") + (" of consecutive slices" if blocks else "")
             raise DatasetError(
                 f"{len(samples)} images in all; class {class_names[label]!r} has only {have} {unit}, "
                 f"but {what} needs at least {n_splits} per class: add images, lower the share held out, "

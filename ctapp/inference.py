@@ -588,11 +588,11 @@ class EnsembleModel:
                            np.full(n, np.nan) if np.isnan(ratios).all() else np.nanmax(ratios, axis=0),
                            states, reasons, errors, parts[0].digests)
 
-    def _decoded(self, image: ImageSource | Slice) -> Slice:
-        return image if isinstance(image, Slice) else decode(image, window=self.preprocess.window)
+    def _decode(self, image: ImageSource | Slice) -> Slice:
+        return self.members[0]._decode(image)  # members share the first one's preprocessing
 
     def predict(self, image: ImageSource | Slice) -> Prediction:
-        image = self._decoded(image)
+        image = self._decode(image)
         parts = [m.score_slice(image) for m in self.members]
         scores = self.combine([p for p, _ in parts])
         notes = slice_notes(image.notes, all(body_found for _, body_found in parts))
@@ -605,7 +605,7 @@ class EnsembleModel:
                 method: str = "Grad-CAM") -> Analysis:
         """The ensemble's prediction, and a map of the class it predicts (or
         ``target``): the members' maps averaged, or the named member's."""
-        image = self._decoded(image)
+        image = self._decode(image)
         prediction = self.predict(image)
         index = self.class_index(target)
         cam_class = self.class_names[index if index is not None else self.class_names.index(prediction.label)]

@@ -12,6 +12,8 @@ for path in (ROOT, TESTS):
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
+from mutation_credit import pytest_fixture_setup, pytest_runtest_call  # noqa: E402, F401  (hooks)
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

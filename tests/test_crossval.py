@@ -322,3 +322,20 @@ def test_a_cross_validation_resumes_its_unfinished_folds_and_refuses_other_fold_
 def test_preprocessing_settings_are_checked_when_made(change, words):
     with pytest.raises(ValueError, match=words):
         PreprocessConfig(**change)
+
+
+def test_a_cross_validation_refuses_a_class_whose_images_are_all_unreadable(tmp_path, capsys):
+    from training.fit import run
+
+    write_classes(tmp_path / "data", ["alpha", "beta"], 6, size=32)
+    (tmp_path / "data" / "gamma").mkdir()
+    Image.new("L", (32, 32), 90).save(tmp_path / "data" / "gamma" / "only.png")
+    argv = ["--data", str(tmp_path / "data"), "--cv", "2", "--arch", "baseline", "--img-size", "32",
+            "--epochs", "1", "--workers", "1", "--quiet", "--out", str(tmp_path / "run")]
+    assert run(argv) == 2  # one readable image: too few for the folds, but readable
+    assert "class 'gamma' has only 1 image, but 2-fold cross-validation needs at least 2 per class" in \
+        capsys.readouterr().err
+    for path in (tmp_path / "data" / "beta").iterdir():
+        path.write_bytes(b"not an image")
+    assert run([*argv[:-1], str(tmp_path / "run-2")]) == 2
+    assert "class(es) ['beta'] have no readable images; add images or remove the folder" in capsys.readouterr().err

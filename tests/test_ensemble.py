@@ -193,3 +193,24 @@ def test_the_models_table_gives_an_ensemble_its_own_command(tmp_path):
     commands = table(tmp_path).split("```bash\n")[1]
     assert "# ab\npython -m training.ensemble --members models/a models/b --out models/ab\n" in commands
     assert commands.count("python -m training.fit") == 2  # the members', not the ensemble's
+
+
+def test_a_dicom_file_is_read_in_the_window_the_models_were_trained_with(ensemble, tmp_path):
+    """A model trained on a mediastinal window reads a DICOM file it is given by
+    path in that window, not in the default lung window; so does an ensemble."""
+    from dataclasses import replace
+
+    from app_fixtures import dicom_bytes
+
+    from ctapp.imaging import LUNG_WINDOW, Window, decode
+
+    path = tmp_path / "IM0001"
+    path.write_bytes(dicom_bytes())
+    mediastinal = Window(40, 400)
+    ensemble_model = load_model(ensemble)
+    for model in (*ensemble_model.members, ensemble_model):
+        model.preprocess = replace(model.preprocess, window_center=mediastinal.center, window_width=mediastinal.width)
+    for model in (ensemble_model.members[0], ensemble_model):
+        given = model.predict(path).probabilities
+        assert given == model.predict(decode(path, window=mediastinal)).probabilities
+        assert given != model.predict(decode(path, window=LUNG_WINDOW)).probabilities

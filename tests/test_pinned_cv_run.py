@@ -18,6 +18,7 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score
 from synthetic import write_classes
 
+from ctapp.checkpoint import load_model_file
 from ctapp.inference import load_model
 from ctapp.metrics import calibrated, fit_temperature, selective_statement
 
@@ -35,6 +36,7 @@ def read_rows(path: Path) -> list[dict]:
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Two sources (one with train / valid / test splits and a copy across them,
     one of class folders only), and two runs on the same folds."""
+    import training.fit
     from training.fit import run
 
     root = tmp_path_factory.mktemp("cv")
@@ -46,9 +48,20 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     write_classes(second, ["alpha", "beta"], 6, seed=3, size=40, start=300)
     data = ["--data", str(first), str(second)]
     a, b = root / "run-a", root / "run-b"
-    assert run([*data, *COMMON, "--epochs", "2", "--out", str(a)]) == 0
+    trained = []  # what run-a's training saw: (run, its training images, its held-out images)
+    real = training.fit.train_model
+
+    def spy(setup, out, train_images, train_labels, valid_images, valid_labels, **kwargs):
+        trained.append((out.name, train_images.clone(), valid_images.clone()))
+        return real(setup, out, train_images, train_labels, valid_images, valid_labels, **kwargs)
+
+    training.fit.train_model = spy
+    try:
+        assert run([*data, *COMMON, "--epochs", "2", "--out", str(a)]) == 0
+    finally:
+        training.fit.train_model = real
     assert run([*data, *COMMON, "--epochs", "1", "--lr", "0.003", "--out", str(b)]) == 0
-    return {"first": first, "second": second, "a": a, "b": b, "root": root}
+    return {"first": first, "second": second, "a": a, "b": b, "root": root, "trained": trained}
 
 
 def test_every_labelled_image_gets_one_prediction_from_the_fold_model_that_never_saw_it(runs):
@@ -78,6 +91,22 @@ def test_every_labelled_image_gets_one_prediction_from_the_fold_model_that_never
         shown = models[r["fold"]].predict(stored(runs, r["path"]))
         assert shown.probabilities["beta"] == pytest.approx(float(r["p_beta"]), abs=1e-4)
         assert shown.uncertain == (r["uncertain"] == "True")
+
+
+def test_each_fold_model_trains_on_the_other_folds_only_and_the_shipped_one_on_all(runs):
+    def pixels(images) -> set[bytes]:
+        return {image.numpy().tobytes() for image in images}
+
+    assert [name for name, *_ in runs["trained"]] == ["fold-0", "fold-1", "fold-2", "full"]
+    held_out = [pixels(held) for _, _, held in runs["trained"][:3]]
+    everything = set().union(*held_out)
+    assert len(everything) == 40 == sum(map(len, held_out))  # the folds cut the 40 images apart
+    for (name, train, _), held in zip(runs["trained"], held_out):
+        assert pixels(train) == everything - held, name
+        _, meta = load_model_file(runs["a"] / "cv" / name / "model.pt")
+        assert meta["images_trained"] == len(train) == 40 - len(held) and meta["cv_run"] == name
+    _, train, held = runs["trained"][3]
+    assert pixels(train) == everything and len(held) == 0
 
 
 def test_calibration_of_each_fold_and_of_the_shipped_model_comes_from_out_of_fold_logits(runs):

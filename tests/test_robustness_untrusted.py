@@ -251,3 +251,13 @@ def test_roots_from_environment(tree, monkeypatch):
     assert resolve_data_folder("cases") == (base / "B" / "cases").resolve()
     with pytest.raises(PathNotAllowed):
         resolve_data_folder(str(base / "outside"))
+
+
+def test_without_configured_roots_the_shared_data_folder_beside_the_project_is_the_root(tmp_path, monkeypatch):
+    from ctapp import paths
+
+    monkeypatch.delenv("CTAPP_DATA_ROOTS", raising=False)
+    monkeypatch.setattr(paths, "DEFAULT_DATA_ROOT", tmp_path)
+    assert paths.data_roots() == [tmp_path.resolve()]
+    monkeypatch.setattr(paths, "DEFAULT_DATA_ROOT", tmp_path / "missing")
+    assert paths.data_roots() == []

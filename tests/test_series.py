@@ -85,6 +85,23 @@ def test_two_series_mixed_in_one_folder_are_told_apart():
         assert series.reference.series_uid not in series.id + series.description()
 
 
+@pytest.mark.parametrize("orientation, spacing", [("standard", (0.5, 0.8)), ("transposed", (0.8, 0.5))])
+def test_pixel_spacing_follows_rows_and_columns_when_a_series_is_turned_for_display(orientation, spacing):
+    """Stored with rows 0.5 mm apart and columns 0.8 mm apart: a series whose
+    rows and columns are swapped for display has its spacing swapped too."""
+    import pydicom
+
+    files = {}
+    for i, data in enumerate(dicom_series(grey_volume(3, 32, seed=8), orientation=orientation)):
+        ds = pydicom.dcmread(io.BytesIO(data))
+        ds.PixelSpacing = [0.5, 0.8]
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        files[f"IM{i}"] = buffer.getvalue()
+    (series,) = read(files).series
+    assert series.spacing == spacing
+
+
 def test_a_zip_reads_as_its_files_do():
     grey = grey_volume(4, 32, seed=6)
     members = shuffled_names(dicom_series(grey), np.random.default_rng(7), prefix="export/DIR1/")
@@ -319,6 +336,26 @@ def test_paths_that_cannot_be_read_carry_their_reason(tmp_path):
         ("a.dcm", ""), ("b.dcm", f"{tmp_path / 'b.dcm'}: the inputs add up to more than 0 MB; this file was not read")]
     assert inputs[2].data == b"x" * 100 and inputs[3].data == b""
     assert [e.message for e in read_inputs(inputs[:2]).errors] == [inputs[0].error, inputs[1].error]
+
+
+def test_a_gzip_bomb_is_looked_at_without_being_inflated():
+    """To tell whether a .gz upload is a NIfTI volume only its header is
+    inflated: 256 MB of packed zeros never reach memory."""
+    import tracemalloc
+    import zlib
+
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip framing
+    zeros = bytes(1 << 20)
+    bomb = b"".join(packer.compress(zeros) for _ in range(256)) + packer.flush()
+    assert len(bomb) < 1 << 20
+    tracemalloc.start()
+    try:
+        result = read({"scan.nii.gz": bomb})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not result.series and len(result.errors) == 1
+    assert peak < 32 << 20, f"{peak / 2**20:.0f} MB"
 
 
 def test_a_nifti_larger_than_the_limits_is_refused_from_its_header():
