@@ -171,11 +171,12 @@ def palette_dicom(size: int = 48) -> tuple[bytes, np.ndarray]:
     return _save(ds, None), expected
 
 
-def nifti_bytes(grey: np.ndarray, *, gz: bool = True, z0: float = 100.0, version: int = 1) -> bytes:
+def nifti_bytes(grey: np.ndarray, *, gz: bool = True, z0: float = 100.0, version: int = 1,
+                byte_order: str = "<") -> bytes:
     """The volume as a DICOM-to-NIfTI converter writes it: i along the
     patient's left, j posterior, k from the feet up, with the RAS+ affine of
     the same patient positions as :func:`dicom_series` (NIfTI-1, or NIfTI-2
-    with ``version=2``)."""
+    with ``version=2``), little-endian unless ``byte_order=">"``."""
     import nibabel as nib
 
     n = len(grey)
@@ -183,7 +184,9 @@ def nifti_bytes(grey: np.ndarray, *, gz: bool = True, z0: float = 100.0, version
     data = np.transpose(hu[::-1], (2, 1, 0)).astype(np.int16 if np.allclose(hu, np.round(hu)) else np.float32)
     affine = np.array([[-PIXEL_SPACING, 0, 0, 0], [0, -PIXEL_SPACING, 0, 0],
                        [0, 0, SLICE_STEP, z0 - (n - 1) * SLICE_STEP], [0, 0, 0, 1]], dtype=float)
-    image = (nib.Nifti1Image if version == 1 else nib.Nifti2Image)(data, affine)
+    klass = nib.Nifti1Image if version == 1 else nib.Nifti2Image
+    image = klass(data.astype(data.dtype.newbyteorder(byte_order)), affine,
+                  header=klass.header_class(endianness=byte_order))
     raw = image.to_bytes()
     if not gz:
         return raw

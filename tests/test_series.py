@@ -501,12 +501,13 @@ def _cli(*args) -> tuple[int, list[str], str]:
     return code, out.getvalue().splitlines(), err.getvalue()
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_cli_reads_an_uncompressed_nifti_of_either_version_as_a_volume(tiny_model, tmp_path, version):
+@pytest.mark.parametrize("version, byte_order", [(1, "<"), (2, "<"), (1, ">"), (2, ">")])
+def test_cli_reads_an_uncompressed_nifti_of_either_version_as_a_volume(tiny_model, tmp_path, version, byte_order):
     """The CLI recognises a volume by its content (NIfTI-1's magic at byte 344,
-    NIfTI-2's at byte 4), not by its name: one series line, a line per slice."""
+    NIfTI-2's at byte 4, the header's size in either byte order), not by its
+    name: one series line, a line per slice."""
     volume = tmp_path / "volume.bin"
-    volume.write_bytes(nifti_bytes(grey_volume(3, 32, seed=31), gz=False, version=version))
+    volume.write_bytes(nifti_bytes(grey_volume(3, 32, seed=31), gz=False, version=version, byte_order=byte_order))
     code, lines, err = _cli(volume, "--model", tiny_model, "--json")
     assert code == 0, err
     records = [json.loads(line) for line in lines]
