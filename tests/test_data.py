@@ -250,6 +250,12 @@ def test_sources_pooled_with_their_names_and_missing_classes(tmp_path):
                       ("papers/b", "pneumonia"): 3}
     assert [n for n in index.notes if "no images of" in n] == [
         "hospital-a: no images of ['pneumonia']", "papers/b: no images of ['non-covid']"]
+    # A model's class order (evaluating pooled sources with it) is kept, labels following it.
+    ordered = scan_sources([tmp_path / "hospital-a", tmp_path / "papers" / "b"],
+                           class_names=["pneumonia", "covid", "non-covid"])
+    assert ordered.class_names == ["pneumonia", "covid", "non-covid"]
+    assert sorted((s.path, ordered.class_names[s.label]) for s in ordered.samples) == \
+        sorted((s.path, index.class_names[s.label]) for s in index.samples)
     with pytest.raises(DatasetError, match="the same folder is given twice"):
         scan_sources([tmp_path / "hospital-a", tmp_path / "hospital-a"])
     with pytest.raises(DatasetError, match="no dataset folder given"):

@@ -107,8 +107,12 @@ def test_evaluate_labels_a_folder_holding_some_of_the_models_classes_by_the_mode
     assert json.loads(out.read_text())["accuracy"] == right / 4
 
 
-def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_dataset, tmp_path):
-    common = ["--data", str(tiny_dataset), *TINY, "--epochs", "3", "--seed", "7"]
+@pytest.mark.parametrize("schedule", [[], ["--schedule", "plateau", "--plateau-patience", "0"]],
+                         ids=["cosine", "plateau"])
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_dataset, tmp_path, schedule):
+    """Weights, optimiser and schedule all continue where they stopped (the
+    plateau schedule's memory of its best epoch included)."""
+    common = ["--data", str(tiny_dataset), *TINY, "--epochs", "3", "--seed", "7", *schedule]
     assert run([*common, "--out", str(tmp_path / "straight")]) == 0
     assert run([*common, "--out", str(tmp_path / "resumed"), "--stop-after", "1"]) == 0
     assert not (tmp_path / "resumed" / "model.pt").exists()
@@ -120,9 +124,10 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_dataset, tmp_
     for name, tensor in a["model"].items():
         torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0, msg=name)
     def history(d):
-        return [(r["epoch"], r["val_macro_f1"], r["train_loss"]) for r in d["state"]["history"]]
+        return [(r["epoch"], r["lr"], r["val_macro_f1"], r["train_loss"]) for r in d["state"]["history"]]
 
     assert history(a) == history(b)
+    assert a["scheduler"] == b["scheduler"]
 
 
 def test_transfer_learning_phases_freeze_the_right_parameters():
@@ -443,3 +448,31 @@ def test_cores_are_shared_between_local_processes_unless_the_user_chose(monkeypa
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     configure_threads(2)
     assert calls == [4, 1]
+
+
+def test_an_epoch_reports_its_own_speed_and_loss():
+    """A short epoch (well under a second) still gives images / its seconds."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ctapp.preprocess import PreprocessConfig
+    from training.engine import Precision, train_one_epoch
+
+    torch.manual_seed(0)
+    model = create_model("baseline", 2)
+    images, labels = torch.rand(8, 1, 32, 32), torch.tensor([0, 1] * 4)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=4)
+    stats = train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.01),
+                            PreprocessConfig(img_size=32), Precision(torch.device("cpu"), None, channels_last=False))
+    assert 0 < stats["seconds"] < 1
+    assert stats["images_per_second"] == pytest.approx(8 / stats["seconds"])
+    assert stats["train_loss"] > 0 and 0 <= stats["train_accuracy"] <= 1
+
+
+def test_autocast_runs_in_the_precision_it_was_given():
+    from training.engine import Precision
+
+    for dtype in (torch.bfloat16, torch.float16):
+        with Precision(torch.device("cpu"), dtype).autocast():
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == dtype
+    with Precision(torch.device("cpu"), None).autocast():
+        assert not torch.is_autocast_enabled("cpu")
