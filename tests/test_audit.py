@@ -79,6 +79,19 @@ def test_shortcut_probe_sees_brightness(tmp_path):
     assert probe["accuracy"] > 0.9 and probe["chance"] == 0.5
 
 
+def test_shortcut_probe_on_too_few_or_no_readable_images_says_so(tmp_path):
+    from ctapp.audit import shortcut_probe
+
+    for name in ("dark", "bright"):
+        (tmp_path / name).mkdir()
+        Image.new("L", (32, 32), 40 if name == "dark" else 160).save(tmp_path / name / "1.png")
+    probe = audit_dataset(scan_dataset(tmp_path)).to_dict()["shortcut_probe"]
+    assert probe["accuracy"] is None and probe["chance"] == 0.5
+    assert probe["note"] == "too few images per class to run the probe"
+    nothing = shortcut_probe([])
+    assert nothing["accuracy"] is None and nothing["chance"] == 0.0 and "too few" in nothing["note"]
+
+
 def test_input_shortcut_probe_sees_padding_and_not_noise():
     """On model inputs: classes told apart only by the black padding around the slice are solved; classes
     drawn from one distribution stay near chance (3 classes, 2 of them 10 images: 5 folds, chance 0.5)."""

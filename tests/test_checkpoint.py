@@ -48,6 +48,21 @@ def test_round_trip(tmp_path, storage, tolerance):
     assert (expected - actual).abs().max().item() <= tolerance + 1e-6
 
 
+@pytest.mark.parametrize("storage, weights", [("fp16", torch.float16), ("int8", torch.int8)])
+def test_every_weight_matrix_and_kernel_is_packed_and_small_tensors_kept_in_fp32(storage, weights):
+    """Linear layers (2-D) are packed like convolution kernels (4-D); biases and
+    batch-norm statistics (1-D) stay fp32; integer buffers stay as they are."""
+    from ctapp.checkpoint import pack_state
+
+    state = trained_like_model().state_dict()
+    packed, scales = pack_state(state, storage)
+    assert any(t.ndim == 2 for t in state.values()) and any(t.ndim == 4 for t in state.values())
+    for name, tensor in state.items():
+        expected = tensor.dtype if not tensor.is_floating_point() else weights if tensor.ndim >= 2 else torch.float32
+        assert packed[name].dtype == expected, name
+        assert (name in scales) == (storage == "int8" and tensor.is_floating_point() and tensor.ndim >= 2), name
+
+
 def test_int8_is_about_a_quarter_of_fp32(tmp_path):
     model = create_model("resnet50", 4)
     save_model_file(tmp_path / "fp32.pt", model, {**META, "arch": "resnet50", "class_names": list("abcd")})

@@ -243,7 +243,7 @@ def test_arrays_decode_to_grey_in_zero_to_one(array, expected, note, monkeypatch
     monkeypatch.setattr(imaging, "MIN_SIDE", 2)
     image = decode(array)
     np.testing.assert_allclose(image.pixels, expected, atol=1e-6)
-    assert image.pixels.dtype == np.float32
+    assert image.pixels.dtype == np.float32 and image.source_format == "array"
     assert (note is None and not image.notes) or any(n.startswith(note) for n in image.notes), image.notes
 
 
