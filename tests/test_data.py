@@ -165,6 +165,14 @@ def test_split_layout_merges_spellings(tmp_path):
     assert any("spelled 2 ways" in note for note in index.notes)
 
 
+def test_a_class_spelled_several_ways_is_shown_by_its_shortest_spelling(tmp_path):
+    write_classes(tmp_path / "train", ["Viral.Pneumonia_T1", "normal"], 2, size=24)
+    write_classes(tmp_path / "valid", ["viral pneumonia", "normal"], 2, size=24)
+    index = scan_dataset(tmp_path)
+    assert index.class_names == ["normal", "viral-pneumonia"]
+    assert index.display_names == ["Normal", "Viral pneumonia"]  # not "Viral Pneumonia", first in sort order
+
+
 def test_class_layout_split_is_stratified_and_seeded(tmp_path):
     write_classes(tmp_path, ["covid", "non-covid"], 20, size=24)
     index = scan_dataset(tmp_path)
