@@ -131,8 +131,10 @@ def test_weights_of_another_shape_are_refused(tmp_path):
     model3, _ = tiny_network(num_classes=3)
     _, meta2 = tiny_network(num_classes=2)
     save_model_file(tmp_path / "model.pt", model3, meta2)
-    with pytest.raises(CheckpointError, match="do not fit a baseline with 2 classes"):
+    with pytest.raises(CheckpointError, match="do not fit a baseline with 2 classes") as refused:
         load_model_file(tmp_path / "model.pt")
+    # torch's own first lines say which weight does not fit
+    assert "size mismatch for classifier" in str(refused.value) and "torch.Size([3" in str(refused.value)
 
 
 @pytest.mark.parametrize("damage", ["no arch", "format version text", "class names number", "one class",
