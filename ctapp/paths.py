@@ -84,7 +84,10 @@ def resolve_data_folder(user_path: str, roots: list[Path] | None = None) -> Path
             if inside and real.is_dir():
                 return real
         except (OSError, RuntimeError) as exc:  # symlink loop, name too long, permission denied
-            raise PathNotAllowed(f"{shown}: not a usable folder path ({getattr(exc, 'strerror', None) or exc})") from None
+            # The system's words only: the exception's own text names the server's real path.
+            reason = getattr(exc, "strerror", None) or ("a symbolic link loop" if isinstance(exc, RuntimeError)
+                                                        else type(exc).__name__)
+            raise PathNotAllowed(f"{shown}: not a usable folder path ({reason})") from None
         escaped |= not inside
     # A relative path is tried under every root; it is missing only when it
     # leads nowhere outside them (a '..' or symlink escape is reported as such).
