@@ -65,6 +65,11 @@ def test_an_ensemble_explains_with_the_mean_of_its_members_maps(ensemble, slices
     assert analysis.cam.shape == (64, 64)
 
 
+def test_an_ensemble_explains_a_slice_as_its_analysis_does(ensemble, slices):
+    model = load_model(ensemble)
+    np.testing.assert_array_equal(model.explain(slices[1]), model.analyse(slices[1]).cam)
+
+
 def test_a_slice_any_member_finds_foreign_is_foreign_to_the_ensemble(ensemble, slices):
     from ctapp.inference import SEVERITY, UNLIKE_TRAINING
 

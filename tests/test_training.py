@@ -139,6 +139,13 @@ def test_transfer_learning_phases_freeze_the_right_parameters():
     assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"fc", "layer4"}
     set_trainable(model, spec, "finetune", 0)
     assert all(p.requires_grad for p in model.parameters())
+    # VGG-style stages end at each max-pool: the last stage is what follows the 4th one.
+    vgg = create_model("vgg19_bn", 3)
+    pools = [i for i, layer in enumerate(vgg.features) if isinstance(layer, torch.nn.MaxPool2d)]
+    set_trainable(vgg, get_spec("vgg19_bn"), "finetune", 1)
+    trainable = {n.rsplit(".", 1)[0] for n, p in vgg.named_parameters() if p.requires_grad}
+    expected = {f"features.{i}" for i in range(pools[-2] + 1, pools[-1]) if list(vgg.features[i].parameters())}
+    assert trainable == expected | {n.rsplit(".", 1)[0] for n, _ in vgg.classifier.named_parameters(prefix="classifier")}
 
 
 def test_one_class_dataset_stops_with_a_clear_message(tmp_path, capsys):
