@@ -173,6 +173,15 @@ def test_a_class_spelled_several_ways_is_shown_by_its_shortest_spelling(tmp_path
     assert index.display_names == ["Normal", "Viral pneumonia"]  # not "Viral Pneumonia", first in sort order
 
 
+def test_a_class_too_small_for_the_share_held_out_is_named(tmp_path):
+    write_classes(tmp_path / "covid", ["covid"], 12, size=24)
+    write_classes(tmp_path / "covid", ["rare"], 2, size=24, start=50)
+    index = scan_dataset(tmp_path / "covid")
+    with pytest.raises(DatasetError, match="class 'rare' has only 2 images, but holding out 25% for valid needs "
+                                           "at least 4 per class"):
+        assign_splits(index, val_fraction=0.25, seed=0)
+
+
 def test_class_layout_split_is_stratified_and_seeded(tmp_path):
     write_classes(tmp_path, ["covid", "non-covid"], 20, size=24)
     index = scan_dataset(tmp_path)

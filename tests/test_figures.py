@@ -265,12 +265,13 @@ def test_series_report_states_the_verdict_counts_key_slices_and_reading_notes():
     grey = np.tile(np.linspace(0, 1, 40, dtype=np.float32), (30, 1))
     html = series_report(series_id="S1", description="3 slices", summary=_summary(), model_name="m",
                          model_version="", display_names={"alpha": "Alpha", "beta": "Beta"},
-                         key_slices=[KeySlice(2, grey, None, prediction())], notes=["slices <ordered> by position"])
+                         key_slices=[KeySlice(2, grey, None, prediction())],
+                         notes=["slices <ordered> by position", "window: lung"])
     for expected in ("Beta-like findings on 2 of 3 slices", "version unknown",
                      "<tr><td>Beta</td><td class='num'>2</td></tr>", "<tr><td>Alpha</td><td class='num'>0</td></tr>",
                      "<tr><td>Uncertain (no result)</td><td class='num'>1</td></tr>",
                      "<td><strong>All slices</strong></td><td class='num'>3</td>", "Slice 2: Beta (80% calibrated",
-                     "<h2>How the series was read</h2><ul><li>slices &lt;ordered&gt; by position</li></ul>"):
+                     "<h2>How the series was read</h2><ul><li>slices &lt;ordered&gt; by position</li><li>window: lung</li></ul>"):
         assert expected in html, expected
     assert "NOT A VALID RESULT" not in html and "Grad-CAM" not in html
     (shown,) = _images(html)
@@ -370,7 +371,8 @@ def test_probability_profile_marks_uncertain_slices_and_the_current_one():
 @pytest.mark.parametrize("event, expected", [
     ({"selection": {"points": [{"x": 1}]}}, 0), ({"selection": {"points": [{"x": 3.2}]}}, 2),
     ({"selection": {"points": [{"x": 4}]}}, None), ({"selection": {"points": [{"x": 0}]}}, None),
-    ({"selection": {"points": []}}, None), ({"selection": {"points": [{"y": 0.5}]}}, None), (None, None)])
+    ({"selection": {"points": []}}, None), ({"selection": {"points": [{"y": 0.5}]}}, None), (None, None),
+    ({"selection": {"points": [[1, 0.5]]}}, None)])  # a point in a form it does not know: no slice, no error
 def test_selected_slice_from_a_click_on_the_profile(event, expected):
     from types import SimpleNamespace
 

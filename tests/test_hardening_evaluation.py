@@ -221,3 +221,14 @@ def test_old_user_reports_are_pruned(tmp_path):
     assert kept == sorted(f"tiny--data--{s}.json" for s in stamps[-MAX_USER_REPORTS:])  # the newest
     assert len(list(tmp_path.glob("tiny--*.csv"))) == MAX_USER_REPORTS
     assert (tmp_path / "operator-notes.json").exists()
+
+
+def test_the_model_pages_read_a_folders_training_history_and_follow_its_rewrites(tmp_path):
+    import os
+
+    (tmp_path / "history.csv").write_text("epoch,train_loss\n1,0.9\n2,0.5\n")
+    assert ui_cache.history(tmp_path) == [{"epoch": 1, "train_loss": 0.9}, {"epoch": 2, "train_loss": 0.5}]
+    (tmp_path / "history.csv").write_text("epoch,train_loss\n1,0.8\n")
+    os.utime(tmp_path / "history.csv", (1e9, 1e9))  # another file time: a new cache entry
+    assert ui_cache.history(tmp_path) == [{"epoch": 1, "train_loss": 0.8}]
+    assert ui_cache.history(tmp_path / "missing") == []

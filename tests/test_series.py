@@ -255,7 +255,7 @@ def test_limits_on_members_slices_and_total_bytes():
     grey = grey_volume(6, 32, seed=18)
     members = {f"IM{i}": f for i, f in enumerate(dicom_series(grey))}
     too_many = read({"many.zip": zip_bytes(members)}, limits=Limits(max_zip_members=5))
-    assert "holds 6 files; at most 5" in too_many.errors[0].message
+    assert too_many.errors[0].message == "many.zip: the archive holds 6 files; at most 5 are read from one archive"
     too_long = read(members, limits=Limits(max_slices=5))
     assert "6 slices; at most 5 are read from one series" in too_long.errors[0].message
     too_big = read(members, limits=Limits(max_total_bytes=3 * len(members["IM0"])))
@@ -433,6 +433,18 @@ def test_the_apps_series_cache_answers_with_a_retrained_model_once_it_is_replace
     expected = classify_series(load_model(folder), series)
     assert probabilities(ui_cache.classify_series(folder, series)) == probabilities(expected)
     assert probabilities(expected) != probabilities(first)
+
+
+def test_the_apps_upload_cache_reads_names_that_are_not_valid_text():
+    """A browser can send a file name that does not encode (a lone surrogate
+    from a mangled name): the upload is read all the same, once per content."""
+    from ctapp import ui_cache
+
+    grey = grey_volume(1, 32, seed=41)
+    odd = [Input("scan\udcff.png", _png(grey[0]))]
+    result = ui_cache.read_series(odd)
+    assert [name for name, _ in result.images] == ["scan\udcff.png"] and not result.errors
+    assert ui_cache.read_series(list(odd)) is result
 
 
 def test_an_ensemble_classifies_a_series_as_it_predicts_each_slice(tmp_path):
