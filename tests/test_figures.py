@@ -111,6 +111,7 @@ def test_reliability_figure_plots_each_bin(three_class, binary):
     assert list(lines[0].y) == [b["accuracy"] for b in three_class["reliability"]]
     bars = [t for t in fig.data if isinstance(t, go.Bar)]
     assert sum(bars[0].y) == three_class["images"]
+    assert figures.reliability_figure({"A": three_class}, title="Calibration").layout.title.text == "Calibration"
 
 
 def test_metrics_and_per_class_tables(three_class, binary):

@@ -102,6 +102,14 @@ def test_weight_file_with_pickled_code_is_refused_even_when_the_environment_allo
     assert not marker.exists(), "the pickled code ran"
 
 
+def test_a_weight_file_wrapped_in_a_state_dict_key_loads_like_a_bare_one(tmp_path):
+    """Training scripts often save {"state_dict": ...}; the weights inside are used."""
+    source = torchvision.models.resnet50()
+    torch.save({"state_dict": source.state_dict(), "epoch": 90}, tmp_path / "wrapped.pth")
+    model = create_model("resnet50", 4, weights=tmp_path / "wrapped.pth")
+    torch.testing.assert_close(model.conv1.weight, source.conv1.weight)
+
+
 def test_imagenet_weights_use_the_torchvision_api_without_network(monkeypatch):
     """The real download path runs; only the network fetch is replaced."""
     asked = []

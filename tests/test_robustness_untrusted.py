@@ -267,3 +267,11 @@ def test_without_configured_roots_the_shared_data_folder_beside_the_project_is_t
     assert paths.data_roots() == [tmp_path.resolve()]
     monkeypatch.setattr(paths, "DEFAULT_DATA_ROOT", tmp_path / "missing")
     assert paths.data_roots() == []
+
+
+def test_a_path_that_cannot_be_resolved_is_never_inside_the_roots(tree):
+    from ctapp.paths import is_inside
+
+    base, roots = tree
+    assert not is_inside(base / "A" / "loop1", roots)  # a symlink loop: where it leads is unknown
+    assert is_inside(base / "A" / "sub", roots)

@@ -131,6 +131,41 @@ def test_the_environment_chooses_the_engine(tmp_path, monkeypatch):
     monkeypatch.setenv("CTAPP_DATABASE_URL", "oracle://x@y/z")
     with pytest.raises(StoreConfigError, match="'oracle' databases are not supported"):
         Store.from_environment()
+    monkeypatch.delenv("CTAPP_DATABASE_URL")
+    monkeypatch.setenv("CTAPP_AUDIT_LOG", str(tmp_path / "new" / "audit" / "log.sqlite"))  # folders made, private
+    Store.from_environment().close()
+    assert (tmp_path / "new" / "audit" / "log.sqlite").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "new" / "audit").stat().st_mode & 0o777 == 0o700
+
+
+class _Refusing:
+    """A DB-API connection still in rollback-journal mode whose switch to WAL fails."""
+
+    def __init__(self, message: str):
+        self.message, self.switches = message, 0
+
+    def execute(self, sql: str):
+        if sql == "PRAGMA journal_mode":
+            return self
+        self.switches += 1
+        raise sqlite3.OperationalError(self.message)
+
+    def fetchone(self):
+        return ("delete",)
+
+
+def test_switching_to_wal_retries_only_a_locked_database_and_only_until_its_deadline():
+    """Replicas starting together race for the switch ("database is locked"): that
+    is retried until the timeout; any other error is raised at once."""
+    broken = _Refusing("disk I/O error")
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        store_module._use_wal(broken, timeout=5.0)
+    assert broken.switches == 1
+    locked = _Refusing("database is locked")
+    start = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        store_module._use_wal(locked, timeout=0.3)
+    assert 0.3 <= time.monotonic() - start < 3 and locked.switches > 2
 
 
 # ----------------------------------------------------------------------------------- schema
