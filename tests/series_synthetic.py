@@ -114,9 +114,10 @@ def compress(ds, syntax: str) -> None:
     ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
 
 
-def enhanced_ct(grey: np.ndarray, *, frame_order=None, z0: float = 100.0) -> bytes:
+def enhanced_ct(grey: np.ndarray, *, frame_order=None, z0: float = 100.0, positions: bool = True) -> bytes:
     """One Enhanced CT file with every slice as a frame (stored in
-    ``frame_order``), positions and rescale in the functional groups only."""
+    ``frame_order``), positions (unless ``positions=False``) and rescale in the
+    functional groups only."""
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
     from pydicom.uid import EnhancedCTImageStorage, generate_uid
@@ -142,7 +143,7 @@ def enhanced_ct(grey: np.ndarray, *, frame_order=None, z0: float = 100.0) -> byt
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
     ds.PerFrameFunctionalGroupsSequence = Sequence([
         item(PlanePositionSequence=Sequence([item(ImagePositionPatient=[0, 0, z0 - k * SLICE_STEP])]))
-        for k in order])
+        if positions else item() for k in order])
     ds.PixelData = np.stack([grey[k] for k in order]).astype(np.uint16).tobytes()
     return _save(ds, None)
 

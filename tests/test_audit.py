@@ -65,6 +65,9 @@ def test_audit_cli_json_keys(planted, capsys):
     assert report["cross_split_copies"] == 2
     assert audit_cli.run(["--data", str(planted)]) == 0
     assert capsys.readouterr().err.startswith(f"auditing {report['images']}/{report['images']} images | ")
+    (planted.parent / "empty").mkdir()
+    assert audit_cli.run(["--data", str(planted.parent / "empty")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {planted.parent / 'empty'}")
 
 
 def test_shortcut_probe_sees_brightness(tmp_path):

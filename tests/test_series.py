@@ -186,6 +186,10 @@ def test_enhanced_multi_frame_ct_uses_per_frame_positions_and_rescale():
     assert not result.errors
     np.testing.assert_allclose(grey_of(result.series[0]), grey, atol=1e-3)
     assert [f[2] for f in result.series[0].reference.instances] == [2, 1, 4, 0, 5, 3]
+    # Without positions the frames keep the order they are stored in.
+    unplaced = read({"enhanced": enhanced_ct(grey, positions=False)})
+    np.testing.assert_allclose(grey_of(unplaced.series[0]), grey, atol=1e-3)
+    assert [f[2] for f in unplaced.series[0].reference.instances] == list(range(6))
 
 
 def test_palette_colour_dicom_decodes_to_grey():
@@ -256,6 +260,9 @@ def test_limits_on_members_slices_and_total_bytes():
     members = {f"IM{i}": f for i, f in enumerate(dicom_series(grey))}
     too_many = read({"many.zip": zip_bytes(members)}, limits=Limits(max_zip_members=5))
     assert too_many.errors[0].message == "many.zip: the archive holds 6 files; at most 5 are read from one archive"
+    too_large = read(members, limits=Limits(max_voxels=6 * 32 * 32 - 1))
+    assert "6 slices of 32x32 pixels (0 megavoxels); at most 0 megavoxels" in too_large.errors[0].message
+    assert not read(members, limits=Limits(max_voxels=6 * 32 * 32)).errors
     too_long = read(members, limits=Limits(max_slices=5))
     assert "6 slices; at most 5 are read from one series" in too_long.errors[0].message
     too_big = read(members, limits=Limits(max_total_bytes=3 * len(members["IM0"])))
