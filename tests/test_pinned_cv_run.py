@@ -225,6 +225,11 @@ def test_an_ensemble_of_two_runs_averages_their_out_of_fold_rows(runs):
     assert np.abs(mean[:, 1] - np.array([float(a[p]["p_beta"]) for p in paths])).max() > 1e-3  # two networks
     assert report["accuracy"] == pytest.approx(np.mean([r["true"] == r["pred"] for r in rows]))
     assert [r["source"] for r in rows] == [a[r["path"]]["source"] for r in rows]
+    for source, figures in report["per_source"].items():  # each source's own figures, from its rows
+        mine = [r for r in rows if r["source"] == source]
+        assert figures["images"] == len(mine) and figures["accuracy"] == pytest.approx(
+            np.mean([r["true"] == r["pred"] for r in mine]))
+    assert sorted(report["per_source"]) == sorted({r["source"] for r in rows}) and len(report["per_source"]) == 2
     # The risk-coverage curve of the rows, recounted: the most confident k answered, k = 1 .. n.
     ranked = sorted(rows, key=lambda r: -float(r["confidence"]))
     for point in report["risk_coverage"]:
@@ -304,6 +309,9 @@ def test_evaluate_reports_the_test_split_with_the_apps_flags(runs, capsys):
         shown = model.predict(runs["first"] / r["path"])
         assert (r["uncertain"] == "True") == shown.uncertain and r["pred"] == shown.label
     assert report["coverage"] == pytest.approx(np.mean([r["uncertain"] == "False" for r in rows]))
+    answered = [r for r in rows if r["uncertain"] == "False"]
+    if answered:
+        assert report["accuracy_when_confident"] == pytest.approx(np.mean([r["true"] == r["pred"] for r in answered]))
     assert evaluate(["--model", str(runs["a"]), "--data", str(runs["root"] / "nowhere"), "--out", str(out)]) == 2
 
 

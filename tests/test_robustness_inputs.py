@@ -367,3 +367,30 @@ def test_series_progress_on_a_terminal_redraws_one_line(tty, monkeypatch, capsys
         assert "\rseries S-1: 2 slices classified in " in err
     else:  # a log file gets the last line only, without carriage returns
         assert err.startswith("series S-1: 2 slices classified in ") and "\r" not in err
+
+
+def test_a_dicom_header_declaring_a_strip_is_refused_before_its_pixels_are_read():
+    """Rows and Columns are checked from the header: 16 x 3200 is no CT slice,
+    whatever (or however little) pixel data follows."""
+    from synthetic import ct_dataset, dicom_file_bytes
+
+    ds = ct_dataset(16, 3200)
+    ds.PixelData = b"\0\0" * 16  # far less than declared: never read
+    with pytest.raises(ImageDecodeError, match="3200x16 pixels, its long side 200 times its short side"):
+        decode(dicom_file_bytes(ds))
+
+
+def test_a_dicom_with_float_pixel_data_is_not_called_pixel_free():
+    from synthetic import ct_dataset, dicom_file_bytes
+
+    ds = ct_dataset(32, 32)
+    for keyword in ("BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation"):
+        delattr(ds, keyword)
+    ds.BitsAllocated = 32
+    ds.FloatPixelData = np.linspace(-1000, 400, 32 * 32, dtype=np.float32).tobytes()
+    try:
+        image = decode(dicom_file_bytes(ds))
+    except ImageDecodeError as exc:
+        assert "no pixel data" not in str(exc)
+    else:
+        assert image.pixels.shape == (32, 32)

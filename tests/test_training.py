@@ -485,3 +485,22 @@ def test_autocast_runs_in_the_precision_it_was_given():
             assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == dtype
     with Precision(torch.device("cpu"), None).autocast():
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_training_times_are_shown_as_minutes_or_hours():
+    from training.engine import _duration
+
+    assert [_duration(s) for s in (0, 59.9, 3599, 3600, 3725, float("inf"))] == \
+        ["0:00", "0:59", "59:59", "1:00:00", "1:02:05", "?"]
+
+
+def test_evaluating_files_counts_every_copy_unless_asked_to_dedupe(tiny_model, tiny_dataset, tmp_path):
+    from ctapp.evaluation import evaluate_files
+
+    image = next((tiny_dataset / "valid" / "beta").iterdir())
+    shutil.copy(image, tmp_path / "copy.png")
+    model = load_model(tiny_model)
+    report, rows = evaluate_files(model, [image, tmp_path / "copy.png"], [1, 1], workers=1)
+    assert report["images"] == 2 and report["duplicates_skipped"] == 0 and len(rows) == 2
+    report, rows = evaluate_files(model, [image, tmp_path / "copy.png"], [1, 1], workers=1, dedupe=True)
+    assert report["images"] == 1 and report["duplicates_skipped"] == 1 and len(rows) == 1
