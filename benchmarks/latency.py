@@ -27,7 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ctapp.checkpoint import atomic_write_text  # noqa: E402
-from ctapp.inference import CARD_FILE, list_models, load_model  # noqa: E402
+from ctapp.inference import CARD_FILE, EnsembleModel, list_models, load_model  # noqa: E402
 from ctapp.models import create_model  # noqa: E402
 from training.foreign import ct_phantom  # noqa: E402
 
@@ -91,17 +91,20 @@ def main() -> None:
     print(f"{'model':<28}{'predict':>10}{'+Grad-CAM':>11}   {'naive predict':>14}{'naive +CAM':>12}")
     for folder in folders:
         model = load_model(folder)
-        naive = Naive(model)
         ours_p = median_ms(lambda: model.predict(data), args.repeat)
         ours_e = median_ms(lambda: model.analyse(data), args.repeat)
-        naive_p = median_ms(lambda: naive.predict(data), args.repeat)
-        naive_e = median_ms(lambda: naive.predict_and_explain(data), args.repeat)
-        print(f"{model.name:<28}{ours_p:>8.1f}ms{ours_e:>9.1f}ms   {naive_p:>12.1f}ms{naive_e:>10.1f}ms")
+        naive_ms = {}
+        if not isinstance(model, EnsembleModel):  # an ensemble's members have their own naive figures
+            naive = Naive(model)
+            naive_ms = {"naive_predict": round(median_ms(lambda: naive.predict(data), args.repeat), 1),
+                        "naive_predict_gradcam": round(median_ms(lambda: naive.predict_and_explain(data),
+                                                                 args.repeat), 1)}
+        shown = "".join(f"{naive_ms[k]:>12.1f}ms" for k in naive_ms) or f"{'(members)':>26}"
+        print(f"{model.name:<28}{ours_p:>8.1f}ms{ours_e:>9.1f}ms {shown}")
         if args.update_cards:
             card_path = Path(folder) / CARD_FILE
             card = json.loads(card_path.read_text())
-            card["latency_ms"] = {"predict": round(ours_p, 1), "predict_gradcam": round(ours_e, 1),
-                                  "naive_predict": round(naive_p, 1), "naive_predict_gradcam": round(naive_e, 1),
+            card["latency_ms"] = {"predict": round(ours_p, 1), "predict_gradcam": round(ours_e, 1), **naive_ms,
                                   "image": "512x512", "threads": torch.get_num_threads(),
                                   "machine": platform.machine(), "measured_by": "benchmarks/latency.py"}
             atomic_write_text(json.dumps(card, indent=2), card_path)

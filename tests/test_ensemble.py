@@ -166,9 +166,9 @@ def test_the_models_table_row_headlines_out_of_fold_figures_with_their_spread(tm
                 selective_answers={"coverage": 0.672, "accuracy_when_confident": 0.951},
                 calibration={"ece_after": 0.0412}, size_bytes=20_400_000,
                 latency_ms={"predict": 41.0, "predict_gradcam": 180.0},
-                shift_simulation={"shifts": [["none", {"confident_mistakes": 0.03}],
-                                             ["JPEG q20", {"confident_mistakes": 0.0633}],
-                                             ["noise", {"confident_mistakes": 0.05}]]})
+                shift_simulation={"shifts": {"none": {"confident_mistakes": 0.03},
+                                             "JPEG q20": {"confident_mistakes": 0.0633},
+                                             "noise": {"confident_mistakes": 0.05}}})
     (folder / "model_card.json").write_text(json.dumps(card))
     row = table(tmp_path).splitlines()[2]
     assert row == ("| `lung-x` | Lung cancer (4 classes) | VGG19-BN | out-of-fold, 5-fold CV | 577 | 84.1% ± 8.4% | "
@@ -194,9 +194,11 @@ def test_the_models_table_gives_an_ensemble_its_own_command(tmp_path):
     # The members' folders come from ensemble.json, not from the names a card gives them.
     (tmp_path / "ab" / "model_card.json").write_text(json.dumps({"architecture": "ensemble",
                                                                  "members": ["model a", "model b"],
-                                                                 "validation": {"macro_f1": 0.5}}))
+                                                                 "validation": {"macro_f1": 0.5},
+                                                                 "selective_answers": {"target_accuracy": 0.9}}))
     commands = table(tmp_path).split("```bash\n")[1]
-    assert "# ab\npython -m training.ensemble --members models/a models/b --out models/ab\n" in commands
+    assert "# ab\npython -m training.ensemble --members models/a models/b --out models/ab --target-accuracy 0.9\n" \
+        in commands
     assert commands.count("python -m training.fit") == 2  # the members', not the ensemble's
 
 

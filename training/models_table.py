@@ -59,7 +59,7 @@ def _spread(val: dict, metric: str, percent: bool) -> str:
 
 def _worst_shift(shift: dict) -> str:
     """The simulated shift with the most confident mistakes (share of all its slices)."""
-    name, row = max(shift["shifts"], key=lambda item: item[1]["confident_mistakes"])
+    name, row = max(shift["shifts"].items(), key=lambda item: item[1]["confident_mistakes"])
     return f"{row['confident_mistakes']:.1%} ({name})"
 
 
@@ -94,8 +94,9 @@ def table(folder: Path) -> str:
             # The member folders as ensemble.json names them: what loading the ensemble uses.
             spec = json.loads((entry.path / ENSEMBLE_FILE).read_text(encoding="utf-8"))
             members = " ".join(f"models/{Path(m).name}" for m in spec["members"])
+            target = (card.get("selective_answers") or {}).get("target_accuracy")
             commands.append(f"# {entry.name}\npython -m training.ensemble --members {members} "
-                            f"--out models/{entry.path.name}")
+                            f"--out models/{entry.path.name}" + (f" --target-accuracy {target:g}" if target else ""))
             continue
         settings = dict(card.get("training", {}).get("settings", {}))
         # Cards written before a preprocessing option existed trained without it.
