@@ -287,28 +287,55 @@ def test_shipped_models_in_a_browser(pw, tmp_path):
             browser.close()
 
 
+def unlike_training_slice(task: str, folder: Path) -> Path | None:
+    """A chest CT slice exported another way (a shift of ``benchmarks/shift.py``:
+    window, gamma, blur, JPEG, borders...) that the page's default model of
+    ``task`` finds unlike its training images, saved as the PNG to upload; None
+    when no candidate is. The candidates are real lung slices when ../shared/data
+    is here, else the CT phantom."""
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks.shift import SHIFTS
+    from ctapp.imaging import decode
+    from ctapp.inference import DEFAULT_MODELS_DIR, UNLIKE_TRAINING, list_models, load_model
+    from training.foreign import ct_phantom
+
+    model = load_model(next(e for e in list_models([DEFAULT_MODELS_DIR]) if e.task == task).path)
+    real = REPO.parent / "shared" / "data" / "chest-ct-scan-images" / "Data" / "valid"
+    bases = [decode(p).pixels for p in sorted(real.rglob("*.png"))[:8]] if real.is_dir() else \
+        [ct_phantom(512, seed).astype(np.float32) / 255 for seed in range(4)]
+    rng = np.random.default_rng(0)
+    for i, base in enumerate(bases):
+        for name, shift in SHIFTS.items():
+            path = folder / f"unlike-{i}-{name.replace(' ', '-')}.png"
+            Image.fromarray(np.round(np.clip(shift(base, rng), 0, 1) * 255).astype(np.uint8)).save(path)
+            if model.predict(path).state == UNLIKE_TRAINING:
+                return path
+    return None
+
+
 def test_uncertain_states_in_a_browser(pw, tmp_path):
-    """The two uncertain states in their own words on the shipped models: a blank
-    image is not a chest CT; a photograph is unlike the training images (the
-    shipped checkpoints predate the 'not a chest CT' threshold of the OOD score,
-    so for them anything beyond it reads 'unlike the training images'). Neither
-    shows a verdict headline."""
+    """The two uncertain states in their own words on the shipped models: a
+    photograph is not a chest CT; a chest CT slice exported another way is
+    unlike the training images. Neither shows a verdict headline."""
     from PIL import Image
 
     from training.foreign import foreign_images
 
-    blank, photo = tmp_path / "blank.png", tmp_path / "photo.png"
-    Image.new("L", (512, 512), 0).save(blank)
-    Image.fromarray(foreign_images(512)["photo"]).save(photo)
-    env = {"CTAPP_AUDIT_LOG": str(tmp_path / "audit.sqlite"), "CTAPP_REPORTS_DIR": str(tmp_path / "reports")}
     task = sorted(shipped_model_tasks(), key=lambda t: "lung" not in t.lower())[0]
+    photo = tmp_path / "photo.png"
+    Image.fromarray(foreign_images(512)["photo"]).save(photo)
+    cases = [(photo, "Not a chest CT slice: no result", "state-not-chest-ct.png")]
+    unlike = unlike_training_slice(task, tmp_path)
+    assert unlike is not None, "no shifted chest CT slice the shipped model finds unlike its training images"
+    cases.append((unlike, "Unlike the training images: no reliable result", "state-unlike-training.png"))
+    env = {"CTAPP_AUDIT_LOG": str(tmp_path / "audit.sqlite"), "CTAPP_REPORTS_DIR": str(tmp_path / "reports")}
     with running_app(env, tmp_path / "server.log") as url:
         browser = pw.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 1600})
         try:
-            for upload, words, name in ((blank, "Not a chest CT slice: no result", "state-not-chest-ct.png"),
-                                        (photo, "Unlike the training images: no reliable result",
-                                         "state-unlike-training.png")):
+            for upload, words, name in cases:
                 page.goto(url, wait_until="networkidle")
                 page.get_by_role("heading", name="CT slice diagnosis").wait_for(timeout=WAIT_MS)
                 select_option(page, "Task", task)
