@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from pathlib import Path
 
 import streamlit as st
 
 from ctapp import figures, ui_cache
 from ctapp.figures import FEW_IMAGES
-from ctapp.inference import ModelEntry
+from ctapp.inference import ENSEMBLE_FILE, ModelEntry
 from ctapp.report import DISCLAIMER
 
 # Card keys shown in their own sections; anything else appears under "Other fields".
@@ -245,12 +246,35 @@ def show_overview(entry: ModelEntry, card: Mapping) -> None:
         kv_table(key_values(other))
 
 
-def show_training(entry: ModelEntry, card: Mapping) -> None:
-    history = ui_cache.history(entry.path)
+def ensemble_members(entry: ModelEntry) -> list[Path] | None:
+    """The member folders an ensemble's ``ensemble.json`` names; None for a single network."""
+    spec = entry.path / ENSEMBLE_FILE
+    if not spec.is_file():
+        return None
+    try:
+        members = json.loads(spec.read_text(encoding="utf-8")).get("members") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [(entry.path / m).resolve() for m in members if isinstance(m, str)]
+
+
+def training_curves(folder: Path, key: str) -> None:
+    history = ui_cache.history(folder)
     if history:
-        st.plotly_chart(figures.training_curves(history), key="training_curves")
+        st.plotly_chart(figures.training_curves(history), key=key)
     else:
-        st.info("No training history (history.csv) in this model's folder.")
+        st.info(f"No training history (history.csv) in {folder.name}.")
+
+
+def show_training(entry: ModelEntry, card: Mapping) -> None:
+    members = ensemble_members(entry)
+    if members is not None:
+        st.info("An ensemble is not trained itself; its members' training runs follow.")
+        for i, folder in enumerate(members):
+            st.markdown(f"**{folder.name}**")
+            training_curves(folder, key=f"training_curves_{i}")
+        return
+    training_curves(entry.path, key="training_curves")
     training = dict(card.get("training") or {})
     settings = training.pop("settings", None)
     st.markdown("**Run**")

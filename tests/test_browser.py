@@ -223,7 +223,7 @@ def test_diagnosis_comparison_and_card_in_a_browser(page, server, tmp_path):
     assert_clean(page)
     screenshot(page, "model-card.png")
     page.get_by_role("tab", name="Training", exact=True).click()
-    page.locator(".js-plotly-plot").first.wait_for(timeout=WAIT_MS)
+    page.locator(".js-plotly-plot:visible").first.wait_for(timeout=WAIT_MS)
     page.wait_for_timeout(1000)
     screenshot(page, "model-card-training.png")
 
