@@ -212,6 +212,21 @@ def test_groups_by_file_number(tmp_path):
     assert len(paths) == 25
 
 
+def test_groups_by_a_name_pattern_keep_one_papers_figures_together():
+    from pathlib import Path
+
+    from ctapp.data import Sample
+
+    names = ["2020.03.13-p5-10.png", "2020.03.13-p6-2%1.png", "fig3%2.png", "fig3%7.png", "fig4.png", "99.png"]
+    samples = [Sample(Path("/d/covid") / n, 0, "") for n in names]
+    default = group_ids(samples)  # the UCSD convention: paper id before "-p", figure before "%"
+    assert default[0] == default[1] and default[2] == default[3] and len(set(default)) == 4
+    by_patient = group_ids([Sample(Path("/d/c") / n, 0, "") for n in ("12-a.png", "12-b.png", "13-a.png")],
+                           pattern=r"^(\d+)")
+    assert by_patient[0] == by_patient[1] != by_patient[2]
+    assert len(set(group_ids(samples, pattern=""))) == 6  # no pattern: every file its own group
+
+
 def test_empty_and_missing_folders(tmp_path):
     with pytest.raises(DatasetError, match="no such folder"):
         scan_dataset(tmp_path / "missing")

@@ -105,6 +105,10 @@ def test_each_fold_model_trains_on_the_other_folds_only_and_the_shipped_one_on_a
         assert pixels(train) == everything - held, name
         _, meta = load_model_file(runs["a"] / "cv" / name / "model.pt")
         assert meta["images_trained"] == len(train) == 40 - len(held) and meta["cv_run"] == name
+        assert meta["train_seconds"] > 0 and meta["epoch"] == 2
+    _, shipped = load_model_file(runs["a"] / "model.pt")
+    report = json.loads((runs["a"] / "eval_report.json").read_text())
+    assert shipped["metrics"]["out_of_fold"] is True and shipped["metrics"]["accuracy"] == report["accuracy"]
     _, train, held = runs["trained"][3]
     assert pixels(train) == everything and len(held) == 0
 
@@ -308,6 +312,7 @@ def test_evaluate_reports_the_test_split_with_the_apps_flags(runs, capsys):
     for r in rows:
         shown = model.predict(runs["first"] / r["path"])
         assert (r["uncertain"] == "True") == shown.uncertain and r["pred"] == shown.label
+        assert float(r["ood_score"]) == pytest.approx(shown.ood_score, rel=1e-4)
     assert report["coverage"] == pytest.approx(np.mean([r["uncertain"] == "False" for r in rows]))
     answered = [r for r in rows if r["uncertain"] == "False"]
     if answered:
