@@ -640,8 +640,8 @@ def load_model(path: str | os.PathLike) -> LoadedModel | EnsembleModel:
     return LoadedModel(model, meta, path=folder if weights.name == WEIGHTS_FILE else weights, card=card)
 
 
-def load_ensemble(folder: Path) -> EnsembleModel:
-    """An ensemble folder: ``ensemble.json`` lists its members, model folders given
+def read_ensemble_spec(folder: Path) -> tuple[dict, list[Path]]:
+    """An ensemble folder's ``ensemble.json`` and its member folders, given there
     relative to the ensemble's own folder (e.g. ``../lung-resnet50``)."""
     try:
         spec = json.loads((folder / ENSEMBLE_FILE).read_text(encoding="utf-8"))
@@ -650,11 +650,16 @@ def load_ensemble(folder: Path) -> EnsembleModel:
     members = spec.get("members") if isinstance(spec, dict) else None
     if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
         raise CheckpointError(f"{folder / ENSEMBLE_FILE}: needs a list of member folders under 'members'")
+    return spec, [(folder / member).resolve() for member in members]
+
+
+def load_ensemble(folder: Path) -> EnsembleModel:
+    """An ensemble folder: ``ensemble.json`` lists its members (:func:`read_ensemble_spec`)."""
+    spec, members = read_ensemble_spec(folder)
     loaded = []
-    for member in members:
-        member_path = (folder / member).resolve()
+    for name, member_path in zip(spec["members"], members):
         if (member_path / ENSEMBLE_FILE).is_file():
-            raise CheckpointError(f"{folder / ENSEMBLE_FILE}: member {member} is an ensemble itself")
+            raise CheckpointError(f"{folder / ENSEMBLE_FILE}: member {name} is an ensemble itself")
         loaded.append(load_model(member_path))
     return EnsembleModel(loaded, spec, path=folder, card=_read_card(folder))
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import streamlit as st
 
 from ctapp import figures, ui_cache
+from ctapp.checkpoint import CheckpointError
 from ctapp.figures import FEW_IMAGES
-from ctapp.inference import ENSEMBLE_FILE, ModelEntry
+from ctapp.inference import ENSEMBLE_FILE, ModelEntry, read_ensemble_spec
 from ctapp.report import DISCLAIMER
 
 # Card keys shown in their own sections; anything else appears under "Other fields".
@@ -248,14 +249,12 @@ def show_overview(entry: ModelEntry, card: Mapping) -> None:
 
 def ensemble_members(entry: ModelEntry) -> list[Path] | None:
     """The member folders an ensemble's ``ensemble.json`` names; None for a single network."""
-    spec = entry.path / ENSEMBLE_FILE
-    if not spec.is_file():
+    if not (entry.path / ENSEMBLE_FILE).is_file():
         return None
     try:
-        members = json.loads(spec.read_text(encoding="utf-8")).get("members") or []
-    except (OSError, ValueError, AttributeError):
+        return read_ensemble_spec(entry.path)[1]
+    except CheckpointError:
         return []
-    return [(entry.path / m).resolve() for m in members if isinstance(m, str)]
 
 
 def training_curves(folder: Path, key: str) -> None:

@@ -9,12 +9,11 @@ With ``--readme`` the table replaces what lies between the README's
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shlex
 from pathlib import Path
 
-from ctapp.inference import DEFAULT_MODELS_DIR, ENSEMBLE_FILE, list_models
+from ctapp.inference import DEFAULT_MODELS_DIR, ENSEMBLE_FILE, list_models, read_ensemble_spec
 
 # Options that describe the run rather than the model, left out of the printed command.
 RUN_ONLY = {"quiet", "resume", "stop_after", "workers", "device"}
@@ -92,8 +91,7 @@ def table(folder: Path) -> str:
             f"{card.get('size_bytes', 0) / 1e6:.1f} MB | {latency.get('predict', '?')} / {latency.get('predict_gradcam', '?')} |")
         if (entry.path / ENSEMBLE_FILE).is_file():
             # The member folders as ensemble.json names them: what loading the ensemble uses.
-            spec = json.loads((entry.path / ENSEMBLE_FILE).read_text(encoding="utf-8"))
-            members = " ".join(f"models/{Path(m).name}" for m in spec["members"])
+            members = " ".join(f"models/{m.name}" for m in read_ensemble_spec(entry.path)[1])
             target = (card.get("selective_answers") or {}).get("target_accuracy")
             commands.append(f"# {entry.name}\npython -m training.ensemble --members {members} "
                             f"--out models/{entry.path.name}" + (f" --target-accuracy {target:g}" if target else ""))
