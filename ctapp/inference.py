@@ -379,11 +379,6 @@ class LoadedModel:
         return BatchScores(probs, calibrated(logits, 1.0), np.asarray(ood, float),
                            [state for state, _ in assessed], [reasons for _, reasons in assessed])
 
-    def _prediction(self, logits: torch.Tensor, features: dict[str, torch.Tensor], image: Slice,
-                    body_found: bool = True) -> Prediction:
-        scores = self._scores(logits.float(), features, [body_found])
-        return scores.prediction(0, self.class_names, self.display_names, slice_notes(image.notes, body_found))
-
     def score_slice(self, image: ImageSource | Slice) -> tuple[BatchScores, bool]:
         """One slice's scores (a batch of one) and whether its body crop found a body."""
         image = self._decode(image)
@@ -463,14 +458,21 @@ class LoadedModel:
 
         The map explains the predicted class unless ``target`` names another.
         """
+        image = self._decode(image)
+        scores, body_found, heat, cam_index = self.scored_cam(image, self.class_index(target), method)
+        prediction = scores.prediction(0, self.class_names, self.display_names, slice_notes(image.notes, body_found))
+        return Analysis(prediction, heat, self.class_names[cam_index], image)
+
+    def scored_cam(self, image: Slice, index: int | None, method: str = "Grad-CAM",
+                   ) -> tuple[BatchScores, bool, np.ndarray, int]:
+        """A decoded slice's scores, whether the body crop found a body, and the
+        map of class ``index`` (None: the top class) with that class's index."""
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         methods = cam_methods()
         if method not in methods:
             raise ValueError(f"unknown CAM method {method!r}; choose one of {list(methods)}")
-        image = self._decode(image)
         x, geometry = model_input(image.pixels, self.preprocess)
-        index = self.class_index(target)
         with self._lock:
             try:
                 with FeatureCapture(self.model, self.feature_layers) as capture, \
@@ -481,10 +483,9 @@ class LoadedModel:
                     logits = cam.outputs.detach()
             finally:
                 self.model.zero_grad(set_to_none=True)
-        prediction = self._prediction(logits, capture.features(), image, geometry.body_found)
-        cam_index = index if index is not None else self.class_names.index(prediction.label)
-        heat = np.clip(cam_to_image(maps[0], geometry), 0.0, 1.0)
-        return Analysis(prediction, heat, self.class_names[cam_index], image)
+        scores = self._scores(logits.float(), capture.features(), [geometry.body_found])
+        cam_index = index if index is not None else int(np.argmax(scores.probs[0]))
+        return scores, geometry.body_found, np.clip(cam_to_image(maps[0], geometry), 0.0, 1.0), cam_index
 
     def explain(self, image: ImageSource | Slice, target: int | str | None = None,
                 method: str = "Grad-CAM") -> np.ndarray:
@@ -606,12 +607,19 @@ class EnsembleModel:
         """The ensemble's prediction, and a map of the class it predicts (or
         ``target``): the members' maps averaged, or the named member's."""
         image = self._decode(image)
-        prediction = self.predict(image)
         index = self.class_index(target)
-        cam_class = self.class_names[index if index is not None else self.class_names.index(prediction.label)]
         explainers = [m for m in self.members if m.name == self.explain_with] or self.members
-        maps = [m.analyse(image, target=cam_class, method=method).cam for m in explainers]
-        return Analysis(prediction, np.mean(maps, axis=0), cam_class, image)
+        # One pass per member: an explainer's map of its own top class (or ``target``) comes
+        # with its scores, and is redrawn only where that class is not the ensemble's.
+        runs = [m.scored_cam(image, index, method) if m in explainers else (*m.score_slice(image), None, None)
+                for m in self.members]
+        scores = self.combine([run[0] for run in runs])
+        notes = slice_notes(image.notes, all(run[1] for run in runs))
+        prediction = scores.prediction(0, self.class_names, self.display_names, notes)
+        cam_index = index if index is not None else self.class_names.index(prediction.label)
+        maps = [heat if drawn == cam_index else m.scored_cam(image, cam_index, method)[2]
+                for m, (_, _, heat, drawn) in zip(self.members, runs) if m in explainers]
+        return Analysis(prediction, np.mean(maps, axis=0), self.class_names[cam_index], image)
 
     def explain(self, image: ImageSource | Slice, target: int | str | None = None,
                 method: str = "Grad-CAM") -> np.ndarray:

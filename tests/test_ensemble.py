@@ -56,13 +56,55 @@ def test_an_ensemble_predicts_the_mean_of_its_members(ensemble, slices):
     assert differ  # the members are different networks
 
 
-def test_an_ensemble_explains_with_the_mean_of_its_members_maps(ensemble, slices):
+def assert_same_answer(a, b):
+    a, b = a.to_dict(), b.to_dict()
+    assert a.pop("probabilities") == pytest.approx(b.pop("probabilities"), abs=1e-6)
+    assert a.pop("confidence") == pytest.approx(b.pop("confidence"), abs=1e-6)
+    assert a == b
+
+
+def test_an_ensemble_explains_its_own_answer_with_the_mean_of_its_members_maps(ensemble, slices, monkeypatch):
+    from ctapp.inference import LoadedModel
+
     model = load_model(ensemble)
+    passes = []
+    scored_cam = LoadedModel.scored_cam
+    monkeypatch.setattr(LoadedModel, "scored_cam", lambda self, *a, **k: passes.append(self.name) or
+                        scored_cam(self, *a, **k))
+    for path in slices[:3]:
+        passes.clear()
+        analysis = model.analyse(path)
+        shown = model.predict(path)
+        assert_same_answer(analysis.prediction, shown)
+        assert analysis.cam_class == shown.label
+        maps = [m.explain(path, target=shown.label) for m in model.members]
+        np.testing.assert_allclose(analysis.cam, (maps[0] + maps[1]) / 2, atol=1e-6)
+        assert analysis.cam.shape == (64, 64)
+        # Member a leans the other way on these slices: its map is drawn again for the
+        # ensemble's class; member b's first pass already explains that class.
+        assert [m.predict(path).label for m in model.members] == ["class0", "class1"] == ["class0", shown.label]
+        assert passes[:3] == ["a", "b", "a"]
+    passes.clear()
+    assert model.analyse(slices[0], target="class0").cam_class == "class0"
+    assert passes[:2] == ["a", "b"]  # a named class: one pass each
+
+
+def test_an_ensemble_can_explain_with_one_named_member(ensemble, slices, tmp_path, monkeypatch):
+    from ctapp.inference import LoadedModel
+
+    spec = {"members": [str(ensemble.parent / "a"), str(ensemble.parent / "b")], "explain_with": "b"}
+    (tmp_path / ENSEMBLE_FILE).write_text(json.dumps(spec))
+    model = load_model(tmp_path)
+    passes = []
+    scored_cam = LoadedModel.scored_cam
+    monkeypatch.setattr(LoadedModel, "scored_cam", lambda self, *a, **k: passes.append(self.name) or
+                        scored_cam(self, *a, **k))
     analysis = model.analyse(slices[0])
-    target = analysis.cam_class
-    maps = [m.explain(slices[0], target=target) for m in model.members]
-    np.testing.assert_allclose(analysis.cam, (maps[0] + maps[1]) / 2, atol=1e-6)
-    assert analysis.cam.shape == (64, 64)
+    assert passes == ["b"]  # the other member only scores the slice
+    monkeypatch.undo()
+    assert_same_answer(analysis.prediction, model.predict(slices[0]))
+    np.testing.assert_allclose(analysis.cam, model.members[1].explain(slices[0], target=analysis.cam_class),
+                               atol=1e-6)
 
 
 def test_an_ensemble_explains_a_slice_as_its_analysis_does(ensemble, slices):
