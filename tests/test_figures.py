@@ -232,6 +232,10 @@ def test_slice_report_is_self_contained_and_complete():
                      "Grad-CAM++ for Beta", DISCLAIMER, "scan &lt;1&gt;.png", "lung window", "UTC"):
         assert expected in html, expected
     assert "<script" not in html and "http" not in html.replace("http-equiv", "")
+    unnamed = slice_report(image=np.full((32, 40), 0.3, np.float32),
+                           results=[ModelResult("m", "v", prediction(), overlay=overlay, cam_method="Grad-CAM")])
+    assert "alt='Grad-CAM overlay'" in unnamed and "m: Grad-CAM (warm colours" in unnamed
+    assert "Grad-CAM for" not in unnamed
 
 
 def test_slice_report_states_uncertainty_and_reasons():

@@ -263,6 +263,7 @@ def test_limits_on_members_slices_and_total_bytes():
     too_large = read(members, limits=Limits(max_voxels=6 * 32 * 32 - 1))
     assert "6 slices of 32x32 pixels (0 megavoxels); at most 0 megavoxels" in too_large.errors[0].message
     assert not read(members, limits=Limits(max_voxels=6 * 32 * 32)).errors
+    assert len(read({"six.zip": zip_bytes(members)}, limits=Limits(max_zip_members=6)).series[0]) == 6
     too_long = read(members, limits=Limits(max_slices=5))
     assert "6 slices; at most 5 are read from one series" in too_long.errors[0].message
     too_big = read(members, limits=Limits(max_total_bytes=3 * len(members["IM0"])))
@@ -543,9 +544,11 @@ def test_cli_json_lines_for_series_volumes_single_images_and_errors(tiny_model, 
     volume.write_bytes(nifti_bytes(b))
     single = tmp_path / "single.png"
     single.write_bytes(_png(a[0]))
+    cut = tmp_path / "cut.zip"
+    cut.write_bytes(b"PK\x03\x04" + bytes(40))
     bad = tmp_path / "notes.txt"
     bad.write_text("not an image")
-    code, lines, err = _cli(single, folder, volume, bad, "--model", tiny_model, "--json")
+    code, lines, err = _cli(single, folder, volume, cut, bad, "--model", tiny_model, "--json")
     assert code == 1
     records = [json.loads(line) for line in lines]
     assert records[0]["kind"] == "slice" and records[0]["file"] == str(single) and records[0]["series"] is None
@@ -556,12 +559,14 @@ def test_cli_json_lines_for_series_volumes_single_images_and_errors(tiny_model, 
         assert [r["slice_index"] for r in slices] == list(range(summary["slices"]))
         assert set(slices[0]) >= {"label", "probabilities", "uncertain", "state", "file"}
         assert summary["verdict"] and summary["rule"] and "confident_counts" in summary
+        assert f"{summary['slices']} axial slices, 32x32 px" in summary["description"]
     nifti = [r for r in records if r.get("kind") == "slice" and r["file"] == str(volume)]
     from_dicom = [r for r in records if r.get("kind") == "slice" and r["file"].startswith(str(folder))
                   and r["series"] == next(s["series"] for s in series_lines if s["slices"] == 3 and
                                           s["source"] == "DICOM")]
     for x, y in zip(nifti, from_dicom):  # the volume gives the same answers as its DICOM series
         assert x["probabilities"] == pytest.approx(y["probabilities"], abs=1e-5)
+    assert records[-2] == {"file": str(cut), "error": f"{cut}: the zip archive is damaged or incomplete"}
     assert records[-1] == {"file": str(bad), "error": records[-1]["error"]} and "not an image" in records[-1]["error"]
     assert "slices classified in" in err
     text = "\n".join(lines) + err
@@ -592,6 +597,8 @@ def _content_items(items):
 
 @pytest.mark.parametrize("label, has_result, code, meaning", [
     ("beta", True, "BETA", "Beta-like findings"),
+    # A DICOM code value holds at most 16 characters.
+    ("large_cell_carcinoma", True, "LARGE_CELL_CARCI", "Large cell carcinoma-like findings"),
     (None, True, "NO_FINDING", "No finding class on enough confident slices"),
     (None, False, "NO_RESULT", "No result: too few slices answered confidently")])
 def test_structured_report_reads_back_as_the_summary(label, has_result, code, meaning):
@@ -606,7 +613,9 @@ def test_structured_report_reads_back_as_the_summary(label, has_result, code, me
                             confident_counts={"alpha": 1, "beta": 2}, uncertain=0, uncertain_by_state={},
                             key_slices=[2])
     data = series_sr_bytes(series.reference, summary, model_name="lung-vgg19_bn", model_version="",
-                           display_names={"alpha": "Alpha", "beta": "Beta"})
+                           display_names={"alpha": "Alpha", "beta": "Beta",
+                                          "large_cell_carcinoma": "Large cell carcinoma"})
+    assert data[128:132] == b"DICM"  # a DICOM file with its preamble and file meta, as PACS expect
     group = hd.sr.srread(io.BytesIO(data)).content.get_image_measurement_groups()[0]
     (evaluation,) = group.get_qualitative_evaluations()
     assert (evaluation.name.value, evaluation.name.meaning) == ("SERIES_CLASS", "Series classification")
