@@ -87,6 +87,12 @@ def test_no_models_gives_a_helpful_message(tmp_path, monkeypatch):
     at = start()
     assert "No trained models were found" in all_text(at)
     assert "Research use only" in at.warning[0].value
+    (hint,) = [w for w in at.warning if "No trained models" in w.value]
+    assert hint.value == ("**No trained models were found.** Train one, for example\n\n"
+                          "`python -m training.fit --data DATA_FOLDER --arch resnet50 --out models/NAME`\n\n"
+                          "then reload this page. Models are read from `models/` in the app folder and from the "
+                          "folders listed in the `CTAPP_MODELS_DIR` environment variable.")
+    assert hint.proto.icon == ":material/info:"
     for page in ("pages/compare.py", "pages/model_card.py"):
         at.switch_page(page).run()
         assert not at.exception

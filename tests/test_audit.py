@@ -58,6 +58,7 @@ def test_audit_cli_json_keys(planted, capsys):
     printed = capsys.readouterr()
     assert printed.err == ""  # no progress line around the JSON
     report = json.loads(printed.out)
+    assert printed.out.startswith('{\n  "')  # indented: read by people as well as by programs
     for key in ("images", "unique_images", "duplicate_groups", "redundant_copies", "cross_split_copies",
                 "label_conflicts", "unreadable"):
         assert key in report

@@ -6,7 +6,9 @@ per-source breakdowns, the ensemble, ``training.evaluate`` or
 ``training.audit`` changes a number these tests check."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import re
 from datetime import datetime, timedelta, timezone
@@ -57,11 +59,13 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
     training.fit.train_model = spy
     try:
-        assert run([*data, *COMMON, "--epochs", "2", "--out", str(a)]) == 0
+        with contextlib.redirect_stderr(io.StringIO()) as log:
+            assert run([*data, *COMMON, "--epochs", "2", "--out", str(a)]) == 0
     finally:
         training.fit.train_model = real
     assert run([*data, *COMMON, "--epochs", "1", "--lr", "0.003", "--out", str(b)]) == 0
-    return {"first": first, "second": second, "a": a, "b": b, "root": root, "trained": trained}
+    return {"first": first, "second": second, "a": a, "b": b, "root": root, "trained": trained,
+            "log_a": log.getvalue()}
 
 
 def test_every_labelled_image_gets_one_prediction_from_the_fold_model_that_never_saw_it(runs):
@@ -91,6 +95,17 @@ def test_every_labelled_image_gets_one_prediction_from_the_fold_model_that_never
         shown = models[r["fold"]].predict(stored(runs, r["path"]))
         assert shown.probabilities["beta"] == pytest.approx(float(r["p_beta"]), abs=1e-4)
         assert shown.uncertain == (r["uncertain"] == "True")
+
+
+def test_the_run_says_in_how_many_slices_the_body_crop_found_no_body(runs):
+    from ctapp.imaging import decode
+    from ctapp.preprocess import model_input
+
+    config = load_model(runs["a"]).preprocess
+    assert config.crop == "body"
+    paths = [r["path"] for r in read_rows(runs["a"] / "eval_report.csv")]
+    without = sum(not model_input(decode(stored(runs, p)).pixels, config)[1].body_found for p in paths)
+    assert f"body crop: no body found in {without} of 40 slices (left uncropped)" in runs["log_a"]
 
 
 def test_each_fold_model_trains_on_the_other_folds_only_and_the_shipped_one_on_all(runs):
@@ -258,6 +273,9 @@ def test_an_ensemble_of_two_runs_averages_their_out_of_fold_rows(runs):
     assert flagged_by_a_member and report["ood_flagged"] == pytest.approx(flagged_by_a_member / len(rows))
     card = json.loads((out / "model_card.json").read_text())
     assert card["members"] == ["run-a", "run-b"]
+    assert report["split"] == "out-of-fold (3-fold cross-validation), mean of 2 members"
+    assert (report["class_names"], report["display_names"]) == (["alpha", "beta"], ["Alpha", "Beta"])
+    assert list(report["per_class"]) == ["alpha", "beta"]
     for member in ("a", "b"):
         own = json.loads((runs[member] / "eval_report.json").read_text())
         assert card["member_comparison"][f"run-{member}"] == {
@@ -331,6 +349,16 @@ def test_audit_command_counts_the_planted_copy(runs, capsys):
     assert audit(["--data", str(runs["first"]), "--workers", "1"]) == 0
     text = capsys.readouterr().out
     assert "evaluation images also in training: 1" in text and "exact duplicates: 1 groups" in text
+
+
+def test_an_ensemble_can_name_the_member_that_explains_it(runs):
+    from training.ensemble import run as make_ensemble
+
+    out = runs["root"] / "ensembles" / "explained-by-b"
+    assert make_ensemble(["--members", str(runs["a"]), str(runs["b"]), "--out", str(out), "--explain-with", "run-b"]) == 0
+    assert json.loads((out / "ensemble.json").read_text())["explain_with"] == "run-b"
+    assert load_model(out).explain_with == "run-b"
+    assert json.loads((out / "model_card.json").read_text())["gradcam_layer"] == "run-b's"
 
 
 def test_an_ensemble_needs_members_cross_validated_on_the_same_folds(runs, capsys):

@@ -40,7 +40,7 @@ def main(args: argparse.Namespace) -> dict:
     samples = index.split(args.split) if args.split else index.samples
     if not samples:
         raise DatasetError(f"{args.data}: no images" + (f" in a '{args.split}' split (found splits: "
-                                                        f"{index.splits or 'none'})" if args.split else ""))
+                                                        f"{', '.join(index.splits) or 'none'})" if args.split else ""))
     bar = Progress(len(samples), "evaluating", unit="image", enabled=not args.quiet)
     report, rows = evaluate_files(model, [s.path for s in samples], [s.label for s in samples],
                                   dedupe=args.dedupe, workers=args.workers, root=index.root,
