@@ -141,6 +141,11 @@ def test_an_ensemble_evaluates_and_its_csv_flags_what_the_app_flags(ensemble, sl
         assert row["p_class0"] == pytest.approx(shown.probabilities["class0"], abs=1e-5)
     answered = [not r["uncertain"] for r in rows]
     assert report["coverage"] == pytest.approx(np.mean(answered))
+    # The risk-coverage curve recounted from the rows: the k most confident answered, k = 1 .. 6.
+    ranked = sorted(rows, key=lambda r: -r["confidence"])
+    assert [point["coverage"] for point in report["risk_coverage"]] == pytest.approx([k / 6 for k in range(1, 7)])
+    for k, point in enumerate(report["risk_coverage"], 1):
+        assert point["accuracy"] == pytest.approx(np.mean([r["true"] == r["pred"] for r in ranked[:k]]))
 
 
 def test_ensembles_are_listed_and_served_by_the_command_line(ensemble, slices, tmp_path):

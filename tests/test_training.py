@@ -431,6 +431,31 @@ def test_augmentation_levels_jitter_brightness_and_contrast(level):
     assert jitter.contrast == pytest.approx((1 - amount, 1 + amount))
 
 
+@pytest.mark.parametrize("level", ["light", "medium", "strong", "acquisition", "detail"])
+def test_augmentation_levels_rotate_shift_zoom_and_flip_by_their_table(level):
+    from torchvision.transforms import v2
+
+    from ctapp.preprocess import AUGMENT_LEVELS, train_augment
+
+    degrees, shift, zoom, _, flip, _ = AUGMENT_LEVELS[level]
+    steps = train_augment(level).transforms
+    (affine,) = [t for t in steps if isinstance(t, v2.RandomAffine)]
+    (mirror,) = [t for t in steps if isinstance(t, v2.RandomHorizontalFlip)]
+    assert list(affine.degrees) == [-degrees, degrees] and list(affine.translate) == [shift, shift]
+    assert list(affine.scale) == list(zoom) and mirror.p == flip
+    # The shift moves the picture: a bright dot's centre lands somewhere else, by at most the fraction.
+    dot = torch.zeros(1, 65, 65)
+    dot[0, 30:35, 30:35] = 1.0
+    torch.manual_seed(1)
+    centres = []
+    for _ in range(20):
+        out = v2.RandomAffine(degrees=0, translate=affine.translate)(dot)[0]
+        ys, xs = torch.nonzero(out > 0.5, as_tuple=True)
+        centres.append((ys.float().mean().item() - 32, xs.float().mean().item() - 32))
+    assert max(max(abs(y), abs(x)) for y, x in centres) > 1 and all(
+        abs(y) <= shift * 65 + 1 and abs(x) <= shift * 65 + 1 for y, x in centres)
+
+
 def test_cuda_precision_follows_the_devices_bf16_support(monkeypatch):
     """No GPU needed: the choice reads only what the device supports."""
     from training.engine import choose_precision
@@ -470,8 +495,18 @@ def test_an_epoch_reports_its_own_speed_and_loss():
     model = create_model("baseline", 2)
     images, labels = torch.rand(8, 1, 32, 32), torch.tensor([0, 1] * 4)
     loader = DataLoader(TensorDataset(images, labels), batch_size=4)
+    shown = []
+
+    class Shown:
+        def update(self, step, **values):
+            shown.append((step, values))
+
     stats = train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.01),
-                            PreprocessConfig(img_size=32), Precision(torch.device("cpu"), None, channels_last=False))
+                            PreprocessConfig(img_size=32), Precision(torch.device("cpu"), None, channels_last=False),
+                            progress=Shown())
+    # The status line shows the running mean loss per image; after the last batch, the epoch's.
+    assert [step for step, _ in shown] == [1, 2]
+    assert shown[-1][1]["loss"] == pytest.approx(stats["train_loss"]) and 0 < shown[0][1]["loss"] < 5
     assert 0 < stats["seconds"] < 1
     assert stats["images_per_second"] == pytest.approx(8 / stats["seconds"])
     assert stats["train_loss"] > 0 and 0 <= stats["train_accuracy"] <= 1
@@ -504,3 +539,18 @@ def test_evaluating_files_counts_every_copy_unless_asked_to_dedupe(tiny_model, t
     assert report["images"] == 2 and report["duplicates_skipped"] == 0 and len(rows) == 2
     report, rows = evaluate_files(model, [image, tmp_path / "copy.png"], [1, 1], workers=1, dedupe=True)
     assert report["images"] == 1 and report["duplicates_skipped"] == 1 and len(rows) == 1
+
+
+def test_a_validation_split_of_one_image_still_validates_every_epoch(tmp_path):
+    from synthetic import make_split_dataset
+
+    data = make_split_dataset(tmp_path / "data", ["alpha", "beta"], train=8, valid=1)
+    for extra in sorted((data / "valid").rglob("*.png"))[1:]:
+        extra.unlink()
+    out = tmp_path / "model"
+    assert run(["--data", str(data), "--arch", "baseline", "--epochs", "2", "--img-size", "32", "--batch-size", "8",
+                "--out", str(out), "--quiet", "--workers", "1"]) == 0
+    with open(out / "history.csv") as f:
+        history = list(csv.DictReader(f))
+    assert [row["epoch"] for row in history] == ["1", "2"] and all(row["val_loss"] for row in history)
+    assert json.loads((out / "eval_report.json").read_text())["images"] == 1
