@@ -151,6 +151,15 @@ def test_a_bright_frame_pasted_around_the_slice_is_peeled_before_the_crop(value)
     assert geometry.body_found and geometry.box == body_box(framed)  # no frame pixel reaches the model
 
 
+def test_peeling_a_frame_stops_at_a_quarter_of_each_side():
+    """A slice that is one flat bright field is not peeled to nothing: what is left
+    is its middle, a quarter of the height and of the width (rounded down)."""
+    from ctapp.preprocess import _inside_frame
+
+    assert _inside_frame(np.full((64, 80), 200, np.uint8), level=100) == (24, 30, 40, 50)
+    assert _inside_frame(np.full((64, 80), 90, np.uint8), level=100) == (0, 0, 64, 80)  # dark: not a frame
+
+
 def test_a_body_cut_in_two_by_a_stitching_line_is_cropped_whole():
     slice_ = make_slice(0, np.random.default_rng(0), 180).astype(np.float32) / 255
     canvas = np.zeros((200, 300), np.float32)
