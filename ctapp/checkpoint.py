@@ -98,13 +98,17 @@ def safe_load(path: str | Path) -> Any:
     except pickle.UnpicklingError as exc:
         detail = str(exc)
         if "global" in detail.lower() or "reduce" in detail.lower():
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", detail)
+            # torch words it "Unsupported global: GLOBAL x" or "unsupported GLOBAL x whose module is blocked".
+            found = re.search(r"GLOBAL ([\w.]+)", detail)
             raise CheckpointError(
                 f"{path}: refused: the file asks to load Python code or objects"
                 f"{f' ({found.group(1)})' if found else ''}, not just tensors and plain data; "
                 "only checkpoints written by this project's training are loaded"
             ) from None
-        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt, or not written by torch.save)") from None
+        # A pickle protocol newer than torch.save's default uses instructions a weights-only load does not read.
+        operand = re.search(r"Unsupported operand \d+", detail)
+        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt, or not written by torch.save with its "
+                              f"default settings{': ' + operand.group(0) if operand else ''})") from None
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
 
