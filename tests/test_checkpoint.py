@@ -179,8 +179,10 @@ def test_sha256_mismatch_is_refused(tmp_path):
     path = tmp_path / "model.pt"
     save_model_file(path, trained_like_model(), META)
     load_model_file(path, expected_sha256=sha256_file(path))
-    with pytest.raises(CheckpointError, match="does not match the model card"):
+    with pytest.raises(CheckpointError) as refusal:
         load_model_file(path, expected_sha256="0" * 64)
+    assert str(refusal.value) == (f"{path}: refused: its SHA-256 ({sha256_file(path)}) does not match the model card "
+                                  f"({'0' * 64}); the weights were changed or corrupted")
 
 
 def test_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path):
