@@ -355,7 +355,8 @@ def test_an_ensemble_can_name_the_member_that_explains_it(runs):
     from training.ensemble import run as make_ensemble
 
     out = runs["root"] / "ensembles" / "explained-by-b"
-    assert make_ensemble(["--members", str(runs["a"]), str(runs["b"]), "--out", str(out), "--explain-with", "run-b"]) == 0
+    assert make_ensemble(["--members", str(runs["a"]), str(runs["b"]), "--out", str(out),
+                          "--explain-with", "run-b"]) == 0
     assert json.loads((out / "ensemble.json").read_text())["explain_with"] == "run-b"
     assert load_model(out).explain_with == "run-b"
     assert json.loads((out / "model_card.json").read_text())["gradcam_layer"] == "run-b's"

@@ -87,7 +87,8 @@ def test_evaluate_cli_on_a_split_and_on_everything(tiny_model, tiny_dataset, tmp
     assert capsys.readouterr().err.startswith("evaluating 33/33 images | ")
 
     assert evaluate.run(argv + ["--split", "test", "--out", str(tmp_path / "none.json")]) == 2
-    assert capsys.readouterr().err == f"error: {tiny_dataset}: no images in a 'test' split (found splits: train, valid)\n"
+    assert capsys.readouterr().err == (f"error: {tiny_dataset}: no images in a 'test' split "
+                                       "(found splits: train, valid)\n")
 
 
 def test_evaluate_labels_a_folder_holding_some_of_the_models_classes_by_the_models_order(
