@@ -594,9 +594,12 @@ class EnsembleModel:
 
     def predict(self, image: ImageSource | Slice) -> Prediction:
         image = self._decode(image)
-        parts = [m.score_slice(image) for m in self.members]
-        scores = self.combine([p for p, _ in parts])
-        notes = slice_notes(image.notes, all(body_found for _, body_found in parts))
+        return self._prediction(image, [m.score_slice(image) for m in self.members])
+
+    def _prediction(self, image: Slice, runs: list[tuple]) -> Prediction:
+        """One slice's answer from its members' runs, each (scores, body found, ...)."""
+        scores = self.combine([run[0] for run in runs])
+        notes = slice_notes(image.notes, all(run[1] for run in runs))
         return scores.prediction(0, self.class_names, self.display_names, notes)
 
     def class_index(self, target: int | str | None) -> int | None:
@@ -613,9 +616,7 @@ class EnsembleModel:
         # with its scores, and is redrawn only where that class is not the ensemble's.
         runs = [m.scored_cam(image, index, method) if m in explainers else (*m.score_slice(image), None, None)
                 for m in self.members]
-        scores = self.combine([run[0] for run in runs])
-        notes = slice_notes(image.notes, all(run[1] for run in runs))
-        prediction = scores.prediction(0, self.class_names, self.display_names, notes)
+        prediction = self._prediction(image, runs)
         cam_index = index if index is not None else self.class_names.index(prediction.label)
         maps = [heat if drawn == cam_index else m.scored_cam(image, cam_index, method)[2]
                 for m, (_, _, heat, drawn) in zip(self.members, runs) if m in explainers]
