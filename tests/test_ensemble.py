@@ -63,14 +63,20 @@ def assert_same_answer(a, b):
     assert a == b
 
 
-def test_an_ensemble_explains_its_own_answer_with_the_mean_of_its_members_maps(ensemble, slices, monkeypatch):
+@pytest.fixture
+def passes(monkeypatch) -> list[str]:
+    """The names of the members whose ``scored_cam`` ran, in order."""
     from ctapp.inference import LoadedModel
 
-    model = load_model(ensemble)
-    passes = []
+    names = []
     scored_cam = LoadedModel.scored_cam
-    monkeypatch.setattr(LoadedModel, "scored_cam", lambda self, *a, **k: passes.append(self.name) or
+    monkeypatch.setattr(LoadedModel, "scored_cam", lambda self, *a, **k: names.append(self.name) or
                         scored_cam(self, *a, **k))
+    return names
+
+
+def test_an_ensemble_explains_its_own_answer_with_the_mean_of_its_members_maps(ensemble, slices, passes):
+    model = load_model(ensemble)
     for path in slices[:3]:
         passes.clear()
         analysis = model.analyse(path)
@@ -89,16 +95,10 @@ def test_an_ensemble_explains_its_own_answer_with_the_mean_of_its_members_maps(e
     assert passes[:2] == ["a", "b"]  # a named class: one pass each
 
 
-def test_an_ensemble_can_explain_with_one_named_member(ensemble, slices, tmp_path, monkeypatch):
-    from ctapp.inference import LoadedModel
-
+def test_an_ensemble_can_explain_with_one_named_member(ensemble, slices, tmp_path, passes, monkeypatch):
     spec = {"members": [str(ensemble.parent / "a"), str(ensemble.parent / "b")], "explain_with": "b"}
     (tmp_path / ENSEMBLE_FILE).write_text(json.dumps(spec))
     model = load_model(tmp_path)
-    passes = []
-    scored_cam = LoadedModel.scored_cam
-    monkeypatch.setattr(LoadedModel, "scored_cam", lambda self, *a, **k: passes.append(self.name) or
-                        scored_cam(self, *a, **k))
     analysis = model.analyse(slices[0])
     assert passes == ["b"]  # the other member only scores the slice
     monkeypatch.undo()
