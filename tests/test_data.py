@@ -203,6 +203,41 @@ def test_block_split_keeps_consecutive_numbers_together(tmp_path):
     assert {s.split for s in index.samples} == {"train", "valid"}
 
 
+def test_three_way_split_holds_out_test_then_valid_from_the_rest(tmp_path):
+    write_classes(tmp_path, ["covid", "non-covid"], 20, size=24)
+    index = assign_splits(scan_dataset(tmp_path), val_fraction=0.25, test_fraction=0.25, seed=1)
+    counts = index.counts()
+    assert counts["test"] == counts["valid"] == {"covid": 5, "non-covid": 5}
+    assert counts["train"] == {"covid": 10, "non-covid": 10}
+
+
+def test_a_split_keeps_the_files_its_name_pattern_groups(tmp_path):
+    # "p1-a.png", "p1-b.png", ...: with the pattern, one patient's files share a side.
+    for label in ("covid", "normal"):
+        (tmp_path / label).mkdir()
+        for patient in range(8):
+            for view in "abc":
+                Image.fromarray(np.full((16, 16), 30 * patient, np.uint8)).save(
+                    tmp_path / label / f"p{patient}-{view}.png")
+    index = assign_splits(scan_dataset(tmp_path), val_fraction=0.25, seed=0, pattern=r"^(p\d+)-")
+    sides = {}
+    for s in index.samples:
+        sides.setdefault((s.label, s.path.stem.split("-")[0]), set()).add(s.split)
+    assert all(len(side) == 1 for side in sides.values())
+    assert {s.split for s in index.samples} == {"train", "valid"}
+
+
+def test_hidden_system_and_side_files_in_a_class_folder_are_not_images(tmp_path):
+    write_classes(tmp_path, ["covid", "normal"], 3, size=16)
+    image = (tmp_path / "covid" / "covid (0).png").read_bytes()
+    for name in (".hidden.png", "._covid (0).png", "notes.txt", "Thumbs.db"):
+        (tmp_path / "covid" / name).write_bytes(image)
+    (tmp_path / "covid" / "more").mkdir()
+    index = scan_dataset(tmp_path)
+    assert sorted(s.path.name for s in index.samples if s.label == index.class_names.index("covid")) == [
+        "covid (0).png", "covid (1).png", "covid (2).png"]
+
+
 def test_groups_by_file_number(tmp_path):
     paths = write_classes(tmp_path, ["a"], 25, size=24)
     index = scan_dataset(tmp_path)
