@@ -1,6 +1,7 @@
 """The Python API and the predict CLI on a tiny trained model."""
 import io
 import json
+import shutil
 import subprocess
 import sys
 
@@ -160,7 +161,6 @@ def test_bad_image_raises_the_project_error(model):
 
 
 def test_load_model_refuses_missing_and_tampered(tmp_path, tiny_model):
-    import shutil
 
     with pytest.raises(CheckpointError, match="no model here"):
         load_model(tmp_path)
@@ -177,6 +177,17 @@ def test_list_models_finds_model_folders(tiny_model):
     assert [m.name for m in found] == [tiny_model.name]
     assert found[0].card["classes"] == ["alpha", "beta"]
     assert found[0].report_path.is_file()
+
+
+def test_a_model_is_listed_by_its_cards_name_else_its_folders(tiny_model, tmp_path):
+    for folder in ("named", "unnamed"):
+        shutil.copytree(tiny_model, tmp_path / folder)
+    card_path = tmp_path / "named" / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card_path.write_text(json.dumps({**card, "name": "Lung baseline, spring retrain"}))
+    card_path = tmp_path / "unnamed" / "model_card.json"
+    card_path.write_text(json.dumps({k: v for k, v in card.items() if k != "name"}))
+    assert [m.name for m in list_models([tmp_path])] == ["Lung baseline, spring retrain", "unnamed"]
 
 
 def test_predict_cli_reports_bad_files_and_goes_on(tiny_model, tiny_dataset, tmp_path):
