@@ -165,6 +165,7 @@ def test_nifti_volume_comes_out_as_its_dicom_series():
         assert volume.kind == "NIfTI" and volume.orientation == "axial"
         np.testing.assert_array_equal(volume.values, from_dicom.values)
         assert volume.positions == pytest.approx(from_dicom.positions)
+        assert volume.spacing == pytest.approx((0.8, 0.8)) and from_dicom.spacing == pytest.approx((0.8, 0.8))
 
 
 @pytest.mark.parametrize("high, dtype", [(3000, np.int16), (40000, np.float32)], ids=["int16 range", "beyond int16"])
@@ -190,6 +191,7 @@ def test_enhanced_multi_frame_ct_uses_per_frame_positions_and_rescale():
     unplaced = read({"enhanced": enhanced_ct(grey, positions=False)})
     np.testing.assert_allclose(grey_of(unplaced.series[0]), grey, atol=1e-3)
     assert [f[2] for f in unplaced.series[0].reference.instances] == list(range(6))
+    assert unplaced.series[0].positions == [None] * 6
 
 
 def test_palette_colour_dicom_decodes_to_grey():
@@ -204,6 +206,20 @@ def test_instance_numbers_order_a_series_without_positions():
     result = read(shuffled_names(dicom_series(grey, positions=False), np.random.default_rng(1)))
     np.testing.assert_allclose(grey_of(result.series[0]), grey, atol=1e-3)
     assert any("ordered by instance number" in n for n in result.series[0].notes)
+    assert result.series[0].positions == [None] * 4 and result.series[0].orientation == ""
+
+
+def test_a_slice_without_an_instance_number_comes_first_when_nothing_else_orders_it():
+    import pydicom
+    from synthetic import dicom_file_bytes
+
+    grey = grey_volume(4, 32, seed=13)
+    files = dicom_series(grey, positions=False)  # instance numbers 1, 2, 3, 4
+    third = pydicom.dcmread(io.BytesIO(files[2]))
+    del third.InstanceNumber
+    files[2] = dicom_file_bytes(third)
+    (series,) = read({f"f{i}": data for i, data in enumerate(files)}).series
+    np.testing.assert_allclose(grey_of(series), grey[[2, 0, 1, 3]], atol=1e-3)
 
 
 # --------------------------------------------------------------------------- limits
@@ -268,6 +284,7 @@ def test_limits_on_members_slices_and_total_bytes():
     assert "6 slices; at most 5 are read from one series" in too_long.errors[0].message
     too_big = read(members, limits=Limits(max_total_bytes=3 * len(members["IM0"])))
     assert len(too_big.errors) == 3 and "add up to more than" in too_big.errors[0].message
+    assert not read(members, limits=Limits(max_total_bytes=sum(map(len, members.values())))).errors  # exactly enough
     nested = read({"outer.zip": zip_bytes({"inner.zip": zip_bytes(members)})})
     assert "an archive inside an archive is not opened" in nested.errors[0].message
 
@@ -295,6 +312,32 @@ def test_archives_and_files_that_hold_no_slice_say_why(name, data, words):
     result = read({name: data})
     assert not result.series and not result.images
     assert [e.message for e in result.errors] == [words]
+
+
+def test_what_counts_as_a_series_upload_is_told_from_its_bytes():
+    from ctapp.series import holds_series
+
+    grey = grey_volume(3, 32, seed=42)
+    one, two = dicom_series(grey)[:2]
+    assert not holds_series([("a.dcm", one), ("b.png", _png(grey[0]))])  # one single-frame slice: a slice
+    assert holds_series([("a.dcm", one), ("b.dcm", two)])
+    assert holds_series([("enhanced", enhanced_ct(grey))])  # one file, three frames
+    assert holds_series([("vol.nii.gz", nifti_bytes(grey))]) and holds_series([("vol.nii", nifti_bytes(grey, gz=False))])
+    assert holds_series([("export.zip", zip_bytes({"IM0": one}))])
+
+
+def test_a_zip_member_whose_bytes_are_damaged_is_reported_not_raised(caplog):
+    member = dicom_series(grey_volume(1, 32, seed=41))[0]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("IM0", member)
+    data = bytearray(buffer.getvalue())
+    data[data.find(member) + len(member) // 2] ^= 0xFF  # the directory is intact, the CRC-32 no longer matches
+    with caplog.at_level("INFO", logger="ctapp.series"):
+        result = read({"crc.zip": bytes(data)})
+    assert [e.message for e in result.errors] == [
+        "crc.zip: the archive is damaged or uses an unsupported compression"]
+    assert "zip member unreadable" in caplog.text and "Bad CRC-32" in caplog.text
 
 
 def test_loose_images_stack_in_input_order_under_a_short_name_of_their_pixels():
