@@ -204,15 +204,18 @@ def test_models_table_command_reproduces_the_training_settings(tiny_model, tmp_p
         main([str(tiny_model.parent), "--readme", str(readme)])
 
 
-@pytest.mark.parametrize("level", ["light", "medium", "strong", "acquisition"])
+@pytest.mark.parametrize("level", ["light", "medium", "strong", "acquisition", "detail"])
 def test_augmentations_keep_shape_and_range(level):
     from ctapp.preprocess import train_augment
     torch.manual_seed(0)
     ramp = torch.linspace(0, 1, 48 * 48).reshape(1, 48, 48)
     out = train_augment(level)(ramp)
     assert out.shape == ramp.shape and out.dtype == torch.float32
-    assert 0.0 <= out.min() and out.max() <= 1.0
     assert not torch.equal(out, ramp)
+    edges = (ramp > 0.5).float()  # all 0 or 1: brightening and sharpening push hardest past the range
+    for image in [ramp, edges] * 10:
+        out = train_augment(level)(image)
+        assert 0.0 <= out.min() and out.max() <= 1.0
 
 
 def test_acquisition_shift_is_nonlinear_and_seeded():
@@ -511,6 +514,57 @@ def test_an_epoch_reports_its_own_speed_and_loss():
     assert 0 < stats["seconds"] < 1
     assert stats["images_per_second"] == pytest.approx(8 / stats["seconds"])
     assert stats["train_loss"] > 0 and 0 <= stats["train_accuracy"] <= 1
+
+
+def test_a_batch_goes_to_the_training_device_in_its_memory_format():
+    from ctapp.preprocess import PreprocessConfig
+    from training.engine import Precision, to_input
+
+    grey = torch.rand(2, 1, 32, 32)
+    x = to_input(grey, PreprocessConfig(img_size=32), Precision(torch.device("meta"), None))  # any device but the CPU
+    assert x.device.type == "meta" and x.shape == (2, 3, 32, 32)
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    x = to_input(grey, PreprocessConfig(img_size=32), Precision(torch.device("cpu"), None, channels_last=False))
+    assert x.device.type == "cpu" and x.is_contiguous()
+
+
+def test_an_epochs_training_accuracy_counts_every_batch():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ctapp.preprocess import PreprocessConfig
+    from training.engine import Precision, train_one_epoch
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2))  # normalize gives 3 channels
+    torch.nn.init.zeros_(model[1].weight)
+    model[1].bias.data = torch.tensor([1.0, 0.0])  # always class 0; lr 0 keeps it so
+    labels = torch.tensor([0, 0, 0, 1, 0, 1, 1, 1])  # 3 of 4 right in the first batch, 1 of 4 in the second
+    loader = DataLoader(TensorDataset(torch.rand(8, 1, 32, 32), labels), batch_size=4)
+    stats = train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.0),
+                            PreprocessConfig(img_size=32), Precision(torch.device("cpu"), None, channels_last=False))
+    assert stats["train_accuracy"] == 0.5
+
+
+@pytest.mark.parametrize("tty", [False, True], ids=["log", "terminal"])
+def test_the_status_line_shows_speed_and_time_left_of_a_slow_run(tty, monkeypatch, capsys):
+    from training import engine
+
+    clock = iter([1000.0, 1010.0, 1040.0, 1200.0])
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(engine.sys.stderr, "isatty", lambda: tty, raising=False)
+    progress = engine.Progress(total=10, label="fold 2", every=30.0, initial=2)  # resumed after 2 batches
+    progress.update(3, loss=0.75)  # 10 s in: a log only gets a line every 30 s
+    progress.update(4, loss=0.5)  # 40 s in: 2 batches in 40 s, 6 left
+    progress.update(10, loss=0.25)  # the last: always shown
+    lines = [
+        "fold 2 3/10 batches | 0.10 batch/s | left 1:10 loss 0.7500",
+        "fold 2 4/10 batches | 0.05 batch/s | left 2:00 loss 0.5000",
+        "fold 2 10/10 batches | 0.04 batch/s | left 0:00 loss 0.2500",
+    ]
+    err = capsys.readouterr().err
+    if tty:  # redrawn in place, one line, ended when done
+        assert err == "".join("\r" + line.ljust(100) for line in lines) + "\n"
+    else:
+        assert err == lines[1] + "\n" + lines[2] + "\n"
 
 
 def test_autocast_runs_in_the_precision_it_was_given():
