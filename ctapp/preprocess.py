@@ -372,5 +372,5 @@ def train_augment(level: str) -> v2.Transform:
     ]
     if kinds:
         steps.append(AcquisitionShift(p=chance, kinds=kinds))
-    steps.append(v2.Lambda(lambda x: x.clamp(0.0, 1.0)))
+    steps.append(v2.Lambda(lambda x: x.clamp(0.0, 1.0)))  # blurring rounds a hair past 1
     return v2.Compose(steps)

@@ -41,6 +41,9 @@ def test_round_trip(tmp_path, storage, tolerance):
     loaded, meta = load_model_file(path)
     assert meta["arch"] == "baseline" and meta["class_names"] == ["a", "b", "c"] and meta["temperature"] == 1.5
     assert meta["weight_storage"] == storage
+    # The metadata is what the card and the app show: the tensors stay in the model.
+    assert sorted(meta) == ["arch", "class_names", "format", "format_version", "preprocess", "temperature",
+                            "weight_storage"]
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     x = torch.randn(4, 3, 48, 48)
     with torch.no_grad():
@@ -183,6 +186,9 @@ def test_sha256_mismatch_is_refused(tmp_path):
         load_model_file(path, expected_sha256="0" * 64)
     assert str(refusal.value) == (f"{path}: refused: its SHA-256 ({sha256_file(path)}) does not match the model card "
                                   f"({'0' * 64}); the weights were changed or corrupted")
+    # A card whose weights file is gone is refused the same way, not with an OSError.
+    with pytest.raises(CheckpointError, match=r"its SHA-256 \(None\) does not match the model card"):
+        load_model_file(tmp_path / "gone.pt", expected_sha256="0" * 64)
 
 
 def test_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path):

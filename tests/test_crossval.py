@@ -160,6 +160,18 @@ def test_peeling_a_frame_stops_at_a_quarter_of_each_side():
     assert _inside_frame(np.full((64, 80), 90, np.uint8), level=100) == (0, 0, 64, 80)  # dark: not a frame
 
 
+@pytest.mark.parametrize("ripple, peeled", [(12, True), (13, False)])
+def test_a_frame_is_flat_to_within_twelve_grey_levels(ripple, peeled):
+    """A pasted margin counts as flat when its pixels stay within 12 grey levels of
+    its median (JPEG ringing); with a tenth of them further off it is part of the image."""
+    from ctapp.preprocess import _inside_frame
+
+    rows, cols = np.indices((64, 80))
+    grey = np.where((rows + cols) % 10 == 0, 200 + ripple, 200).astype(np.uint8)
+    grey[4:60, 4:76] = 60
+    assert _inside_frame(grey, level=100) == ((4, 4, 60, 76) if peeled else (0, 0, 64, 80))
+
+
 def test_a_body_cut_in_two_by_a_stitching_line_is_cropped_whole():
     slice_ = make_slice(0, np.random.default_rng(0), 180).astype(np.float32) / 255
     canvas = np.zeros((200, 300), np.float32)
