@@ -179,6 +179,18 @@ def test_list_models_finds_model_folders(tiny_model):
     assert found[0].report_path.is_file()
 
 
+def test_a_checkpoint_without_a_creation_time_has_an_empty_version(tmp_path):
+    from ctapp.checkpoint import save_model_file
+    from ctapp.models import create_model
+    from ctapp.preprocess import PreprocessConfig
+
+    meta = {"arch": "baseline", "class_names": ["a", "b"], "preprocess": PreprocessConfig(img_size=32).to_dict()}
+    save_model_file(tmp_path / "bare.pt", create_model("baseline", 2), meta)
+    save_model_file(tmp_path / "dated.pt", create_model("baseline", 2), {**meta, "created": "2026-11-29T18:01:02.345"})
+    assert load_model(tmp_path / "bare.pt").version == ""  # shown and logged as the model's version
+    assert load_model(tmp_path / "dated.pt").version == "2026-11-29T18:01:02"
+
+
 def test_a_model_is_listed_by_its_cards_name_else_its_folders(tiny_model, tmp_path):
     for folder in ("named", "unnamed"):
         shutil.copytree(tiny_model, tmp_path / folder)

@@ -49,6 +49,10 @@ def test_normalize_subtracts_the_mean_and_divides_by_the_std_per_channel():
                [[-0.8, 0.2], [1.2, 3.2]],  # (v - 0.2) / 0.25
                [[-2.4, -0.4], [1.6, 5.6]]]  # (v - 0.3) / 0.125
     assert torch.allclose(x[0], torch.tensor(by_hand), atol=1e-6)
+    # A bf16 batch (autocast training) stays bf16: mean and std are cast to it, not it to fp32.
+    half = normalize(grey.to(torch.bfloat16), config())
+    assert half.dtype == torch.bfloat16
+    assert torch.allclose(half.float(), torch.tensor(by_hand)[None], atol=0.05)
 
 
 def test_training_input_uses_the_same_hand_computed_normalisation():
