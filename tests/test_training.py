@@ -140,6 +140,11 @@ def test_transfer_learning_phases_freeze_the_right_parameters():
     assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"fc", "layer4"}
     set_trainable(model, spec, "finetune", 0)
     assert all(p.requires_grad for p in model.parameters())
+    # The stem (conv1 and bn1) is the first of five stages: all five unfreeze everything.
+    set_trainable(model, spec, "finetune", 4)
+    assert {n.split(".")[0] for n, p in model.named_parameters() if not p.requires_grad} == {"conv1", "bn1"}
+    set_trainable(model, spec, "finetune", 5)
+    assert all(p.requires_grad for p in model.parameters())
     # VGG-style stages end at each max-pool: the last stage is what follows the 4th one.
     vgg = create_model("vgg19_bn", 3)
     pools = [i for i, layer in enumerate(vgg.features) if isinstance(layer, torch.nn.MaxPool2d)]
@@ -177,6 +182,17 @@ def test_distributed_training_with_two_cpu_processes(tiny_dataset, tmp_path):
     assert len(history) == 2
 
 
+def test_the_models_table_shows_a_figure_a_card_lacks_as_missing_never_as_zero(tmp_path):
+    from robustness_helpers import write_model_folder
+
+    from training.models_table import table
+
+    write_model_folder(tmp_path / "bare")  # a card with its classes and weights' hash only
+    row = table(tmp_path).splitlines()[2]
+    assert row == ("| `bare` | class0/class1 | n/a | validation split | n/a | n/a | n/a | n/a | n/a | n/a | n/a | "
+                   "n/a | ? / ? |")
+
+
 def test_models_table_command_reproduces_the_training_settings(tiny_model, tmp_path, capsys):
     import shlex
 
@@ -191,11 +207,14 @@ def test_models_table_command_reproduces_the_training_settings(tiny_model, tmp_p
         assert args[key] == settings[key], key
     assert args["out"] == f"models/{tiny_model.name}"
     assert f"`{tiny_model.name}`" in text
+    # Only what differs from fit's defaults is spelled out, beside the options a reader looks for first.
+    assert settings["seed"] == 0 and settings["schedule"] == "cosine" and settings["epochs"] == 2
+    assert "--seed" not in line and "--schedule" not in line and "--epochs 2" in line
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- models-table: x -->\nold\n<!-- /models-table -->\nrest\n")
-    main([str(tiny_model.parent), "--readme", str(readme)])
-    content = readme.read_text()
-    assert "old" not in content and text in content and content.endswith("rest\n")
+    for _ in range(2):  # the second run replaces the first table, markers kept
+        main([str(tiny_model.parent), "--readme", str(readme)])
+        assert readme.read_text() == f"intro\n<!-- models-table: x -->\n{text}\n<!-- /models-table -->\nrest\n"
     assert capsys.readouterr().out == ""
     main([str(tiny_model.parent)])
     assert capsys.readouterr().out == text + "\n"

@@ -49,6 +49,10 @@ def _pct(value) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
+def _num(value, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def _spread(val: dict, metric: str, percent: bool) -> str:
     std = ((val.get("fold_spread") or {}).get(metric) or {}).get("std")
     if std is None:
@@ -82,13 +86,15 @@ def table(folder: Path) -> str:
         auc = (val.get("roc_auc") or {}).get("macro")
         shift = card.get("shift_simulation") or {}
         worst = _worst_shift(shift) if shift else "n/a"
-        rows.append(
-            f"| `{entry.name}` | {card.get('task', '')} | {card.get('architecture_title', card.get('architecture'))} | "
-            f"{origin} | {val.get('images', '')} | {_pct(val.get('accuracy'))}{_spread(val, 'accuracy', True)} | "
-            f"{val.get('macro_f1', 0):.3f}{_spread(val, 'macro_f1', False)} | "
-            f"{'n/a' if auc is None else f'{auc:.3f}'} | "
-            f"{card.get('calibration', {}).get('ece_after', float('nan')):.3f} | {answers} | {worst} | "
-            f"{card.get('size_bytes', 0) / 1e6:.1f} MB | {latency.get('predict', '?')} / {latency.get('predict_gradcam', '?')} |")
+        size = card.get("size_bytes")
+        rows.append(  # a figure the card does not hold reads n/a, never 0
+            f"| `{entry.name}` | {entry.task} | "
+            f"{card.get('architecture_title') or card.get('architecture') or 'n/a'} | "
+            f"{origin} | {val.get('images', 'n/a')} | {_pct(val.get('accuracy'))}{_spread(val, 'accuracy', True)} | "
+            f"{_num(val.get('macro_f1'))}{_spread(val, 'macro_f1', False)} | {_num(auc)} | "
+            f"{_num(card.get('calibration', {}).get('ece_after'))} | {answers} | {worst} | "
+            f"{'n/a' if size is None else f'{size / 1e6:.1f} MB'} | "
+            f"{latency.get('predict', '?')} / {latency.get('predict_gradcam', '?')} |")
         if (entry.path / ENSEMBLE_FILE).is_file():
             # The member folders as ensemble.json names them: what loading the ensemble uses.
             members = " ".join(f"models/{m.name}" for m in read_ensemble_spec(entry.path)[1])
