@@ -157,7 +157,7 @@ def _history(path: str, file_stamp: float) -> list[dict]:
 def history(model_folder: str | Path) -> list[dict]:
     """The model folder's training history (``history.csv``); empty when absent."""
     path = Path(model_folder) / HISTORY_FILE
-    return _history(str(path), stamp(path)) if path.is_file() else []
+    return _history(str(path), stamp(path))
 
 
 def dataset_audit(model_folder: str | Path) -> dict | None:

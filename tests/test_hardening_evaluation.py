@@ -232,3 +232,9 @@ def test_the_model_pages_read_a_folders_training_history_and_follow_its_rewrites
     os.utime(tmp_path / "history.csv", (1e9, 1e9))  # another file time: a new cache entry
     assert ui_cache.history(tmp_path) == [{"epoch": 1, "train_loss": 0.8}]
     assert ui_cache.history(tmp_path / "missing") == []
+
+
+def test_a_training_history_is_empty_until_written_then_read_fresh(tmp_path):
+    assert ui_cache.history(tmp_path) == []  # a model trained before histories were kept
+    (tmp_path / "history.csv").write_text("epoch,train_loss\n1,0.9\n", encoding="utf-8")
+    assert ui_cache.history(tmp_path) == [{"epoch": 1.0, "train_loss": 0.9}]
