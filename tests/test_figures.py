@@ -236,6 +236,7 @@ def test_slice_report_is_self_contained_and_complete():
                            results=[ModelResult("m", "v", prediction(), overlay=overlay, cam_method="Grad-CAM")])
     assert "alt='Grad-CAM overlay'" in unnamed and "m: Grad-CAM (warm colours" in unnamed
     assert "Grad-CAM for" not in unnamed
+    assert "<title>CT slice report</title>" in unnamed and " file " not in unnamed  # no file named, none shown
 
 
 def test_slice_report_states_uncertainty_and_reasons():

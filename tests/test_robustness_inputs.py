@@ -369,6 +369,26 @@ def test_series_progress_on_a_terminal_redraws_one_line(tty, monkeypatch, capsys
         assert err.startswith("series S-1: 2 slices classified in ") and "\r" not in err
 
 
+def test_series_progress_on_a_terminal_is_flushed_as_it_goes(monkeypatch):
+    """A redrawn line has no newline, so a line-buffered terminal shows it only when flushed."""
+    from ctapp import predict
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+        def flush(self):
+            shown.append(self.getvalue())
+
+    shown = []
+    monkeypatch.setattr(predict.sys, "stderr", Terminal())
+    show = predict._progress("S-1")
+    show(1, 3)
+    assert shown[-1] == "\rseries S-1: 1/3 slices classified"
+    show(3, 3)
+    assert shown[-1].startswith("\rseries S-1: 1/3 slices classified\rseries S-1: 3/3 slices classified\r")
+
+
 def test_a_dicom_header_declaring_a_strip_is_refused_before_its_pixels_are_read():
     """Rows and Columns are checked from the header: 16 x 3200 is no CT slice,
     whatever (or however little) pixel data follows."""

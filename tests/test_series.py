@@ -552,6 +552,20 @@ def test_the_verdict_counts_confident_slices_of_a_finding_class_only():
     assert not nothing.has_result and nothing.label is None and nothing.verdict.startswith("No result: only 1 of 11")
 
 
+def test_a_series_record_is_the_summary_of_its_series_with_the_time_it_took():
+    from dataclasses import replace
+
+    from ctapp.predict import series_record
+
+    (series,) = read({f"IM{i}": f for i, f in enumerate(dicom_series(grey_volume(4, 32, seed=9)))}).series
+    result = replace(_predictions([(CONFIDENT, "covid")] * 3 + [(LOW_CONFIDENCE, "non-covid")]), seconds=1.23456)
+    record = series_record(series, result)
+    summary = summarise(series.id, result)
+    assert record["kind"] == "series" and record["series"] == series.id and record["slices"] == 4
+    assert record["verdict"] == summary.verdict == "COVID-like findings on 3 of 4 slices"
+    assert record["source"] == "DICOM" and record["seconds"] == 1.235
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -680,6 +694,26 @@ def test_structured_report_reads_back_as_the_summary(label, has_result, code, me
         series.reference.study_uid
     assert (dataset.SeriesDescription, dataset.Manufacturer) == ("AI classification (research use only)",
                                                                  "CT slice classifier (research use only)")
+
+
+def test_structured_report_names_its_device_and_cuts_long_names_to_what_dicom_holds():
+    import pydicom
+
+    from ctapp.series import SeriesSummary
+    from ctapp.structured_report import MANUFACTURER, series_sr_bytes
+
+    (series,) = read({f"IM{i}": f for i, f in enumerate(dicom_series(grey_volume(3, 32, seed=40)))}).series
+    summary = SeriesSummary(series=series.id, slices=3, label="beta", verdict="", rule="", has_result=True,
+                            confident_counts={"alpha": 1, "beta": 2}, uncertain=0, uncertain_by_state={},
+                            key_slices=[2])
+    name, version = "lung-" + "n" * 70, "2026-11-29 " + "v" * 70  # an LO value holds 64 characters
+    data = series_sr_bytes(series.reference, summary, model_name=name, model_version=version,
+                           display_names={"alpha": "Alpha", "beta": "Beta"})
+    texts = {item.ConceptNameCodeSequence[0].CodeMeaning: item.TextValue
+             for item in _content_items(pydicom.dcmread(io.BytesIO(data)).ContentSequence)
+             if item.get("ValueType") == "TEXT"}
+    assert texts["Algorithm Name"] == name[:64] and texts["Algorithm Version"] == version[:64]
+    assert texts["Device Observer Name"] == MANUFACTURER
 
 
 def test_structured_report_names_the_frame_of_a_multi_frame_image():
