@@ -203,10 +203,12 @@ def test_the_migrations_build_the_schema_the_code_declares(location):
         for table in (store_module.diagnoses, store_module.evaluation_reports):
             columns = {c["name"]: c["nullable"] for c in found.get_columns(table.name)}
             assert columns == {c.name: bool(c.nullable) for c in table.columns}, table.name
-        indexes = {(i["name"], tuple(i["column_names"])) for t in ("diagnoses", "evaluation_reports")
+        indexes = {(t, i["name"], tuple(i["column_names"])) for t in ("diagnoses", "evaluation_reports")
                    for i in found.get_indexes(t)}
-        assert indexes == {("ix_diagnoses_time", ("time",)), ("ix_diagnoses_username", ("username",)),
-                           ("ix_diagnoses_model", ("model",)), ("ix_evaluation_reports_time", ("time",))}
+        assert indexes == {("diagnoses", "ix_diagnoses_time", ("time",)),
+                           ("diagnoses", "ix_diagnoses_username", ("username",)),
+                           ("diagnoses", "ix_diagnoses_model", ("model",)),
+                           ("evaluation_reports", "ix_evaluation_reports_time", ("time",))}
     finally:
         store.close()
 
