@@ -486,6 +486,24 @@ def test_the_apps_series_cache_answers_with_a_retrained_model_once_it_is_replace
     assert probabilities(expected) != probabilities(first)
 
 
+def test_the_viewers_cached_map_of_a_slice_is_the_models_own_for_the_method_asked(tmp_path):
+    from robustness_helpers import write_model_folder
+
+    from ctapp import ui_cache
+    from ctapp.series import images_series
+
+    folder = write_model_folder(tmp_path / "m", seed=0)
+    model = load_model(folder)
+    series = images_series(read({f"{i}.png": _png(g) for i, g in enumerate(grey_volume(3, 32, seed=43))}).images)
+    image = series.slice(1, model.preprocess.window)
+    maps = {}
+    for method in ("Grad-CAM", "Grad-CAM++"):
+        maps[method] = ui_cache.analyse_series_slice(folder, series, 1, image, method=method).cam
+        np.testing.assert_allclose(maps[method], model.analyse(image, method=method).cam, atol=1e-6)
+    assert not np.allclose(maps["Grad-CAM"], maps["Grad-CAM++"])  # the method is part of the cache key
+    np.testing.assert_array_equal(ui_cache.analyse_series_slice(folder, series, 1, image).cam, maps["Grad-CAM"])
+
+
 def test_the_apps_upload_cache_reads_names_that_are_not_valid_text():
     """A browser can send a file name that does not encode (a lone surrogate
     from a mangled name): the upload is read all the same, once per content."""
@@ -663,7 +681,7 @@ def test_structured_report_reads_back_as_the_summary(label, has_result, code, me
     import pydicom
 
     from ctapp.series import SeriesSummary
-    from ctapp.structured_report import series_sr_bytes
+    from ctapp.structured_report import SCHEME, series_sr_bytes
 
     (series,) = read({f"IM{i}": f for i, f in enumerate(dicom_series(grey_volume(3, 32, seed=40)))}).series
     summary = SeriesSummary(series=series.id, slices=3, label=label, verdict="", rule="", has_result=has_result,
@@ -677,6 +695,7 @@ def test_structured_report_reads_back_as_the_summary(label, has_result, code, me
     (evaluation,) = group.get_qualitative_evaluations()
     assert (evaluation.name.value, evaluation.name.meaning) == ("SERIES_CLASS", "Series classification")
     assert (evaluation.value.value, evaluation.value.meaning) == (code, meaning)
+    assert evaluation.name.scheme_designator == evaluation.value.scheme_designator == SCHEME  # the project's codes
     assert {(m.unit.value, m.unit.scheme_designator, m.unit.meaning) for m in group.get_measurements()} == {
         ("{slices}", "UCUM", "slices")}
     # The codes are what a receiving system queries by; the meanings what a PACS shows.
