@@ -84,11 +84,30 @@ def test_evaluate_cli_on_a_split_and_on_everything(tiny_model, tiny_dataset, tmp
         (tiny_dataset / "valid" / "beta" / "again.png").unlink()
     report = json.loads(everything.read_text())
     assert report["images_found"] == 33 and report["duplicates_skipped"] == 1 and report["images"] == 32
-    assert capsys.readouterr().err.startswith("evaluating 33/33 images | ")
+    assert report["split"] == "all"
+    printed = capsys.readouterr()
+    assert printed.err.startswith("evaluating 33/33 images | ")
+    # A two-class task also prints the positive class's sensitivity and specificity.
+    assert f" sensitivity {report['sensitivity']:.4f} specificity {report['specificity']:.4f}\n" in printed.out
 
     assert evaluate.run(argv + ["--split", "test", "--out", str(tmp_path / "none.json")]) == 2
     assert capsys.readouterr().err == (f"error: {tiny_dataset}: no images in a 'test' split "
                                        "(found splits: train, valid)\n")
+
+
+@pytest.mark.parametrize("command", ["ctapp.predict", "training.fit", "training.evaluate", "training.audit",
+                                     "training.ensemble", "training.models_table"])
+def test_each_commands_options_can_join_a_larger_parser(command):
+    """torchvision's references convention: ``get_args_parser(add_help=False)`` as a parent parser."""
+    import argparse
+    import importlib
+
+    module = importlib.import_module(command)
+    assert "-h" in module.get_args_parser().format_help()
+    parent = module.get_args_parser(add_help=False)
+    assert "-h" not in parent._option_string_actions
+    wrapper = argparse.ArgumentParser(parents=[parent])  # would clash over -h if the parent had its own
+    assert {a.dest for a in parent._actions} <= {a.dest for a in wrapper._actions}
 
 
 def test_evaluate_labels_a_folder_holding_some_of_the_models_classes_by_the_models_order(
