@@ -403,3 +403,18 @@ def test_thumbnail_keeps_the_aspect_and_the_grey_levels():
     assert (_data_uri_image(thumbnail(stripes, side=20)) == 128).all()  # clipped before shrinking
     assert _data_uri_image(thumbnail(np.zeros((400, 2), np.float32), side=40)).shape == (40, 1)
     assert _data_uri_image(thumbnail(np.zeros((2, 400), np.float32), side=40)).shape == (1, 40)
+
+
+def test_a_float_image_becomes_png_pixels_clipped_to_black_and_white():
+    from ctapp.report import png_data_uri
+
+    # A blended overlay can round a hair outside [0, 1]: clipped, never wrapped around.
+    image = np.array([[-0.01, 0.0, 0.5], [0.999, 1.0, 1.02]], np.float32)
+    uri = png_data_uri(image)
+    assert uri.startswith("data:image/png;base64,")
+    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))
+    np.testing.assert_array_equal(pixels, [[0, 0, 128], [255, 255, 255]])
+    rgb = np.zeros((2, 2, 3), np.uint8)
+    rgb[0, 0] = (255, 0, 0)
+    again = np.asarray(Image.open(io.BytesIO(base64.b64decode(png_data_uri(rgb).split(",", 1)[1]))))
+    np.testing.assert_array_equal(again, rgb)  # uint8 kept as it is
