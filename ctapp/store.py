@@ -23,6 +23,7 @@ import csv
 import functools
 import io
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -57,6 +58,8 @@ DEFAULT_PATH = Path(__file__).resolve().parent.parent / "audit_log" / "audit_log
 URL_FORM = "postgresql://user:password@host:port/database"
 # Any constant shared by every replica: the key of PostgreSQL's advisory lock around migrations.
 _MIGRATION_LOCK = 0x63746170
+
+log = logging.getLogger(__name__)
 
 
 class StoreConfigError(ValueError):
@@ -230,6 +233,7 @@ class Store:
                 step(conn)
             if found < SCHEMA_VERSION:
                 conn.execute(schema_version.update().values(version=SCHEMA_VERSION))
+                log.info("audit log schema brought from version %d to %d", found, SCHEMA_VERSION)
         return found
 
     def schema_version(self) -> int:

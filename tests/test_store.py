@@ -171,7 +171,7 @@ def test_switching_to_wal_retries_only_a_locked_database_and_only_until_its_dead
 # ----------------------------------------------------------------------------------- schema
 
 
-def test_a_log_of_the_first_layout_is_migrated_and_keeps_its_records(tmp_path):
+def test_a_log_of_the_first_layout_is_migrated_and_keeps_its_records(tmp_path, caplog):
     path = tmp_path / "audit.sqlite"
     with sqlite3.connect(path) as db:  # the layout ctapp wrote before the schema table existed
         db.execute("CREATE TABLE diagnoses (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, model TEXT "
@@ -179,8 +179,11 @@ def test_a_log_of_the_first_layout_is_migrated_and_keeps_its_records(tmp_path):
                    "confidence REAL NOT NULL, probabilities TEXT NOT NULL, flags TEXT NOT NULL)")
         db.execute("INSERT INTO diagnoses VALUES (7, '2024-05-01T10:00:00.000+00:00', 'old', 'v0', ?, 'beta', 0.6, "
                    "'{\"beta\": 0.6}', '[]')", (SHA,))
-    store = Store(path)
+    with caplog.at_level("INFO", logger="ctapp.store"):
+        store = Store(path)
     try:
+        # Recognised as the first version (not an empty database), and the step said in the server log.
+        assert "audit log schema brought from version 1 to 2" in caplog.messages
         assert store.schema_version() == SCHEMA_VERSION == 2
         (old,) = store.recent()
         assert (old["id"], old["model"], old["image_sha256"], old["username"]) == (7, "old", SHA, "")
