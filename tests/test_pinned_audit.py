@@ -98,3 +98,29 @@ def test_keep_duplicates_flag_keeps_every_copy(planted, tmp_path):
     assert [len(splits[s]) for s in ("train", "valid", "test")] == [10, 6, 7]
     for path in CROSS_SPLIT:
         assert path in splits[path.split("/")[0]]
+
+
+@pytest.mark.parametrize("layout", ["classes", "train split only"])
+def test_training_splits_keep_the_files_its_group_pattern_names_together(tmp_path, layout):
+    """``--group-pattern`` reaches the split whichever way the validation images are held out."""
+    import numpy as np
+    from PIL import Image
+
+    from training.fit import get_args_parser, prepare_data
+
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for label in ("alpha", "beta"):
+        folder = root / ("train" if layout != "classes" else "") / label
+        folder.mkdir(parents=True)
+        for patient in range(10):
+            for view in "abc":  # three different slices of one patient
+                Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / f"{patient}-{view}.png")
+    args = get_args_parser().parse_args(["--data", str(root), "--out", str(tmp_path / "out"), "--workers", "1",
+                                         "--group-pattern", r"^(\d+)-"])
+    index, _, _ = prepare_data(args, log=lambda message: None)
+    sides = {}
+    for s in index.samples:
+        sides.setdefault((s.label, s.path.stem.split("-")[0]), set()).add(s.split)
+    assert len(sides) == 20 and all(len(side) == 1 for side in sides.values())
+    assert {s.split for s in index.samples} == {"train", "valid"}
