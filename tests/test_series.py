@@ -199,6 +199,7 @@ def test_palette_colour_dicom_decodes_to_grey():
     image = decode(data)
     np.testing.assert_allclose(image.pixels * 255, expected, atol=1e-3)
     assert "palette-colour DICOM shown in grey" in image.notes
+    assert image.mode == "DICOM" and image.source_format == "DICOM"  # one row of the audit's table of modes
 
 
 def test_instance_numbers_order_a_series_without_positions():
