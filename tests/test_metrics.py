@@ -133,3 +133,10 @@ def test_risk_coverage_starts_with_the_single_most_confident_answer():
     curve = risk_coverage(probs, np.array([1, 1, 0]))  # the most confident (0.9) is wrong
     assert [(c["coverage"], c["accuracy"]) for c in curve] == [(1 / 3, 0.0), (2 / 3, 0.5), (1.0, 2 / 3)]
     assert [c["threshold"] for c in curve] == [0.9, 0.7, 0.6]
+    assert risk_coverage(np.zeros((0, 2)), np.array([], int)) == []  # no slices, no curve
+
+
+def test_a_certain_wrong_answer_costs_a_bounded_log_loss():
+    """A probability of 0 for the true class counts as 1e-12 (27.6 nats), not infinity."""
+    report = evaluation_report(np.array([0, 1]), np.array([[1.0, 0.0], [1.0, 0.0]]), ["a", "b"])
+    assert report["log_loss"] == pytest.approx(-np.log(1e-12) / 2)
