@@ -82,6 +82,17 @@ def test_16_bit_png_is_scaled_to_its_range():
     assert any("16-bit" in n for n in result.notes)
 
 
+@pytest.mark.parametrize("dtype, mode, depth", [(np.int32, "I", "32-bit"), (np.float32, "F", "32-bit float")])
+def test_32_bit_tiff_is_scaled_to_its_range(dtype, mode, depth):
+    values = np.linspace(-500, 70000, 64 * 64).reshape(64, 64).astype(dtype)  # far beyond 8 and 16 bits
+    image = Image.fromarray(values)
+    assert image.mode == mode
+    result = decode(png_bytes(image, fmt="TIFF"))
+    assert result.mode == mode and result.pixels.min() == 0.0 and result.pixels.max() == 1.0
+    assert result.pixels[32, 32] == pytest.approx((values[32, 32] + 500) / 70500, abs=1e-4)
+    assert f"{depth} grey image scaled from its own minimum and maximum" in result.notes
+
+
 def test_large_and_tiny_images():
     big = decode(png_bytes(Image.new("L", (3000, 2500), 7)))
     # Downscaled right after decoding to 2048 px on the long side, aspect kept.
