@@ -475,8 +475,12 @@ def test_the_apps_series_cache_answers_with_a_retrained_model_once_it_is_replace
     def probabilities(result) -> list[dict]:
         return [p.probabilities for p in result.predictions]
 
-    first = ui_cache.classify_series(folder, series)
-    assert probabilities(ui_cache.classify_series(folder, series)) == probabilities(first)
+    progress = []
+    first = ui_cache.classify_series(folder, series, on_progress=lambda done, total: progress.append((done, total)))
+    assert progress[-1] == (3, 3)  # the page's progress bar is fed while the series is classified
+    assert ui_cache.classify_series(folder, series) is first  # then kept, not computed again
+    png = _png(grey[0])
+    before = ui_cache.analyse(folder, "sha-of-slice-0", png)
     write_model_folder(tmp_path / "retrained", seed=7)
     for name in ("model.pt", "model_card.json"):
         shutil.copy(tmp_path / "retrained" / name, folder / name)
@@ -485,6 +489,10 @@ def test_the_apps_series_cache_answers_with_a_retrained_model_once_it_is_replace
     expected = classify_series(load_model(folder), series)
     assert probabilities(ui_cache.classify_series(folder, series)) == probabilities(expected)
     assert probabilities(expected) != probabilities(first)
+    # The same holds for one uploaded slice's cached analysis.
+    after = ui_cache.analyse(folder, "sha-of-slice-0", png)
+    assert after.prediction.probabilities == load_model(folder).predict(png).probabilities
+    assert after.prediction.probabilities != before.prediction.probabilities
 
 
 def test_the_viewers_cached_map_of_a_slice_is_the_models_own_for_the_method_asked(tmp_path):
@@ -712,6 +720,9 @@ def test_structured_report_reads_back_as_the_summary(label, has_result, code, me
     dataset = pydicom.dcmread(io.BytesIO(data))
     assert dataset.PatientName == "" and dataset.PatientID == "" and dataset.StudyInstanceUID == \
         series.reference.study_uid
+    for keyword in ("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName",
+                    "StudyID", "AccessionNumber"):  # type 2: present, and empty (nothing identifies the patient)
+        assert keyword in dataset and not dataset[keyword].value, keyword
     assert (dataset.SeriesDescription, dataset.Manufacturer) == ("AI classification (research use only)",
                                                                  "CT slice classifier (research use only)")
 
