@@ -31,7 +31,7 @@ def _stub(reference: SeriesReference, sop_class: str, sop_instance: str):
     ds.StudyInstanceUID, ds.SeriesInstanceUID = reference.study_uid, reference.series_uid
     ds.FrameOfReferenceUID = reference.frame_of_reference_uid
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                    "ReferringPhysicianName", "StudyID", "AccessionNumber"):
+                    "StudyID", "AccessionNumber"):  # what highdicom copies from the evidence
         setattr(ds, keyword, "")
     return ds
 
