@@ -48,7 +48,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                              "searched recursively")
     p.add_argument("--model", required=True, help="model folder (with model.pt and model_card.json)")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
-    p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass of a series (default 32)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="slices per forward pass of a series (default %(default)s)")
     return p
 
 
@@ -72,7 +73,7 @@ def _may_be_series(path: Path) -> bool:
     except OSError:
         return False
     return is_dicom(head) or head[:4] == b"PK\x03\x04" or head[:2] == b"\x1f\x8b" or \
-        (len(head) >= 348 and head[344:348] == b"n+1\0") or head[4:8] == b"n+2\0"
+        head[344:348] == b"n+1\0" or head[4:8] == b"n+2\0"
 
 
 def _single_dicom(series: Series) -> bool:
