@@ -214,6 +214,12 @@ def test_block_split_keeps_consecutive_numbers_together(tmp_path):
     assert {s.split for s in index.samples} == {"train", "valid"}
 
 
+def test_holding_out_half_holds_out_half(tmp_path):
+    write_classes(tmp_path, ["covid", "non-covid"], 12, size=24)
+    index = assign_splits(scan_dataset(tmp_path), val_fraction=0.5, seed=2)
+    assert index.counts()["valid"] == index.counts()["train"] == {"covid": 6, "non-covid": 6}
+
+
 def test_three_way_split_holds_out_test_then_valid_from_the_rest(tmp_path):
     write_classes(tmp_path, ["covid", "non-covid"], 20, size=24)
     index = assign_splits(scan_dataset(tmp_path), val_fraction=0.25, test_fraction=0.25, seed=1)

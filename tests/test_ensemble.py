@@ -110,6 +110,9 @@ def test_an_ensemble_can_explain_with_one_named_member(ensemble, slices, tmp_pat
 def test_an_ensemble_explains_a_slice_as_its_analysis_does(ensemble, slices):
     model = load_model(ensemble)
     np.testing.assert_array_equal(model.explain(slices[1]), model.analyse(slices[1]).cam)
+    plus = model.explain(slices[1], method="Grad-CAM++")
+    np.testing.assert_array_equal(plus, model.analyse(slices[1], method="Grad-CAM++").cam)
+    assert not np.allclose(plus, model.explain(slices[1]))  # the method asked for is the one used
 
 
 def test_a_slice_any_member_finds_foreign_is_foreign_to_the_ensemble(ensemble, slices):

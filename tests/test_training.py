@@ -210,6 +210,9 @@ def test_the_models_table_shows_a_figure_a_card_lacks_as_missing_never_as_zero(t
     row = table(tmp_path).splitlines()[2]
     assert row == ("| `bare` | class0/class1 | n/a | validation split | n/a | n/a | n/a | n/a | n/a | n/a | n/a | "
                    "n/a | ? / ? |")
+    card_path = write_model_folder(tmp_path / "sized") / "model_card.json"
+    card_path.write_text(json.dumps({**json.loads(card_path.read_text()), "size_bytes": 2_350_000}))
+    assert "| 2.4 MB |" in table(tmp_path).splitlines()[3]  # 2.35 million bytes: megabytes of 10^6 bytes
 
 
 def test_models_table_command_reproduces_the_training_settings(tiny_model, tmp_path, capsys):
