@@ -117,6 +117,8 @@ def test_selective_threshold_reaches_the_target_on_the_most_slices():
     flagged[[0, 1]] = True  # flagged slices never count as answered: 34/38 < 0.9 at rank 39, so
     # the cut moves up to rank 31, where the 30 answered (ranks 2-31) hold three mistakes (27/30).
     assert selective_threshold(probs, labels, flagged, 0.9, 5) == pytest.approx(confidence[31])
+    # Every slice flagged: nothing to fit on, the threshold is the highest a probability can reach.
+    assert selective_threshold(probs, labels, np.ones(50, bool), 0.9, 5) == 1.0
 
 
 def body_on_canvas() -> tuple[np.ndarray, tuple[int, int, int, int]]:

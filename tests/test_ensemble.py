@@ -56,6 +56,13 @@ def test_an_ensemble_predicts_the_mean_of_its_members(ensemble, slices):
     assert differ  # the members are different networks
 
 
+def test_an_ensembles_version_is_when_it_was_made(ensemble, tmp_path):
+    assert load_model(ensemble).version == ""  # ensemble.json without a creation time
+    spec = {"members": [str(ensemble.parent / "a"), str(ensemble.parent / "b")], "created": "2026-11-29T18:40:05.123"}
+    (tmp_path / ENSEMBLE_FILE).write_text(json.dumps(spec))
+    assert load_model(tmp_path).version == "2026-11-29T18:40:05"  # to the second, as the audit log keeps it
+
+
 def assert_same_answer(a, b):
     a, b = a.to_dict(), b.to_dict()
     assert a.pop("probabilities") == pytest.approx(b.pop("probabilities"), abs=1e-6)

@@ -192,6 +192,23 @@ def test_enhanced_multi_frame_ct_uses_per_frame_positions_and_rescale():
     np.testing.assert_allclose(grey_of(unplaced.series[0]), grey, atol=1e-3)
     assert [f[2] for f in unplaced.series[0].reference.instances] == list(range(6))
     assert unplaced.series[0].positions == [None] * 6
+    assert result.series[0].spacing == pytest.approx((0.8, 0.8))  # from the shared pixel measures
+
+
+def test_an_enhanced_ct_frame_with_half_a_rescale_uses_the_files_own():
+    import pydicom
+    from synthetic import dicom_file_bytes
+
+    grey = grey_volume(3, 32, seed=12)
+    ds = pydicom.dcmread(io.BytesIO(enhanced_ct(grey)))
+    transform = ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
+    slope = float(transform.RescaleSlope)
+    del transform.RescaleIntercept  # a slope without its intercept: not a usable pair
+    ds.RescaleSlope, ds.RescaleIntercept = slope, -1000
+    result = read({"enhanced": dicom_file_bytes(ds)})
+    assert not result.errors
+    stored = np.stack([ds.pixel_array[k] for k in range(3)]).astype(np.float64)
+    np.testing.assert_allclose(result.series[0].values, stored * slope - 1000, atol=1e-3)
 
 
 def test_palette_colour_dicom_decodes_to_grey():

@@ -585,6 +585,25 @@ def test_an_epochs_training_accuracy_counts_every_batch():
     assert stats["train_accuracy"] == 0.5
 
 
+def test_an_epoch_with_a_gradient_scaler_steps_the_optimizer_through_it():
+    """fp16 autocast on CUDA trains through a GradScaler; the CPU's scaler takes the same path."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ctapp.preprocess import PreprocessConfig
+    from training.engine import Precision, train_one_epoch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2))
+    before = model[1].weight.detach().clone()
+    loader = DataLoader(TensorDataset(torch.rand(4, 1, 32, 32), torch.tensor([0, 1, 0, 1])), batch_size=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1),
+                    PreprocessConfig(img_size=32), Precision(torch.device("cpu"), None, channels_last=False),
+                    scaler=scaler)
+    assert not torch.equal(model[1].weight, before) and torch.isfinite(model[1].weight).all()
+    assert scaler.get_scale() == 8.0  # no overflow: the scale held, the steps were taken unscaled
+
+
 @pytest.mark.parametrize("tty", [False, True], ids=["log", "terminal"])
 def test_the_status_line_shows_speed_and_time_left_of_a_slow_run(tty, monkeypatch, capsys):
     from training import engine
