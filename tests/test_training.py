@@ -259,6 +259,14 @@ def test_augmentations_keep_shape_and_range(level):
         assert 0.0 <= out.min() and out.max() <= 1.0
 
 
+
+def test_no_augmentation_leaves_every_pixel_as_it_was():
+    from ctapp.preprocess import train_augment
+
+    image = torch.rand(1, 48, 48)
+    assert torch.equal(train_augment("none")(image), image)  # not resampled at an identity transform
+
+
 def test_acquisition_shift_is_nonlinear_and_seeded():
     from ctapp.preprocess import AcquisitionShift
     ramp = torch.linspace(0, 1, 64 * 64).reshape(1, 64, 64)
@@ -449,6 +457,16 @@ def test_precision_and_memory_format_for_each_device():
         choose_precision("fp16", cpu)
 
 
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_auto_precision_on_a_cpu_uses_bf16_only_where_it_is_fast(fast_bf16, monkeypatch):
+    from training import engine
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: fast_bf16)
+    assert engine.choose_precision("auto", cpu) == engine.Precision(cpu, torch.bfloat16 if fast_bf16 else None)
+
+
 def test_trained_weights_are_kept_channels_last(tiny_model):
     state = safe_load(tiny_model / "last.pt")["model"]
     convs = [t for t in state.values() if t.dim() == 4 and t.shape[-1] > 1]
@@ -503,12 +521,12 @@ def test_augmentation_levels_rotate_shift_zoom_and_flip_by_their_table(level):
 
 def test_cuda_precision_follows_the_devices_bf16_support(monkeypatch):
     """No GPU needed: the choice reads only what the device supports."""
-    from training.engine import choose_precision
+    from training.engine import Precision, choose_precision
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert choose_precision("auto", cuda).autocast_dtype == torch.bfloat16
-    assert choose_precision("fp16", cuda).autocast_dtype == torch.float16  # asked for, even where bf16 runs
+    assert choose_precision("auto", cuda) == Precision(cuda, torch.bfloat16)
+    assert choose_precision("fp16", cuda) == Precision(cuda, torch.float16)  # asked for, even where bf16 runs
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert choose_precision("auto", cuda).autocast_dtype == torch.float16
     assert choose_precision("bf16", cuda).autocast_dtype == torch.float16
@@ -625,6 +643,14 @@ def test_the_status_line_shows_speed_and_time_left_of_a_slow_run(tty, monkeypatc
         assert err == "".join("\r" + line.ljust(100) for line in lines) + "\n"
     else:
         assert err == lines[1] + "\n" + lines[2] + "\n"
+
+
+def test_a_resumed_runs_first_line_has_no_speed_yet(monkeypatch, capsys):
+    from training import engine
+
+    monkeypatch.setattr(engine.sys.stderr, "isatty", lambda: False, raising=False)
+    engine.Progress(total=4, label="epochs", unit="epoch", initial=4).update(4)  # all done before the restart
+    assert capsys.readouterr().err == "epochs 4/4 epochs | 0.00 epoch/s | left ?\n"
 
 
 def test_autocast_runs_in_the_precision_it_was_given():
