@@ -178,6 +178,21 @@ def test_pickled_code_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
+def test_a_checkpoint_written_on_a_gpu_loads_on_a_cpu_only_machine(tmp_path, monkeypatch):
+    import torch.serialization
+
+    path = tmp_path / "model.pt"
+    model = trained_like_model()
+    with monkeypatch.context() as gpu:  # torch.save records each tensor's device: as on a CUDA machine
+        gpu.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        save_model_file(path, model, META)
+    loaded, _ = load_model_file(path)  # without a GPU here, unless the load maps the tensors to the CPU
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
 def test_sha256_mismatch_is_refused(tmp_path):
     path = tmp_path / "model.pt"
     save_model_file(path, trained_like_model(), META)
