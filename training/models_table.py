@@ -49,8 +49,8 @@ def _pct(value) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
-def _num(value, spec: str = ".3f") -> str:
-    return "n/a" if value is None else format(value, spec)
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _spread(val: dict, metric: str, percent: bool) -> str:
