@@ -269,6 +269,31 @@ def test_mixed_shapes_and_missing_positions_are_refused_and_nothing_else_is_lost
     assert any("1 of 3 slices have no position" in m for m in messages)
     assert [len(s) for s in result.series] == [3] and len(result.images) == 1
     assert [kind for kind, _ in result.order] == ["error", "error", "series", "image"]  # where each first appeared
+    assert {e.name for e in result.errors} <= set(members)  # each error names a file of its series
+
+
+def test_a_series_of_slices_too_small_to_read_is_refused_by_their_size():
+    result = read({f"IM{i}": f for i, f in enumerate(dicom_series(grey_volume(2, 12, seed=3)))})
+    assert not result.series
+    assert [e.message.split(": ", 1)[1] for e in result.errors] == [
+        "slices of 12x12 pixels are outside what this app reads (16 to 2048 pixels a side)"] * 2
+
+
+def test_a_series_keeps_its_study_uid_and_refuses_a_degenerate_orientation():
+    import pydicom
+    from synthetic import dicom_file_bytes
+
+    files = dicom_series(grey_volume(3, 32, seed=5))
+    (series,) = read({f"IM{i}": f for i, f in enumerate(files)}).series
+    assert series.reference.study_uid == pydicom.dcmread(io.BytesIO(files[0])).StudyInstanceUID != ""
+    flat = []
+    for data in files:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        ds.ImageOrientationPatient = [1, 0, 0, 1, 0, 0]  # rows and columns along the same axis
+        flat.append(dicom_file_bytes(ds))
+    (error,) = read({f"IM{i}": f for i, f in enumerate(flat)}).errors
+    assert error.message.endswith(": the slice orientation (ImageOrientationPatient) is not a valid pair of "
+                                  "directions")
 
 
 def _png(grey: np.ndarray) -> bytes:
@@ -528,6 +553,10 @@ def test_the_viewers_cached_map_of_a_slice_is_the_models_own_for_the_method_aske
         np.testing.assert_allclose(maps[method], model.analyse(image, method=method).cam, atol=1e-6)
     assert not np.allclose(maps["Grad-CAM"], maps["Grad-CAM++"])  # the method is part of the cache key
     np.testing.assert_array_equal(ui_cache.analyse_series_slice(folder, series, 1, image).cam, maps["Grad-CAM"])
+    other = images_series(read({f"{i}.png": _png(g) for i, g in enumerate(grey_volume(3, 32, seed=44))}).images)
+    other_image = other.slice(1, model.preprocess.window)  # the same slice number of another series
+    np.testing.assert_allclose(ui_cache.analyse_series_slice(folder, other, 1, other_image).cam,
+                               model.analyse(other_image).cam, atol=1e-6)
 
 
 def test_the_apps_upload_cache_reads_names_that_are_not_valid_text():
@@ -629,7 +658,7 @@ def test_cli_reads_an_uncompressed_nifti_of_either_version_as_a_volume(tiny_mode
     name: one series line, a line per slice."""
     volume = tmp_path / "volume.bin"
     volume.write_bytes(nifti_bytes(grey_volume(3, 32, seed=31), gz=False, version=version, byte_order=byte_order))
-    code, lines, err = _cli(volume, "--model", tiny_model, "--json")
+    code, lines, err = _cli(volume, "--model", tiny_model, "--json", "--batch-size", 2)  # two passes
     assert code == 0, err
     records = [json.loads(line) for line in lines]
     assert [r["kind"] for r in records] == ["slice"] * 3 + ["series"]
