@@ -645,6 +645,33 @@ def test_the_status_line_shows_speed_and_time_left_of_a_slow_run(tty, monkeypatc
         assert err == lines[1] + "\n" + lines[2] + "\n"
 
 
+def test_a_diverging_loss_stops_training_with_where_and_what_to_change():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ctapp.preprocess import PreprocessConfig
+    from training.engine import Precision, TrainingError, train_one_epoch
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2))
+    model[1].bias.data = torch.tensor([float("nan"), 0.0])
+    loader = DataLoader(TensorDataset(torch.rand(2, 1, 32, 32), torch.tensor([0, 1])), batch_size=2)
+    with pytest.raises(TrainingError) as stop:
+        train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1),
+                        PreprocessConfig(img_size=32), Precision(torch.device("cpu"), None, channels_last=False),
+                        epoch=2)
+    assert str(stop.value) == ("the loss became nan at epoch 3, batch 1: training diverged. Lower the learning rate "
+                               "(--lr), or check the data for corrupt images")
+    assert Precision(torch.device("cpu"), None, channels_last=False).describe() == "cpu, fp32, contiguous"
+
+
+def test_model_folders_are_the_shipped_ones_plus_those_the_environment_lists(monkeypatch, tmp_path):
+    from ctapp.inference import DEFAULT_MODELS_DIR, MODELS_ENV, model_dirs
+
+    monkeypatch.delenv(MODELS_ENV, raising=False)
+    assert model_dirs() == [DEFAULT_MODELS_DIR]
+    monkeypatch.setenv(MODELS_ENV, f"{tmp_path / 'a'}{os.pathsep}{os.pathsep}{tmp_path / 'b'}")
+    assert model_dirs() == [DEFAULT_MODELS_DIR, tmp_path / "a", tmp_path / "b"]
+
+
 def test_a_resumed_runs_first_line_has_no_speed_yet(monkeypatch, capsys):
     from training import engine
 
