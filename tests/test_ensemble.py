@@ -278,3 +278,13 @@ def test_a_dicom_file_is_read_in_the_window_the_models_were_trained_with(ensembl
         given = model.predict(path).probabilities
         assert given == model.predict(decode(path, window=mediastinal)).probabilities
         assert given != model.predict(decode(path, window=LUNG_WINDOW)).probabilities
+
+
+def test_an_ensembles_ood_score_is_its_members_largest_relative_to_their_thresholds():
+    """The fixture's tiny members have no OOD detector: the shipped lung ensemble's members do."""
+    from ctapp.inference import DEFAULT_MODELS_DIR
+
+    model = load_model(DEFAULT_MODELS_DIR / "lung-ensemble")
+    for image in sample_images(2):
+        ratios = [m.predict(image).ood_score / m.ood.threshold for m in model.members]
+        assert model.predict(image).ood_score == pytest.approx(max(ratios))
