@@ -1,6 +1,7 @@
 """The Python API and the predict CLI on a tiny trained model."""
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -189,6 +190,15 @@ def test_a_checkpoint_without_a_creation_time_has_an_empty_version(tmp_path):
     save_model_file(tmp_path / "dated.pt", create_model("baseline", 2), {**meta, "created": "2026-11-29T18:01:02.345"})
     assert load_model(tmp_path / "bare.pt").version == ""  # shown and logged as the model's version
     assert load_model(tmp_path / "dated.pt").version == "2026-11-29T18:01:02"
+
+
+def test_model_folders_are_the_shipped_ones_plus_those_the_environment_lists(monkeypatch, tmp_path):
+    from ctapp.inference import DEFAULT_MODELS_DIR, MODELS_ENV, model_dirs
+
+    monkeypatch.delenv(MODELS_ENV, raising=False)
+    assert model_dirs() == [DEFAULT_MODELS_DIR]
+    monkeypatch.setenv(MODELS_ENV, f"{tmp_path / 'a'}{os.pathsep}{os.pathsep}{tmp_path / 'b'}")
+    assert model_dirs() == [DEFAULT_MODELS_DIR, tmp_path / "a", tmp_path / "b"]
 
 
 def test_a_model_is_listed_by_its_cards_name_else_its_folders(tiny_model, tmp_path):

@@ -259,7 +259,6 @@ def test_augmentations_keep_shape_and_range(level):
         assert 0.0 <= out.min() and out.max() <= 1.0
 
 
-
 def test_no_augmentation_leaves_every_pixel_as_it_was():
     from ctapp.preprocess import train_augment
 
@@ -447,15 +446,15 @@ def test_patience_counts_epochs_since_the_last_improvement(tiny_dataset, tmp_pat
 
 
 def test_precision_and_memory_format_for_each_device():
-    from training.engine import TrainingError, choose_precision
+    from training.engine import Precision, TrainingError, choose_precision
 
     cpu = torch.device("cpu")
     assert choose_precision("off", cpu).autocast_dtype is None
     assert choose_precision("bf16", cpu).autocast_dtype == torch.bfloat16
     assert choose_precision("bf16", cpu).describe() == "cpu, bf16 autocast, channels_last"
+    assert Precision(cpu, None, channels_last=False).describe() == "cpu, fp32, contiguous"
     with pytest.raises(TrainingError, match=r"^fp16 autocast is for CUDA devices; use --amp bf16 or off on a CPU$"):
         choose_precision("fp16", cpu)
-
 
 
 @pytest.mark.parametrize("fast_bf16", [True, False])
@@ -547,26 +546,34 @@ def test_cores_are_shared_between_local_processes_unless_the_user_chose(monkeypa
     assert calls == [4, 1]
 
 
-def test_an_epoch_reports_its_own_speed_and_loss():
-    """A short epoch (well under a second) still gives images / its seconds."""
+def one_epoch(model, images, labels, *, batch_size: int, lr: float, **kwargs) -> dict:
+    """``train_one_epoch`` over (N, 1, 32, 32) images with SGD, fp32 and contiguous memory on the CPU."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from ctapp.preprocess import PreprocessConfig
     from training.engine import Precision, train_one_epoch
 
+    loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size)
+    return train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=lr),
+                           PreprocessConfig(img_size=32), Precision(torch.device("cpu"), None, channels_last=False),
+                           **kwargs)
+
+
+def linear_model() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2))  # normalize gives 3 channels
+
+
+def test_an_epoch_reports_its_own_speed_and_loss():
+    """A short epoch (well under a second) still gives images / its seconds."""
     torch.manual_seed(0)
-    model = create_model("baseline", 2)
-    images, labels = torch.rand(8, 1, 32, 32), torch.tensor([0, 1] * 4)
-    loader = DataLoader(TensorDataset(images, labels), batch_size=4)
     shown = []
 
     class Shown:
         def update(self, step, **values):
             shown.append((step, values))
 
-    stats = train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.01),
-                            PreprocessConfig(img_size=32), Precision(torch.device("cpu"), None, channels_last=False),
-                            progress=Shown())
+    stats = one_epoch(create_model("baseline", 2), torch.rand(8, 1, 32, 32), torch.tensor([0, 1] * 4), batch_size=4,
+                      lr=0.01, progress=Shown())
     # The status line shows the running mean loss per image; after the last batch, the epoch's.
     assert [step for step, _ in shown] == [1, 2]
     assert shown[-1][1]["loss"] == pytest.approx(stats["train_loss"]) and 0 < shown[0][1]["loss"] < 5
@@ -588,36 +595,21 @@ def test_a_batch_goes_to_the_training_device_in_its_memory_format():
 
 
 def test_an_epochs_training_accuracy_counts_every_batch():
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from ctapp.preprocess import PreprocessConfig
-    from training.engine import Precision, train_one_epoch
-
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2))  # normalize gives 3 channels
+    model = linear_model()
     torch.nn.init.zeros_(model[1].weight)
     model[1].bias.data = torch.tensor([1.0, 0.0])  # always class 0; lr 0 keeps it so
     labels = torch.tensor([0, 0, 0, 1, 0, 1, 1, 1])  # 3 of 4 right in the first batch, 1 of 4 in the second
-    loader = DataLoader(TensorDataset(torch.rand(8, 1, 32, 32), labels), batch_size=4)
-    stats = train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.0),
-                            PreprocessConfig(img_size=32), Precision(torch.device("cpu"), None, channels_last=False))
+    stats = one_epoch(model, torch.rand(8, 1, 32, 32), labels, batch_size=4, lr=0.0)
     assert stats["train_accuracy"] == 0.5
 
 
 def test_an_epoch_with_a_gradient_scaler_steps_the_optimizer_through_it():
     """fp16 autocast on CUDA trains through a GradScaler; the CPU's scaler takes the same path."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from ctapp.preprocess import PreprocessConfig
-    from training.engine import Precision, train_one_epoch
-
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2))
+    model = linear_model()
     before = model[1].weight.detach().clone()
-    loader = DataLoader(TensorDataset(torch.rand(4, 1, 32, 32), torch.tensor([0, 1, 0, 1])), batch_size=2)
     scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
-    train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1),
-                    PreprocessConfig(img_size=32), Precision(torch.device("cpu"), None, channels_last=False),
-                    scaler=scaler)
+    one_epoch(model, torch.rand(4, 1, 32, 32), torch.tensor([0, 1, 0, 1]), batch_size=2, lr=0.1, scaler=scaler)
     assert not torch.equal(model[1].weight, before) and torch.isfinite(model[1].weight).all()
     assert scaler.get_scale() == 8.0  # no overflow: the scale held, the steps were taken unscaled
 
@@ -646,30 +638,14 @@ def test_the_status_line_shows_speed_and_time_left_of_a_slow_run(tty, monkeypatc
 
 
 def test_a_diverging_loss_stops_training_with_where_and_what_to_change():
-    from torch.utils.data import DataLoader, TensorDataset
+    from training.engine import TrainingError
 
-    from ctapp.preprocess import PreprocessConfig
-    from training.engine import Precision, TrainingError, train_one_epoch
-
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2))
+    model = linear_model()
     model[1].bias.data = torch.tensor([float("nan"), 0.0])
-    loader = DataLoader(TensorDataset(torch.rand(2, 1, 32, 32), torch.tensor([0, 1])), batch_size=2)
     with pytest.raises(TrainingError) as stop:
-        train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1),
-                        PreprocessConfig(img_size=32), Precision(torch.device("cpu"), None, channels_last=False),
-                        epoch=2)
+        one_epoch(model, torch.rand(2, 1, 32, 32), torch.tensor([0, 1]), batch_size=2, lr=0.1, epoch=2)
     assert str(stop.value) == ("the loss became nan at epoch 3, batch 1: training diverged. Lower the learning rate "
                                "(--lr), or check the data for corrupt images")
-    assert Precision(torch.device("cpu"), None, channels_last=False).describe() == "cpu, fp32, contiguous"
-
-
-def test_model_folders_are_the_shipped_ones_plus_those_the_environment_lists(monkeypatch, tmp_path):
-    from ctapp.inference import DEFAULT_MODELS_DIR, MODELS_ENV, model_dirs
-
-    monkeypatch.delenv(MODELS_ENV, raising=False)
-    assert model_dirs() == [DEFAULT_MODELS_DIR]
-    monkeypatch.setenv(MODELS_ENV, f"{tmp_path / 'a'}{os.pathsep}{os.pathsep}{tmp_path / 'b'}")
-    assert model_dirs() == [DEFAULT_MODELS_DIR, tmp_path / "a", tmp_path / "b"]
 
 
 def test_a_resumed_runs_first_line_has_no_speed_yet(monkeypatch, capsys):
