@@ -365,7 +365,8 @@ def test_what_counts_as_a_series_upload_is_told_from_its_bytes():
     assert not holds_series([("a.dcm", one), ("b.png", _png(grey[0]))])  # one single-frame slice: a slice
     assert holds_series([("a.dcm", one), ("b.dcm", two)])
     assert holds_series([("enhanced", enhanced_ct(grey))])  # one file, three frames
-    assert holds_series([("vol.nii.gz", nifti_bytes(grey))]) and holds_series([("vol.nii", nifti_bytes(grey, gz=False))])
+    assert holds_series([("vol.nii.gz", nifti_bytes(grey))])
+    assert holds_series([("vol.nii", nifti_bytes(grey, gz=False))])
     assert holds_series([("export.zip", zip_bytes({"IM0": one}))])
 
 
@@ -725,6 +726,16 @@ def _content_items(items):
         yield from _content_items(item.get("ContentSequence", []))
 
 
+def _three_slices_summarised(label: str | None, has_result: bool):
+    """A three-slice DICOM series and a summary of it (1 alpha, 2 beta, slice 3 the key one)."""
+    from ctapp.series import SeriesSummary
+
+    (series,) = read({f"IM{i}": f for i, f in enumerate(dicom_series(grey_volume(3, 32, seed=40)))}).series
+    return series, SeriesSummary(series=series.id, slices=3, label=label, verdict="", rule="", has_result=has_result,
+                                 confident_counts={"alpha": 1, "beta": 2}, uncertain=0, uncertain_by_state={},
+                                 key_slices=[2])
+
+
 @pytest.mark.parametrize("label, has_result, code, meaning", [
     ("beta", True, "BETA", "Beta-like findings"),
     # A DICOM code value holds at most 16 characters.
@@ -735,13 +746,9 @@ def test_structured_report_reads_back_as_the_summary(label, has_result, code, me
     import highdicom as hd
     import pydicom
 
-    from ctapp.series import SeriesSummary
     from ctapp.structured_report import SCHEME, series_sr_bytes
 
-    (series,) = read({f"IM{i}": f for i, f in enumerate(dicom_series(grey_volume(3, 32, seed=40)))}).series
-    summary = SeriesSummary(series=series.id, slices=3, label=label, verdict="", rule="", has_result=has_result,
-                            confident_counts={"alpha": 1, "beta": 2}, uncertain=0, uncertain_by_state={},
-                            key_slices=[2])
+    series, summary = _three_slices_summarised(label, has_result)
     data = series_sr_bytes(series.reference, summary, model_name="lung-vgg19_bn", model_version="",
                            display_names={"alpha": "Alpha", "beta": "Beta",
                                           "large_cell_carcinoma": "Large cell carcinoma"})
@@ -776,13 +783,9 @@ def test_structured_report_reads_back_as_the_summary(label, has_result, code, me
 def test_structured_report_names_its_device_and_cuts_long_names_to_what_dicom_holds():
     import pydicom
 
-    from ctapp.series import SeriesSummary
     from ctapp.structured_report import MANUFACTURER, series_sr_bytes
 
-    (series,) = read({f"IM{i}": f for i, f in enumerate(dicom_series(grey_volume(3, 32, seed=40)))}).series
-    summary = SeriesSummary(series=series.id, slices=3, label="beta", verdict="", rule="", has_result=True,
-                            confident_counts={"alpha": 1, "beta": 2}, uncertain=0, uncertain_by_state={},
-                            key_slices=[2])
+    series, summary = _three_slices_summarised("beta", True)
     name, version = "lung-" + "n" * 70, "2026-11-29 " + "v" * 70  # an LO value holds 64 characters
     data = series_sr_bytes(series.reference, summary, model_name=name, model_version=version,
                            display_names={"alpha": "Alpha", "beta": "Beta"})
