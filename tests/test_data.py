@@ -212,6 +212,8 @@ def test_block_split_keeps_consecutive_numbers_together(tmp_path):
         blocks.setdefault((s.label, number // 10), set()).add(s.split)
     assert all(len(splits) == 1 for splits in blocks.values())
     assert {s.split for s in index.samples} == {"train", "valid"}
+    held = sum(s.split == "valid" for s in index.samples)
+    assert index.notes[-1] == f"split here by blocks of 10 consecutive file numbers, seed 0: train {80 - held}, valid {held}"
 
 
 def test_holding_out_half_holds_out_half(tmp_path):
@@ -226,6 +228,7 @@ def test_three_way_split_holds_out_test_then_valid_from_the_rest(tmp_path):
     counts = index.counts()
     assert counts["test"] == counts["valid"] == {"covid": 5, "non-covid": 5}
     assert counts["train"] == {"covid": 10, "non-covid": 10}
+    assert index.notes[-1] == "split here by image, seed 1: test 10, train 20, valid 10"
 
 
 def test_a_split_keeps_the_files_its_name_pattern_groups(tmp_path):

@@ -118,6 +118,17 @@ def test_report_rows_inside_the_roots_open(escape_root, monkeypatch):
     assert image_file({}, "valid/class0/class0 (1).png") is None  # no data folder: nothing to resolve against
 
 
+def test_the_roots_a_caller_names_win_over_the_servers(escape_root, tmp_path, monkeypatch):
+    root, folder, _ = escape_root
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setenv("CTAPP_DATA_ROOTS", str(elsewhere))
+    row = "valid/class0/class0 (1).png"
+    assert resolve_data_file(row, folder, [root]) == (folder / row).resolve()
+    with pytest.raises(PathNotAllowed, match=OUTSIDE):
+        resolve_data_file(row, folder)  # no roots named: the server's, which do not hold it
+
+
 # ------------------------------------------------------------------ one at a time, model shared
 
 
@@ -139,7 +150,8 @@ def test_a_folder_evaluation_is_indexed_under_the_signed_in_user(tmp_path, monke
                                   "accuracy", "macro_f1")} == {
         "username": "dr.a@example.org", "model": "lung-vgg19_bn", "model_version": "2026-11-01",
         "report": "eval-1.json", "evaluated_on": "clinic (test split)", "images": 40, "accuracy": 0.9, "macro_f1": 0.85}
-    assert (second["model"], second["evaluated_on"], second["images"], second["accuracy"]) == ("", "", 0, None)
+    assert {k: second[k] for k in ("model", "model_version", "evaluated_on", "images", "accuracy", "macro_f1")} == {
+        "model": "", "model_version": "", "evaluated_on": "", "images": 0, "accuracy": None, "macro_f1": None}
 
 
 def test_the_audit_log_opens_the_database_url_when_one_is_set(tmp_path, monkeypatch):

@@ -44,6 +44,27 @@ def test_config_names_real_layers(built):
     assert len(spec.stages(model)) >= 4
 
 
+def test_out_of_distribution_features_are_stage_outputs_from_low_to_high_level(built):
+    name, model = built
+    layers = get_spec(name).feature_layers(model)
+    shapes = {}
+
+    def record(layer):
+        def hook(_module, _inputs, out):
+            shapes[layer] = out.shape
+        return hook
+
+    handles = [model.get_submodule(layer).register_forward_hook(record(layer)) for layer in layers]
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, SIZE, SIZE))
+    for handle in handles:
+        handle.remove()
+    sizes = [shapes[layer][-1] for layer in layers]
+    assert len(layers) >= 4 and all(len(shapes[layer]) == 4 for layer in layers)
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1], f"{name}: {dict(zip(layers, sizes))}"
+
+
 def test_gradcam_map_has_input_shape(built):
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget

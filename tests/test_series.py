@@ -715,6 +715,48 @@ def test_cli_text_prints_series_in_columns(tiny_model, tmp_path):
     assert lines[1].split() == ["slice", "file", "result", "confidence", "probabilities", "flags"]
     assert [line.split()[0] for line in lines[2:5]] == ["0", "1", "2"]
     assert lines[5].startswith("== series S-") and "slices" in lines[5]
+    starts = [lines[1].index(heading) for heading in ("file", "result", "confidence", "probabilities")]
+    for row in lines[2:5]:  # each column starts where its heading does
+        assert [row[start - 2:start] == "  " and row[start] != " " for start in starts] == [True] * 4, row
+
+
+def test_cli_text_names_a_volumes_slices_by_their_index(tiny_model, tmp_path):
+    volume = tmp_path / "chest.nii.gz"
+    volume.write_bytes(nifti_bytes(grey_volume(3, 32, seed=25)))
+    code, lines, _ = _cli(volume, "--model", tiny_model)
+    assert code == 0
+    assert [line.split()[:2] for line in lines[2:5]] == [[str(i), f"{volume}#{i}"] for i in range(3)]
+
+
+def test_cli_exit_code_says_a_series_could_not_be_read(tiny_model, tmp_path):
+    cut = tmp_path / "cut.zip"
+    cut.write_bytes(b"PK\x03\x04" + bytes(40))
+    code, lines, _ = _cli(cut, "--model", tiny_model)
+    assert code == 1 and lines == [f"{cut}\tERROR\t{cut}: the zip archive is damaged or incomplete"]
+
+
+def test_cli_goes_on_after_a_single_dicom_that_fails_to_classify(tiny_model, tmp_path, monkeypatch):
+    """One DICOM file is classified as a slice; when that fails (here the file
+    changes under the reader) the error is printed and the next inputs still are."""
+    import ctapp.predict as predict
+
+    first, second = (tmp_path / "a.dcm", tmp_path / "b.dcm")
+    first.write_bytes(dicom_series(grey_volume(1, 32, seed=26))[0])
+    second.write_bytes(dicom_series(grey_volume(1, 32, seed=27))[0])
+    model = load_model(tiny_model)
+    real_predict = model.predict
+
+    def predict_or_fail(path, *args, **kwargs):
+        if Path(path) == first:
+            raise predict.ImageDecodeError(f"{path}: the file is truncated or corrupt")
+        return real_predict(path, *args, **kwargs)
+
+    monkeypatch.setattr(model, "predict", predict_or_fail)
+    monkeypatch.setattr(predict, "load_model", lambda _folder: model)
+    code, lines, _ = _cli(first, second, "--model", tiny_model)
+    assert code == 1
+    assert lines[0] == f"{first}\tERROR\t{first}: the file is truncated or corrupt"
+    assert len(lines) == 2 and lines[1].startswith(f"{second}\t")
 
 
 # --------------------------------------------------------------------------- DICOM structured report
