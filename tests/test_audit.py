@@ -71,6 +71,16 @@ def test_audit_cli_json_keys(planted, capsys):
     assert capsys.readouterr().err.startswith(f"error: {planted.parent / 'empty'}")
 
 
+def test_audit_text_lists_each_unreadable_file_with_its_reason(planted, capsys):
+    (planted / "valid" / "a" / "empty.png").write_bytes(b"")
+    assert audit_cli.run(["--data", str(planted)]) == 0
+    text = capsys.readouterr().out
+    start = text.index("unreadable: 2\n")
+    assert text[start:].splitlines()[1:4] == [
+        "  - train/b/broken.png: broken.png: not an image file (it looks like text); upload a PNG, JPEG, TIFF, BMP or "
+        "DICOM slice", "  - valid/a/empty.png: empty.png: the file is empty", "class balance: train: a 8, b 8; valid: a 3, b 3"]
+
+
 def test_shortcut_probe_sees_brightness(tmp_path):
     """Classes that differ only in brightness are 'solved' by the probe."""
     rng = np.random.default_rng(0)

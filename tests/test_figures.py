@@ -418,3 +418,19 @@ def test_a_float_image_becomes_png_pixels_clipped_to_black_and_white():
     rgb[0, 0] = (255, 0, 0)
     again = np.asarray(Image.open(io.BytesIO(base64.b64decode(png_data_uri(rgb).split(",", 1)[1]))))
     np.testing.assert_array_equal(again, rgb)  # uint8 kept as it is
+
+
+def test_report_images_are_stored_as_compact_as_pillow_can():
+    """A report embeds a slice and its overlay per prediction: the PNGs are
+    written with Pillow's optimiser (the HTML stays small enough to mail)."""
+    from ctapp.report import png_data_uri
+
+    ramp = np.linspace(0, 1, 128 * 128, dtype=np.float32).reshape(128, 128)
+    overlay = np.stack([ramp, ramp.T, np.roll(ramp, 17, axis=0)], axis=-1)
+    pixels = np.round(overlay * 255).astype(np.uint8)
+    stored = base64.b64decode(png_data_uri(overlay).split(",", 1)[1])
+    buffers = {optimize: io.BytesIO() for optimize in (False, True)}
+    for optimize, buffer in buffers.items():
+        Image.fromarray(pixels).save(buffer, format="PNG", optimize=optimize)
+    assert len(buffers[True].getvalue()) < len(buffers[False].getvalue())
+    assert len(stored) == len(buffers[True].getvalue())

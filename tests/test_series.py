@@ -195,6 +195,27 @@ def test_enhanced_multi_frame_ct_uses_per_frame_positions_and_rescale():
     assert result.series[0].spacing == pytest.approx((0.8, 0.8))  # from the shared pixel measures
 
 
+def test_an_enhanced_ct_with_its_geometry_at_the_top_level_is_placed_all_the_same():
+    """Some converters write orientation and pixel spacing once for the file
+    instead of in the functional groups; a file without any pixel spacing is
+    read too, without one."""
+    import pydicom
+    from synthetic import dicom_file_bytes
+
+    grey = grey_volume(4, 32, seed=13)
+    ds = pydicom.dcmread(io.BytesIO(enhanced_ct(grey, frame_order=[2, 0, 3, 1])))
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    ds.ImageOrientationPatient = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+    ds.PixelSpacing = [0.7, 0.7]
+    del shared.PlaneOrientationSequence, shared.PixelMeasuresSequence
+    (series,) = read({"enhanced": dicom_file_bytes(ds)}).series
+    np.testing.assert_allclose(grey_of(series), grey, atol=1e-3)  # ordered by position: the orientation was read
+    assert series.spacing == pytest.approx((0.7, 0.7)) and series.notes == []
+    del ds.PixelSpacing
+    result = read({"enhanced": dicom_file_bytes(ds)})
+    assert not result.errors and result.series[0].spacing is None
+
+
 def test_an_enhanced_ct_frame_with_half_a_rescale_uses_the_files_own():
     import pydicom
     from synthetic import dicom_file_bytes
@@ -286,6 +307,13 @@ def test_a_series_keeps_its_study_uid_and_refuses_a_degenerate_orientation():
     files = dicom_series(grey_volume(3, 32, seed=5))
     (series,) = read({f"IM{i}": f for i, f in enumerate(files)}).series
     assert series.reference.study_uid == pydicom.dcmread(io.BytesIO(files[0])).StudyInstanceUID != ""
+    without = []
+    for data in files:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        del ds.StudyInstanceUID
+        without.append(dicom_file_bytes(ds))
+    (series,) = read({f"IM{i}": f for i, f in enumerate(without)}).series
+    assert series.reference.study_uid == ""
     flat = []
     for data in files:
         ds = pydicom.dcmread(io.BytesIO(data))
@@ -418,6 +446,11 @@ def test_limits_on_loose_images_series_and_member_size(monkeypatch):
     monkeypatch.setattr(imaging, "MAX_FILE_BYTES", 1000)
     result = read({"big.zip": zip_bytes({"IM0": two_series["a0"]})})
     assert [e.message for e in result.errors] == ["big.zip: member IM0 is larger than 0 MB"]
+    monkeypatch.setattr(imaging, "MAX_FILE_BYTES", len(two_series["a0"]))  # a file exactly at the limit is read
+    assert len(read({"a0": two_series["a0"]}).series) == 1
+    monkeypatch.setattr(imaging, "MAX_FILE_BYTES", len(two_series["a0"]) - 1)
+    (error,) = read({"a0": two_series["a0"]}).errors
+    assert error.message.startswith("a0: the file is ") and "; the limit is " in error.message
 
 
 def test_paths_that_cannot_be_read_carry_their_reason(tmp_path):
@@ -638,6 +671,20 @@ def test_a_series_record_is_the_summary_of_its_series_with_the_time_it_took():
     assert record["kind"] == "series" and record["series"] == series.id and record["slices"] == 4
     assert record["verdict"] == summary.verdict == "COVID-like findings on 3 of 4 slices"
     assert record["source"] == "DICOM" and record["seconds"] == 1.235
+
+
+def test_slice_rows_give_each_slices_answer_and_probabilities():
+    from ctapp.series import slice_rows
+
+    (series,) = read({f"IM{i}": f for i, f in enumerate(dicom_series(grey_volume(2, 32, seed=9)))}).series
+    rows = slice_rows(series, _predictions([(CONFIDENT, "covid"), (LOW_CONFIDENCE, "non-covid")]))
+    common = [{"series": series.id, "slice": i + 1, "name": series.slice_name(i),
+               "position_mm": round(series.positions[i], 2)} for i in range(2)]
+    assert rows == [
+        {**common[0], "result": "COVID", "state": CONFIDENT, "confidence": 0.9, "p_covid": 0.9, "p_non-covid": 0.1},
+        {**common[1], "result": "Uncertain (leans Non-COVID)", "state": LOW_CONFIDENCE, "confidence": 0.55,
+         "p_covid": 0.45, "p_non-covid": 0.55}]
+    assert all(isinstance(row["position_mm"], float) for row in rows)
 
 
 # --------------------------------------------------------------------------- command line

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +69,7 @@ def test_evaluate_cli_on_a_split_and_on_everything(tiny_model, tiny_dataset, tmp
     assert printed.out.startswith("8 images (0 unreadable, 0 duplicates skipped): accuracy ") and printed.err == ""
     report = json.loads(out.read_text())
     assert report["images"] == 8 and report["split"] == "valid"
+    assert Path(report["data"]) == tiny_dataset.resolve()  # the folder its rows' paths are relative to
     # the model folder's own report was computed the same way
     own = json.loads((tiny_model / "eval_report.json").read_text())
     assert report["accuracy"] == own["accuracy"] and report["ece"] == pytest.approx(own["ece"])
