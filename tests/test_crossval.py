@@ -362,3 +362,19 @@ def test_a_cross_validation_refuses_a_class_whose_images_are_all_unreadable(tmp_
         path.write_bytes(b"not an image")
     assert run([*argv[:-1], str(tmp_path / "run-2")]) == 2
     assert "class(es) ['beta'] have no readable images; add images or remove the folder" in capsys.readouterr().err
+
+
+def test_out_of_fold_input_states_use_the_thresholds_of_each_rows_fold():
+    from ctapp.inference import CONFIDENT, NOT_CHEST_CT, UNLIKE_TRAINING
+    from training.crossval import out_of_fold_input_states
+
+    report = {"crossfit": {"per_fold": [{"fold": 0, "ood_threshold": 1.0, "far_threshold": 3.0},
+                                        {"fold": 1, "ood_threshold": 5.0, "far_threshold": None}]}}
+    rows = [{"fold": "0", "ood_score": "0.5", "far_score": "0.5"},  # like the training images
+            {"fold": "0", "ood_score": "2", "far_score": "2"},  # past the near threshold only
+            {"fold": "0", "ood_score": "2", "far_score": "4"},  # past the far one: not a chest CT
+            {"fold": "0", "ood_score": "4"},  # a row from before the far score: its one score for both
+            {"fold": "1", "ood_score": "2", "far_score": "9"},  # fold 1's own thresholds
+            {"fold": "1", "ood_score": "6", "far_score": "9"}]  # a fold without a far threshold
+    assert out_of_fold_input_states(rows, report) == [CONFIDENT, UNLIKE_TRAINING, NOT_CHEST_CT, NOT_CHEST_CT,
+                                                      CONFIDENT, UNLIKE_TRAINING]

@@ -215,12 +215,15 @@ def test_no_fold_keeps_the_epoch_its_held_out_images_liked_best(runs):
         assert len(history) == 2  # the fixed schedule, all of it
 
 
-def test_an_ensemble_of_two_runs_averages_their_out_of_fold_rows(runs):
+def test_an_ensemble_of_two_runs_averages_their_out_of_fold_rows(runs, capsys):
     from training.crossval import card_figures
     from training.ensemble import run as make_ensemble
 
     out = runs["root"] / "ensembles" / "ab"  # a folder whose parent does not exist yet
+    capsys.readouterr()
     assert make_ensemble(["--members", str(runs["a"]), str(runs["b"]), "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.startswith(f"{out}: out-of-fold accuracy ")
     a = {r["path"]: r for r in read_rows(runs["a"] / "eval_report.csv")}
     b = {r["path"]: r for r in read_rows(runs["b"] / "eval_report.csv")}
     rows = read_rows(out / "eval_report.csv")
@@ -273,7 +276,10 @@ def test_an_ensemble_of_two_runs_averages_their_out_of_fold_rows(runs):
     assert flagged_by_a_member and report["ood_flagged"] == pytest.approx(flagged_by_a_member / len(rows))
     card = json.loads((out / "model_card.json").read_text())
     assert card["members"] == ["run-a", "run-b"]
-    assert report["split"] == "out-of-fold (3-fold cross-validation), mean of 2 members"
+    assert report["split"] == "out-of-fold (3-fold cross-validation), mean of 2 members" and report["folds"] == 3
+    accuracies = [report["per_fold"][k]["accuracy"] for k in "012"]
+    assert report["fold_spread"]["accuracy"] == {"mean": pytest.approx(np.mean(accuracies)),
+                                                 "std": pytest.approx(np.std(accuracies, ddof=1)), "folds": 3}
     assert (report["class_names"], report["display_names"]) == (["alpha", "beta"], ["Alpha", "Beta"])
     assert list(report["per_class"]) == ["alpha", "beta"]
     for member in ("a", "b"):
@@ -381,7 +387,8 @@ def test_an_ensemble_needs_members_cross_validated_on_the_same_folds(runs, capsy
         writer.writeheader()
         writer.writerows(rows)
     assert make_ensemble(["--members", str(runs["a"]), str(moved), "--out", str(runs["root"] / "y")]) == 2
-    assert f"{moved}: its out-of-fold images or folds differ from {runs['a']}'s" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"error: {moved}: its out-of-fold images or folds differ from {runs['a']}'s; "
+                                       "members must be cross-validated on the same folds\n")
     assert not (runs["root"] / "x").exists() and not (runs["root"] / "y").exists()
 
 

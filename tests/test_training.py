@@ -51,7 +51,7 @@ def test_fit_writes_a_complete_model_folder(tiny_model):
 
 
 def test_resume_of_a_finished_run_finalises_it_again(tiny_dataset, tmp_path):
-    out = tmp_path / "run"
+    out = tmp_path / "runs" / "run"  # a folder whose parent does not exist yet
     argv = ["--data", str(tiny_dataset), "--epochs", "1", "--out", str(out), *TINY]
     assert run(argv) == 0
     first = json.loads((out / "model_card.json").read_text())
@@ -681,8 +681,10 @@ def test_evaluating_files_counts_every_copy_unless_asked_to_dedupe(tiny_model, t
     image = next((tiny_dataset / "valid" / "beta").iterdir())
     shutil.copy(image, tmp_path / "copy.png")
     model = load_model(tiny_model)
-    report, rows = evaluate_files(model, [image, tmp_path / "copy.png"], [1, 1], workers=1)
+    report, rows = evaluate_files(model, [image, tmp_path / "copy.png"], [1, 1], workers=1, root=tiny_dataset)
     assert report["images"] == 2 and report["duplicates_skipped"] == 0 and len(rows) == 2
+    # Rows name files relative to the root; one outside it keeps its whole path.
+    assert [row["path"] for row in rows] == [str(image.relative_to(tiny_dataset)), str(tmp_path / "copy.png")]
     report, rows = evaluate_files(model, [image, tmp_path / "copy.png"], [1, 1], workers=1, dedupe=True)
     assert report["images"] == 1 and report["duplicates_skipped"] == 1 and len(rows) == 1
 
