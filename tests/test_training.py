@@ -668,6 +668,24 @@ def test_autocast_runs_in_the_precision_it_was_given():
         assert not torch.is_autocast_enabled("cpu")
 
 
+def test_latency_is_the_median_over_repeats_on_one_512_px_slice():
+    from training.fit import measure_latency
+
+    seen = []
+
+    class Timed:
+        def predict(self, image):
+            seen.append(("predict", image.shape))
+
+        def analyse(self, image):
+            seen.append(("analyse", image.shape))
+
+    latency = measure_latency(Timed(), repeat=3)
+    assert seen == [("predict", (512, 512))] * 4 + [("analyse", (512, 512))] * 4  # one warm-up call each
+    assert latency["image"] == "512x512" and latency["threads"] == torch.get_num_threads()
+    assert 0 <= latency["predict"] < 1000 and 0 <= latency["predict_gradcam"] < 1000
+
+
 def test_training_times_are_shown_as_minutes_or_hours():
     from training.engine import _duration
 
@@ -683,6 +701,8 @@ def test_evaluating_files_counts_every_copy_unless_asked_to_dedupe(tiny_model, t
     model = load_model(tiny_model)
     report, rows = evaluate_files(model, [image, tmp_path / "copy.png"], [1, 1], workers=1, root=tiny_dataset)
     assert report["images"] == 2 and report["duplicates_skipped"] == 0 and len(rows) == 2
+    assert (report["model"], report["model_version"], report["arch"]) == (model.name, model.version, "baseline")
+    assert model.version
     # Rows name files relative to the root; one outside it keeps its whole path.
     assert [row["path"] for row in rows] == [str(image.relative_to(tiny_dataset)), str(tmp_path / "copy.png")]
     report, rows = evaluate_files(model, [image, tmp_path / "copy.png"], [1, 1], workers=1, dedupe=True)
