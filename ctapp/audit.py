@@ -105,7 +105,9 @@ class AuditReport:
             "warnings": self.warnings(),
         }
         if details:
-            result["unreadable_reasons"] = {self._rel(r.sample.path): r.error for r in self.records if r.error}
+            # The decoder's message starts with the file's name, which the key already gives.
+            result["unreadable_reasons"] = {self._rel(r.sample.path): r.error.removeprefix(f"{r.sample.path.name}: ")
+                                            for r in self.records if r.error}
             result["duplicates"] = [[self._rel(r.sample.path) for r in g] for g in self.duplicate_groups]
             result["cross_split_copy_paths"] = [self._rel(r.sample.path) for r in self.cross_split]
             result["dropped_paths"] = {self._rel(p): why for p, why in sorted(self.dropped.items())}

@@ -77,8 +77,8 @@ def test_audit_text_lists_each_unreadable_file_with_its_reason(planted, capsys):
     text = capsys.readouterr().out
     start = text.index("unreadable: 2\n")
     assert text[start:].splitlines()[1:4] == [
-        "  - train/b/broken.png: broken.png: not an image file (it looks like text); upload a PNG, JPEG, TIFF, BMP or "
-        "DICOM slice", "  - valid/a/empty.png: empty.png: the file is empty", "class balance: train: a 8, b 8; valid: a 3, b 3"]
+        "  - train/b/broken.png: not an image file (it looks like text); upload a PNG, JPEG, TIFF, BMP or DICOM slice",
+        "  - valid/a/empty.png: the file is empty", "class balance: train: a 8, b 8; valid: a 3, b 3"]
 
 
 def test_shortcut_probe_sees_brightness(tmp_path):
