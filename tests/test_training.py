@@ -68,6 +68,7 @@ def test_evaluate_cli_on_a_split_and_on_everything(tiny_model, tiny_dataset, tmp
     printed = capsys.readouterr()
     assert printed.out.startswith("8 images (0 unreadable, 0 duplicates skipped): accuracy ") and printed.err == ""
     report = json.loads(out.read_text())
+    assert out.read_text().startswith('{\n  "')  # indented: read by people as well as by programs
     assert report["images"] == 8 and report["split"] == "valid"
     assert Path(report["data"]) == tiny_dataset.resolve()  # the folder its rows' paths are relative to
     # the model folder's own report was computed the same way
@@ -684,6 +685,18 @@ def test_latency_is_the_median_over_repeats_on_one_512_px_slice():
     assert seen == [("predict", (512, 512))] * 4 + [("analyse", (512, 512))] * 4  # one warm-up call each
     assert latency["image"] == "512x512" and latency["threads"] == torch.get_num_threads()
     assert 0 <= latency["predict"] < 1000 and 0 <= latency["predict_gradcam"] < 1000
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs the project's git checkout")
+def test_a_card_names_the_commit_of_the_code_that_trained_it():
+    from ctapp import __version__
+    from training.fit import code_version
+
+    version = code_version()
+    assert version.startswith(f"ctapp {__version__} (") and version.endswith(")")
+    sha = version.split("(")[1].rstrip(")")
+    head = subprocess.run(["git", "log", "-1", "--format=%H"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert len(sha) >= 7 and head.startswith(sha)
 
 
 def test_training_times_are_shown_as_minutes_or_hours():
