@@ -456,6 +456,7 @@ def test_precision_and_memory_format_for_each_device():
     assert choose_precision("bf16", cpu).autocast_dtype == torch.bfloat16
     assert choose_precision("bf16", cpu).describe() == "cpu, bf16 autocast, channels_last"
     assert Precision(cpu, None, channels_last=False).describe() == "cpu, fp32, contiguous"
+    assert Precision(torch.device("cuda", 0), torch.float16).describe() == "cuda, fp16 autocast, channels_last"
     with pytest.raises(TrainingError, match=r"^fp16 autocast is for CUDA devices; use --amp bf16 or off on a CPU$"):
         choose_precision("fp16", cpu)
 
