@@ -81,6 +81,35 @@ def test_audit_text_lists_each_unreadable_file_with_its_reason(planted, capsys):
         "  - valid/a/empty.png: the file is empty", "class balance: train: a 8, b 8; valid: a 3, b 3"]
 
 
+def test_audit_describes_each_class_by_its_own_images(tmp_path):
+    for name, images in {"dark": [(16, 20, 10), (16, 30, 30)], "bright": [(24, 24, 200)]}.items():
+        (tmp_path / name).mkdir()
+        for i, (height, width, level) in enumerate(images):
+            Image.fromarray(np.full((height, width), level, np.uint8)).save(tmp_path / name / f"{i}.png")
+    stats = audit_dataset(scan_dataset(tmp_path)).to_dict()["per_class"]
+    assert (stats["dark"]["images"], stats["bright"]["images"]) == (2, 1)
+    assert stats["dark"]["width"] == {"min": 20, "median": 25, "max": 30, "mean": 25, "std": 5}
+    assert stats["dark"]["height"]["max"] == 16 and stats["bright"]["height"]["max"] == 24
+    assert stats["dark"]["brightness"]["mean"] == pytest.approx(20 / 255, abs=1e-6)
+    assert stats["bright"]["brightness"]["min"] == pytest.approx(200 / 255, abs=1e-6)
+    assert stats["dark"]["contrast"]["max"] == stats["bright"]["contrast"]["max"] == 0  # flat images
+
+
+def test_a_copy_shared_by_a_pooled_source_is_kept_once_from_the_folder_without_splits(tmp_path):
+    """Sources pooled for cross-validation: a class folder source next to one
+    with a train split. A copy in both is one image, kept once."""
+    from ctapp.data import scan_sources
+
+    write_classes(tmp_path / "clinic", ["covid", "normal"], 3, size=24)
+    write_classes(tmp_path / "public" / "train", ["covid", "normal"], 3, size=24, start=10, seed=5)
+    shutil.copy(tmp_path / "clinic" / "covid" / "covid (0).png", tmp_path / "public" / "train" / "covid" / "c.png")
+    index = scan_sources([tmp_path / "clinic", tmp_path / "public"])
+    assert index.layout == "splits"
+    report = audit_dataset(index).to_dict()
+    assert report["duplicate_groups"] == 1 and report["dropped"] == 1
+    assert list(report["dropped_paths"]) == ["public/train/covid/c.png"]
+
+
 def test_shortcut_probe_sees_brightness(tmp_path):
     """Classes that differ only in brightness are 'solved' by the probe."""
     rng = np.random.default_rng(0)

@@ -327,7 +327,7 @@ def test_sources_pooled_with_their_names_and_missing_classes(tmp_path):
     write_classes(tmp_path / "hospital-a", ["COVID", "non-COVID"], 2, size=24)
     write_classes(tmp_path / "papers" / "b", ["covid", "pneumonia"], 3, size=24, start=10)
     index = scan_sources([tmp_path / "hospital-a", tmp_path / "papers" / "b"])
-    assert index.class_names == ["covid", "non-covid", "pneumonia"]
+    assert index.class_names == ["covid", "non-covid", "pneumonia"] and index.layout == "classes"
     assert index.display_names == ["COVID", "Non-COVID", "Pneumonia"]
     counts = {}
     for s in index.samples:

@@ -29,6 +29,9 @@ def test_binary_report_by_hand():
     assert report["roc_auc"]["per_class"]["covid"] == pytest.approx(10 / 12)
     assert report["roc_auc"]["macro"] == pytest.approx(10 / 12)
     assert report["macro_f1"] == pytest.approx((2 / 3 + 0.75) / 2)
+    # Reliability: confidences .6 (right once of two), .7 (wrong), .8 and .9 (right twice each).
+    assert [(b["count"], b["accuracy"]) for b in report["reliability"]] == [(2, 0.5), (1, 0.0), (2, 1.0), (2, 1.0)]
+    assert [b["confidence"] for b in report["reliability"]] == pytest.approx([0.6, 0.7, 0.8, 0.9])
 
 
 def test_positive_class_names():

@@ -586,6 +586,25 @@ def test_an_epoch_reports_its_own_speed_and_loss():
     assert stats["train_loss"] > 0 and 0 <= stats["train_accuracy"] <= 1
 
 
+def test_an_epochs_labels_go_to_the_training_device():
+    from ctapp.preprocess import PreprocessConfig
+    from training.engine import Precision, train_one_epoch
+
+    moved = []
+
+    class Labels(torch.Tensor):
+        def to(self, *args, **kwargs):
+            moved.append(args[0])
+            return self.as_subclass(torch.Tensor).to(*args, **kwargs)
+
+    model = linear_model()
+    labels = torch.tensor([0, 1, 1, 0]).as_subclass(Labels)
+    train_one_epoch(model, [(torch.rand(4, 1, 32, 32), labels)], torch.nn.CrossEntropyLoss(),
+                    torch.optim.SGD(model.parameters(), lr=0.01), PreprocessConfig(img_size=32),
+                    Precision(torch.device("cpu", 0), None, channels_last=False))
+    assert moved == [torch.device("cpu", 0)]
+
+
 def test_a_batch_goes_to_the_training_device_in_its_memory_format():
     from ctapp.preprocess import PreprocessConfig
     from training.engine import Precision, to_input
@@ -650,6 +669,16 @@ def test_a_diverging_loss_stops_training_with_where_and_what_to_change():
         one_epoch(model, torch.rand(2, 1, 32, 32), torch.tensor([0, 1]), batch_size=2, lr=0.1, epoch=2)
     assert str(stop.value) == ("the loss became nan at epoch 3, batch 1: training diverged. Lower the learning rate "
                                "(--lr), or check the data for corrupt images")
+
+
+def test_a_fast_runs_speed_counts_fractions_of_a_second(monkeypatch, capsys):
+    from training import engine
+
+    clock = iter([1000.0, 1000.25])
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(engine.sys.stderr, "isatty", lambda: False, raising=False)
+    engine.Progress(total=200, label="evaluating", unit="image").update(200)
+    assert capsys.readouterr().err == "evaluating 200/200 images | 800.00 image/s | left 0:00\n"
 
 
 def test_a_resumed_runs_first_line_has_no_speed_yet(monkeypatch, capsys):
