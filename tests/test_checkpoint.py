@@ -51,6 +51,17 @@ def test_round_trip(tmp_path, storage, tolerance):
     assert (expected - actual).abs().max().item() <= tolerance + 1e-6
 
 
+def test_a_distributed_wrapper_is_saved_as_the_network_inside_it(tmp_path):
+    """Under torchrun the model is wrapped (DistributedDataParallel, like
+    DataParallel, holds it as ``.module``); the file holds the bare network."""
+    model = trained_like_model()
+    save_model_file(tmp_path / "model.pt", torch.nn.DataParallel(model), META)
+    loaded, _ = load_model_file(tmp_path / "model.pt")
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
 def test_a_checkpoint_without_int8_scales_loads_as_fp16(tmp_path):
     """Only int8 storage needs the scales table: a file written without one (fp16 or fp32) loads the same."""
     model = trained_like_model()
