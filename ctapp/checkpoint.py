@@ -128,7 +128,7 @@ def pack_state(state: dict[str, torch.Tensor], storage: str) -> tuple[dict[str, 
     packed, scales = {}, {}
     for name, tensor in state.items():
         tensor = tensor.detach().cpu()
-        if not tensor.is_floating_point() or storage == "fp32":
+        if not tensor.is_floating_point():
             packed[name] = tensor.clone()
         elif storage == "fp16" and tensor.ndim >= 2:
             packed[name] = tensor.half()
@@ -137,7 +137,7 @@ def pack_state(state: dict[str, torch.Tensor], storage: str) -> tuple[dict[str, 
             scale = (flat.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
             packed[name] = torch.round(flat / scale[:, None]).clamp(-127, 127).to(torch.int8).reshape(tensor.shape)
             scales[name] = scale
-        else:  # biases, batch-norm statistics: small, keep full precision
+        else:  # fp32 storage, and under the others biases and batch-norm statistics (small): full precision
             packed[name] = tensor.float().clone()
     return packed, scales
 

@@ -91,6 +91,17 @@ def test_every_weight_matrix_and_kernel_is_packed_and_small_tensors_kept_in_fp32
         assert (name in scales) == (storage == "int8" and tensor.is_floating_point() and tensor.ndim >= 2), name
 
 
+def test_fp32_storage_stores_every_float_tensor_in_fp32():
+    from ctapp.checkpoint import pack_state
+
+    state = {"weight": torch.randn(4, 3, dtype=torch.float64), "bias": torch.randn(4).half(),
+             "num_batches_tracked": torch.tensor(7)}
+    packed, scales = pack_state(state, "fp32")
+    assert {k: v.dtype for k, v in packed.items()} == {"weight": torch.float32, "bias": torch.float32,
+                                                      "num_batches_tracked": torch.int64}
+    assert scales == {} and torch.equal(packed["weight"], state["weight"].float())
+
+
 def test_int8_is_about_a_quarter_of_fp32(tmp_path):
     model = create_model("resnet50", 4)
     save_model_file(tmp_path / "fp32.pt", model, {**META, "arch": "resnet50", "class_names": list("abcd")})
