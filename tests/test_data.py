@@ -66,12 +66,16 @@ def test_transparent_pixels_become_black():
     assert any("transparent" in n for n in result.notes)
 
 
-def test_extension_that_lies_is_read_by_content(tmp_path):
-    path = tmp_path / "slice.png"
-    path.write_bytes(png_bytes(Image.fromarray(np.full((32, 32, 3), 90, np.uint8)), "JPEG"))
+@pytest.mark.parametrize("fmt, name, lies", [
+    ("JPEG", "slice.png", True), ("PNG", "slice.jpg", True), ("TIFF", "slice.bmp", True), ("BMP", "slice.tif", True),
+    ("PNG", "slice.PNG", False), ("JPEG", "slice.jpe", False)])
+def test_extension_that_lies_is_read_by_content(tmp_path, fmt, name, lies):
+    path = tmp_path / name
+    path.write_bytes(png_bytes(Image.fromarray(np.full((32, 32, 3), 90, np.uint8)), fmt))
     result = decode(path)
-    assert result.source_format == "JPEG"
-    assert any("although its name ends in .png" in n for n in result.notes)
+    assert result.source_format == fmt
+    assert [n for n in result.notes if "although its name ends in" in n] == (
+        [f"the file is a {fmt} although its name ends in {path.suffix}"] if lies else [])
 
 
 def test_16_bit_png_is_scaled_to_its_range():
