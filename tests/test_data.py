@@ -86,6 +86,27 @@ def test_16_bit_png_is_scaled_to_its_range():
     assert any("16-bit" in n for n in result.notes)
 
 
+@pytest.mark.parametrize("mode, dtype", [("I;16", "<u2"), ("I;16L", "<u2"), ("I;16B", ">u2")])
+def test_16_bit_images_handed_in_decoded_are_scaled_in_any_byte_order(mode, dtype):
+    values = np.linspace(1000, 3000, 32 * 32).reshape(32, 32).astype(dtype)
+    result = decode(Image.frombytes(mode, (32, 32), values.tobytes()))
+    assert result.pixels.min() == 0.0 and result.pixels.max() == 1.0
+    assert result.pixels[16, 16] == pytest.approx((float(values[16, 16]) - 1000) / 2000, abs=1e-4)
+    assert "16-bit grey image scaled from its own minimum and maximum" in result.notes
+
+
+def test_a_decoder_running_out_of_memory_says_so(monkeypatch):
+    from ctapp import imaging
+
+    def exhausted(_array):
+        raise MemoryError
+
+    monkeypatch.setattr(imaging, "_from_array", exhausted)
+    with pytest.raises(ImageDecodeError) as caught:
+        decode(np.zeros((32, 32), np.uint8))
+    assert str(caught.value) == "the image is too large to decode in memory" and caught.value.__cause__ is None
+
+
 @pytest.mark.parametrize("dtype, mode, depth", [(np.int32, "I", "32-bit"), (np.float32, "F", "32-bit float")])
 def test_32_bit_tiff_is_scaled_to_its_range(dtype, mode, depth):
     values = np.linspace(-500, 70000, 64 * 64).reshape(64, 64).astype(dtype)  # far beyond 8 and 16 bits
