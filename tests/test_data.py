@@ -137,8 +137,11 @@ def test_dicom_applies_rescale_and_lung_window():
     expected = np.clip((result.hu - low) / LUNG_WINDOW.width, 0, 1)
     np.testing.assert_allclose(result.pixels, expected, atol=1e-6)
     assert result.pixels[0, 0] == 0.0 and result.pixels[1, 16] == 1.0  # below and above the window
+    assert result.hu[1, 0] == -600 and result.pixels[1, 0] == pytest.approx(0.5)  # mid-grey in the lung window
     windowed = result.rewindow(Window(40, 400))
-    assert windowed.pixels[0, 16] == 0.0  # -600 HU is black in a mediastinal window
+    assert windowed.pixels[1, 0] == 0.0 and windowed.pixels[1, 16] == pytest.approx(0.775)  # mediastinal window
+    raster = decode(png_bytes(Image.fromarray(np.full((32, 32), 90, np.uint8))))
+    assert raster.hu is None and raster.rewindow(Window(40, 400)) is raster  # no HU: nothing to window
 
 
 def test_dicom_is_detected_without_extension(tmp_path):

@@ -185,6 +185,13 @@ def test_deflated_dicom_bomb_is_measured_without_being_kept():
     assert peak < 3 * len(bomb) + 8 * imaging.INFLATE_CHUNK, f"{peak / 2**20:.0f} MiB held"
 
 
+def test_a_truncated_deflated_dicom_is_refused_without_waiting_for_the_rest():
+    """Counting the inflated size stops where the bytes stop, end of stream or not."""
+    whole = deflated_dicom(hu_slice(64))
+    with pytest.raises(ImageDecodeError, match="^the DICOM file could not be read: its header is damaged or incomplete$"):
+        decode(whole[:-50])
+
+
 def test_deflated_dicom_just_under_the_cap_still_decodes():
     padding = imaging.MAX_INFLATED_BYTES - 2**20
     image = decode(deflated_dicom(hu_slice(64), padding=padding))

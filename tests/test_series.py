@@ -462,7 +462,7 @@ def test_paths_that_cannot_be_read_carry_their_reason(tmp_path):
     assert [(Path(i.name).name, i.error) for i in inputs] == [
         ("folder", f"{tmp_path / 'folder'}: not a file"), ("gone.dcm", f"{tmp_path / 'gone.dcm'}: no such file"),
         ("a.dcm", ""), ("b.dcm", f"{tmp_path / 'b.dcm'}: the inputs add up to more than 0 MB; this file was not read")]
-    assert inputs[2].data == b"x" * 100 and inputs[3].data == b""
+    assert inputs[2].data == b"x" * 100 and inputs[0].data == inputs[1].data == inputs[3].data == b""
     assert [e.message for e in read_inputs(inputs[:2]).errors] == [inputs[0].error, inputs[1].error]
 
 

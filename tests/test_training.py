@@ -47,7 +47,7 @@ def test_fit_writes_a_complete_model_folder(tiny_model):
     with open(tiny_model / "history.csv") as f:
         history = list(csv.DictReader(f))
     assert [row["epoch"] for row in history] == ["1", "2"]
-    assert card["validation"]["macro_f1"] == report["macro_f1"]
+    assert card["validation"]["macro_f1"] == report["macro_f1"] and card["validation"]["roc_auc"] == report["roc_auc"]
 
 
 def test_resume_of_a_finished_run_finalises_it_again(tiny_dataset, tmp_path):
@@ -745,6 +745,8 @@ def test_evaluating_files_counts_every_copy_unless_asked_to_dedupe(tiny_model, t
     report, rows = evaluate_files(model, [image, tmp_path / "copy.png"], [1, 1], workers=1, root=tiny_dataset)
     assert report["images"] == 2 and report["duplicates_skipped"] == 0 and len(rows) == 2
     assert (report["model"], report["model_version"], report["arch"]) == (model.name, model.version, "baseline")
+    assert report["states"] == {state: [row["state"] for row in rows].count(state) for state in
+                                {row["state"] for row in rows}} and sum(report["states"].values()) == 2
     assert model.version
     # Rows name files relative to the root; one outside it keeps its whole path.
     assert [row["path"] for row in rows] == [str(image.relative_to(tiny_dataset)), str(tmp_path / "copy.png")]
