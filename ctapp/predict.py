@@ -153,16 +153,17 @@ def main(args: argparse.Namespace) -> int:
     read = read_inputs(inputs_from_paths(grouped), window=model.preprocess.window) if grouped else ReadResult()
     series_by_id = {s.id: s for s in read.series}
     errors_by_key = {e.series or e.name: e for e in read.errors}
+    images_by_name = dict(read.images)  # loose images from an archive, already decoded in the model's window
     position = {str(p): i for i, p in enumerate(paths)}
     # Every line appears where its (first) file was given.
-    plan = [(position[str(p)], "image", p) for p in paths if not (p.is_file() and _may_be_series(p))]
+    plan = [(position[str(p)], "file", p) for p in paths if not (p.is_file() and _may_be_series(p))]
     plan += [(position[str(grouped[read.origin[entry]])], *entry) for entry in read.order]
     plan.sort(key=lambda item: item[0])
     singles = {str(p) for p in grouped}
 
     failed = False
     for _, kind, key in plan:
-        if kind == "image":
+        if kind == "file":
             path = key
             try:
                 p = model.predict(path)
@@ -171,6 +172,9 @@ def main(args: argparse.Namespace) -> int:
                 print(_error(str(path), str(exc), args.json))
                 continue
             print(json.dumps(slice_record(str(path), p)) if args.json else _text_slice(str(path), p))
+        elif kind == "image":
+            p = model.predict(images_by_name[key])
+            print(json.dumps(slice_record(key, p)) if args.json else _text_slice(key, p))
         elif kind == "error":
             failed = True
             error = errors_by_key[key]

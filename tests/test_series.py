@@ -168,6 +168,16 @@ def test_nifti_volume_comes_out_as_its_dicom_series():
         assert volume.spacing == pytest.approx((0.8, 0.8)) and from_dicom.spacing == pytest.approx((0.8, 0.8))
 
 
+def test_a_volume_cut_short_is_refused_and_the_reason_kept_in_the_server_log(caplog):
+    data = nifti_bytes(grey_volume(3, 32, seed=14), gz=False)
+    with caplog.at_level("INFO", logger="ctapp.series"):
+        result = read({"volume.nii": data[:-100]})
+    assert not result.series and [e.message for e in result.errors] == [
+        "volume.nii: the NIfTI voxel data is truncated or damaged"]
+    (record,) = [r for r in caplog.records if r.getMessage() == "NIfTI data unreadable"]
+    assert record.exc_info is not None  # the library's own words, for whoever runs the server
+
+
 @pytest.mark.parametrize("high, dtype", [(3000, np.int16), (40000, np.float32)], ids=["int16 range", "beyond int16"])
 def test_integral_nifti_voxels_are_kept_exactly(high, dtype):
     """Whole-number voxels fit into int16 when they can; beyond its range they must not wrap around."""
@@ -246,6 +256,7 @@ def test_instance_numbers_order_a_series_without_positions():
     np.testing.assert_allclose(grey_of(result.series[0]), grey, atol=1e-3)
     assert any("ordered by instance number" in n for n in result.series[0].notes)
     assert result.series[0].positions == [None] * 4 and result.series[0].orientation == ""
+    assert result.series[0].description() == "CT, 4 slices, 32x32 px"  # no orientation, no spacing to claim
 
 
 def test_a_slice_without_an_instance_number_comes_first_when_nothing_else_orders_it():
@@ -780,6 +791,38 @@ def test_cli_exit_code_says_a_series_could_not_be_read(tiny_model, tmp_path):
     cut.write_bytes(b"PK\x03\x04" + bytes(40))
     code, lines, _ = _cli(cut, "--model", tiny_model)
     assert code == 1 and lines == [f"{cut}\tERROR\t{cut}: the zip archive is damaged or incomplete"]
+
+
+def test_cli_json_names_the_series_an_error_belongs_to(tiny_model, tmp_path):
+    import pydicom
+    from synthetic import dicom_file_bytes
+
+    flat = []
+    for data in dicom_series(grey_volume(3, 32, seed=5)):
+        ds = pydicom.dcmread(io.BytesIO(data))
+        ds.ImageOrientationPatient = [1, 0, 0, 1, 0, 0]  # not one volume
+        flat.append(dicom_file_bytes(ds))
+    write_files(tmp_path / "export", {f"IM{i}": f for i, f in enumerate(flat)})
+    code, lines, _ = _cli(tmp_path / "export", "--model", tiny_model, "--json")
+    (record,) = [json.loads(line) for line in lines]
+    assert code == 1 and set(record) == {"file", "error", "series"} and record["series"].startswith("S-")
+    assert record["error"] == f"{record['series']}: the slice orientation (ImageOrientationPatient) is not a " \
+                              "valid pair of directions"
+
+
+def test_cli_classifies_loose_images_inside_an_archive(tiny_model, tmp_path):
+    """PNG slices in a zip are read from the archive (they were looked for on
+    disk by their archive name, and every one failed as "no such file")."""
+    grey = grey_volume(2, 32, seed=29)
+    archive = tmp_path / "slices.zip"
+    archive.write_bytes(zip_bytes({"a.png": _png(grey[0]), "b.png": _png(grey[1])}))
+    code, lines, err = _cli(archive, "--model", tiny_model, "--json")
+    assert code == 0, lines
+    records = [json.loads(line) for line in lines]
+    assert [r["file"] for r in records] == [f"{archive}:a.png", f"{archive}:b.png"]
+    model = load_model(tiny_model)
+    for record, image in zip(records, grey):
+        assert record["probabilities"] == model.predict(decode(_png(image))).to_dict()["probabilities"]
 
 
 def test_cli_goes_on_after_a_single_dicom_that_fails_to_classify(tiny_model, tmp_path, monkeypatch):
