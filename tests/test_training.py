@@ -48,6 +48,9 @@ def test_fit_writes_a_complete_model_folder(tiny_model):
         history = list(csv.DictReader(f))
     assert [row["epoch"] for row in history] == ["1", "2"]
     assert card["validation"]["macro_f1"] == report["macro_f1"] and card["validation"]["roc_auc"] == report["roc_auc"]
+    headline = ("images", "accuracy", "macro_f1", "ece", "sensitivity", "specificity", "positive_class")
+    assert safe_load(tiny_model / "model.pt")["metrics"] == {**{k: report[k] for k in headline},
+                                                           "roc_auc_macro": report["roc_auc"]["macro"]}
 
 
 def test_resume_of_a_finished_run_finalises_it_again(tiny_dataset, tmp_path):
@@ -528,7 +531,7 @@ def test_cuda_precision_follows_the_devices_bf16_support(monkeypatch):
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert choose_precision("auto", cuda) == Precision(cuda, torch.bfloat16)
+    assert choose_precision("auto", cuda) == choose_precision("bf16", cuda) == Precision(cuda, torch.bfloat16)
     assert choose_precision("fp16", cuda) == Precision(cuda, torch.float16)  # asked for, even where bf16 runs
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert choose_precision("auto", cuda).autocast_dtype == torch.float16
