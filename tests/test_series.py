@@ -568,6 +568,7 @@ def test_the_apps_series_cache_answers_with_a_retrained_model_once_it_is_replace
     assert ui_cache.classify_series(folder, series) is first  # then kept, not computed again
     png = _png(grey[0])
     before = ui_cache.analyse(folder, "sha-of-slice-0", png)
+    predicted = ui_cache.predict(folder, "sha-of-slice-0", png)
     write_model_folder(tmp_path / "retrained", seed=7)
     for name in ("model.pt", "model_card.json"):
         shutil.copy(tmp_path / "retrained" / name, folder / name)
@@ -580,6 +581,8 @@ def test_the_apps_series_cache_answers_with_a_retrained_model_once_it_is_replace
     after = ui_cache.analyse(folder, "sha-of-slice-0", png)
     assert after.prediction.probabilities == load_model(folder).predict(png).probabilities
     assert after.prediction.probabilities != before.prediction.probabilities
+    assert ui_cache.predict(folder, "sha-of-slice-0", png).probabilities == after.prediction.probabilities \
+        != predicted.probabilities  # and its cached prediction
 
 
 def test_the_viewers_cached_map_of_a_slice_is_the_models_own_for_the_method_asked(tmp_path):
