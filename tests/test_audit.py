@@ -122,6 +122,21 @@ def test_shortcut_probe_sees_brightness(tmp_path):
     assert probe["accuracy"] > 0.9 and probe["chance"] == 0.5
 
 
+def test_a_shortcut_probe_fifteen_points_above_chance_is_a_warning_overall_and_per_source():
+    from ctapp.audit import AuditReport
+
+    def warnings(accuracy: float, per_source: dict) -> list[str]:
+        shortcut = {"accuracy": accuracy, "chance": 0.5, "per_source": per_source}
+        return AuditReport(None, [], {}, [], [], [], shortcut).warnings()
+
+    message = ("image size and brightness alone predict the class with {:.0%} accuracy (chance {:.0%}): the model "
+               "may learn where an image came from, not what it shows")
+    assert warnings(0.64, {"papers": {"accuracy": 0.4, "chance": 0.25}}) == [
+        "in papers: " + message.format(0.4, 0.25)]
+    assert warnings(0.65, {"papers": {"accuracy": 0.39, "chance": 0.25}}) == [message.format(0.65, 0.5)]
+    assert warnings(0.6, {"papers": {"accuracy": None, "chance": 0.25}}) == []
+
+
 def test_shortcut_probe_on_too_few_or_no_readable_images_says_so(tmp_path):
     from ctapp.audit import shortcut_probe
 
