@@ -68,7 +68,9 @@ def test_transparent_pixels_become_black():
 
 @pytest.mark.parametrize("fmt, name, lies", [
     ("JPEG", "slice.png", True), ("PNG", "slice.jpg", True), ("TIFF", "slice.bmp", True), ("BMP", "slice.tif", True),
-    ("PNG", "slice.PNG", False), ("JPEG", "slice.jpe", False)])
+    *[(fmt, f"slice{suffix}", False) for fmt, suffix in (("PNG", ".PNG"), ("JPEG", ".jpg"), ("JPEG", ".jpeg"),
+                                                           ("JPEG", ".JPE"), ("TIFF", ".tif"), ("TIFF", ".tiff"),
+                                                           ("BMP", ".bmp"))]])
 def test_extension_that_lies_is_read_by_content(tmp_path, fmt, name, lies):
     path = tmp_path / name
     path.write_bytes(png_bytes(Image.fromarray(np.full((32, 32, 3), 90, np.uint8)), fmt))
