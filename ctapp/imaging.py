@@ -17,6 +17,7 @@ reaches the user.
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import logging
@@ -273,7 +274,8 @@ def _guess_non_image(data: bytes) -> str:
     if head.startswith(b"PK"):
         return " (it is a ZIP archive)"
     try:
-        data[:512].decode("utf-8")
+        # The first 512 bytes may end inside a character: not final, so that is not an error.
+        codecs.getincrementaldecoder("utf-8")().decode(data[:512], final=False)
         return " (it looks like text)"
     except UnicodeDecodeError:
         return ""

@@ -220,6 +220,8 @@ def test_upload_limit_message_never_reads_equal(monkeypatch):
 @pytest.mark.parametrize("data, kind", [
     (b"PK\x03\x04" + bytes(60), " (it is a ZIP archive)"),
     (bytes(range(128, 256)) * 4, ""),  # binary, neither text nor a known document
+    (b"a" * 511 + "é".encode() * 10, " (it looks like text)"),  # byte 512 falls inside a character
+    (b"a" * 512 + bytes(range(128, 256)), " (it looks like text)"),  # judged by its first 512 bytes
 ])
 def test_not_an_image_says_what_it_looks_like(tmp_path, data, kind):
     path = tmp_path / "upload.png"
