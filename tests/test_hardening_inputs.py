@@ -192,6 +192,13 @@ def test_a_truncated_deflated_dicom_is_refused_without_waiting_for_the_rest():
         decode(whole[:-50])
 
 
+def test_a_deflated_dicom_whose_stream_is_not_deflate_is_called_corrupt():
+    whole = deflated_dicom(hu_slice(64))
+    with pytest.raises(ImageDecodeError) as caught:
+        decode(whole[:_dicom_meta_end(whole)] + b"\xff" * 200)
+    assert str(caught.value) == "the deflated DICOM file is corrupt" and caught.value.__cause__ is None
+
+
 def test_deflated_dicom_just_under_the_cap_still_decodes():
     padding = imaging.MAX_INFLATED_BYTES - 2**20
     image = decode(deflated_dicom(hu_slice(64), padding=padding))

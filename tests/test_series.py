@@ -361,6 +361,10 @@ def test_limits_on_members_slices_and_total_bytes():
     too_large = read(members, limits=Limits(max_voxels=6 * 32 * 32 - 1))
     assert "6 slices of 32x32 pixels (0 megavoxels); at most 0 megavoxels" in too_large.errors[0].message
     assert not read(members, limits=Limits(max_voxels=6 * 32 * 32)).errors
+    volume = {"volume.nii": nifti_bytes(grey_volume(3, 32, seed=15), gz=False)}
+    assert not read(volume, limits=Limits(max_voxels=3 * 32 * 32)).errors
+    assert [e.message for e in read(volume, limits=Limits(max_voxels=3 * 32 * 32 - 1)).errors] == [
+        "volume.nii: a volume of 32x32x3 voxels; at most 1000 slices and 0 megavoxels are read"]
     assert len(read({"six.zip": zip_bytes(members)}, limits=Limits(max_zip_members=6)).series[0]) == 6
     too_long = read(members, limits=Limits(max_slices=5))
     assert "6 slices; at most 5 are read from one series" in too_long.errors[0].message
@@ -475,6 +479,18 @@ def test_paths_that_cannot_be_read_carry_their_reason(tmp_path):
         ("a.dcm", ""), ("b.dcm", f"{tmp_path / 'b.dcm'}: the inputs add up to more than 0 MB; this file was not read")]
     assert inputs[2].data == b"x" * 100 and inputs[0].data == inputs[1].data == inputs[3].data == b""
     assert [e.message for e in read_inputs(inputs[:2]).errors] == [inputs[0].error, inputs[1].error]
+
+
+
+def test_a_path_that_fails_to_read_carries_its_reason_and_no_bytes(tmp_path, monkeypatch):
+    (tmp_path / "a.dcm").write_bytes(b"x" * 100)
+
+    def refuse(_path):
+        raise PermissionError("denied")
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    (item,) = inputs_from_paths([tmp_path / "a.dcm"])
+    assert (item.data, item.error) == (b"", f"{tmp_path / 'a.dcm'}: the file could not be read (PermissionError)")
 
 
 def test_a_gzip_bomb_is_looked_at_without_being_inflated():

@@ -44,6 +44,9 @@ def test_fit_writes_a_complete_model_folder(tiny_model):
         assert key in report
     assert report["images"] == 8 and report["split"] == "valid"
     assert report["data"] == card["training_data"]["root"]
+    with open(tiny_model / "eval_report.csv") as f:  # rows name files relative to that root
+        assert all(not Path(row["path"]).is_absolute() and (Path(report["data"]) / row["path"]).is_file()
+                   for row in csv.DictReader(f))
     with open(tiny_model / "history.csv") as f:
         history = list(csv.DictReader(f))
     assert [row["epoch"] for row in history] == ["1", "2"]
