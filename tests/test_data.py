@@ -146,6 +146,28 @@ def test_dicom_applies_rescale_and_lung_window():
     assert raster.hu is None and raster.rewindow(Window(40, 400)) is raster  # no HU: nothing to window
 
 
+def test_colour_dicom_frames_become_grey_by_their_luma():
+    from pydicom.dataset import Dataset
+
+    from ctapp.imaging import dicom_colour_to_grey
+
+    rgb = Dataset()
+    rgb.PhotometricInterpretation, rgb.SamplesPerPixel = "RGB", 3
+    frames = np.zeros((2, 4, 4, 3), np.uint8)
+    frames[0, ..., 0] = 255  # pure red
+    frames[1, ..., 1] = 255  # pure green
+    grey = dicom_colour_to_grey(frames, rgb)  # a multi-frame file: one grey image per frame
+    assert grey.shape == (2, 4, 4)
+    assert grey[0] == pytest.approx(np.full((4, 4), 0.299), abs=1 / 255)
+    assert grey[1] == pytest.approx(np.full((4, 4), 0.587), abs=1 / 255)
+    wide = np.zeros((4, 4, 3), np.int16)  # not 8-bit: scaled from its own range first
+    wide[:2, ..., 2] = 1000
+    assert dicom_colour_to_grey(wide, rgb)[:2] == pytest.approx(np.full((2, 4), 0.114), abs=1 / 255)
+    mono = Dataset()
+    mono.PhotometricInterpretation, mono.SamplesPerPixel = "MONOCHROME2", 1
+    assert dicom_colour_to_grey(np.zeros((4, 4), np.uint16), mono) is None
+
+
 def test_dicom_is_detected_without_extension(tmp_path):
     path = tmp_path / "IM0001"
     path.write_bytes(make_dicom(np.zeros((32, 32), np.int16)))
