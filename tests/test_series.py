@@ -226,6 +226,21 @@ def test_an_enhanced_ct_with_its_geometry_at_the_top_level_is_placed_all_the_sam
     assert not result.errors and result.series[0].spacing is None
 
 
+def test_a_one_frame_enhanced_ct_with_only_per_frame_groups_is_read_as_enhanced():
+    import pydicom
+    from synthetic import dicom_file_bytes
+
+    grey = grey_volume(1, 32, seed=16)
+    ds = pydicom.dcmread(io.BytesIO(enhanced_ct(grey, z0=42.0)))
+    per_frame = ds.PerFrameFunctionalGroupsSequence[0]
+    for name, value in ds.SharedFunctionalGroupsSequence[0].items():
+        per_frame[name] = value
+    del ds.SharedFunctionalGroupsSequence
+    (series,) = read({"enhanced": dicom_file_bytes(ds)}).series
+    assert series.positions[0] is not None and series.spacing == pytest.approx((0.8, 0.8))  # placed
+    np.testing.assert_allclose(grey_of(series), grey, atol=1e-3)  # its rescale, from the per-frame group
+
+
 def test_an_enhanced_ct_frame_with_half_a_rescale_uses_the_files_own():
     import pydicom
     from synthetic import dicom_file_bytes
