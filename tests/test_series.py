@@ -19,6 +19,7 @@ from series_synthetic import (
     dicom_series,
     enhanced_ct,
     grey_volume,
+    hu_of,
     nifti_bytes,
     palette_dicom,
     shuffled_names,
@@ -176,6 +177,24 @@ def test_a_volume_cut_short_is_refused_and_the_reason_kept_in_the_server_log(cap
         "volume.nii: the NIfTI voxel data is truncated or damaged"]
     (record,) = [r for r in caplog.records if r.getMessage() == "NIfTI data unreadable"]
     assert record.exc_info is not None  # the library's own words, for whoever runs the server
+
+
+def test_a_volume_stored_with_rows_and_columns_exchanged_reads_as_the_same_volume():
+    """Converters differ in which in-plane axis comes first; non-square pixels
+    show that the spacing follows the axes it belongs to."""
+    import nibabel as nib
+
+    hu = hu_of(grey_volume(3, 32, seed=17))[:, :, :24]  # 32 rows, 24 columns
+    row_mm, column_mm, step = 0.8, 0.6, 2.0
+    columns_first = np.array([[-column_mm, 0, 0, 0], [0, -row_mm, 0, 0], [0, 0, step, 0], [0, 0, 0, 1]])
+    rows_first = np.array([[0, -column_mm, 0, 0], [-row_mm, 0, 0, 0], [0, 0, step, 0], [0, 0, 0, 1]])
+    volumes = {}
+    for name, data, affine in (("i-left.nii", np.transpose(hu[::-1], (2, 1, 0)), columns_first),
+                               ("i-posterior.nii", np.transpose(hu[::-1], (1, 2, 0)), rows_first)):
+        (volumes[name],) = read({name: nib.Nifti1Image(data.astype(np.int16), affine).to_bytes()}).series
+    a, b = volumes.values()
+    np.testing.assert_array_equal(a.values, b.values)
+    assert a.values.shape == (3, 32, 24) and a.spacing == b.spacing == pytest.approx((row_mm, column_mm))
 
 
 @pytest.mark.parametrize("high, dtype", [(3000, np.int16), (40000, np.float32)], ids=["int16 range", "beyond int16"])
