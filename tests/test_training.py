@@ -56,10 +56,12 @@ def test_fit_writes_a_complete_model_folder(tiny_model):
                                                            "roc_auc_macro": report["roc_auc"]["macro"]}
 
 
-def test_resume_of_a_finished_run_finalises_it_again(tiny_dataset, tmp_path):
+def test_resume_of_a_finished_run_finalises_it_again(tiny_dataset, tmp_path, capsys):
     out = tmp_path / "runs" / "run"  # a folder whose parent does not exist yet
     argv = ["--data", str(tiny_dataset), "--epochs", "1", "--out", str(out), *TINY]
     assert run(argv) == 0
+    epochs = [line.split(":")[0] for line in capsys.readouterr().err.splitlines() if ": loss " in line]
+    assert epochs == ["epoch 1"]  # one line per epoch, counted from 1
     first = json.loads((out / "model_card.json").read_text())
     assert run([*argv, "--resume"]) == 0
     card = json.loads((out / "model_card.json").read_text())
