@@ -153,7 +153,7 @@ def main(args: argparse.Namespace) -> int:
     read = read_inputs(inputs_from_paths(grouped), window=model.preprocess.window) if grouped else ReadResult()
     series_by_id = {s.id: s for s in read.series}
     errors_by_key = {e.series or e.name: e for e in read.errors}
-    images_by_name = dict(read.images)  # loose images from an archive, already decoded in the model's window
+    images_by_name = dict(read.images)  # loose images from an archive, decoded by read_inputs
     position = {str(p): i for i, p in enumerate(paths)}
     # Every line appears where its (first) file was given.
     plan = [(position[str(p)], "file", p) for p in paths if not (p.is_file() and _may_be_series(p))]
