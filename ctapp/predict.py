@@ -161,20 +161,22 @@ def main(args: argparse.Namespace) -> int:
     plan.sort(key=lambda item: item[0])
     singles = {str(p) for p in grouped}
 
+    def classify_slice(name: str, source) -> bool:
+        """Print one slice's line, or its error; False when it could not be read."""
+        try:
+            p = model.predict(source)
+        except ImageDecodeError as exc:
+            print(_error(name, str(exc), args.json))
+            return False
+        print(json.dumps(slice_record(name, p)) if args.json else _text_slice(name, p))
+        return True
+
     failed = False
     for _, kind, key in plan:
         if kind == "file":
-            path = key
-            try:
-                p = model.predict(path)
-            except ImageDecodeError as exc:
-                failed = True
-                print(_error(str(path), str(exc), args.json))
-                continue
-            print(json.dumps(slice_record(str(path), p)) if args.json else _text_slice(str(path), p))
+            failed |= not classify_slice(str(key), key)
         elif kind == "image":
-            p = model.predict(images_by_name[key])
-            print(json.dumps(slice_record(key, p)) if args.json else _text_slice(key, p))
+            failed |= not classify_slice(key, images_by_name[key])
         elif kind == "error":
             failed = True
             error = errors_by_key[key]
@@ -182,14 +184,7 @@ def main(args: argparse.Namespace) -> int:
         elif kind == "series":
             series = series_by_id[key]
             if _single_dicom(series) and series.sources[0] in singles:
-                path = series.sources[0]
-                try:
-                    p = model.predict(Path(path))
-                except ImageDecodeError as exc:
-                    failed = True
-                    print(_error(path, str(exc), args.json))
-                    continue
-                print(json.dumps(slice_record(path, p)) if args.json else _text_slice(path, p))
+                failed |= not classify_slice(series.sources[0], Path(series.sources[0]))
             else:
                 result = classify_series(model, series, batch_size=args.batch_size, on_progress=_progress(series.id))
                 if args.json:
