@@ -282,16 +282,15 @@ def test_an_ensemble_of_two_runs_averages_their_out_of_fold_rows(runs, capsys):
                                                  "std": pytest.approx(np.std(accuracies, ddof=1)), "folds": 3}
     assert (report["class_names"], report["display_names"]) == (["alpha", "beta"], ["Alpha", "Beta"])
     assert list(report["per_class"]) == ["alpha", "beta"]
+    def compared(r: dict) -> dict:  # a row of the card's comparison, read from that model's own report
+        return {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "ece": r["ece"],
+                "roc_auc_macro": r["roc_auc"]["macro"], "coverage": r["coverage"],
+                "accuracy_when_confident": r["accuracy_when_confident"]}
+
     for member in ("a", "b"):
         own = json.loads((runs[member] / "eval_report.json").read_text())
-        assert card["member_comparison"][f"run-{member}"] == {
-            "accuracy": own["accuracy"], "macro_f1": own["macro_f1"], "ece": own["ece"],
-            "roc_auc_macro": own["roc_auc"]["macro"], "coverage": own["coverage"],
-            "accuracy_when_confident": own["accuracy_when_confident"]}
-    assert card["member_comparison"]["ensemble"] == {
-        "accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "ece": report["ece"],
-        "roc_auc_macro": report["roc_auc"]["macro"], "coverage": report["coverage"],
-        "accuracy_when_confident": report["accuracy_when_confident"]}
+        assert card["member_comparison"][f"run-{member}"] == compared(own)
+    assert card["member_comparison"]["ensemble"] == compared(report)
     assert card["validation"] == card_figures(report)  # the headline the app and the README show
     assert card["validation"]["accuracy"] == report["accuracy"] and card["validation"]["images"] == 40
     assert card["size_bytes"] == sum(json.loads((runs[m] / "model_card.json").read_text())["size_bytes"]

@@ -65,6 +65,13 @@ def out_of_fold_rows(member: Path) -> dict[str, dict]:
     return {row["path"]: row for row in rows}
 
 
+def _compared(report: dict) -> dict:
+    """The figures by which the card compares the ensemble with each member."""
+    return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "ece": report["ece"],
+            "roc_auc_macro": report["roc_auc"]["macro"], "coverage": report.get("coverage"),
+            "accuracy_when_confident": report.get("accuracy_when_confident")}
+
+
 def main(args: argparse.Namespace) -> Path:
     models = [load_model(m) for m in args.members]
     classes = models[0].class_names
@@ -103,11 +110,12 @@ def main(args: argparse.Namespace) -> Path:
     names = [m.name for m in models]
     report = evaluation_report(labels, probs, classes, models[0].display_names)
     by_fold = breakdown(probs, labels, uncertain, folds, classes)
+    selective = selective_summary(probs, labels, uncertain)
     report.update(
         split=f"out-of-fold ({len(by_fold)}-fold cross-validation), mean of {len(models)} members",
         out_of_fold=True, folds=len(by_fold), model=args.out.name, arch="ensemble", members=names,
         temperature=temperature, ece_uncalibrated=expected_calibration_error(calibrated(logits, 1.0), labels),
-        ood_flagged=float(flagged.mean()), **selective_summary(probs, labels, uncertain),
+        ood_flagged=float(flagged.mean()), **selective,
         risk_coverage=risk_coverage(probs, labels),
         fold_spread=fold_spread(by_fold),
         per_fold=by_fold, per_source=breakdown(probs, labels, uncertain, sources, classes)
@@ -126,15 +134,8 @@ def main(args: argparse.Namespace) -> Path:
     atomic_write_text(json.dumps(spec, indent=2), out / ENSEMBLE_FILE)
     write_report(report, rows, out / "eval_report.json")
     ensemble = load_model(out)
-    selective = selective_summary(probs, labels, uncertain)
-    comparison = {"ensemble": {k: report[k] for k in ("accuracy", "macro_f1", "ece")}
-                  | {"roc_auc_macro": report["roc_auc"]["macro"], "coverage": selective["coverage"],
-                     "accuracy_when_confident": selective["accuracy_when_confident"]}}
-    for name, m in zip(names, models):
-        r = json.loads((m.path / "eval_report.json").read_text())
-        comparison[name] = {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "ece": r["ece"],
-                            "roc_auc_macro": r["roc_auc"]["macro"], "coverage": r.get("coverage"),
-                            "accuracy_when_confident": r.get("accuracy_when_confident")}
+    comparison = {"ensemble": _compared(report)} | {
+        name: _compared(json.loads((m.path / "eval_report.json").read_text())) for name, m in zip(names, models)}
     card = {
         "name": out.name, "task": models[0].card.get("task", ""), "classes": classes,
         "display_names": models[0].display_names, "architecture": "ensemble",
