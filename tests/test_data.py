@@ -265,7 +265,8 @@ def test_block_split_keeps_consecutive_numbers_together(tmp_path):
     assert all(len(splits) == 1 for splits in blocks.values())
     assert {s.split for s in index.samples} == {"train", "valid"}
     held = sum(s.split == "valid" for s in index.samples)
-    assert index.notes[-1] == f"split here by blocks of 10 consecutive file numbers, seed 0: train {80 - held}, valid {held}"
+    assert index.notes[-1] == \
+        f"split here by blocks of 10 consecutive file numbers, seed 0: train {80 - held}, valid {held}"
 
 
 def test_holding_out_half_holds_out_half(tmp_path):

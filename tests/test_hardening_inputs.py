@@ -188,7 +188,8 @@ def test_deflated_dicom_bomb_is_measured_without_being_kept():
 def test_a_truncated_deflated_dicom_is_refused_without_waiting_for_the_rest():
     """Counting the inflated size stops where the bytes stop, end of stream or not."""
     whole = deflated_dicom(hu_slice(64))
-    with pytest.raises(ImageDecodeError, match="^the DICOM file could not be read: its header is damaged or incomplete$"):
+    with pytest.raises(ImageDecodeError,
+                       match="^the DICOM file could not be read: its header is damaged or incomplete$"):
         decode(whole[:-50])
 
 

@@ -345,26 +345,18 @@ def test_a_series_of_slices_too_small_to_read_is_refused_by_their_size():
         "slices of 12x12 pixels are outside what this app reads (16 to 2048 pixels a side)"] * 2
 
 
+FLAT = [1, 0, 0, 1, 0, 0]  # an orientation with rows and columns along the same axis: not one volume
+
+
 def test_a_series_keeps_its_study_uid_and_refuses_a_degenerate_orientation():
     import pydicom
-    from synthetic import dicom_file_bytes
 
     files = dicom_series(grey_volume(3, 32, seed=5))
     (series,) = read({f"IM{i}": f for i, f in enumerate(files)}).series
     assert series.reference.study_uid == pydicom.dcmread(io.BytesIO(files[0])).StudyInstanceUID != ""
-    without = []
-    for data in files:
-        ds = pydicom.dcmread(io.BytesIO(data))
-        del ds.StudyInstanceUID
-        without.append(dicom_file_bytes(ds))
-    (series,) = read({f"IM{i}": f for i, f in enumerate(without)}).series
+    (series,) = read(_edited(files, StudyInstanceUID=None)).series
     assert series.reference.study_uid == ""
-    flat = []
-    for data in files:
-        ds = pydicom.dcmread(io.BytesIO(data))
-        ds.ImageOrientationPatient = [1, 0, 0, 1, 0, 0]  # rows and columns along the same axis
-        flat.append(dicom_file_bytes(ds))
-    (error,) = read({f"IM{i}": f for i, f in enumerate(flat)}).errors
+    (error,) = read(_edited(files, ImageOrientationPatient=FLAT)).errors
     assert error.message.endswith(": the slice orientation (ImageOrientationPatient) is not a valid pair of "
                                   "directions")
 
@@ -513,7 +505,6 @@ def test_paths_that_cannot_be_read_carry_their_reason(tmp_path):
         ("a.dcm", ""), ("b.dcm", f"{tmp_path / 'b.dcm'}: the inputs add up to more than 0 MB; this file was not read")]
     assert inputs[2].data == b"x" * 100 and inputs[0].data == inputs[1].data == inputs[3].data == b""
     assert [e.message for e in read_inputs(inputs[:2]).errors] == [inputs[0].error, inputs[1].error]
-
 
 
 def test_a_path_that_fails_to_read_carries_its_reason_and_no_bytes(tmp_path, monkeypatch):
@@ -847,15 +838,7 @@ def test_cli_exit_code_says_a_series_could_not_be_read(tiny_model, tmp_path):
 
 
 def test_cli_json_names_the_series_an_error_belongs_to(tiny_model, tmp_path):
-    import pydicom
-    from synthetic import dicom_file_bytes
-
-    flat = []
-    for data in dicom_series(grey_volume(3, 32, seed=5)):
-        ds = pydicom.dcmread(io.BytesIO(data))
-        ds.ImageOrientationPatient = [1, 0, 0, 1, 0, 0]  # not one volume
-        flat.append(dicom_file_bytes(ds))
-    write_files(tmp_path / "export", {f"IM{i}": f for i, f in enumerate(flat)})
+    write_files(tmp_path / "export", _edited(dicom_series(grey_volume(3, 32, seed=5)), ImageOrientationPatient=FLAT))
     code, lines, _ = _cli(tmp_path / "export", "--model", tiny_model, "--json")
     (record,) = [json.loads(line) for line in lines]
     assert code == 1 and set(record) == {"file", "error", "series"} and record["series"].startswith("S-")

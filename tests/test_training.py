@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -558,8 +559,8 @@ def test_cores_are_shared_between_local_processes_unless_the_user_chose(monkeypa
     assert calls == [4, 1]
 
 
-def one_epoch(model, images, labels, *, batch_size: int, lr: float, **kwargs) -> dict:
-    """``train_one_epoch`` over (N, 1, 32, 32) images with SGD, fp32 and contiguous memory on the CPU."""
+def one_epoch(model, images, labels, *, batch_size: int, lr: float, device=torch.device("cpu"), **kwargs) -> dict:
+    """``train_one_epoch`` over (N, 1, 32, 32) images with SGD, fp32 and contiguous memory on a CPU device."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from ctapp.preprocess import PreprocessConfig
@@ -567,8 +568,7 @@ def one_epoch(model, images, labels, *, batch_size: int, lr: float, **kwargs) ->
 
     loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size)
     return train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=lr),
-                           PreprocessConfig(img_size=32), Precision(torch.device("cpu"), None, channels_last=False),
-                           **kwargs)
+                           PreprocessConfig(img_size=32), Precision(device, None, channels_last=False), **kwargs)
 
 
 def linear_model() -> torch.nn.Module:
@@ -595,9 +595,6 @@ def test_an_epoch_reports_its_own_speed_and_loss():
 
 
 def test_an_epochs_labels_go_to_the_training_device():
-    from ctapp.preprocess import PreprocessConfig
-    from training.engine import Precision, train_one_epoch
-
     moved = []
 
     class Labels(torch.Tensor):
@@ -605,11 +602,8 @@ def test_an_epochs_labels_go_to_the_training_device():
             moved.append(args[0])
             return self.as_subclass(torch.Tensor).to(*args, **kwargs)
 
-    model = linear_model()
     labels = torch.tensor([0, 1, 1, 0]).as_subclass(Labels)
-    train_one_epoch(model, [(torch.rand(4, 1, 32, 32), labels)], torch.nn.CrossEntropyLoss(),
-                    torch.optim.SGD(model.parameters(), lr=0.01), PreprocessConfig(img_size=32),
-                    Precision(torch.device("cpu", 0), None, channels_last=False))
+    one_epoch(linear_model(), torch.rand(4, 1, 32, 32), labels, batch_size=4, lr=0.01, device=torch.device("cpu", 0))
     assert moved == [torch.device("cpu", 0)]
 
 
@@ -753,9 +747,7 @@ def test_evaluating_files_counts_every_copy_unless_asked_to_dedupe(tiny_model, t
     report, rows = evaluate_files(model, [image, tmp_path / "copy.png"], [1, 1], workers=1, root=tiny_dataset)
     assert report["images"] == 2 and report["duplicates_skipped"] == 0 and len(rows) == 2
     assert (report["model"], report["model_version"], report["arch"]) == (model.name, model.version, "baseline")
-    assert report["states"] == {state: [row["state"] for row in rows].count(state) for state in
-                                {row["state"] for row in rows}} and sum(report["states"].values()) == 2
-    assert model.version
+    assert model.version and report["states"] == Counter(row["state"] for row in rows)
     # Rows name files relative to the root; one outside it keeps its whole path.
     assert [row["path"] for row in rows] == [str(image.relative_to(tiny_dataset)), str(tmp_path / "copy.png")]
     report, rows = evaluate_files(model, [image, tmp_path / "copy.png"], [1, 1], workers=1, dedupe=True)
