@@ -863,6 +863,9 @@ def summarise(series_id: str, result: SeriesPredictions) -> SeriesSummary:
         label = max(reached, key=lambda c: (reached[c], -result.class_names.index(c)))
         has_result = True
         verdict = f"{names[label]}-like findings on {counts[label]} of {n} slices"
+        also = sorted((c for c in reached if c != label), key=lambda c: (-reached[c], result.class_names.index(c)))
+        if also:  # a second finding class is never hidden behind the first
+            verdict += "; also " + ", ".join(f"{names[c]}-like on {reached[c]}" for c in also)
         pool = [i for i, p in enumerate(preds) if p.state == CONFIDENT and p.label == label]
         key_class = label
     else:
