@@ -148,8 +148,9 @@ def enhanced_ct(grey: np.ndarray, *, frame_order=None, z0: float = 100.0, positi
     return _save(ds, None)
 
 
-def palette_dicom(size: int = 48) -> tuple[bytes, np.ndarray]:
-    """A PALETTE COLOR slice and the grey (ITU-R 601 luma, 0..255) it should decode to."""
+def palette_dicom(size: int = 48, brightest: int = 255) -> tuple[bytes, np.ndarray]:
+    """A PALETTE COLOR slice and the grey (ITU-R 601 luma, 0..255) it should
+    decode to; no palette entry is brighter than ``brightest`` (0..255)."""
     from PIL import Image
     from pydicom.uid import CTImageStorage, generate_uid
 
@@ -158,6 +159,7 @@ def palette_dicom(size: int = 48) -> tuple[bytes, np.ndarray]:
     red = np.arange(256, dtype=np.uint16)
     green = (255 - np.arange(256)).astype(np.uint16)
     blue = ((np.arange(256) * 7) % 256).astype(np.uint16)
+    red, green, blue = (channel * brightest // 255 for channel in (red, green, blue))
     ds = ct_dataset(size, size, study_uid=generate_uid(), series_uid=generate_uid(), frame_uid=generate_uid(),
                        sop_class=CTImageStorage, signed=False)
     ds.PhotometricInterpretation = "PALETTE COLOR"

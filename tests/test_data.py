@@ -135,6 +135,7 @@ def test_dicom_applies_rescale_and_lung_window():
     result = decode(make_dicom(stored, slope=2.0, intercept=-1024.0))
     assert result.source_format == "DICOM"
     np.testing.assert_allclose(result.hu, ((hu + 1024) // 2) * 2 - 1024)
+    assert result.hu.dtype == result.pixels.dtype == np.float32  # kept for re-windowing: half the memory of float64
     low = LUNG_WINDOW.center - LUNG_WINDOW.width / 2
     expected = np.clip((result.hu - low) / LUNG_WINDOW.width, 0, 1)
     np.testing.assert_allclose(result.pixels, expected, atol=1e-6)
@@ -201,6 +202,12 @@ def test_numpy_and_pil_inputs():
     np.testing.assert_allclose(decode(Image.fromarray(grey)).pixels, grey / 255.0)
     with pytest.raises(ImageDecodeError, match="shape"):
         decode(np.zeros((2, 3, 4, 5)))
+    # A float array already in [0, 1] is taken as it is; any other range is scaled from its own extremes.
+    unit = np.array([[0.0, 0.25], [0.5, 1.0]] * 8, np.float32).repeat(8, axis=1)
+    assert np.array_equal(decode(unit).pixels, unit) and not decode(unit).notes
+    wide = decode(unit * 1.5)
+    np.testing.assert_allclose(wide.pixels, unit, atol=1e-6)
+    assert wide.notes == ["float32 array scaled from its own minimum and maximum"]
 
 
 # -- dataset layouts -------------------------------------------------------------

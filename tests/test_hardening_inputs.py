@@ -6,6 +6,7 @@ never reach the user."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 import tracemalloc
 
@@ -118,6 +119,17 @@ def test_large_dicom_keeps_hounsfield_units_at_the_display_size():
     assert image.rewindow(imaging.MEDIASTINUM_WINDOW).pixels.shape == image.pixels.shape
 
 
+def test_downscaling_averages_areas_and_invents_no_values_at_an_edge():
+    """Area averaging: a sharp edge between air and bone stays within their
+    values (an interpolating filter rings past both), and each side away from
+    the edge keeps its value."""
+    stored = np.full((2100, 2100), 1024 - 1000, np.int16)
+    stored[:, 1050:] = 1024 + 1000
+    image = decode(dicom_bytes(stored))
+    assert image.hu.min() >= -1000 - 1e-3 and image.hu.max() <= 1000 + 1e-3
+    assert np.allclose(image.hu[:, :1000], -1000) and np.allclose(image.hu[:, 1050:], 1000)
+
+
 def test_slices_at_the_display_size_are_untouched():
     image = decode(png_bytes(grey(MAX_SIDE, 512)))
     assert image.size == (MAX_SIDE, 512)
@@ -185,12 +197,16 @@ def test_deflated_dicom_bomb_is_measured_without_being_kept():
     assert peak < 3 * len(bomb) + 8 * imaging.INFLATE_CHUNK, f"{peak / 2**20:.0f} MiB held"
 
 
-def test_a_truncated_deflated_dicom_is_refused_without_waiting_for_the_rest():
+def test_a_truncated_deflated_dicom_is_refused_without_waiting_for_the_rest(caplog):
     """Counting the inflated size stops where the bytes stop, end of stream or not."""
     whole = deflated_dicom(hu_slice(64))
-    with pytest.raises(ImageDecodeError,
-                       match="^the DICOM file could not be read: its header is damaged or incomplete$"):
+    with caplog.at_level(logging.INFO, logger="ctapp.imaging"), \
+            pytest.raises(ImageDecodeError,
+                          match="^the DICOM file could not be read: its header is damaged or incomplete$"):
         decode(whole[:-50])
+    # The user reads the plain reason; the server log keeps what pydicom said.
+    (record,) = [r for r in caplog.records if r.name == "ctapp.imaging"]
+    assert record.getMessage() == "DICOM header unreadable" and record.exc_info is not None
 
 
 def test_a_deflated_dicom_whose_stream_is_not_deflate_is_called_corrupt():

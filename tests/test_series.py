@@ -276,8 +276,9 @@ def test_an_enhanced_ct_frame_with_half_a_rescale_uses_the_files_own():
     np.testing.assert_allclose(result.series[0].values, stored * slope - 1000, atol=1e-3)
 
 
-def test_palette_colour_dicom_decodes_to_grey():
-    data, expected = palette_dicom()
+@pytest.mark.parametrize("brightest", [255, 100])  # a dim palette stays dim: its 16-bit entries are not stretched
+def test_palette_colour_dicom_decodes_to_grey(brightest):
+    data, expected = palette_dicom(brightest=brightest)
     image = decode(data)
     np.testing.assert_allclose(image.pixels * 255, expected, atol=1e-3)
     assert "palette-colour DICOM shown in grey" in image.notes
@@ -356,6 +357,9 @@ def test_a_series_keeps_its_study_uid_and_refuses_a_degenerate_orientation():
     assert series.reference.study_uid == pydicom.dcmread(io.BytesIO(files[0])).StudyInstanceUID != ""
     (series,) = read(_edited(files, StudyInstanceUID=None)).series
     assert series.reference.study_uid == ""
+    # A missing UID is left empty in the reference a structured report cites, never a made-up value.
+    (series,) = read(_edited(files, SOPClassUID=None)).series
+    assert [(sop_class, frame) for sop_class, _, frame in series.reference.instances] == [("", None)] * 3
     (error,) = read(_edited(files, ImageOrientationPatient=FLAT)).errors
     assert error.message.endswith(": the slice orientation (ImageOrientationPatient) is not a valid pair of "
                                   "directions")
@@ -686,14 +690,15 @@ def test_an_ensemble_classifies_a_series_as_it_predicts_each_slice(tmp_path):
     assert result.probabilities.shape == (4, len(ensemble.class_names))
 
 
-def _predictions(states_labels: list[tuple[str, str]], classes=("covid", "non-covid")) -> SeriesPredictions:
+def _predictions(states_labels: list[tuple[str, str]], classes=("covid", "non-covid"),
+                 display_names=("COVID", "Non-COVID")) -> SeriesPredictions:
     preds = []
     for state, label in states_labels:
         p = 0.9 if state == CONFIDENT else 0.55
         probs = {c: (p if c == label else (1 - p) / (len(classes) - 1)) for c in classes}
         preds.append(Prediction(label, label.title(), probs, p, state != CONFIDENT, state == NOT_CHEST_CT, None,
                                 [], [], state))
-    return SeriesPredictions(preds, list(classes), ["COVID", "Non-COVID"][:len(classes)])
+    return SeriesPredictions(preds, list(classes), list(display_names)[:len(classes)])
 
 
 def test_the_verdict_counts_confident_slices_of_a_finding_class_only():
@@ -714,6 +719,23 @@ def test_the_verdict_counts_confident_slices_of_a_finding_class_only():
     assert not nothing.has_result and nothing.label is None and nothing.verdict.startswith("No result: only 1 of 11")
 
 
+def test_a_second_finding_class_is_named_in_the_verdict_never_hidden_behind_the_first():
+    c, u = CONFIDENT, LOW_CONFIDENCE
+    classes = ("adenocarcinoma", "squamous", "large-cell", "normal")
+    names = ("Adenocarcinoma", "Squamous", "Large cell", "Normal")
+    result = _predictions([(c, "adenocarcinoma")] * 6 + [(c, "squamous")] * 4 + [(c, "large-cell")] * 4
+                          + [(c, "normal")] * 9 + [(u, "squamous")] * 5, classes, names)
+    summary = summarise("S-4", result)
+    assert summary.label == "adenocarcinoma"
+    assert summary.other_findings == {"squamous": 4, "large-cell": 4}
+    # Ties are listed in the model's class order; a class below MIN_FINDING_SLICES is not a finding.
+    assert summary.verdict == "Adenocarcinoma-like findings on 6 of 28 slices; also Squamous-like on 4, " \
+                              "Large cell-like on 4"
+    below = summarise("S-5", _predictions([(c, "adenocarcinoma")] * 5 + [(c, "squamous")] * (MIN_FINDING_SLICES - 1),
+                                          classes, names))
+    assert below.other_findings == {} and "also" not in below.verdict
+
+
 def test_a_series_record_is_the_summary_of_its_series_with_the_time_it_took():
     from dataclasses import replace
 
@@ -725,7 +747,7 @@ def test_a_series_record_is_the_summary_of_its_series_with_the_time_it_took():
     summary = summarise(series.id, result)
     assert record["kind"] == "series" and record["series"] == series.id and record["slices"] == 4
     assert record["verdict"] == summary.verdict == "COVID-like findings on 3 of 4 slices"
-    assert record["source"] == "DICOM" and record["seconds"] == 1.235
+    assert record["source"] == "DICOM" and record["seconds"] == 1.235 and record["other_findings"] == {}
 
 
 def test_slice_rows_give_each_slices_answer_and_probabilities():
