@@ -290,10 +290,10 @@ def _count_frames(image: Image.Image, name: str) -> int:
     count = 0
     try:
         while True:
+            image.seek(count)  # EOFError past the last page
             if count == MAX_PAGES:
                 raise ImageDecodeError(f"{name}: the file has more than {MAX_PAGES} pages; export the slice as a "
                                        "single image")
-            image.seek(count)
             _check_pixels(image.width, image.height, f"{name}, page {count + 1}")
             count += 1
     except EOFError:
