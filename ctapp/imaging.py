@@ -331,7 +331,7 @@ def _from_pil(image: Image.Image, frame: int | None, name: str) -> Slice:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, rgba)
-        if mode != "RGBA" or np.asarray(rgba)[..., 3].min() < 255:
+        if np.asarray(rgba)[..., 3].min() < 255:
             notes.append("transparent pixels shown as black")
     if image.mode != "L":
         image = image.convert("L")  # ITU-R 601 luma for RGB, CMYK, palette, YCbCr...

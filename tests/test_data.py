@@ -63,7 +63,13 @@ def test_transparent_pixels_become_black():
     result = decode(png_bytes(Image.fromarray(rgba)))
     assert result.pixels[:10].mean() == pytest.approx(200 / 255, abs=1e-3)
     assert result.pixels[10:].max() == 0.0
-    assert any("transparent" in n for n in result.notes)
+    assert result.notes == ["transparent pixels shown as black"]
+    # Fully opaque images with an alpha channel say nothing about transparency.
+    for mode in ("RGBA", "LA"):
+        opaque = Image.fromarray(np.dstack([rgba[..., :3], np.full((20, 20), 255, np.uint8)])).convert(mode)
+        assert decode(png_bytes(opaque)).notes == [], mode
+    grey_alpha = Image.fromarray(rgba).convert("LA")
+    assert decode(png_bytes(grey_alpha)).notes == ["transparent pixels shown as black"]
 
 
 @pytest.mark.parametrize("fmt, name, lies", [
