@@ -152,6 +152,24 @@ def test_command_text_outputs(tmp_path):
     check("audit-summary", summary_text(report).replace(str(data), "<data>"))
 
 
+def test_what_decoding_says_about_each_awkward_input(tmp_path, monkeypatch):
+    """Word for word, the error or the notes a user reads for every awkward file of the robustness suite
+    (tests elsewhere check their key words; here every word counts)."""
+    import ctapp.imaging as imaging
+    from robustness_helpers import SMALL_FILE_LIMIT, bad_input_cases
+
+    monkeypatch.setattr(imaging, "MAX_FILE_BYTES", SMALL_FILE_LIMIT)
+    lines = []
+    for case in bad_input_cases(tmp_path):
+        try:
+            image = imaging.decode(case.path)
+        except imaging.ImageDecodeError as exc:
+            lines.append(f"{case.name}: refused: {exc}")
+        else:
+            lines.append(f"{case.name}: {image.source_format} {image.mode} {image.size}: {image.notes}")
+    check("decode-messages", "\n".join(lines))
+
+
 def test_generated_images():
     """The foreign images every card's 'not a chest CT' figure is measured on, and the CT phantom of the
     benchmarks: their pixels, so a change to them is seen (and the cards' figures measured again)."""
