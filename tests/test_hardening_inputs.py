@@ -233,6 +233,22 @@ def test_deflated_dicom_bomb_is_measured_without_being_kept():
     assert peak < 3 * len(bomb) + 8 * imaging.INFLATE_CHUNK, f"{peak / 2**20:.0f} MiB held"
 
 
+def test_the_inflated_size_is_counted_past_the_limit_by_a_single_byte():
+    """The count stops only once it is over the limit: a stream of exactly
+    one chunk more than the limit allows is not taken as fitting."""
+    import zlib
+
+    chunk = imaging.INFLATE_CHUNK
+
+    def raw_deflate(size: int) -> memoryview:
+        packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        return memoryview(packer.compress(bytes(size)) + packer.flush())
+
+    assert imaging._inflated_size(raw_deflate(chunk), chunk) == chunk  # at the limit: fits
+    assert imaging._inflated_size(raw_deflate(chunk + 1), chunk) == chunk + 1  # one byte more: over
+    assert imaging._inflated_size(raw_deflate(5 * chunk), chunk) == 2 * chunk  # stops soon after the limit
+
+
 def test_a_truncated_deflated_dicom_is_refused_without_waiting_for_the_rest(caplog):
     """Counting the inflated size stops where the bytes stop, end of stream or not."""
     whole = deflated_dicom(hu_slice(64))
