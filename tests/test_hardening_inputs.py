@@ -277,8 +277,28 @@ def test_deflated_dicom_just_under_the_cap_still_decodes():
 # ------------------------------------------------------------------ messages are ours
 
 
+def test_a_decoder_failure_is_named_for_the_user_and_logged_whole_for_the_server(caplog, monkeypatch):
+    good = png_bytes(grey(64, 64))
+    with caplog.at_level(logging.INFO, logger="ctapp.imaging"), pytest.raises(ImageDecodeError) as truncated:
+        decode(good[: len(good) // 2])
+    assert str(truncated.value) == "upload: the file is truncated or corrupt"
+    (record,) = caplog.records
+    assert record.getMessage() == "upload: decoder failure" and record.exc_info is not None
+    caplog.clear()
+
+    def fails(array):
+        raise RuntimeError("a bug deep in a decoder")
+
+    monkeypatch.setattr(imaging, "_from_array", fails)
+    with caplog.at_level(logging.INFO, logger="ctapp.imaging"), pytest.raises(ImageDecodeError) as unexpected:
+        decode(np.zeros((32, 32), np.float32))
+    assert str(unexpected.value) == "could not decode the image (RuntimeError)"
+    (record,) = caplog.records
+    assert record.getMessage() == "decoder failure" and record.exc_info[0] is RuntimeError
+
+
 @pytest.mark.filterwarnings("ignore:The value length:UserWarning")  # the hostile UID is not a valid one
-def test_library_messages_never_reach_the_user():
+def test_library_messages_never_reach_the_user(caplog):
     good = png_bytes(grey(64, 64))
     corrupt = good[:-20] + b"\x00" * 8 + good[-12:]  # the last IDAT bytes and CRC broken
     with pytest.raises(Exception) as pillow_error:
@@ -292,8 +312,11 @@ def test_library_messages_never_reach_the_user():
     hostile = "1.2.826.0.[Session expired - sign in again](https://evil.example)"
     plain = dicom_bytes(encapsulated=b"\xff\xd8" + bytes(64), syntax=JPEGLSLossless)
     data = _with_transfer_syntax(plain[:_dicom_meta_end(plain)], hostile) + plain[_dicom_meta_end(plain):]
-    with pytest.raises(ImageDecodeError) as info:
+    with caplog.at_level(logging.INFO, logger="ctapp.imaging"), pytest.raises(ImageDecodeError) as info:
         decode(data)
     message = str(info.value)
     assert "could not be decoded" in message and "not a registered one" in message
+    # pydicom's own words, with where it failed, go to the server log only.
+    (record,) = [r for r in caplog.records if r.getMessage() == "DICOM pixel data undecodable"]
+    assert record.exc_info is not None
     assert "evil" not in message and "[" not in message

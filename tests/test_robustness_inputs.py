@@ -402,17 +402,17 @@ def test_a_dicom_header_declaring_a_strip_is_refused_before_its_pixels_are_read(
         decode(dicom_file_bytes(ds))
 
 
-def test_a_dicom_with_float_pixel_data_is_not_called_pixel_free():
+@pytest.mark.parametrize("keyword, bits, dtype", [("FloatPixelData", 32, np.float32),
+                                                   ("DoubleFloatPixelData", 64, np.float64)])
+def test_a_dicom_with_float_pixel_data_is_read(keyword, bits, dtype):
     from synthetic import ct_dataset, dicom_file_bytes
 
     ds = ct_dataset(32, 32)
-    for keyword in ("BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation"):
-        delattr(ds, keyword)
-    ds.BitsAllocated = 32
-    ds.FloatPixelData = np.linspace(-1000, 400, 32 * 32, dtype=np.float32).tobytes()
-    try:
-        image = decode(dicom_file_bytes(ds))
-    except ImageDecodeError as exc:
-        assert "no pixel data" not in str(exc)
-    else:
-        assert image.pixels.shape == (32, 32)
+    for attribute in ("BitsStored", "HighBit", "PixelRepresentation"):  # not used by float pixel data
+        delattr(ds, attribute)
+    ds.BitsAllocated = bits
+    values = np.linspace(-1000, 400, 32 * 32, dtype=dtype)
+    setattr(ds, keyword, values.tobytes())
+    image = decode(dicom_file_bytes(ds))
+    np.testing.assert_allclose(image.hu, values.reshape(32, 32), atol=1e-3)
+    assert image.notes == ["lung window: center -600 HU, width 1500 HU"]
