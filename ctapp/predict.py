@@ -92,7 +92,8 @@ def series_record(series: Series, result: SeriesPredictions) -> dict:
             "verdict": summary.verdict, "has_result": summary.has_result, "rule": summary.rule,
             "confident_counts": summary.confident_counts, "uncertain": summary.uncertain,
             "uncertain_by_state": summary.uncertain_by_state, "key_slices": summary.key_slices,
-            "other_findings": summary.other_findings, "source": series.kind, "description": series.description(), "seconds": round(result.seconds, 3)}
+            "other_findings": summary.other_findings, "source": series.kind, "description": series.description(),
+            "seconds": round(result.seconds, 3)}
 
 
 def _text_slice(path: str, p) -> str:
