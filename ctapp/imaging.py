@@ -212,7 +212,7 @@ def _downscale(result: Slice) -> Slice:
     scale = MAX_SIDE / max(width, height)
     if scale >= 1:
         return result
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    size = (round(width * scale), round(height * scale))  # the short side stays >= MAX_SIDE / MAX_ASPECT
 
     def shrink(array: np.ndarray) -> np.ndarray:
         return np.asarray(Image.fromarray(array.astype(np.float32, copy=False), mode="F")

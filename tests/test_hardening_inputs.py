@@ -132,6 +132,8 @@ def test_strips_are_refused_from_the_header(no_pixel_decoding, size):
 
 def test_aspect_limit_is_inclusive():
     assert decode(np.zeros((64, 64 * MAX_ASPECT), np.float32)).size == (512, 64)
+    # The narrowest slice over MAX_SIDE keeps a short side of MAX_SIDE / MAX_ASPECT when downscaled.
+    assert decode(np.zeros((512, 512 * MAX_ASPECT), np.float32)).size == (MAX_SIDE, MAX_SIDE // MAX_ASPECT)
     with pytest.raises(ImageDecodeError, match="close to square"):
         decode(np.zeros((64, 64 * MAX_ASPECT + 1), np.float32))
     with pytest.raises(ImageDecodeError, match="close to square"):
