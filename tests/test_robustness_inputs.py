@@ -214,7 +214,22 @@ def test_upload_limit_message_never_reads_equal(monkeypatch):
     message = str(info.value)
     size, limit = message.split("the file is ")[1].split("; the limit is ")
     assert size != limit, message
-    assert limit == "200 MB"
+    assert (size, limit) == ("200.3 MB", "200 MB")
+
+
+@pytest.mark.parametrize("size, text", [
+    (200 * 2**20, "200 MB"), (10 * 2**20, "10 MB"), (int(10.5 * 2**20), "10.5 MB"), (2**20, "1.00 MB"),
+    (2_000_000, "1.91 MB"), (int(9.999 * 2**20), "10.00 MB")])
+def test_sizes_read_in_mb_with_whole_numbers_only_when_exact(size, text):
+    assert imaging._megabytes(size) == text
+
+
+def test_a_slice_hashes_by_its_8_bit_pixels_and_their_shape():
+    pixels = np.array([[0.0, 0.5, 1.0, 0.2, 0.998]], np.float32)
+    assert imaging.Slice(pixels, "array").to_uint8().tolist() == [[0, 128, 255, 51, 254]]  # rounded, not cut
+    flat = imaging.Slice(np.zeros((16, 32), np.float32), "array")
+    assert flat.content_hash() != imaging.Slice(np.zeros((32, 16), np.float32), "array").content_hash()
+    assert flat.content_hash() == imaging.Slice(np.full((16, 32), 0.001, np.float32), "PNG").content_hash()
 
 
 @pytest.mark.parametrize("data, kind", [
