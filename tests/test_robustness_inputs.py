@@ -250,9 +250,10 @@ def test_not_an_image_says_what_it_looks_like(tmp_path, data, kind):
     (np.array([[0, 128], [255, 64]], np.uint8), [[0, 128 / 255], [1, 64 / 255]], None),
     (np.array([[0.0, 0.25], [1.0, 0.5]], np.float32), [[0, 0.25], [1, 0.5]], None),
     (np.array([[True, False], [False, True]]), [[1, 0], [0, 1]], None),
-    (np.array([[-1000, 0], [1000, 500]], np.int16), [[0, 0.5], [1, 0.75]], "int16 array scaled from its own"),
-    (np.array([[2.0, 4.0], [6.0, 2.0]]), [[0, 0.5], [1, 0]], "float64 array scaled from its own"),
-    (np.full((2, 2), 7, np.int32), [[0, 0], [0, 0]], "int32 array scaled"),  # flat: black, not a division by 0
+    (np.array([[-1000, 0], [1000, 500]], np.int16), [[0, 0.5], [1, 0.75]], "int16 array scaled from its own minimum and maximum"),
+    (np.array([[2.0, 4.0], [6.0, 2.0]]), [[0, 0.5], [1, 0]], "float64 array scaled from its own minimum and maximum"),
+    # flat: black, not a division by 0
+    (np.full((2, 2), 7, np.int32), [[0, 0], [0, 0]], "int32 array scaled from its own minimum and maximum"),
     (np.array([[[0], [255]], [[255], [0]]], np.uint8), [[0, 1], [1, 0]], None),  # (H, W, 1)
     (np.array([[[255, 255, 255], [0, 0, 0]], [[0, 0, 0], [255, 255, 255]]], np.uint8), [[1, 0], [0, 1]], None),
 ])
@@ -261,7 +262,7 @@ def test_arrays_decode_to_grey_in_zero_to_one(array, expected, note, monkeypatch
     image = decode(array)
     np.testing.assert_allclose(image.pixels, expected, atol=1e-6)
     assert image.pixels.dtype == np.float32 and image.source_format == "array"
-    assert (note is None and not image.notes) or any(n.startswith(note) for n in image.notes), image.notes
+    assert image.notes == ([] if note is None else [note])
 
 
 @pytest.mark.parametrize("array, words", [
@@ -272,7 +273,15 @@ def test_arrays_that_are_not_slices_are_refused(array, words, monkeypatch):
     monkeypatch.setattr(imaging, "MIN_SIDE", 2)
     with pytest.raises(ImageDecodeError) as err:
         decode(array)
-    assert words in str(err.value)
+    assert str(err.value) == words
+
+
+def test_the_smallest_slice_is_16_pixels_a_side_and_the_message_names_the_input():
+    assert decode(Image.new("L", (16, 16))).size == (16, 16)
+    for source, name in ((Image.new("L", (15, 16)), "image"), (np.zeros((16, 15), np.uint8), "array")):
+        with pytest.raises(ImageDecodeError) as err:
+            decode(source)
+        assert str(err.value) == f"{name}: the image is 15x16 pixels; a CT slice needs at least 16x16"
 
 
 def test_a_folder_or_a_missing_path_is_not_a_slice(tmp_path):
