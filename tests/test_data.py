@@ -70,6 +70,14 @@ def test_transparent_pixels_become_black():
         assert decode(png_bytes(opaque)).notes == [], mode
     grey_alpha = Image.fromarray(rgba).convert("LA")
     assert decode(png_bytes(grey_alpha)).notes == ["transparent pixels shown as black"]
+    # A palette image whose transparency is a palette entry: that entry is black too, whatever its colour.
+    palette = Image.new("P", (20, 20), 1)
+    palette.putpalette([200, 200, 200] * 2)
+    palette.paste(0, (0, 0, 20, 10))
+    palette.info["transparency"] = 1
+    keyed = decode(png_bytes(palette))
+    assert keyed.pixels[:10].mean() == pytest.approx(200 / 255, abs=1e-3) and keyed.pixels[10:].max() == 0.0
+    assert keyed.notes == ["transparent pixels shown as black"]
 
 
 @pytest.mark.parametrize("fmt, name, lies", [

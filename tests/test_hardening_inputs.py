@@ -242,13 +242,16 @@ def test_the_inflated_size_is_counted_past_the_limit_by_a_single_byte():
 
     chunk = imaging.INFLATE_CHUNK
 
-    def raw_deflate(size: int) -> memoryview:
+    def raw_deflate(data: bytes) -> memoryview:
         packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
-        return memoryview(packer.compress(bytes(size)) + packer.flush())
+        return memoryview(packer.compress(data) + packer.flush())
 
-    assert imaging._inflated_size(raw_deflate(chunk), chunk) == chunk  # at the limit: fits
-    assert imaging._inflated_size(raw_deflate(chunk + 1), chunk) == chunk + 1  # one byte more: over
-    assert imaging._inflated_size(raw_deflate(5 * chunk), chunk) == 2 * chunk  # stops soon after the limit
+    assert imaging._inflated_size(raw_deflate(bytes(chunk)), chunk) == chunk  # at the limit: fits
+    assert imaging._inflated_size(raw_deflate(bytes(chunk + 1)), chunk) == chunk + 1  # one byte more: over
+    assert imaging._inflated_size(raw_deflate(bytes(5 * chunk)), chunk) == 2 * chunk  # stops soon after the limit
+    # A stream longer than a chunk (incompressible data) is fed to the inflater chunk after chunk.
+    noise = np.random.default_rng(0).bytes(2 * chunk + 12345)
+    assert imaging._inflated_size(raw_deflate(noise), 10 * chunk) == len(noise)
 
 
 def test_a_truncated_deflated_dicom_is_refused_without_waiting_for_the_rest(caplog):

@@ -265,6 +265,12 @@ def test_arrays_decode_to_grey_in_zero_to_one(array, expected, note, monkeypatch
     assert image.notes == ([] if note is None else [note])
 
 
+def test_the_alpha_channel_of_a_colour_array_plays_no_part():
+    rgb = np.random.default_rng(3).integers(0, 1000, (20, 20, 3)).astype(np.uint16)
+    rgba = np.dstack([rgb, np.full((20, 20), 65535, np.uint16)])  # opaque, and far above every colour value
+    np.testing.assert_array_equal(decode(rgba).pixels, decode(rgb).pixels)  # stretched by the colours' range
+
+
 @pytest.mark.parametrize("array, words", [
     (np.zeros((4, 4, 2)), "expected a 2-D grey or (H, W, 3) colour array, got shape (4, 4, 2)"),
     (np.array([["a", "b"], ["c", "d"]]), "unsupported array type <U1"),
