@@ -863,9 +863,6 @@ def summarise(series_id: str, result: SeriesPredictions) -> SeriesSummary:
         label = max(reached, key=lambda c: (reached[c], -result.class_names.index(c)))
         has_result = True
         verdict = f"{names[label]}-like findings on {counts[label]} of {n} slices"
-        also = sorted((c for c in reached if c != label), key=lambda c: (-reached[c], result.class_names.index(c)))
-        if also:  # a second finding class is never hidden behind the first
-            verdict += "; also " + ", ".join(f"{names[c]}-like on {reached[c]}" for c in also)
         pool = [i for i, p in enumerate(preds) if p.state == CONFIDENT and p.label == label]
         key_class = label
     else:
@@ -879,7 +876,10 @@ def summarise(series_id: str, result: SeriesPredictions) -> SeriesSummary:
             result.class_names[0]
     column = probs[:, result.class_names.index(key_class)]
     key = sorted(pool, key=lambda i: -column[i])[:KEY_SLICES]
-    others = {c: k for c, k in reached.items() if c != label}
+    # Most slices first, ties in class order (sorted is stable); a second finding is never hidden behind the first.
+    others = dict(sorted(((c, k) for c, k in reached.items() if c != label), key=lambda item: -item[1]))
+    if others:
+        verdict += "; also " + ", ".join(f"{names[c]}-like on {k}" for c, k in others.items())
     return SeriesSummary(series_id, n, label, verdict, VERDICT_RULE, counts, uncertain, by_state, key, has_result,
                          others)
 

@@ -723,14 +723,14 @@ def test_a_second_finding_class_is_named_in_the_verdict_never_hidden_behind_the_
     c, u = CONFIDENT, LOW_CONFIDENCE
     classes = ("adenocarcinoma", "squamous", "large-cell", "normal")
     names = ("Adenocarcinoma", "Squamous", "Large cell", "Normal")
-    result = _predictions([(c, "adenocarcinoma")] * 6 + [(c, "squamous")] * 4 + [(c, "large-cell")] * 4
+    result = _predictions([(c, "adenocarcinoma")] * 6 + [(c, "squamous")] * 4 + [(c, "large-cell")] * 5
                           + [(c, "normal")] * 9 + [(u, "squamous")] * 5, classes, names)
     summary = summarise("S-4", result)
     assert summary.label == "adenocarcinoma"
-    assert summary.other_findings == {"squamous": 4, "large-cell": 4}
-    # Ties are listed in the model's class order; a class below MIN_FINDING_SLICES is not a finding.
-    assert summary.verdict == "Adenocarcinoma-like findings on 6 of 28 slices; also Squamous-like on 4, " \
-                              "Large cell-like on 4"
+    assert summary.other_findings == {"large-cell": 5, "squamous": 4}
+    # Listed by their number of slices; a class below MIN_FINDING_SLICES is not a finding.
+    assert summary.verdict == "Adenocarcinoma-like findings on 6 of 29 slices; also Large cell-like on 5, " \
+                              "Squamous-like on 4"
     below = summarise("S-5", _predictions([(c, "adenocarcinoma")] * 5 + [(c, "squamous")] * (MIN_FINDING_SLICES - 1),
                                           classes, names))
     assert below.other_findings == {} and "also" not in below.verdict
