@@ -73,6 +73,18 @@ def _rows_with_content(x: torch.Tensor) -> list[int]:
     return [r for r in range(x.shape[-2]) if not torch.allclose(x[0, 0, r], torch.full_like(x[0, 0, r], black))]
 
 
+def test_percentile_standardisation_stretches_the_1st_to_99th_percentile_to_zero_to_one():
+    from ctapp.preprocess import standardise_intensity
+
+    ramp = np.linspace(0.0, 1.0, 10001, dtype=np.float32).reshape(1, -1)  # percentile p is the value p / 100
+    out = standardise_intensity(ramp)
+    at = {v: out[0, round(v * 10000)] for v in (0.005, 0.01, 0.02, 0.5, 0.99, 0.995)}
+    assert at[0.005] == 0.0 and at[0.01] == pytest.approx(0.0, abs=1e-6)  # at and below the 1st: black
+    assert at[0.02] == pytest.approx(0.01 / 0.98, abs=1e-5) and at[0.5] == pytest.approx(0.5, abs=1e-5)
+    assert at[0.99] == pytest.approx(1.0, abs=1e-5) and at[0.995] == 1.0  # at and above the 99th: white
+    assert out.dtype == np.float32
+
+
 def test_square_pads_a_wide_slice_centred_at_the_hand_computed_offset():
     # 17 x 40 -> 40 x 40: (40 - 17) // 2 = 11 black rows above, 12 below.
     pixels = np.full((17, 40), 0.5, dtype=np.float32)

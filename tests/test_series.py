@@ -509,6 +509,19 @@ def test_paths_that_cannot_be_read_carry_their_reason(tmp_path):
         ("a.dcm", ""), ("b.dcm", f"{tmp_path / 'b.dcm'}: the inputs add up to more than 0 MB; this file was not read")]
     assert inputs[2].data == b"x" * 100 and inputs[0].data == inputs[1].data == inputs[3].data == b""
     assert [e.message for e in read_inputs(inputs[:2]).errors] == [inputs[0].error, inputs[1].error]
+    # Files adding up to exactly the limit are all read.
+    both = inputs_from_paths([tmp_path / "a.dcm", tmp_path / "b.dcm"], Limits(max_total_bytes=200))
+    assert [(i.error, len(i.data)) for i in both] == [("", 100), ("", 100)]
+
+
+@pytest.mark.parametrize("positions, step", [([0.0, 2.5, 5.0, 7.5], 2.5), ([0.0, 2.5, None, 7.5], None),
+                                             ([4.0], None), ([None, None], None)])
+def test_a_slice_step_needs_two_positions_or_more_and_every_slice_placed(positions, step):
+    from ctapp.series import Series
+
+    series = Series("S-1", "DICOM", np.zeros((len(positions), 8, 8), np.int16), ["IM"] * len(positions),
+                    positions=positions)
+    assert series.slice_step() == step
 
 
 def test_a_path_that_fails_to_read_carries_its_reason_and_no_bytes(tmp_path, monkeypatch):

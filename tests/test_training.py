@@ -213,6 +213,18 @@ def test_distributed_training_with_two_cpu_processes(tiny_dataset, tmp_path):
     assert len(history) == 2
 
 
+def test_the_readme_models_table_is_the_one_the_shipped_cards_give(tmp_path):
+    """`python -m training.models_table --readme README.md` with no folder reads the shipped models; the
+    committed README must already hold its output (regenerate it after reshipping a model)."""
+    from training.models_table import main
+
+    readme = tmp_path / "README.md"
+    committed = (ROOT / "README.md").read_text(encoding="utf-8")
+    readme.write_text(committed, encoding="utf-8")
+    main(["--readme", str(readme)])
+    assert readme.read_text(encoding="utf-8") == committed
+
+
 def test_the_models_table_shows_a_figure_a_card_lacks_as_missing_never_as_zero(tmp_path):
     from robustness_helpers import write_model_folder
 
@@ -230,7 +242,7 @@ def test_the_models_table_shows_a_figure_a_card_lacks_as_missing_never_as_zero(t
 def test_models_table_command_reproduces_the_training_settings(tiny_model, tmp_path, capsys):
     import shlex
 
-    from training.models_table import main, table
+    from training.models_table import command, main, table
 
     card = json.loads((tiny_model / "model_card.json").read_text())
     text = table(tiny_model.parent)
@@ -244,6 +256,8 @@ def test_models_table_command_reproduces_the_training_settings(tiny_model, tmp_p
     # Only what differs from fit's defaults is spelled out, beside the options a reader looks for first.
     assert settings["seed"] == 0 and settings["schedule"] == "cosine" and settings["epochs"] == 2
     assert "--seed" not in line and "--schedule" not in line and "--epochs 2" in line
+    assert "--window" not in line  # a two-number default, read back from JSON as a list
+    assert " --window 40.0 400.0" in command({**settings, "window": [40.0, 400.0]})
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- models-table: x -->\nold\n<!-- /models-table -->\nrest\n")
     for _ in range(2):  # the second run replaces the first table, markers kept
