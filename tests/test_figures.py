@@ -97,10 +97,10 @@ def test_confusion_figure_counts_and_row_normalised(three_class):
     assert f"({counts[0, 0]})" in norm.data[0].text[0][0]
 
 
-def test_confusion_figure_with_an_empty_class_row():
-    report = {"class_names": ["a", "b"], "confusion_matrix": [[0, 0], [1, 3]]}
+def test_confusion_figure_with_an_empty_class_row_and_a_class_of_one_image():
+    report = {"class_names": ["a", "b", "c"], "confusion_matrix": [[0, 0, 0], [1, 3, 0], [0, 0, 1]]}
     z = np.array(figures.confusion_figure(report, normalize=True).data[0].z)
-    np.testing.assert_allclose(z, [[0, 0], [0.25, 0.75]])
+    np.testing.assert_allclose(z, [[0, 0, 0], [0.25, 0.75, 0], [0, 0, 1]])  # a class of one image: 100%
 
 
 def test_reliability_figure_plots_each_bin(three_class, binary):

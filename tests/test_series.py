@@ -1059,6 +1059,7 @@ def test_a_colour_dicom_series_is_read_as_grey():
     (palette,) = read(members).series
     assert not palette.is_hu and "palette-colour DICOM shown in grey" in palette.notes
     np.testing.assert_allclose(palette.values[0] * 255, expected, atol=1)
+    assert palette.values.dtype == np.float32  # grey in [0, 1], half the memory of float64
     rgb = pydicom.dcmread(io.BytesIO(members["P0"]))
     colour = np.stack([expected, expected // 2, 255 - expected], axis=-1).astype(np.uint8)
     rgb.PhotometricInterpretation, rgb.SamplesPerPixel, rgb.PlanarConfiguration = "RGB", 3, 0
