@@ -87,6 +87,9 @@ def test_every_labelled_image_gets_one_prediction_from_the_fold_model_that_never
         number = int(re.search(r"\((\d+)\)", r["path"]).group(1))
         blocks.setdefault((r["source"], r["class"], number // 4), set()).add(r["fold"])
     assert all(len(f) == 1 for f in blocks.values()) and len(blocks) > 3
+    said = re.search(r"cross-validation: 3 folds of (\d+), (\d+), (\d+) images, (\d+) groups kept whole\n",
+                     runs["log_a"])
+    assert said and [int(n) for n in said.groups()[:3]] == [sum(r["fold"] == k for r in folds) for k in "012"]
 
     # The fold model with the calibration fitted on the other folds gives each row's answer again.
     models = {k: load_model(out / "cv" / f"fold-{k}" / "calibrated.pt") for k in "012"}
@@ -403,8 +406,10 @@ def _shape(value, root: str):
         return [_shape(v, root) for v in value]
     if isinstance(value, bool) or value is None:
         return value
-    if isinstance(value, (int, float)):
+    if isinstance(value, int):
         return "#"
+    if isinstance(value, float):
+        return "#.#"
     return re.sub(r"\d+(\.\d+)?", "#", value.replace(root, "<tmp>"))
 
 
@@ -419,3 +424,21 @@ def test_the_model_card_says_what_it_always_says(runs):
     for measured in ("foreign_images", "foreign_states"):  # what this run's network made of each image
         ood[measured] = {name: "<measured>" for name in ood[measured]}
     check("model-card-cv-run", _shape(card, str(runs["root"])))
+    assert (runs["a"] / "model_card.json").read_text().startswith('{\n  "')  # indented for people to read
+
+
+def test_an_ensemble_card_says_what_it_always_says_and_is_rebuilt_in_place(runs):
+    from snapshot import check
+
+    from training.ensemble import run as make_ensemble
+
+    out = runs["root"] / "ensembles" / "rebuilt"
+    out.mkdir(parents=True)
+    for _ in range(2):  # into an existing folder, and again over its own files
+        assert make_ensemble(["--members", str(runs["a"]), str(runs["b"]), "--out", str(out)]) == 0
+    for name in ("model_card.json", "ensemble.json"):
+        assert (out / name).read_text().startswith('{\n  "'), name
+    card = json.loads((out / "model_card.json").read_text())
+    for volatile in ("created", "code_version"):
+        card[volatile] = f"<{volatile}>"
+    check("model-card-ensemble", _shape(card, str(runs["root"])))
