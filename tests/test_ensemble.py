@@ -56,6 +56,14 @@ def test_an_ensemble_predicts_the_mean_of_its_members(ensemble, slices):
     assert differ  # the members are different networks
 
 
+def test_an_ensemble_is_named_by_its_folder(ensemble, tmp_path):
+    assert load_model(ensemble).name == "ab"  # ensemble.json names no one
+    spec = {"members": [str(ensemble.parent / "a"), str(ensemble.parent / "b")], "name": "old-name"}
+    (tmp_path / "renamed").mkdir()
+    (tmp_path / "renamed" / ENSEMBLE_FILE).write_text(json.dumps(spec))
+    assert load_model(tmp_path / "renamed").name == "renamed"  # a folder moved or copied goes by its new name
+
+
 def test_an_ensembles_version_is_when_it_was_made(ensemble, tmp_path):
     assert load_model(ensemble).version == ""  # ensemble.json without a creation time
     spec = {"members": [str(ensemble.parent / "a"), str(ensemble.parent / "b")], "created": "2026-11-29T18:40:05.123"}

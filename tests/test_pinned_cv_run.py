@@ -346,6 +346,11 @@ def test_evaluate_reports_the_test_split_with_the_apps_flags(runs, capsys):
     answered = [r for r in rows if r["uncertain"] == "False"]
     if answered:
         assert report["accuracy_when_confident"] == pytest.approx(np.mean([r["true"] == r["pred"] for r in answered]))
+    flagged = [r["state"] in ("not a chest CT", "unlike the training images") for r in rows]
+    assert report["ood_flagged"] == pytest.approx(np.mean(flagged))
+    # The names a reader sees are the model's, class folder names aside ("alpha_stage_T1" reads "Alpha").
+    assert (report["class_names"], report["display_names"]) == (model.class_names, model.display_names)
+    assert report["display_names"] != report["class_names"]
     assert evaluate(["--model", str(runs["a"]), "--data", str(runs["root"] / "nowhere"), "--out", str(out)]) == 2
 
 

@@ -166,6 +166,27 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_dataset, tmp_
     assert a["scheduler"] == b["scheduler"]
 
 
+def test_history_csv_holds_each_epochs_figures_to_six_significant_digits(tiny_model):
+    lines = (tiny_model / "history.csv").read_text().splitlines()
+    saved = safe_load(tiny_model / "last.pt")["state"]["history"]
+    assert lines[0].split(",") == list(saved[0]) and len(lines) == 1 + len(saved) == 3
+    for line, epoch in zip(lines[1:], saved):
+        for cell, value in zip(line.split(","), epoch.values()):
+            assert float(cell) == pytest.approx(value, rel=1e-5)
+            assert len(cell.lstrip("-").split("e")[0].replace(".", "").lstrip("0")) <= 6, cell
+
+
+def test_the_plateau_schedule_follows_the_optimiser_of_the_unfrozen_network(tiny_dataset, tmp_path):
+    """Unfreezing builds a new optimiser (the backbone at the fine-tuning rate); the plateau rule starts
+    again on it."""
+    out = tmp_path / "m"
+    assert run(["--data", str(tiny_dataset), *TINY, "--epochs", "3", "--freeze-epochs", "1", "--schedule", "plateau",
+                "--plateau-patience", "0", "--lr", "0.01", "--finetune-lr-scale", "0.1", "--out", str(out)]) == 0
+    saved = safe_load(out / "last.pt")
+    assert [r["epoch"] for r in saved["state"]["history"]] == [1, 2, 3]
+    assert saved["scheduler"]["last_epoch"] == 2  # stepped after each fine-tuning epoch, from its start
+
+
 def test_transfer_learning_phases_freeze_the_right_parameters():
     model = create_model("resnet50", 3)
     spec = get_spec("resnet50")
@@ -637,13 +658,17 @@ def test_a_batch_goes_to_the_training_device_in_its_memory_format():
     assert x.device.type == "cpu" and x.is_contiguous()
 
 
-def test_an_epochs_training_accuracy_counts_every_batch():
+def test_an_epochs_training_accuracy_and_loss_count_every_image():
     model = linear_model()
     torch.nn.init.zeros_(model[1].weight)
     model[1].bias.data = torch.tensor([1.0, 0.0])  # always class 0; lr 0 keeps it so
     labels = torch.tensor([0, 0, 0, 1, 0, 1, 1, 1])  # 3 of 4 right in the first batch, 1 of 4 in the second
     stats = one_epoch(model, torch.rand(8, 1, 32, 32), labels, batch_size=4, lr=0.0)
     assert stats["train_accuracy"] == 0.5
+    # Batches of 3, 3 and 2: the epoch's loss is the mean over its 8 images, not over its 3 batches.
+    stats = one_epoch(model, torch.rand(8, 1, 32, 32), labels, batch_size=3, lr=0.0)
+    every_image = torch.nn.functional.cross_entropy(torch.tensor([[1.0, 0.0]]).repeat(8, 1), labels)
+    assert stats["train_loss"] == pytest.approx(every_image.item(), rel=1e-6)
 
 
 def test_an_epoch_with_a_gradient_scaler_steps_the_optimizer_through_it():
