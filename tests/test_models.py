@@ -63,6 +63,9 @@ def test_out_of_distribution_features_are_stage_outputs_from_low_to_high_level(b
     sizes = [shapes[layer][-1] for layer in layers]
     assert len(layers) >= 4 and all(len(shapes[layer]) == 4 for layer in layers)
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1], f"{name}: {dict(zip(layers, sizes))}"
+    if name.startswith("vgg"):  # every stage ends in a max-pool, the last one included
+        assert layers == [f"features.{i}" for i, layer in enumerate(model.features)
+                          if isinstance(layer, torch.nn.MaxPool2d)]
 
 
 def test_gradcam_map_has_input_shape(built):
