@@ -40,6 +40,10 @@ def test_audit_counts_planted_problems(planted):
     assert d["readable"] == 22
     assert d["unreadable"] == ["train/b/broken.png"]
     assert d["duplicate_groups"] == 4  # a(0) x3, b(1)+valid copy, a(2)+valid copy, a(3)+mislabelled
+    assert sorted(map(sorted, d["duplicates"])) == [  # the groups the model card page lists
+        ["train/a_stage1/a (0) - Copy (2).png", "train/a_stage1/a (0) - Copy.png", "train/a_stage1/a (0).png"],
+        ["train/a_stage1/a (2).png", "valid/a/copied a.png"], ["train/a_stage1/a (3).png", "train/b/mislabelled.png"],
+        ["train/b/b (1).png", "valid/b/copied b.png"]]
     assert d["redundant_copies"] == 2 + 1 + 1 + 1
     assert d["unique_images"] == 22 - 5
     assert d["cross_split_copies"] == 2
@@ -148,6 +152,11 @@ def test_shortcut_probe_on_too_few_or_no_readable_images_says_so(tmp_path):
     assert probe["note"] == "too few images per class to run the probe"
     nothing = shortcut_probe([])
     assert nothing["accuracy"] is None and nothing["chance"] == 0.0 and "too few" in nothing["note"]
+    # Two images of each class are enough: a 2-fold probe.
+    for name in ("dark", "bright"):
+        Image.new("L", (32, 32), 50 if name == "dark" else 170).save(tmp_path / name / "2.png")
+    probe = audit_dataset(scan_dataset(tmp_path)).to_dict()["shortcut_probe"]
+    assert probe["accuracy"] == 1.0 and "note" not in probe  # brightness alone tells them apart
 
 
 def test_input_shortcut_probe_sees_padding_and_not_noise():
