@@ -217,6 +217,16 @@ def test_upload_limit_message_never_reads_equal(monkeypatch):
     assert (size, limit) == ("200.3 MB", "200 MB")
 
 
+def test_an_upload_exactly_at_the_size_limit_is_read(monkeypatch, tmp_path):
+    monkeypatch.setattr(imaging, "MAX_FILE_BYTES", 1000)
+    (tmp_path / "at-limit.png").write_bytes(bytes(1000))
+    for source in (bytes(1000), tmp_path / "at-limit.png"):
+        with pytest.raises(ImageDecodeError, match="not an image file"):  # read, then found not to be an image
+            decode(source)
+    with pytest.raises(ImageDecodeError, match="^the file is 0.00 MB; the limit is 0.00 MB$"):
+        decode(bytes(1001))
+
+
 @pytest.mark.parametrize("size, text", [
     (200 * 2**20, "200 MB"), (10 * 2**20, "10 MB"), (int(10.5 * 2**20), "10.5 MB"), (2**20, "1.00 MB"),
     (2_000_000, "1.91 MB"), (int(9.999 * 2**20), "10.00 MB")])
