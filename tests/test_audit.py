@@ -176,6 +176,10 @@ def test_input_shortcut_probe_sees_padding_and_not_noise():
     noise = input_shortcut_probe(inputs, labels)
     assert noise["accuracy"] < 0.7 and 0.0 < noise["accuracy_std"] < 0.5  # the spread over folds, as printed
     assert set(noise) == {"features", "chance", "accuracy", "accuracy_std"}
+    # A subset (one source) without one of the classes: the probe runs on the classes it has.
+    without_middle = labels != 1
+    pair = input_shortcut_probe(padded[without_middle], labels[without_middle])
+    assert pair["chance"] == 20 / 30 and pair["accuracy"] > 0.9
 
 
 @pytest.mark.shared_data

@@ -401,6 +401,12 @@ def test_limits_on_members_slices_and_total_bytes():
     too_big = read(members, limits=Limits(max_total_bytes=3 * len(members["IM0"])))
     assert len(too_big.errors) == 3 and "add up to more than" in too_big.errors[0].message
     assert not read(members, limits=Limits(max_total_bytes=sum(map(len, members.values())))).errors  # exactly enough
+    # Inflated members count too, and the error names the archive they came from.
+    archive = zip_bytes(members)
+    budget = Limits(max_total_bytes=len(archive) + 2 * len(members["IM0"]))
+    (inflated,) = read({"big.zip": archive}, limits=budget).errors
+    assert inflated.message == ("big.zip: the inputs add up to more than 0 MB, more than one read accepts; upload "
+                                "fewer series at a time")
     nested = read({"outer.zip": zip_bytes({"inner.zip": zip_bytes(members)})})
     assert "an archive inside an archive is not opened" in nested.errors[0].message
 
