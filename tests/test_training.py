@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,15 @@ def test_resume_of_a_finished_run_finalises_it_again(tiny_dataset, tmp_path, cap
     assert load_model(out).card["weights_sha256"] == card["weights_sha256"]
 
 
+def test_a_run_shows_its_progress_in_images_while_caching_and_in_batches_while_training(tiny_dataset, tmp_path,
+                                                                                       capsys):
+    loud = [a for a in TINY if a != "--quiet"]
+    assert run(["--data", str(tiny_dataset), "--epochs", "1", "--out", str(tmp_path / "m"), *loud]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"^caching 24/24 images \| [\d.]+ image/s \| left ", err, re.M), err
+    assert re.search(r"^epoch 1/1 3/3 batches \| [\d.]+ batch/s \| left ", err, re.M), err
+
+
 def test_evaluate_cli_on_a_split_and_on_everything(tiny_model, tiny_dataset, tmp_path, capsys):
     out = tmp_path / "reports" / "valid.json"
     argv = ["--model", str(tiny_model), "--data", str(tiny_dataset), "--quiet"]
@@ -80,6 +90,8 @@ def test_evaluate_cli_on_a_split_and_on_everything(tiny_model, tiny_dataset, tmp
     report = json.loads(out.read_text())
     assert out.read_text().startswith('{\n  "')  # indented: read by people as well as by programs
     assert report["images"] == 8 and report["split"] == "valid"
+    age = datetime.now(timezone.utc) - datetime.fromisoformat(report["created"])  # when it was evaluated
+    assert timedelta(0) <= age < timedelta(minutes=10)
     assert Path(report["data"]) == tiny_dataset.resolve()  # the folder its rows' paths are relative to
     # the model folder's own report was computed the same way
     own = json.loads((tiny_model / "eval_report.json").read_text())
