@@ -199,6 +199,22 @@ def test_the_plateau_schedule_follows_the_optimiser_of_the_unfrozen_network(tiny
     assert saved["scheduler"]["last_epoch"] == 2  # stepped after each fine-tuning epoch, from its start
 
 
+@pytest.mark.parametrize("asked, local_rank, expected", [("cuda", "0", "cuda:0"), ("cuda", "1", "cuda:1"),
+                                                          ("cuda:1", "0", "cuda:1"), ("auto", "1", "cuda:1")])
+def test_a_cuda_device_is_given_its_index_before_it_is_selected(monkeypatch, asked, local_rank, expected):
+    """torch.cuda.set_device refuses a device without an index: plain "cuda" (and "auto") mean the GPU of
+    this process's local rank under torchrun, GPU 0 otherwise. (Found on an H200: --device cuda failed.)"""
+    from training.fit import setup_distributed
+
+    selected = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: selected.append(device))
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr("training.fit.configure_threads", lambda n: None)
+    device, rank, world = setup_distributed(asked)
+    assert device == torch.device(expected) and selected == [torch.device(expected)] and (rank, world) == (0, 1)
+
+
 def test_transfer_learning_phases_freeze_the_right_parameters():
     model = create_model("resnet50", 3)
     spec = get_spec("resnet50")

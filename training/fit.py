@@ -172,10 +172,9 @@ def setup_distributed(device_arg: str) -> tuple[torch.device, int, int]:
     """Device, rank and world size; initialises the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_arg == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(device_arg)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device_arg == "auto" else device_arg)
+    if device.type == "cuda" and device.index is None:  # plain "cuda": this process's GPU under torchrun
+        device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
