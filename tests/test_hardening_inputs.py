@@ -84,11 +84,9 @@ def test_a_tiff_page_of_other_size_is_the_one_checked_and_used():
     assert "frame 2 of 3" in " ".join(image.notes)
 
 
-def _animated(fmt: str, frames: int, side: int = 32) -> bytes:
+def _animated_png(frames: int, side: int = 32) -> bytes:
     images = [grey(side, side, seed) for seed in range(frames)]
-    buffer = io.BytesIO()
-    images[0].save(buffer, format=fmt, save_all=True, append_images=images[1:])
-    return buffer.getvalue()
+    return saved(images[0], "PNG", save_all=True, append_images=images[1:])
 
 
 def test_reaching_a_late_frame_of_an_animation_is_bounded_by_the_frames_before_it(monkeypatch, no_pixel_decoding):
@@ -96,7 +94,7 @@ def test_reaching_a_late_frame_of_an_animation_is_bounded_by_the_frames_before_i
     canvas: the work, not one frame's size, meets the frame budget."""
     monkeypatch.setattr(imaging, "MAX_FRAME_PIXELS", 3 * 32 * 32)  # frames 1-3 fit, frame 4 does not
     with pytest.raises(ImageDecodeError) as caught:
-        decode(_animated("PNG", 5), frame=3)
+        decode(_animated_png(5), frame=3)
     assert str(caught.value) == (
         "the image has 5 frames of 32x32 pixels; reaching frame 4 means decoding 0 megapixels, more than this app "
         "accepts (0); export the slice as a single image")
@@ -106,7 +104,7 @@ def test_reaching_a_late_frame_of_an_animation_is_bounded_by_the_frames_before_i
 def test_a_file_of_too_many_pages_is_refused_before_any_is_decoded(monkeypatch, no_pixel_decoding):
     monkeypatch.setattr(imaging, "MAX_PAGES", 4)
     with pytest.raises(ImageDecodeError) as caught:
-        decode(_animated("TIFF", 5))
+        decode(tiff_pages([(32, 32)] * 5))
     assert str(caught.value) == "upload: the file has more than 4 pages; export the slice as a single image"
     assert no_pixel_decoding == []
 
@@ -114,10 +112,10 @@ def test_a_file_of_too_many_pages_is_refused_before_any_is_decoded(monkeypatch, 
 def test_the_frame_and_page_limits_are_inclusive(monkeypatch):
     monkeypatch.setattr(imaging, "MAX_FRAME_PIXELS", 3 * 32 * 32)
     monkeypatch.setattr(imaging, "MAX_PAGES", 4)
-    assert decode(_animated("PNG", 5)).notes == ["multi-frame image: used frame 3 of 5"]
-    assert decode(_animated("TIFF", 4)).notes == ["multi-frame image: used frame 3 of 4"]
+    assert decode(_animated_png(5)).notes == ["multi-frame image: used frame 3 of 5"]
+    assert decode(tiff_pages([(32, 32)] * 4)).notes == ["multi-frame image: used frame 3 of 4"]
     # TIFF pages are read on their own: the animation's frame budget does not apply to them.
-    assert decode(_animated("TIFF", 4), frame=3).notes == ["multi-frame image: used frame 4 of 4"]
+    assert decode(tiff_pages([(32, 32)] * 4), frame=3).notes == ["multi-frame image: used frame 4 of 4"]
 
 
 @pytest.mark.parametrize("size", [(65000, 615), (40000, 1000), (615, 65000)])

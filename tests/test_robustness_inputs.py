@@ -256,14 +256,16 @@ def test_not_an_image_says_what_it_looks_like(tmp_path, data, kind):
     assert str(err.value).startswith(f"upload.png: not an image file{kind}; upload a ")
 
 
+SCALED = "array scaled from its own minimum and maximum"
+
+
 @pytest.mark.parametrize("array, expected, note", [
     (np.array([[0, 128], [255, 64]], np.uint8), [[0, 128 / 255], [1, 64 / 255]], None),
     (np.array([[0.0, 0.25], [1.0, 0.5]], np.float32), [[0, 0.25], [1, 0.5]], None),
     (np.array([[True, False], [False, True]]), [[1, 0], [0, 1]], None),
-    (np.array([[-1000, 0], [1000, 500]], np.int16), [[0, 0.5], [1, 0.75]], "int16 array scaled from its own minimum and maximum"),
-    (np.array([[2.0, 4.0], [6.0, 2.0]]), [[0, 0.5], [1, 0]], "float64 array scaled from its own minimum and maximum"),
-    # flat: black, not a division by 0
-    (np.full((2, 2), 7, np.int32), [[0, 0], [0, 0]], "int32 array scaled from its own minimum and maximum"),
+    (np.array([[-1000, 0], [1000, 500]], np.int16), [[0, 0.5], [1, 0.75]], f"int16 {SCALED}"),
+    (np.array([[2.0, 4.0], [6.0, 2.0]]), [[0, 0.5], [1, 0]], f"float64 {SCALED}"),
+    (np.full((2, 2), 7, np.int32), [[0, 0], [0, 0]], f"int32 {SCALED}"),  # flat: black, not a division by 0
     (np.array([[[0], [255]], [[255], [0]]], np.uint8), [[0, 1], [1, 0]], None),  # (H, W, 1)
     (np.array([[[255, 255, 255], [0, 0, 0]], [[0, 0, 0], [255, 255, 255]]], np.uint8), [[1, 0], [0, 1]], None),
 ])
@@ -460,4 +462,4 @@ def test_a_dicom_with_float_pixel_data_is_read(keyword, bits, dtype):
     setattr(ds, keyword, values.tobytes())
     image = decode(dicom_file_bytes(ds))
     np.testing.assert_allclose(image.hu, values.reshape(32, 32), atol=1e-3)
-    assert image.notes == ["lung window: center -600 HU, width 1500 HU"]
+    assert image.notes == [LUNG_NOTE]
