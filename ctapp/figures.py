@@ -18,6 +18,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ctapp.metrics import few_images_note
+
 # Calm, colour-blind-friendly colours (Okabe-Ito, darkened blue first); one per model.
 PALETTE = ("#1f6f8b", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#7f7f7f")
 ACCENT = PALETTE[0]
@@ -388,7 +390,6 @@ def metrics_table(reports: Mapping[str, Mapping], cards: Mapping[str, Mapping] |
 
 PERCENT_METRICS = ("Accuracy", "Sensitivity", "Specificity", "Flagged out of distribution", "Precision", "Recall",
                    "Answered")
-FEW_IMAGES = 20  # a figure resting on fewer images says so
 
 
 def format_metric(name: str, value) -> str:
@@ -418,7 +419,7 @@ def metrics_by_model(rows: Sequence[Mapping]) -> list[dict]:
 
 def per_class_table(reports: Mapping[str, Mapping]) -> list[dict]:
     """One row per model and class: precision, recall, F1, AUC and support, with
-    a note where fewer than FEW_IMAGES images stand behind the figures."""
+    a note where few images stand behind the figures."""
     rows = []
     for label, r in reports.items():
         display = _display(r)
@@ -428,6 +429,5 @@ def per_class_table(reports: Mapping[str, Mapping]) -> list[dict]:
             rows.append({"Model": label, "Class": display.get(key, key), "Precision": stats.get("precision"),
                          "Recall": stats.get("recall"), "F1": stats.get("f1"), "AUC": aucs.get(key),
                          "Images": support,
-                         "Note": f"fewer than {FEW_IMAGES} images: a rough figure"
-                         if isinstance(support, int) and support < FEW_IMAGES else ""})
+                         "Note": few_images_note(support)})
     return rows

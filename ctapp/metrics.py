@@ -5,6 +5,7 @@ training run, ``training.evaluate`` and the dashboard all read its output.
 """
 from __future__ import annotations
 
+import numbers
 import re
 
 import numpy as np
@@ -21,6 +22,16 @@ from sklearn.metrics import (
     roc_curve,
 )
 from sklearn.preprocessing import label_binarize
+
+FEW_IMAGES = 20  # a figure resting on fewer images says so next to it
+
+
+def few_images_note(images) -> str:
+    """The note beside a figure resting on fewer than ``FEW_IMAGES`` images; '' otherwise."""
+    if isinstance(images, numbers.Integral) and not isinstance(images, bool) and images < FEW_IMAGES:
+        return f"fewer than {FEW_IMAGES} images: a rough figure"
+    return ""
+
 
 NEGATIVE_NAME = re.compile(r"^(non|no|normal|negative|healthy|benign)\b", re.IGNORECASE)
 

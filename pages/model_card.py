@@ -13,8 +13,8 @@ import streamlit as st
 
 from ctapp import figures, ui_cache
 from ctapp.checkpoint import CheckpointError
-from ctapp.figures import FEW_IMAGES
 from ctapp.inference import ENSEMBLE_FILE, ModelEntry, read_ensemble_spec
+from ctapp.metrics import FEW_IMAGES, few_images_note
 from ctapp.report import DISCLAIMER
 
 # Card keys shown in their own sections; anything else appears under "Other fields".
@@ -126,7 +126,7 @@ def per_class_rows(card: Mapping) -> list[dict]:
     aucs = (validation.get("roc_auc") or {}).get("per_class") or {}
     return [{"Class": names.get(k, k), "Precision": v.get("precision"), "Recall": v.get("recall"), "F1": v.get("f1"),
              "AUC": aucs.get(k), "Images": v.get("support"),
-             "Note": f"fewer than {FEW_IMAGES} images: a rough figure" if (v.get("support") or 0) < FEW_IMAGES else ""}
+             "Note": few_images_note(v.get("support"))}
             for k, v in (validation.get("per_class") or {}).items()]
 
 

@@ -6,6 +6,7 @@ from ctapp.metrics import (
     calibrated,
     evaluation_report,
     expected_calibration_error,
+    few_images_note,
     fit_temperature,
     mcnemar,
     positive_class,
@@ -143,3 +144,11 @@ def test_a_certain_wrong_answer_costs_a_bounded_log_loss():
     """A probability of 0 for the true class counts as 1e-12 (27.6 nats), not infinity."""
     report = evaluation_report(np.array([0, 1]), np.array([[1.0, 0.0], [1.0, 0.0]]), ["a", "b"])
     assert report["log_loss"] == pytest.approx(-np.log(1e-12) / 2)
+
+
+def test_a_figure_on_fewer_than_twenty_images_says_so():
+    """The one note used by the cards, the reports and the dashboard; counts from numpy as well as JSON."""
+    assert few_images_note(19) == few_images_note(np.int64(19)) == "fewer than 20 images: a rough figure"
+    assert few_images_note(0) != ""
+    assert few_images_note(20) == few_images_note(np.int64(400)) == ""
+    assert few_images_note(None) == few_images_note(True) == few_images_note(3.0) == ""  # not a count

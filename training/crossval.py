@@ -48,6 +48,7 @@ from ctapp.inference import (
 from ctapp.metrics import (
     calibrated,
     evaluation_report,
+    few_images_note,
     fit_temperature,
     risk_coverage,
     selective_statement,
@@ -61,7 +62,6 @@ from training.foreign import FAR_RULE, far_threshold
 
 FOLDS_FILE = "folds.csv"
 FOLD_MODEL_FILE = "calibrated.pt"
-FEW_IMAGES = 20  # figures resting on fewer images are marked as such
 
 
 def pooled_index(setup, log) -> tuple[DatasetIndex, dict, dict, dict[Path, str]]:
@@ -308,8 +308,8 @@ def breakdown(probs: np.ndarray, labels: np.ndarray, uncertain: np.ndarray, keys
                "roc_auc_macro": report["roc_auc"]["macro"], "ece": report["ece"],
                **{k: report[k] for k in ("sensitivity", "specificity") if k in report},
                **selective_summary(probs[mask], labels[mask], uncertain[mask])}
-        if row["images"] < FEW_IMAGES:
-            row["note"] = f"fewer than {FEW_IMAGES} images: a rough figure"
+        if note := few_images_note(row["images"]):
+            row["note"] = note
         out[str(key)] = row
     return out
 
@@ -365,8 +365,8 @@ def finalize_cv(setup, out: Path, index: DatasetIndex, folds: np.ndarray, images
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     for row in report["per_class"].values():
-        if row["support"] < FEW_IMAGES:
-            row["note"] = f"fewer than {FEW_IMAGES} images: a rough figure"
+        if note := few_images_note(row["support"]):
+            row["note"] = note
     rows = []
     for i, s in enumerate(index.samples):
         rows.append({"path": _rel(s.path, index.root), "source": s.source, "fold": int(folds[i]),
