@@ -306,6 +306,9 @@ AUGMENT_LEVELS = {
     # the normal slices come from a sharper source (median |Laplacian| 2.2-2.6x the cancer classes'),
     # and a network trained without this calls a sharpened cancer slice normal.
     "detail": (10.0, 0.08, (0.90, 1.10), 0.2, 0.5, (("detail", "noise", "jpeg"), 0.4)),
+    # detail, plus narrower windows: the one export change that equalisation cannot undo, as
+    # clipping merges grey levels (a soft-tissue window turns the lung fields black).
+    "export": (10.0, 0.08, (0.90, 1.10), 0.2, 0.5, (("window", "detail", "noise", "jpeg"), 0.4)),
 }
 
 

@@ -324,7 +324,7 @@ def test_models_table_command_reproduces_the_training_settings(tiny_model, tmp_p
         main([str(tiny_model.parent), "--readme", str(readme)])
 
 
-@pytest.mark.parametrize("level", ["light", "medium", "strong", "acquisition", "detail"])
+@pytest.mark.parametrize("level", ["light", "medium", "strong", "acquisition", "detail", "export"])
 def test_augmentations_keep_shape_and_range(level):
     from ctapp.preprocess import train_augment
     torch.manual_seed(0)
@@ -411,6 +411,25 @@ def test_detail_augmentation_changes_fine_detail_only():
     assert 0 < sharpened < 6  # sometimes sharper, sometimes blurred
     torch.manual_seed(0)
     assert torch.equal(AcquisitionShift(p=1.0, kinds=())(edge), edge)
+
+
+def test_export_augmentation_is_detail_with_narrower_windows():
+    """``export`` is ``detail`` plus the window shift: the same geometry and chance, and a drawn window
+    clips the darkest grey levels together, the one export change that equalisation cannot undo."""
+    import numpy as np
+
+    from ctapp.preprocess import AUGMENT_LEVELS, AcquisitionShift, equalise_intensity, train_augment
+
+    assert AUGMENT_LEVELS["export"][:-1] == AUGMENT_LEVELS["detail"][:-1]
+    (shift,) = [t for t in train_augment("export").transforms if isinstance(t, AcquisitionShift)]
+    assert set(shift.kinds) == {"window", "detail", "noise", "jpeg"} and shift.p == 0.4
+    ramp = torch.linspace(0, 1, 64 * 64).reshape(1, 64, 64)
+    torch.manual_seed(1)
+    windowed = AcquisitionShift(p=1.0, kinds=("window",))(ramp)
+    merged = int((windowed == 0).sum())
+    assert merged > 64  # every window starts above 0: the darkest levels all become black
+    levels = np.unique(equalise_intensity(windowed[0].numpy()))
+    assert len(levels) < len(np.unique(equalise_intensity(ramp[0].numpy())))
 
 
 # --------------------------------------------------------------------------- schedules, optimisers, stopping
@@ -573,7 +592,7 @@ def test_augmentation_levels_jitter_brightness_and_contrast(level):
     assert jitter.contrast == pytest.approx((1 - amount, 1 + amount))
 
 
-@pytest.mark.parametrize("level", ["light", "medium", "strong", "acquisition", "detail"])
+@pytest.mark.parametrize("level", ["light", "medium", "strong", "acquisition", "detail", "export"])
 def test_augmentation_levels_rotate_shift_zoom_and_flip_by_their_table(level):
     from torchvision.transforms import v2
 

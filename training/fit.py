@@ -132,7 +132,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="augmentation strength: rotation, shift, zoom, flip, brightness, contrast; "
                         "'acquisition' adds random gamma, window, blur/sharpening, noise and JPEG "
                         "artefacts, as slices from other scanners and exports differ; 'detail' adds only "
-                        "blur/sharpening, noise and JPEG (fine detail as a cue of the source, not the class)")
+                        "blur/sharpening, noise and JPEG (fine detail as a cue of the source, not the class); "
+                        "'export' is detail plus narrower windows")
     g.add_argument("--patience", type=int, default=0, help="early stopping: epochs without a better macro-F1 (0: off)")
     g = p.add_argument_group("transfer learning (with pretrained weights)")
     g.add_argument("--freeze-epochs", type=int, default=None,
