@@ -344,9 +344,11 @@ def main() -> None:
     st.caption(f"Task: {card.get('task', entry.task)} · classes: {classes} · folder: {entry.path.name}")
     if card.get("disclaimer"):
         st.caption(f"Model card disclaimer: {card['disclaimer']}")
-    cols = st.columns(len(metrics := headline_metrics(card)))
-    for col, (label, value, help_text) in zip(cols, metrics):
-        col.metric(label, value, help=help_text)
+    # A row that wraps, each figure as wide as it needs: in equal columns the spread ("± 0.7%")
+    # was cut off behind an ellipsis once a card had eight figures.
+    with st.container(horizontal=True, gap="large"):
+        for label, value, help_text in headline_metrics(card):
+            st.metric(label, value, help=help_text, width="content")
     overview, training, data, raw = st.tabs(["Overview", "Training", "Training data and audit", "Full card (JSON)"])
     with overview:
         show_overview(entry, card)

@@ -119,13 +119,13 @@ def show_summary(series: Series, result: SeriesPredictions, key: str) -> None:
         st.info(text, icon=":material/radiology:")
     else:
         st.success(text, icon=":material/check_circle:")
-    cols = st.columns(len(result.class_names) + 1)
-    for col, (cls, count) in zip(cols, summary.confident_counts.items()):
-        col.metric(f"{names[cls]} (confident)", count)
     by_state = summary.uncertain_by_state
-    cols[-1].metric("Uncertain (no result)", summary.uncertain,
-                    help=f"low confidence {by_state[LOW_CONFIDENCE]}, unlike the training images "
-                         f"{by_state[UNLIKE_TRAINING]}, not a chest CT {by_state[NOT_CHEST_CT]}")
+    with st.container(horizontal=True, gap="large"):
+        for cls, count in summary.confident_counts.items():
+            st.metric(f"{names[cls]} (confident)", count, width="content")
+        st.metric("Uncertain (no result)", summary.uncertain, width="content",
+                  help=f"low confidence {by_state[LOW_CONFIDENCE]}, unlike the training images "
+                       f"{by_state[UNLIKE_TRAINING]}, not a chest CT {by_state[NOT_CHEST_CT]}")
     st.caption(f"How the series verdict is reached: {summary.rule}")
     if summary.key_slices:
         st.markdown("Key slices: " + ("the slices that drive the verdict" if summary.label else
