@@ -14,7 +14,7 @@ import streamlit as st
 from ctapp import figures, ui_cache
 from ctapp.checkpoint import CheckpointError
 from ctapp.inference import ENSEMBLE_FILE, ModelEntry, read_ensemble_spec
-from ctapp.metrics import FEW_IMAGES, few_images_note
+from ctapp.metrics import few_images_note
 from ctapp.report import DISCLAIMER
 
 # Card keys shown in their own sections; anything else appears under "Other fields".
@@ -84,8 +84,8 @@ def headline_metrics(card: Mapping) -> list[tuple[str, str, str]]:
     cv = card.get("cross_validation") or {}
     where = (f"out-of-fold on {images} images ({cv.get('folds', '?')}-fold cross-validation)" if spread
              else f"on a validation split of {images} images")
-    if isinstance(images, int) and images < FEW_IMAGES:
-        where += f": fewer than {FEW_IMAGES} images, a rough figure"
+    if note := few_images_note(images):
+        where += f"; {note}"
 
     def pct(v):
         return "n/a" if v is None else f"{v:.1%}"

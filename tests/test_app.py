@@ -256,6 +256,7 @@ def test_model_card_page_shows_card_curves_and_audit(app_settings):
     assert at.header[0].value == "tiny-b"
     labels = [m.label for m in at.metric]
     assert labels[:4] == ["Validation accuracy", "Macro-F1", "ROC AUC (macro)", "ECE after calibration"]
+    assert at.metric[0].help == "on a validation split of 8 images; fewer than 20 images: a rough figure"
     assert [t.label for t in at.tabs] == ["Overview", "Training", "Training data and audit", "Full card (JSON)"]
     text = all_text(at)
     for expected in ("Intended use", "Limitations", "Baseline CNN", "Grad-CAM layer", "Calibration",
