@@ -9,8 +9,13 @@ models on server folders and read the audit log. Admins are named in the
     admin_emails = ["head.radiologist@example.org"]   # verified e-mail addresses
     admin_claim = "groups"                             # and/or an OIDC claim ...
     admin_claim_values = ["ct-admins"]                 # ... holding one of these values
+    # only for a provider that verifies every address and sends no email_verified claim:
+    emails_verified_by_provider = true
 
-Everyone else who can sign in at the identity provider is a clinician.
+An e-mail address makes an admin only when the provider says it verified it
+(``email_verified`` true); without ``emails_verified_by_provider`` a missing
+claim counts as unverified. Everyone else who can sign in at the identity
+provider is a clinician.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from dataclasses import dataclass
 
 ADMIN = "admin"
 CLINICIAN = "clinician"
-ROLE_KEYS = {"admin_emails", "admin_claim", "admin_claim_values"}
+ROLE_KEYS = {"admin_emails", "admin_claim", "admin_claim_values", "emails_verified_by_provider"}
 
 
 class RoleConfigError(ValueError):
@@ -31,6 +36,7 @@ class RoleConfig:
     admin_emails: frozenset[str] = frozenset()
     admin_claim: str = ""
     admin_claim_values: frozenset[str] = frozenset()
+    emails_verified_by_provider: bool = False
 
     @classmethod
     def from_mapping(cls, section: Mapping | None) -> RoleConfig:
@@ -46,7 +52,11 @@ class RoleConfig:
         values = _strings(section.get("admin_claim_values", []), "admin_claim_values")
         if bool(claim) != bool(values):
             raise RoleConfigError("[roles]: admin_claim and admin_claim_values go together")
-        return cls(frozenset(e.strip().lower() for e in emails), claim.strip(), frozenset(values))
+        verified_by_provider = section.get("emails_verified_by_provider", False)
+        if not isinstance(verified_by_provider, bool):
+            raise RoleConfigError("[roles]: emails_verified_by_provider must be true or false")
+        return cls(frozenset(e.strip().lower() for e in emails), claim.strip(), frozenset(values),
+                   verified_by_provider)
 
 
 @dataclass(frozen=True)
@@ -69,11 +79,20 @@ def identity(claims: Mapping) -> str:
     raise ValueError("the identity provider gave neither an e-mail address nor a subject for this user")
 
 
+def email_verified(claims: Mapping, config: RoleConfig) -> bool:
+    """Whether the provider vouches for the user's e-mail address: ``email_verified``
+    true (some providers send the string "true"); absent, only where the roles
+    config says the provider verifies every address. An unverified address
+    could be anyone's."""
+    claim = claims.get("email_verified")
+    if claim is None:
+        return config.emails_verified_by_provider
+    return claim is True or (isinstance(claim, str) and claim.strip().lower() == "true")
+
+
 def role(claims: Mapping, config: RoleConfig) -> str:
     email = claims.get("email")
-    # An address the provider says it has not verified could be anyone's.
-    if isinstance(email, str) and claims.get("email_verified") is not False \
-            and email.strip().lower() in config.admin_emails:
+    if isinstance(email, str) and email.strip().lower() in config.admin_emails and email_verified(claims, config):
         return ADMIN
     if config.admin_claim:
         value = claims.get(config.admin_claim)

@@ -28,9 +28,13 @@ CONFIG = RoleConfig.from_mapping(ROLES)
 
 
 @pytest.mark.parametrize("claims, expected", [
-    ({"email": "admin@example.org"}, ADMIN),
     ({"email": "ADMIN@example.org ", "email_verified": True}, ADMIN),
-    ({"email": "admin@example.org", "email_verified": False}, CLINICIAN),  # anyone could claim it
+    ({"email": "admin@example.org", "email_verified": "true"}, ADMIN),  # some providers send a string
+    # An address the provider has not verified could be anyone's: claiming it makes no admin.
+    ({"email": "admin@example.org"}, CLINICIAN),
+    ({"email": "admin@example.org", "email_verified": False}, CLINICIAN),
+    ({"email": "admin@example.org", "email_verified": "false"}, CLINICIAN),
+    ({"email": "admin@example.org", "email_verified": 1}, CLINICIAN),
     ({"email": "dr.b@example.org", "groups": ["radiology", "ct-admins"]}, ADMIN),
     ({"email": "dr.b@example.org", "groups": "ct-admins"}, ADMIN),
     ({"email": "dr.b@example.org", "groups": ["radiology"]}, CLINICIAN),
@@ -39,6 +43,15 @@ CONFIG = RoleConfig.from_mapping(ROLES)
 ])
 def test_roles_from_claims(claims, expected):
     assert role(claims, CONFIG) == expected
+
+
+@pytest.mark.parametrize("verified_claim, expected", [(None, ADMIN), (True, ADMIN), (False, CLINICIAN),
+                                                     ("false", CLINICIAN)])
+def test_a_provider_that_sends_no_verified_claim_is_trusted_only_when_the_config_says_so(verified_claim, expected):
+    config = RoleConfig.from_mapping({**ROLES, "emails_verified_by_provider": True})
+    claims = {"email": "admin@example.org"} if verified_claim is None else \
+        {"email": "admin@example.org", "email_verified": verified_claim}
+    assert role(claims, config) == expected  # an explicit "not verified" still counts
 
 
 def test_without_roles_config_everyone_is_a_clinician():
@@ -55,11 +68,13 @@ def test_identity_is_the_email_else_the_subject():
 
 
 @pytest.mark.parametrize("section, message", [
-    ({"admins": ["a@x.org"]}, "unknown setting(s) admins; use admin_claim, admin_claim_values, admin_emails"),
+    ({"admins": ["a@x.org"]}, "unknown setting(s) admins; use admin_claim, admin_claim_values, admin_emails, "
+                               "emails_verified_by_provider"),
     ({"admin_emails": "a@x.org", "admin_claim": 3}, 'admin_claim must be the name of one claim, e.g. "groups"'),
     ({"admin_emails": ["a@x.org", ""]}, "admin_emails must be a list of non-empty strings"),
     ({"admin_claim": "groups"}, "admin_claim and admin_claim_values go together"),
     ({"admin_claim": "groups", "admin_claim_values": [7]}, "admin_claim_values must be a list of non-empty strings"),
+    ({"emails_verified_by_provider": "yes"}, "emails_verified_by_provider must be true or false"),
 ])
 def test_unusable_role_config_says_what_to_fix(section, message):
     with pytest.raises(RoleConfigError) as caught:
@@ -185,6 +200,7 @@ def test_the_secrets_example_configures_sign_in_and_roles():
     example = tomllib.loads((REPO / ".streamlit" / "secrets.toml.example").read_text())
     assert {"redirect_uri", "cookie_secret", "client_id", "client_secret", "server_metadata_url"} <= set(example["auth"])
     config = RoleConfig.from_mapping(example["roles"])
-    assert role({"email": "head.radiologist@example.org"}, config) == ADMIN
+    assert role({"email": "head.radiologist@example.org", "email_verified": True}, config) == ADMIN
+    assert role({"email": "head.radiologist@example.org"}, config) == CLINICIAN  # no verified claim
     assert role({"email": "someone@example.org", "groups": ["ct-admins"]}, config) == ADMIN
     assert ".streamlit/secrets.toml" in (REPO / ".gitignore").read_text().splitlines()  # real secrets stay out of git
