@@ -8,9 +8,12 @@ evaluations, in one store with two engines (SQLAlchemy 2).
   that several replicas of the app write to one database.
 
 A diagnosis record holds the UTC time, the signed-in user ('' when sign-in is
-off), model name and version, the SHA-256 of the uploaded file, the predicted
-class, calibrated probabilities and flags: never a file name, a header value or
-pixels. Every write is one transaction, committed before it returns.
+off), model name and version, the SHA-256 of the uploaded file, the answer
+state and, apart from it, the class (for an uncertain answer the class it
+leans to, never a result), calibrated probabilities and flags: never a file
+name, a header value or pixels. A series is one record: its opaque id, its
+number of slices and the hash of its pixel values (see :meth:`Store.record`).
+Every write is one transaction, committed before it returns.
 
 The schema is created on first use and brought up to date by the explicit
 steps in ``MIGRATIONS``; each process migrates under a database-wide lock
@@ -82,6 +85,11 @@ diagnoses = Table(
     Column("probabilities", Text, nullable=False),
     Column("flags", Text, nullable=False),
     Column("username", Text, nullable=False, server_default=""),
+    # The answer state apart from the class: "confident" (only then is the class a result), "low confidence",
+    # "unlike the training images", "not a chest CT"; a series also "no result" (too few confident slices).
+    Column("state", Text, nullable=False, server_default=""),
+    Column("series_id", Text, nullable=False, server_default=""),  # '' for a single slice
+    Column("slices", Integer, nullable=False, server_default="1"),
     sqlite_autoincrement=True,
 )
 evaluation_reports = Table(
@@ -120,8 +128,27 @@ def _v2_users_and_reports(conn: Connection) -> None:
         conn.execute(text(f"CREATE INDEX {name} ON {table} ({column})"))
 
 
+# The flags diagnoses carry for an answer state other than confident, most severe first: the words
+# every record so far was written with (pages/diagnosis.py), which migration 3 reads states from.
+_STATE_FLAGS = ("not a chest CT", "unlike the training images", "low confidence")
+CONFIDENT_STATE = "confident"
+
+
+def _v3_answer_states_and_series(conn: Connection) -> None:
+    """The answer state in a column of its own (records before it kept only the
+    leaning class, so a document image read as a cancer class): read back from
+    the flags those records carry."""
+    for column in ("state TEXT NOT NULL DEFAULT ''", "series_id TEXT NOT NULL DEFAULT ''",
+                   "slices INTEGER NOT NULL DEFAULT 1"):
+        conn.execute(text(f"ALTER TABLE diagnoses ADD COLUMN {column}"))
+    cases = " ".join(f"WHEN flags LIKE '%\"{flag}\"%' THEN '{flag}'" for flag in _STATE_FLAGS)
+    conn.execute(text(f"UPDATE diagnoses SET state = CASE {cases} ELSE '{CONFIDENT_STATE}' END"))
+    conn.execute(text("CREATE INDEX ix_diagnoses_state ON diagnoses (state)"))
+
+
 # Step n brings the schema from version n-1 to n. Append steps, never edit one that has shipped.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1_diagnoses, _v2_users_and_reports]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1_diagnoses, _v2_users_and_reports,
+                                                  _v3_answer_states_and_series]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -246,11 +273,18 @@ class Store:
     # ------------------------------------------------------------------ diagnoses
 
     def record(self, *, model: str, model_version: str, image_sha256: str, prediction: str,
-               probabilities: dict[str, float], flags: Iterable[str] = (), user: str = "") -> int:
-        """Append one diagnosis; returns its id once it is committed."""
+               probabilities: dict[str, float], flags: Iterable[str] = (), user: str = "", state: str | None = None,
+               series_id: str = "", slices: int = 1) -> int:
+        """Append one diagnosis; returns its id once it is committed.
+
+        ``prediction`` is the class (the leaning class when ``state`` is not
+        "confident"); without ``state`` it is read from ``flags`` as the
+        diagnosis page writes them. A series: ``image_sha256`` is the hash of
+        its pixel values, ``series_id`` its opaque id, ``slices`` its length.
+        """
         return self.record_many([dict(model=model, model_version=model_version, image_sha256=image_sha256,
                                       prediction=prediction, probabilities=probabilities, flags=flags,
-                                      user=user)])[0]
+                                      user=user, state=state, series_id=series_id, slices=slices)])[0]
 
     def record_many(self, records: list[dict]) -> list[int]:
         """Append several diagnoses (keyword sets of :meth:`record`) in one
@@ -270,29 +304,33 @@ class Store:
             return [dict(row._mapping) for row in result]
 
     def diagnoses(self, *, since: date | None = None, until: date | None = None, user: str | None = None,
-                  model: str | None = None, prediction: str | None = None, limit: int = 10_000) -> list[dict]:
+                  model: str | None = None, prediction: str | None = None, state: str | None = None,
+                  limit: int = 10_000) -> list[dict]:
         """Diagnoses newest first, filtered by day (``since`` and ``until``
-        inclusive, UTC), user, model and predicted class."""
-        query = _filtered(select(diagnoses), since, until, user, model, prediction)
+        inclusive, UTC), user, model, class (leaning or not) and answer state."""
+        query = _filtered(select(diagnoses), since, until, user, model, prediction, state)
         with self._read() as conn:
             result = conn.execute(query.order_by(diagnoses.c.time.desc(), diagnoses.c.id.desc()).limit(limit))
             return [dict(row._mapping) for row in result]
 
     def counts_per_day(self, *, since: date | None = None, until: date | None = None, user: str | None = None,
-                       model: str | None = None, prediction: str | None = None) -> list[tuple[str, int]]:
+                       model: str | None = None, prediction: str | None = None,
+                       state: str | None = None) -> list[tuple[str, int]]:
         """(UTC day 'YYYY-MM-DD', diagnoses) for each day with any, oldest first."""
         day = func.substr(diagnoses.c.time, 1, 10)
-        query = _filtered(select(day, func.count()), since, until, user, model, prediction)
+        query = _filtered(select(day, func.count()), since, until, user, model, prediction, state)
         with self._read() as conn:
             return [(d, int(n)) for d, n in conn.execute(query.group_by(day).order_by(day))]
 
-    def choices(self) -> dict[str, list[str]]:
-        """The users, models and predicted classes that occur, for filters."""
-        out = {}
+    def choices(self) -> dict[str, list]:
+        """The users, models, classes and (state, class) results that occur, for filters."""
+        out: dict[str, list] = {}
         with self._read() as conn:
             for name, column in [("user", diagnoses.c.username), ("model", diagnoses.c.model),
                                  ("prediction", diagnoses.c.prediction)]:
                 out[name] = [v for (v,) in conn.execute(select(column).distinct().order_by(column))]
+            pairs = select(diagnoses.c.state, diagnoses.c.prediction).distinct()
+            out["result"] = [tuple(r) for r in conn.execute(pairs.order_by(diagnoses.c.state, diagnoses.c.prediction))]
         return out
 
     # ------------------------------------------------------------------ folder evaluations
@@ -314,23 +352,34 @@ class Store:
             return [dict(row._mapping) for row in conn.execute(query)]
 
 
+def state_from_flags(flags: Iterable[str]) -> str:
+    """The answer state a record's flags name ("confident" when none does)."""
+    flags = set(flags)
+    return next((state for state in _STATE_FLAGS if state in flags), CONFIDENT_STATE)
+
+
 def _diagnosis_row(time: str, *, model: str, model_version: str, image_sha256: str, prediction: str,
-                   probabilities: dict[str, float], flags: Iterable[str] = (), user: str = "") -> dict:
+                   probabilities: dict[str, float], flags: Iterable[str] = (), user: str = "",
+                   state: str | None = None, series_id: str = "", slices: int = 1) -> dict:
     if not (isinstance(image_sha256, str) and image_sha256):
         raise ValueError("a diagnosis record needs the file's SHA-256")
+    if int(slices) < 1:
+        raise ValueError(f"a diagnosis record covers at least one slice, not {slices}")
+    flags = list(flags)
     return dict(time=time, username=user or "", model=model, model_version=model_version, image_sha256=image_sha256,
                 prediction=prediction, confidence=float(max(probabilities.values(), default=0.0)),
                 probabilities=json.dumps({k: round(float(v), 6) for k, v in probabilities.items()}),
-                flags=json.dumps(list(flags)))
+                flags=json.dumps(flags), state=state or state_from_flags(flags), series_id=series_id or "",
+                slices=int(slices))
 
 
-def _filtered(query, since, until, user, model, prediction):
+def _filtered(query, since, until, user, model, prediction, state=None):
     if since is not None:
         query = query.where(diagnoses.c.time >= since.isoformat())
     if until is not None:
         query = query.where(diagnoses.c.time < (until + timedelta(days=1)).isoformat())
     for column, value in [(diagnoses.c.username, user), (diagnoses.c.model, model),
-                          (diagnoses.c.prediction, prediction)]:
+                          (diagnoses.c.prediction, prediction), (diagnoses.c.state, state)]:
         if value is not None:
             query = query.where(column == value)
     return query
@@ -364,8 +413,8 @@ def _sqlite_begin(conn: Connection) -> None:
 
 # --------------------------------------------------------------------------- CSV export
 
-AUDIT_CSV_COLUMNS = ["time", "username", "model", "model_version", "image_sha256", "prediction", "confidence",
-                     "probabilities", "flags"]
+AUDIT_CSV_COLUMNS = ["time", "username", "model", "model_version", "image_sha256", "series_id", "slices", "state",
+                     "prediction", "confidence", "probabilities", "flags"]
 
 
 def audit_csv(rows: list[dict]) -> str:

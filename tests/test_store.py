@@ -183,10 +183,11 @@ def test_a_log_of_the_first_layout_is_migrated_and_keeps_its_records(tmp_path, c
         store = Store(path)
     try:
         # Recognised as the first version (not an empty database), and the step said in the server log.
-        assert "audit log schema brought from version 1 to 2" in caplog.messages
-        assert store.schema_version() == SCHEMA_VERSION == 2
+        assert "audit log schema brought from version 1 to 3" in caplog.messages
+        assert store.schema_version() == SCHEMA_VERSION == 3
         (old,) = store.recent()
         assert (old["id"], old["model"], old["image_sha256"], old["username"]) == (7, "old", SHA, "")
+        assert (old["state"], old["prediction"], old["series_id"], old["slices"]) == ("confident", "beta", "", 1)
         new = store.record(**diagnosis(1, user="dr.a@example.org"))
         assert new == 8
         assert store.diagnoses(user="dr.a@example.org")[0]["id"] == 8
@@ -211,7 +212,65 @@ def test_the_migrations_build_the_schema_the_code_declares(location):
         assert indexes == {("diagnoses", "ix_diagnoses_time", ("time",)),
                            ("diagnoses", "ix_diagnoses_username", ("username",)),
                            ("diagnoses", "ix_diagnoses_model", ("model",)),
+                           ("diagnoses", "ix_diagnoses_state", ("state",)),
                            ("evaluation_reports", "ix_evaluation_reports_time", ("time",))}
+    finally:
+        store.close()
+
+
+# Records as version 2 stored them: the class (leaning, for an uncertain answer) and the flags, no state.
+V2_RECORDS = [("doc", "squamous", '{"squamous": 0.504, "normal": 0.496}', '["not a chest CT", "low confidence"]'),
+              ("odd", "normal", '{"normal": 0.9995, "squamous": 0.0005}', '["unlike the training images"]'),
+              ("low", "normal", '{"normal": 0.55, "squamous": 0.45}', '["low confidence"]'),
+              ("sure", "squamous", '{"squamous": 0.97, "normal": 0.03}', '[]')]
+
+
+def test_a_version_2_log_gets_each_records_state_from_its_flags_and_loses_none(location, monkeypatch):
+    """Migration 3 on both engines: every record kept, the state read back from its flags, the leaning class
+    left where it was; the audit log's filters then tell a document image from a confident finding."""
+    with monkeypatch.context() as old_app:
+        old_app.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:2])
+        old_app.setattr(store_module, "SCHEMA_VERSION", 2)
+        store = open_store(location)
+        with store.engine.begin() as conn:
+            for name, prediction, probabilities, flags in V2_RECORDS:
+                conn.execute(store_module.text(
+                    "INSERT INTO diagnoses (time, model, model_version, image_sha256, prediction, confidence, "
+                    "probabilities, flags, username) VALUES ('2025-03-01T08:00:00.000+00:00', 'm', 'v', :sha, "
+                    ":prediction, 0.5, :probabilities, :flags, 'dr.a')"),
+                    dict(sha=name, prediction=prediction, probabilities=probabilities, flags=flags))
+        assert store.schema_version() == 2
+        store.close()
+    store = open_store(location)
+    try:
+        assert store.schema_version() == SCHEMA_VERSION
+        rows = {r["image_sha256"]: r for r in store.diagnoses()}
+        assert {name: (rows[name]["state"], rows[name]["prediction"]) for name in rows} == {
+            "doc": ("not a chest CT", "squamous"), "odd": ("unlike the training images", "normal"),
+            "low": ("low confidence", "normal"), "sure": ("confident", "squamous")}
+        assert [r["image_sha256"] for r in store.diagnoses(prediction="squamous", state="confident")] == ["sure"]
+        assert sorted(store.choices()["result"]) == [("confident", "squamous"), ("low confidence", "normal"),
+                                                     ("not a chest CT", "squamous"),
+                                                     ("unlike the training images", "normal")]
+        assert all(rows[name]["slices"] == 1 and rows[name]["series_id"] == "" for name in rows)
+    finally:
+        store.close()
+
+
+def test_a_series_is_one_record_with_its_id_slice_count_and_state(location):
+    store = open_store(location)
+    try:
+        store.record(**diagnosis(1, state="no result", series_id="S-0badc0de", slices=40, prediction="alpha",
+                                 probabilities={"alpha": 0.05, "beta": 0.0}, flags=["uncertain slices: 38 of 40"]))
+        (row,) = store.diagnoses()
+        assert (row["state"], row["prediction"], row["series_id"], row["slices"]) == ("no result", "alpha",
+                                                                                      "S-0badc0de", 40)
+        with pytest.raises(ValueError, match="at least one slice"):
+            store.record(**diagnosis(2, slices=0))
+        assert store.count() == 1
+        # no state given: the diagnosis page's flags name it
+        store.record(**diagnosis(3, flags=["unlike the training images", "low confidence"]))
+        assert store.diagnoses(limit=1)[0]["state"] == "unlike the training images"
     finally:
         store.close()
 
@@ -242,7 +301,8 @@ def test_replicas_starting_together_migrate_once(location):
     store = open_store(location)
     try:
         with store.engine.connect() as conn:
-            assert conn.execute(store_module.select(store_module.schema_version.c.version)).scalars().all() == [2]
+            assert conn.execute(store_module.select(store_module.schema_version.c.version)).scalars().all() == [
+                SCHEMA_VERSION]
         store.record(**diagnosis())
         assert store.count() == 1
     finally:
@@ -272,7 +332,12 @@ def test_filters_counts_per_day_and_choices(location, monkeypatch):
         assert [r["image_sha256"][-1] for r in store.diagnoses(prediction="beta")] == ["2"]
         assert [r["image_sha256"][-1] for r in store.diagnoses(user="")] == ["5"]
         assert store.choices() == {"user": ["", "a@x.org", "b@x.org"], "model": ["other", "tiny"],
-                                   "prediction": ["alpha", "beta"]}
+                                   "prediction": ["alpha", "beta"],
+                                   "result": [("confident", "alpha"), ("confident", "beta"),
+                                              ("low confidence", "alpha")]}
+        assert [r["image_sha256"][-1] for r in store.diagnoses(state="low confidence")] == ["4"]
+        assert [r["image_sha256"][-1] for r in store.diagnoses(state="confident", prediction="alpha")] == ["5", "3", "1"]
+        assert store.counts_per_day(state="low confidence") == [("2025-03-04", 1)]
         (row,) = store.diagnoses(prediction="beta")
         assert row["confidence"] == 0.9 and json.loads(row["probabilities"]) == {"alpha": 0.1, "beta": 0.9}
         assert json.loads(store.diagnoses(user="a@x.org", limit=1)[0]["flags"]) == ["low confidence"]
@@ -318,6 +383,7 @@ def test_the_csv_export_neutralises_formula_cells(tmp_path):
     assert [r["username"] for r in rows] == ["plain@x.org", "'=HYPERLINK(\"http://evil.example\")"]
     assert rows[0]["model"] == "'-tiny" and rows[1]["prediction"] == "'+cmd"
     assert rows[0]["image_sha256"] == f"{2:064x}" and float(rows[0]["confidence"]) == 0.75
+    assert (rows[0]["state"], rows[0]["series_id"], rows[0]["slices"]) == ("confident", "", "1")
 
 
 # ------------------------------------------------------------------------------ concurrency
