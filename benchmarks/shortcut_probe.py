@@ -21,7 +21,7 @@ from ctapp.data import scan_sources  # noqa: E402
 from ctapp.preprocess import PreprocessConfig, load_squares  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
-DEFAULT = [DATA / "chest-ct-scan-images" / "Data", DATA / "sarscov2-ctscan", DATA / "covid-ct-ucsd"]
+DEFAULT = [DATA / "chest-ct-scan-images" / "Data", DATA / "sarscov2-ctscan", DATA / "covid-ct-ucsd", DATA / "mosmed"]
 SETTINGS = {"pad + resize only": dict(crop="none", intensity="none"),
             "body crop": dict(crop="body", intensity="none"),
             "body crop + percentile": dict(crop="body", intensity="percentile"),

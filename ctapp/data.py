@@ -219,25 +219,32 @@ def file_number(path: Path) -> int | None:
 # Figure crops named '<paper id>-p<page>-<figure>...' (UCSD COVID-CT) or
 # '<figure>%<panel>' come from one publication or figure: they are one group.
 GROUP_PATTERN = r"^(.+?)(?:-p\d|%\d+$)"
+# Sources (by folder name) with one slice per study: every file is its own patient,
+# whatever its number says (MosMedData's 'img12.jpg' and 'img13.jpg' are two patients).
+FILE_PER_PATIENT_SOURCES = frozenset({"mosmed"})
 
 
 def group_ids(samples: list[Sample], *, block_size: int | None = None, pattern: str = GROUP_PATTERN,
-              digests: list[str] | None = None) -> np.ndarray:
+              digests: list[str] | None = None,
+              file_per_patient: frozenset[str] = FILE_PER_PATIENT_SOURCES) -> np.ndarray:
     """Group id per sample for grouped splitting: samples of one group always land
     on the same side of any split or fold.
 
-    A file whose name (without extension) matches ``pattern`` belongs to the
-    group its first capture names (within its source); otherwise, with
-    ``block_size``, to its block of consecutive file numbers within its class
-    folder; otherwise it is a group of its own. Samples with the same
-    ``digests`` entry (identical pixels) are merged into one group.
+    A file of a source named in ``file_per_patient`` (the source's folder name)
+    is a group of its own. Otherwise a file whose name (without extension)
+    matches ``pattern`` belongs to the group its first capture names (within its
+    source); otherwise, with ``block_size``, to its block of consecutive file
+    numbers within its class folder; otherwise it is a group of its own.
+    Samples with the same ``digests`` entry (identical pixels) are merged into
+    one group.
     """
     matcher = re.compile(pattern) if pattern else None
     keys: dict[tuple, int] = {}
     group_of = []
     for i, s in enumerate(samples):
-        match = matcher.search(s.path.stem) if matcher else None
-        number = file_number(s.path)
+        own = Path(s.source).name in file_per_patient
+        match = matcher.search(s.path.stem) if matcher and not own else None
+        number = None if own else file_number(s.path)
         if match:
             key = ("named", s.source, match.group(1))
         elif block_size and number is not None:
@@ -269,17 +276,21 @@ def group_ids(samples: list[Sample], *, block_size: int | None = None, pattern: 
 
 def cv_folds(samples: list[Sample], groups: np.ndarray, folds: int, seed: int,
              class_names: list[str]) -> np.ndarray:
-    """Fold number (0..folds-1) of every sample: stratified by class, seeded, and
-    never separating a group."""
+    """Fold number (0..folds-1) of every sample: stratified by source and class
+    (each fold holds every source's classes in about their overall shares, so
+    that per-source out-of-fold figures rest on every fold), seeded, and never
+    separating a group."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     if folds < 2:
         raise DatasetError(f"cross-validation needs at least 2 folds, got {folds}")
     labels = np.array([s.label for s in samples])
     _check_enough(samples, labels, groups, folds, class_names, f"{folds}-fold cross-validation")
+    source_of = {name: i for i, name in enumerate(sorted({s.source for s in samples}))}
+    strata = np.array([source_of[s.source] * len(class_names) + s.label for s in samples])
     fold_of = np.full(len(samples), -1)
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for k, (_, held) in enumerate(splitter.split(np.zeros(len(samples)), labels, groups)):
+    for k, (_, held) in enumerate(splitter.split(np.zeros(len(samples)), strata, groups)):
         fold_of[held] = k
     return fold_of
 

@@ -356,6 +356,41 @@ def test_groups_by_a_name_pattern_keep_one_papers_figures_together():
     assert len(set(group_ids(samples, pattern=""))) == 6  # no pattern: every file its own group
 
 
+def test_a_file_per_patient_source_groups_by_file_while_the_others_group_by_block():
+    from pathlib import Path
+
+    from ctapp.data import Sample
+
+    def named(source: str, stems: list[str]) -> list[Sample]:
+        return [Sample(Path(f"/d/{source}/COVID/{n}.jpg"), 0, "", source) for n in stems]
+
+    mosmed = named("mosmed", [f"img{i}" for i in range(1, 21)])
+    sars = named("sarscov2-ctscan", [f"Covid ({i})" for i in range(1, 21)])
+    groups = group_ids(mosmed + sars, block_size=10)
+    assert len(set(groups[:20])) == 20  # one slice per study: numbers say nothing
+    assert len(set(groups[20:])) == 3  # 1-9, 10-19, 20: blocks of consecutive slices
+    assert not set(groups[:20]) & set(groups[20:])
+    # Without the rule, MosMed would be cut into blocks too.
+    assert len(set(group_ids(mosmed, block_size=10, file_per_patient=frozenset()))) == 3
+
+
+def test_folds_hold_every_sources_classes_in_their_shares():
+    from pathlib import Path
+
+    from ctapp.data import Sample, cv_folds
+
+    # Source 'a' is mostly class 0 and 'b' mostly class 1: stratifying by class alone can give a fold
+    # almost no class-1 images of 'a'; by source and class, each fold holds its share of each.
+    samples = [Sample(Path(f"/d/{src}/{label}/{src}{label}-{i}.png"), label, "", src)
+               for src, sizes in (("a", (60, 12)), ("b", (12, 60))) for label, n in enumerate(sizes)
+               for i in range(n)]
+    folds = cv_folds(samples, np.arange(len(samples)), 3, 0, ["x", "y"])
+    for src, label, n in (("a", 0, 60), ("a", 1, 12), ("b", 0, 12), ("b", 1, 60)):
+        per_fold = np.bincount([f for s, f in zip(samples, folds) if s.source == src and s.label == label],
+                               minlength=3)
+        assert per_fold.tolist() == [n // 3] * 3, (src, label, per_fold)
+
+
 def test_empty_and_missing_folders(tmp_path):
     with pytest.raises(DatasetError, match="no such folder"):
         scan_dataset(tmp_path / "missing")
