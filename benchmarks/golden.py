@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ctapp.checkpoint import sha256_file  # noqa: E402
-from ctapp.inference import DEFAULT_MODELS_DIR, WEIGHTS_FILE, load_model  # noqa: E402
+from ctapp.model_folders import DEFAULT_MODELS_DIR, WEIGHTS_FILE, load_model  # noqa: E402
 from training.foreign import ct_phantom  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

@@ -27,7 +27,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ctapp.checkpoint import atomic_write_text  # noqa: E402
-from ctapp.inference import CARD_FILE, EnsembleModel, list_models, load_model  # noqa: E402
+from ctapp.inference import EnsembleModel  # noqa: E402
+from ctapp.model_folders import CARD_FILE, list_models, load_model  # noqa: E402
 from ctapp.models import create_model  # noqa: E402
 from training.foreign import ct_phantom  # noqa: E402
 

@@ -129,7 +129,7 @@ _MEASURE = r"""
 import json, sys, time
 import numpy as np
 from ctapp.imaging import ImageDecodeError
-from ctapp.inference import load_model
+from ctapp.model_folders import load_model
 
 def status(field):
     with open("/proc/self/status") as f:
@@ -216,7 +216,7 @@ def shared_model(tmp: Path, images: int = 512) -> tuple[str, bool]:
     import numpy as np
     import torch
 
-    from ctapp.inference import load_model
+    from ctapp.model_folders import load_model
 
     model = load_model(model_folder(tmp))
     squares = torch.rand(images, 1, model.preprocess.img_size, model.preprocess.img_size)

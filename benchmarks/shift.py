@@ -31,15 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from ctapp.checkpoint import atomic_write_text  # noqa: E402
 from ctapp.imaging import decode  # noqa: E402
-from ctapp.inference import (  # noqa: E402
-    CONFIDENT,
-    ENSEMBLE_FILE,
-    LOW_CONFIDENCE,
-    NOT_CHEST_CT,
-    UNLIKE_TRAINING,
-    EnsembleModel,
-    load_model,
-)
+from ctapp.inference import CONFIDENT, LOW_CONFIDENCE, NOT_CHEST_CT, UNLIKE_TRAINING, EnsembleModel  # noqa: E402
+from ctapp.model_folders import ENSEMBLE_FILE, load_model  # noqa: E402
 from training.crossval import FOLD_MODEL_FILE, FOLDS_FILE, stored_path  # noqa: E402
 
 

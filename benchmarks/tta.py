@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ctapp.imaging import decode  # noqa: E402
-from ctapp.inference import load_model  # noqa: E402
+from ctapp.model_folders import load_model  # noqa: E402
 from ctapp.metrics import evaluation_report  # noqa: E402
 from training.crossval import FOLD_MODEL_FILE, FOLDS_FILE, stored_path  # noqa: E402
 

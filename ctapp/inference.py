@@ -1,5 +1,6 @@
-"""Loading trained models and using them: prediction with calibrated
-probabilities and an out-of-distribution check, and Grad-CAM explanations.
+"""Using trained models: prediction with calibrated probabilities, the answer
+state (with the out-of-distribution check of ``ctapp.ood``) and Grad-CAM
+explanations, for one model or an ensemble. ``ctapp.model_folders`` loads them.
 
 One :class:`LoadedModel` may be shared by many threads (the app caches one per
 process): every forward pass holds the model's lock, so Grad-CAM hooks of one
@@ -7,8 +8,6 @@ request never see another request's activations.
 """
 from __future__ import annotations
 
-import json
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -20,17 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_model_file
+from .checkpoint import CheckpointError
 from .imaging import ImageSource, Slice, decode
 from .metrics import calibrated
 from .models import get_spec
+from .ood import FeatureCapture, MahalanobisOOD
 from .preprocess import PreprocessConfig, cam_to_image, load_squares, model_input, normalize
-
-WEIGHTS_FILE = "model.pt"
-CARD_FILE = "model_card.json"
-REPORT_FILE = "eval_report.json"
-MODELS_ENV = "CTAPP_MODELS_DIR"
-DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
 
 def cam_methods() -> dict[str, type]:
@@ -38,61 +32,6 @@ def cam_methods() -> dict[str, type]:
 
     return {"Grad-CAM": GradCAM, "Grad-CAM++": GradCAMPlusPlus, "EigenCAM": EigenCAM,
             "HiResCAM": HiResCAM, "XGradCAM": XGradCAM, "LayerCAM": LayerCAM}
-
-
-# Each stage output is pooled three ways for the out-of-distribution check, each
-# its own detector: the mean (what the slice shows), the spread and the peak
-# (how it was exported: a narrower window widens the spread, pasted arrows and
-# text raise the peak). Measured on held-out lung slices (VGG19-BN, fold 0), at
-# the same 5% of unseen CT flagged: narrow window 62% -> 82% flagged, arrows and
-# text 12% -> 99%. A feature key is the layer's name, plus ":std" or ":max".
-OOD_STATISTICS = ("", ":std", ":max")
-
-
-def ood_feature_keys(layers: list[str]) -> list[str]:
-    return [layer + statistic for layer in layers for statistic in OOD_STATISTICS]
-
-
-def _pooled(out: torch.Tensor, statistic: str) -> torch.Tensor:
-    if out.ndim != 4:
-        return out.flatten(1)
-    if statistic == ":std":
-        return out.std(dim=(2, 3))
-    if statistic == ":max":
-        return out.amax(dim=(2, 3))
-    return out.mean(dim=(2, 3))
-
-
-class FeatureCapture:
-    """While active, collects the globally pooled outputs of the named layers of
-    every forward pass (the out-of-distribution check's features): a key is a
-    layer name (mean pooling) or a layer name with ":std" or ":max"."""
-
-    def __init__(self, model: nn.Module, keys: list[str]):
-        self.keys_of: dict[str, list[str]] = {}
-        for key in keys:
-            self.keys_of.setdefault(key.split(":")[0], []).append(key)
-        self.modules = {name: model.get_submodule(name) for name in self.keys_of}
-        self.batches: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
-        self._handles: list = []
-
-    def _hook(self, name: str):
-        def hook(_module, _args, output):
-            out = output.detach().float()
-            for key in self.keys_of[name]:
-                self.batches[key].append(_pooled(out, key[len(name):]).cpu())
-        return hook
-
-    def __enter__(self) -> "FeatureCapture":
-        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in self.modules.items()]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-    def features(self) -> dict[str, torch.Tensor]:
-        return {name: torch.cat(parts) for name, parts in self.batches.items() if parts}
 
 
 @torch.inference_mode()
@@ -111,124 +50,6 @@ def batched_forward(model: nn.Module, images: torch.Tensor, config: PreprocessCo
                 outputs.append(model(x).float().cpu())
     logits = torch.cat(outputs).numpy() if outputs else np.zeros((0, 0), np.float32)
     return logits, {name: f.numpy() for name, f in capture.features().items()}
-
-
-@dataclass
-class _ClassGaussians:
-    """Class means and one shared covariance of one layer's features, after PCA."""
-
-    mean: torch.Tensor
-    components: torch.Tensor
-    class_means: torch.Tensor
-    precision: torch.Tensor
-    scale: float = 1.0  # median distance of validation images
-
-    @classmethod
-    def fit(cls, features: np.ndarray, labels: np.ndarray, dims: int) -> "_ClassGaussians":
-        from sklearn.covariance import LedoitWolf
-        from sklearn.decomposition import PCA
-
-        features = np.asarray(features, dtype=np.float64)
-        pca = PCA(n_components=min(dims, features.shape[0] - 1, features.shape[1]), random_state=0).fit(features)
-        z = pca.transform(features)
-        classes = np.unique(labels)
-        means = np.stack([z[labels == c].mean(axis=0) for c in classes])
-        centred = z - means[np.searchsorted(classes, labels)]
-        return cls(*(torch.as_tensor(a, dtype=torch.float64)
-                     for a in (pca.mean_, pca.components_, means, LedoitWolf().fit(centred).precision_)))
-
-    def distance(self, features) -> np.ndarray:
-        """Smallest Mahalanobis distance (squared) to a class mean."""
-        f = torch.as_tensor(np.asarray(features), dtype=torch.float64)
-        z = (f - self.mean) @ self.components.T
-        diff = z[:, None, :] - self.class_means[None]
-        return torch.einsum("ncd,de,nce->nc", diff, self.precision, diff).min(dim=1).values.numpy()
-
-    def to_dict(self) -> dict:
-        return {"mean": self.mean.float(), "components": self.components.float(),
-                "class_means": self.class_means.float(), "precision": self.precision.float(), "scale": self.scale}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "_ClassGaussians":
-        return cls(*(torch.as_tensor(d[k], dtype=torch.float64) for k in ("mean", "components", "class_means",
-                                                                          "precision")), float(d["scale"]))
-
-
-class MahalanobisOOD:
-    """Out-of-distribution score from the features of every backbone stage.
-
-    Per feature key (a stage, pooled by mean, spread or peak: :data:`OOD_STATISTICS`):
-    the smallest Mahalanobis distance of an image's pooled features to a
-    training-class mean (PCA to at most ``dims`` dimensions, one covariance
-    shared by the classes), divided by that distance's median on validation
-    images. Early layers notice intensity and texture unlike CT (photographs,
-    radiographs, blank images, another window, pasted marks), the last one
-    content unlike the training classes.
-
-    Two scores answer two questions. Unlike the training images (``score``,
-    against ``threshold``): the geometric mean of the keys' ratios, since a
-    slice exported differently moves every key a little (a narrow window: each
-    2-3x) and an unusual but genuine slice one key a lot. On held-out lung
-    slices (VGG19-BN, 5 folds, threshold at 5% of unseen slices) the largest
-    ratio flagged 42% of narrow-window slices, the geometric mean 85%; in
-    ``benchmarks/shift.py`` confident mistakes under that shift fell from 25%
-    to 9% (JPEG and noise, which move early keys only, rose from 7-8% to
-    10-11%). Not a chest CT (``far_score``, against ``far_threshold``): the
-    largest ratio, since a blank image, a photograph or a document is wildly
-    unlike CT in some stage even where others look ordinary. Detectors saved
-    with the largest ratio as their only score (``combine: "max"``, and every
-    one saved before the field) keep it for both, with the thresholds fitted
-    for it.
-    """
-
-    COMBINE = ("geometric mean", "max")
-
-    def __init__(self, layers: dict[str, _ClassGaussians], threshold: float | None = None,
-                 far_threshold: float | None = None, combine: str = "geometric mean"):
-        if combine not in self.COMBINE:
-            raise CheckpointError(f"unknown out-of-distribution combination {combine!r}; known: {self.COMBINE}")
-        self.layers = layers
-        self.threshold = threshold  # above: unlike the training images
-        self.far_threshold = far_threshold  # above: not a chest CT at all
-        self.combine = combine
-
-    @classmethod
-    def fit(cls, train_features: dict[str, np.ndarray], labels: np.ndarray,
-            valid_features: dict[str, np.ndarray], dims: int = 64) -> "MahalanobisOOD":
-        layers = {}
-        for name, features in train_features.items():
-            gaussians = _ClassGaussians.fit(features, np.asarray(labels), dims)
-            gaussians.scale = max(float(np.median(gaussians.distance(valid_features[name]))), 1e-12)
-            layers[name] = gaussians
-        return cls(layers)
-
-    def layer_scores(self, features: dict) -> dict[str, np.ndarray]:
-        return {name: g.distance(features[name]) / g.scale for name, g in self.layers.items()}
-
-    def scores(self, features: dict) -> tuple[np.ndarray, np.ndarray]:
-        """Both scores from one pass over the keys: how unlike the training images
-        (against ``threshold``) and how far from chest CT at all (against
-        ``far_threshold``)."""
-        ratios = np.stack(list(self.layer_scores(features).values()))
-        far = np.max(ratios, axis=0)
-        if self.combine == "max":
-            return far, far
-        return np.exp(np.mean(np.log(np.maximum(ratios, 1e-12)), axis=0)), far
-
-    def score(self, features: dict) -> np.ndarray:
-        return self.scores(features)[0]
-
-    def far_score(self, features: dict) -> np.ndarray:
-        return self.scores(features)[1]
-
-    def to_dict(self) -> dict:
-        return {"layers": {name: g.to_dict() for name, g in self.layers.items()}, "threshold": self.threshold,
-                "far_threshold": self.far_threshold, "combine": self.combine}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MahalanobisOOD":
-        return cls({name: _ClassGaussians.from_dict(g) for name, g in d["layers"].items()}, d.get("threshold"),
-                   d.get("far_threshold"), d.get("combine", "max"))
 
 
 # The states of an answer. Only CONFIDENT is a result; the others show the
@@ -493,22 +314,6 @@ class LoadedModel:
         return self.analyse(image, target, method).cam
 
 
-def _read_card(folder: Path) -> dict:
-    card_path = folder / CARD_FILE
-    if not card_path.is_file():
-        return {}
-    try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{card_path}: unreadable model card ({exc})") from None
-    if not isinstance(card, dict):
-        raise CheckpointError(f"{card_path}: a model card must be a JSON object, found {type(card).__name__}")
-    return card
-
-
-ENSEMBLE_FILE = "ensemble.json"
-
-
 def ensemble_logits(member_probs) -> np.ndarray:
     """Log of the mean of the members' probabilities (members on the first axis)."""
     return np.log(np.clip(np.mean(member_probs, axis=0), 1e-12, None))
@@ -630,98 +435,3 @@ class EnsembleModel:
                     on_progress: Callable[[int, int], None] | None = None) -> BatchScores:
         return self.combine([m.score_files(paths, workers=workers, on_progress=on_progress if i == 0 else None)
                              for i, m in enumerate(self.members)])
-
-
-def load_model(path: str | os.PathLike) -> LoadedModel | EnsembleModel:
-    """Load a model folder (``model.pt`` plus ``model_card.json``), an ensemble
-    folder (``ensemble.json`` naming member folders) or a checkpoint file.
-
-    The weights' SHA-256 is checked against the model card when the card records it.
-    """
-    path = Path(path)
-    if path.is_dir() and (path / ENSEMBLE_FILE).is_file():
-        return load_ensemble(path)
-    folder, weights = (path, path / WEIGHTS_FILE) if path.is_dir() else (path.parent, path)
-    if not weights.is_file():
-        raise CheckpointError(f"{path}: no model here (expected {WEIGHTS_FILE} in the folder)")
-    card = _read_card(folder) if weights.name == WEIGHTS_FILE else {}
-    model, meta = load_model_file(weights, expected_sha256=card.get("weights_sha256"))
-    return LoadedModel(model, meta, path=folder if weights.name == WEIGHTS_FILE else weights, card=card)
-
-
-def read_ensemble_spec(folder: Path) -> tuple[dict, list[Path]]:
-    """An ensemble folder's ``ensemble.json`` and its member folders, given there
-    relative to the ensemble's own folder (e.g. ``../lung-resnet50``)."""
-    try:
-        spec = json.loads((folder / ENSEMBLE_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{folder / ENSEMBLE_FILE}: unreadable ensemble description ({exc})") from None
-    members = spec.get("members") if isinstance(spec, dict) else None
-    if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
-        raise CheckpointError(f"{folder / ENSEMBLE_FILE}: needs a list of member folders under 'members'")
-    return spec, [(folder / member).resolve() for member in members]
-
-
-def load_ensemble(folder: Path) -> EnsembleModel:
-    """An ensemble folder: ``ensemble.json`` lists its members (:func:`read_ensemble_spec`)."""
-    spec, members = read_ensemble_spec(folder)
-    loaded = []
-    for name, member_path in zip(spec["members"], members):
-        if (member_path / ENSEMBLE_FILE).is_file():
-            raise CheckpointError(f"{folder / ENSEMBLE_FILE}: member {name} is an ensemble itself")
-        loaded.append(load_model(member_path))
-    return EnsembleModel(loaded, spec, path=folder, card=_read_card(folder))
-
-
-def model_stamp(folder: str | Path) -> float:
-    """Modification time of what defines the model in ``folder`` (its weights, or an
-    ensemble's description): part of every cache key of the app."""
-    folder = Path(folder)
-    for name in (WEIGHTS_FILE, ENSEMBLE_FILE):
-        try:
-            return (folder / name).stat().st_mtime
-        except OSError:
-            continue
-    return 0.0
-
-
-@dataclass
-class ModelEntry:
-    path: Path
-    name: str
-    card: dict
-
-    @property
-    def task(self) -> str:
-        return self.card.get("task") or "/".join(self.card.get("classes", [])) or "unknown task"
-
-    @property
-    def report_path(self) -> Path:
-        return self.path / REPORT_FILE
-
-
-def model_dirs() -> list[Path]:
-    dirs = [DEFAULT_MODELS_DIR]
-    extra = os.environ.get(MODELS_ENV, "")
-    dirs += [Path(p) for p in extra.split(os.pathsep) if p]
-    return dirs
-
-
-def list_models(dirs: list[Path] | None = None) -> list[ModelEntry]:
-    """Every model folder (holding ``model.pt`` or ``ensemble.json``) directly under the model directories."""
-    found, seen = [], set()
-    for root in dirs if dirs is not None else model_dirs():
-        if not root.is_dir():
-            continue
-        for folder in sorted(p for p in root.iterdir()
-                             if (p / WEIGHTS_FILE).is_file() or (p / ENSEMBLE_FILE).is_file()):
-            key = folder.resolve()
-            if key in seen:
-                continue
-            seen.add(key)
-            try:
-                card = _read_card(folder)
-            except CheckpointError:
-                card = {}
-            found.append(ModelEntry(folder, card.get("name", folder.name), card))
-    return found

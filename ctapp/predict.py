@@ -27,7 +27,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .data import IGNORED_FILES, IGNORED_SUFFIXES
 from .imaging import ImageDecodeError, is_dicom
-from .inference import load_model
+from .model_folders import load_model
 from .series import (
     ReadResult,
     Series,

@@ -30,7 +30,7 @@ from ctapp import figures, ui_cache
 from ctapp.data import DatasetError, scan_dataset
 from ctapp.evaluation import evaluate_files, predictions_path, write_report
 from ctapp.imaging import ImageDecodeError
-from ctapp.inference import ModelEntry
+from ctapp.model_folders import ModelEntry
 from ctapp.metrics import mcnemar
 from ctapp.paths import PathNotAllowed, data_roots, files_inside, resolve_data_file, resolve_data_folder
 from ctapp.report import DISCLAIMER, markdown_text, safe_stem

@@ -13,7 +13,7 @@ import streamlit as st
 
 from ctapp import figures, ui_cache
 from ctapp.checkpoint import CheckpointError
-from ctapp.inference import ENSEMBLE_FILE, ModelEntry, read_ensemble_spec
+from ctapp.model_folders import ENSEMBLE_FILE, ModelEntry, read_ensemble_spec
 from ctapp.metrics import few_images_note
 from ctapp.report import DISCLAIMER
 

@@ -80,9 +80,9 @@ def plotly_charts(at: AppTest) -> list:
 
 
 def test_no_models_gives_a_helpful_message(tmp_path, monkeypatch):
-    import ctapp.inference
+    import ctapp.model_folders
 
-    monkeypatch.setattr(ctapp.inference, "DEFAULT_MODELS_DIR", tmp_path / "none")
+    monkeypatch.setattr(ctapp.model_folders, "DEFAULT_MODELS_DIR", tmp_path / "none")
     monkeypatch.setenv("CTAPP_MODELS_DIR", str(tmp_path / "empty"))
     at = start()
     assert "No trained models were found" in all_text(at)

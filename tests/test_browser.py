@@ -229,7 +229,7 @@ def test_diagnosis_comparison_and_card_in_a_browser(page, server, tmp_path):
 
 
 def shipped_model_tasks() -> set[str]:
-    from ctapp.inference import DEFAULT_MODELS_DIR, list_models
+    from ctapp.model_folders import DEFAULT_MODELS_DIR, list_models
 
     return {m.task for m in list_models([DEFAULT_MODELS_DIR])}
 
@@ -298,7 +298,8 @@ def unlike_training_slice(task: str, folder: Path) -> Path | None:
 
     from benchmarks.shift import SHIFTS
     from ctapp.imaging import decode
-    from ctapp.inference import DEFAULT_MODELS_DIR, UNLIKE_TRAINING, list_models, load_model
+    from ctapp.inference import UNLIKE_TRAINING
+    from ctapp.model_folders import DEFAULT_MODELS_DIR, list_models, load_model
     from training.foreign import ct_phantom
 
     model = load_model(next(e for e in list_models([DEFAULT_MODELS_DIR]) if e.task == task).path)

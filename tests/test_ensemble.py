@@ -16,7 +16,8 @@ from robustness_helpers import child_env, sample_images, write_model_folder
 
 from ctapp import CheckpointError, load_model
 from ctapp.evaluation import evaluate_files
-from ctapp.inference import ENSEMBLE_FILE, EnsembleModel, list_models
+from ctapp.inference import EnsembleModel
+from ctapp.model_folders import ENSEMBLE_FILE, list_models
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,7 +202,7 @@ def test_a_broken_ensemble_is_refused_with_a_clear_message(tmp_path):
 
 
 def test_model_folders_are_listed_once_with_their_cards(tmp_path):
-    from ctapp.inference import model_stamp
+    from ctapp.model_folders import model_stamp
 
     a = write_model_folder(tmp_path / "one" / "a", seed=0)
     (tmp_path / "one" / "b").mkdir()  # no model.pt and no ensemble.json: not a model
@@ -290,7 +291,7 @@ def test_a_dicom_file_is_read_in_the_window_the_models_were_trained_with(ensembl
 
 def test_an_ensembles_ood_score_is_its_members_largest_relative_to_their_thresholds():
     """The fixture's tiny members have no OOD detector: the shipped lung ensemble's members do."""
-    from ctapp.inference import DEFAULT_MODELS_DIR
+    from ctapp.model_folders import DEFAULT_MODELS_DIR
 
     model = load_model(DEFAULT_MODELS_DIR / "lung-ensemble")
     for image in sample_images(2):

@@ -19,7 +19,7 @@ import pytest
 
 from benchmarks.golden import GOLDEN_DIR, UPDATE_COMMAND, golden_path, model_folders, slice_source
 from ctapp.checkpoint import sha256_file
-from ctapp.inference import WEIGHTS_FILE, load_model
+from ctapp.model_folders import WEIGHTS_FILE, load_model
 
 FOLDERS = model_folders()
 

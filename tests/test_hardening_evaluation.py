@@ -17,7 +17,7 @@ from synthetic import write_classes
 
 import ctapp.inference
 from ctapp import ui_cache
-from ctapp.inference import ModelEntry
+from ctapp.model_folders import ModelEntry
 from ctapp.paths import PathNotAllowed, files_inside, resolve_data_file
 
 _opened: list[Path] | None = None  # files opened while a test records (see opened_files)

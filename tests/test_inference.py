@@ -85,7 +85,7 @@ def test_out_of_distribution_and_uncertain_flags(model):
 
 
 def test_ood_score_is_the_geometric_mean_of_the_keys_relative_to_validation():
-    from ctapp.inference import MahalanobisOOD
+    from ctapp.ood import MahalanobisOOD
 
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1], 100)
@@ -123,7 +123,7 @@ def test_not_a_chest_ct_is_judged_by_the_far_score_and_unlike_training_by_the_oo
 
 
 def test_model_ood_watches_every_backbone_stage_by_mean_spread_and_peak(model):
-    from ctapp.inference import ood_feature_keys
+    from ctapp.ood import ood_feature_keys
     from ctapp.models import get_spec
 
     stages = get_spec(model.arch).feature_layers(model.model)
@@ -135,7 +135,7 @@ def test_feature_capture_pools_each_stage_by_mean_spread_and_peak():
     import torch
     from torch import nn
 
-    from ctapp.inference import FeatureCapture
+    from ctapp.ood import FeatureCapture
 
     net = nn.Sequential(nn.Identity(), nn.Flatten())
     x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5) ** 1.5
@@ -193,7 +193,7 @@ def test_a_checkpoint_without_a_creation_time_has_an_empty_version(tmp_path):
 
 
 def test_model_folders_are_the_shipped_ones_plus_those_the_environment_lists(monkeypatch, tmp_path):
-    from ctapp.inference import DEFAULT_MODELS_DIR, MODELS_ENV, model_dirs
+    from ctapp.model_folders import DEFAULT_MODELS_DIR, MODELS_ENV, model_dirs
 
     monkeypatch.delenv(MODELS_ENV, raising=False)
     assert model_dirs() == [DEFAULT_MODELS_DIR]

@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from ctapp.checkpoint import save_model_file
-from ctapp.inference import LoadedModel, ModelEntry
+from ctapp.inference import LoadedModel
+from ctapp.model_folders import ModelEntry
 from ctapp.models import create_model
 from ctapp.preprocess import PreprocessConfig, to_square
 

@@ -21,7 +21,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from synthetic import write_classes
 
 from ctapp.checkpoint import load_model_file
-from ctapp.inference import load_model
+from ctapp.model_folders import load_model
 from ctapp.metrics import calibrated, fit_temperature, selective_statement
 
 CLASSES = ["alpha_stage_T1", "beta"]

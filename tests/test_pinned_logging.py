@@ -9,7 +9,8 @@ import sqlite3
 
 import pytest
 
-from ctapp.inference import ModelEntry, Prediction
+from ctapp.inference import Prediction
+from ctapp.model_folders import ModelEntry
 from ctapp.store import Store
 
 NAME = "Doe_Jane_1951-02-03_PID778899.png"

@@ -44,7 +44,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(model_dir):
-    from ctapp.inference import load_model
+    from ctapp.model_folders import load_model
 
     return load_model(model_dir)
 

@@ -13,7 +13,7 @@ import torch
 from robustness_helpers import TouchMarker, tiny_network, write_model_folder
 
 from ctapp.checkpoint import CheckpointError, load_model_file, safe_load, save_model_file, sha256_file
-from ctapp.inference import load_model
+from ctapp.model_folders import load_model
 from ctapp.paths import PathNotAllowed, resolve_data_folder
 
 

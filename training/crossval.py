@@ -34,17 +34,9 @@ from ctapp.audit import audit_dataset
 from ctapp.checkpoint import atomic_write_text, load_model_file, pack_state, save_model_file, unpack_state
 from ctapp.data import DatasetError, DatasetIndex, cv_folds, group_ids, scan_sources
 from ctapp.evaluation import write_report
-from ctapp.inference import (
-    CONFIDENT,
-    NOT_CHEST_CT,
-    UNLIKE_TRAINING,
-    WEIGHTS_FILE,
-    LoadedModel,
-    MahalanobisOOD,
-    batched_forward,
-    load_model,
-    ood_feature_keys,
-)
+from ctapp.inference import CONFIDENT, NOT_CHEST_CT, UNLIKE_TRAINING, LoadedModel, batched_forward
+from ctapp.model_folders import WEIGHTS_FILE, load_model
+from ctapp.ood import MahalanobisOOD, ood_feature_keys
 from ctapp.metrics import (
     calibrated,
     evaluation_report,

@@ -26,7 +26,8 @@ import numpy as np
 
 from ctapp.checkpoint import CheckpointError, atomic_write_text
 from ctapp.evaluation import read_predictions, write_report
-from ctapp.inference import CONFIDENT, ENSEMBLE_FILE, SEVERITY, answer_state, ensemble_logits, load_model
+from ctapp.inference import CONFIDENT, SEVERITY, answer_state, ensemble_logits
+from ctapp.model_folders import ENSEMBLE_FILE, load_model
 from ctapp.metrics import (
     calibrated,
     evaluation_report,

@@ -12,7 +12,7 @@ import sys
 from ctapp.checkpoint import CheckpointError
 from ctapp.data import DatasetError, scan_dataset
 from ctapp.evaluation import evaluate_files, write_report
-from ctapp.inference import load_model
+from ctapp.model_folders import load_model
 from training.engine import Progress
 
 

@@ -45,18 +45,9 @@ from ctapp.checkpoint import (
 from ctapp.data import GROUP_PATTERN, DatasetError, DatasetIndex, assign_splits, scan_sources
 from ctapp.evaluation import evaluate_files, write_report
 from ctapp.imaging import LUNG_WINDOW
-from ctapp.inference import (
-    CARD_FILE,
-    NOT_CHEST_CT,
-    REPORT_FILE,
-    UNLIKE_TRAINING,
-    WEIGHTS_FILE,
-    LoadedModel,
-    MahalanobisOOD,
-    batched_forward,
-    load_model,
-    ood_feature_keys,
-)
+from ctapp.inference import NOT_CHEST_CT, UNLIKE_TRAINING, LoadedModel, batched_forward
+from ctapp.model_folders import CARD_FILE, REPORT_FILE, WEIGHTS_FILE, load_model
+from ctapp.ood import MahalanobisOOD, ood_feature_keys
 from ctapp.metrics import calibrated, evaluation_report, fit_temperature
 from ctapp.models import ARCHITECTURES, WeightsError, count_parameters, create_model, get_spec
 from ctapp.preprocess import AUGMENT_LEVELS, CROP_MODES, INTENSITY_MODES, PreprocessConfig, load_squares

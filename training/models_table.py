@@ -13,7 +13,7 @@ import re
 import shlex
 from pathlib import Path
 
-from ctapp.inference import DEFAULT_MODELS_DIR, ENSEMBLE_FILE, list_models, read_ensemble_spec
+from ctapp.model_folders import DEFAULT_MODELS_DIR, ENSEMBLE_FILE, list_models, read_ensemble_spec
 
 # Options that describe the run rather than the model, left out of the printed command.
 RUN_ONLY = {"quiet", "resume", "stop_after", "workers", "device"}
