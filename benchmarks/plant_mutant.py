@@ -1,6 +1,6 @@
 """Plant one mutant by hand, run the tests that should catch it, put the code back.
 
-    .venv/bin/python benchmarks/plant_mutant.py ctapp/series.py \\
+    .venv/bin/python benchmarks/plant_mutant.py ctapp/series_inputs.py \\
         'if len(members) > limits.max_zip_members:' 'if len(members) >= limits.max_zip_members:' \\
         -- tests/test_series.py -k limits_on_members
 

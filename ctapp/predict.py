@@ -27,16 +27,10 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .data import IGNORED_FILES, IGNORED_SUFFIXES
 from .imaging import ImageDecodeError, is_dicom
-from .model_folders import load_model
-from .series import (
-    ReadResult,
-    Series,
-    SeriesPredictions,
-    classify_series,
-    inputs_from_paths,
-    read_inputs,
-    summarise,
-)
+from .inference import load_model
+from .series import SeriesPredictions, classify_series, summarise
+from .series_inputs import inputs_from_paths, read_inputs
+from .volumes import ReadResult, Series
 
 SNIFF_BYTES = 4096
 

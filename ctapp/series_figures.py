@@ -12,7 +12,8 @@ from .figures import FONT, GRID, MUTED, PALETTE, cam_overlay
 from .imaging import LUNG_WINDOW, MEDIASTINUM_WINDOW, Window
 from .inference import CONFIDENT
 from .report import png_data_uri
-from .series import Series, SeriesPredictions
+from .series import SeriesPredictions
+from .volumes import Series
 
 # Display windows (centre, width in HU) of chest CT reading.
 WINDOW_PRESETS = {"Lung": LUNG_WINDOW, "Mediastinum": MEDIASTINUM_WINDOW, "Bone": Window(400.0, 1800.0)}

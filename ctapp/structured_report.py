@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import io
 
-from .series import SeriesReference, SeriesSummary
+from .series import SeriesSummary
+from .volumes import SeriesReference
 
 SCHEME = "99CTAPP"
 CT_CHEST = ("24627-2", "LN", "CT Chest")

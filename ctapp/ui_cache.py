@@ -34,8 +34,7 @@ import streamlit as st
 from .auth import RoleConfig, User, user_from_claims
 from .evaluation import predictions_path, read_predictions
 from .figures import read_history
-from .inference import Analysis, LoadedModel, Prediction
-from .model_folders import ModelEntry, list_models, load_model, model_dirs, model_stamp
+from .inference import Analysis, LoadedModel, ModelEntry, Prediction, list_models, load_model, model_dirs, model_stamp
 from .store import DATABASE_URL_ENV, Store, configured_location
 
 HISTORY_FILE = "history.csv"
@@ -246,9 +245,11 @@ def record_evaluation(report_path: str | Path, report: dict) -> None:
 
 # --------------------------------------------------------------------------- series and volumes (issue 9)
 
-from .series import ReadResult, Series, SeriesPredictions, read_inputs  # noqa: E402
+from .series import SeriesPredictions  # noqa: E402
 from .series import classify_series as _classify_series_batched  # noqa: E402
 from .series_figures import thumbnails as _thumbnails  # noqa: E402
+from .series_inputs import read_inputs  # noqa: E402
+from .volumes import ReadResult, Series  # noqa: E402
 
 MAX_READ_SERIES = 3  # reads held at once: a 300-slice CT series is ~150 MB of int16 Hounsfield units
 

@@ -1,4 +1,4 @@
-"""Whole series and volumes (``ctapp.series``) and the command line on them:
+"""Whole series and volumes (``ctapp.series_inputs``, ``ctapp.series``) and the command line on them:
 grouping, reading order, orientation, Hounsfield units, compressed syntaxes,
 NIfTI, enhanced multi-frame DICOM, limits, batched classification and the
 series verdict. Every series is generated here (pydicom, nibabel)."""
@@ -28,19 +28,10 @@ from series_synthetic import (
 )
 
 from ctapp.imaging import LUNG_WINDOW, decode
-from ctapp.inference import CONFIDENT, LOW_CONFIDENCE, NOT_CHEST_CT, Prediction
-from ctapp.model_folders import load_model
-from ctapp.series import (
-    MIN_FINDING_SLICES,
-    Input,
-    Limits,
-    SeriesPredictions,
-    classify_series,
-    images_series,
-    inputs_from_paths,
-    read_inputs,
-    summarise,
-)
+from ctapp.inference import CONFIDENT, LOW_CONFIDENCE, NOT_CHEST_CT, Prediction, load_model
+from ctapp.series import MIN_FINDING_SLICES, SeriesPredictions, classify_series, summarise
+from ctapp.series_inputs import images_series, inputs_from_paths, read_inputs
+from ctapp.volumes import Input, Limits
 
 IDENTIFIERS = (PATIENT_NAME, "Doe", "Jane", PATIENT_ID, "19510203", "Nowhere", "ACC-4455")
 
@@ -172,7 +163,7 @@ def test_nifti_volume_comes_out_as_its_dicom_series():
 
 def test_a_volume_cut_short_is_refused_and_the_reason_kept_in_the_server_log(caplog):
     data = nifti_bytes(grey_volume(3, 32, seed=14), gz=False)
-    with caplog.at_level("INFO", logger="ctapp.series"):
+    with caplog.at_level("INFO", logger="ctapp.volume_formats"):
         result = read({"volume.nii": data[:-100]})
     assert not result.series and [e.message for e in result.errors] == [
         "volume.nii: the NIfTI voxel data is truncated or damaged"]
@@ -438,7 +429,7 @@ def test_archives_and_files_that_hold_no_slice_say_why(name, data, words):
 
 
 def test_what_counts_as_a_series_upload_is_told_from_its_bytes():
-    from ctapp.series import holds_series
+    from ctapp.series_inputs import holds_series
 
     grey = grey_volume(3, 32, seed=42)
     one, two = dicom_series(grey)[:2]
@@ -457,7 +448,7 @@ def test_a_zip_member_whose_bytes_are_damaged_is_reported_not_raised(caplog):
         archive.writestr("IM0", member)
     data = bytearray(buffer.getvalue())
     data[data.find(member) + len(member) // 2] ^= 0xFF  # the directory is intact, the CRC-32 no longer matches
-    with caplog.at_level("INFO", logger="ctapp.series"):
+    with caplog.at_level("INFO", logger="ctapp.series_inputs"):
         result = read({"crc.zip": bytes(data)})
     assert [e.message for e in result.errors] == [
         "crc.zip: the archive is damaged or uses an unsupported compression"]
@@ -524,7 +515,7 @@ def test_paths_that_cannot_be_read_carry_their_reason(tmp_path):
 @pytest.mark.parametrize("positions, step", [([0.0, 2.5, 5.0, 7.5], 2.5), ([0.0, 2.5, None, 7.5], None),
                                              ([4.0], None), ([None, None], None)])
 def test_a_slice_step_needs_two_positions_or_more_and_every_slice_placed(positions, step):
-    from ctapp.series import Series
+    from ctapp.volumes import Series
 
     series = Series("S-1", "DICOM", np.zeros((len(positions), 8, 8), np.int16), ["IM"] * len(positions),
                     positions=positions)
@@ -618,7 +609,7 @@ def test_the_apps_series_cache_answers_with_a_retrained_model_once_it_is_replace
     from robustness_helpers import write_model_folder
 
     from ctapp import ui_cache
-    from ctapp.series import images_series
+    from ctapp.series_inputs import images_series
 
     folder = write_model_folder(tmp_path / "m", seed=0)
     grey = grey_volume(3, 32, seed=40)
@@ -654,7 +645,7 @@ def test_the_viewers_cached_map_of_a_slice_is_the_models_own_for_the_method_aske
     from robustness_helpers import write_model_folder
 
     from ctapp import ui_cache
-    from ctapp.series import images_series
+    from ctapp.series_inputs import images_series
 
     folder = write_model_folder(tmp_path / "m", seed=0)
     model = load_model(folder)
@@ -687,8 +678,7 @@ def test_the_apps_upload_cache_reads_names_that_are_not_valid_text():
 def test_an_ensemble_classifies_a_series_as_it_predicts_each_slice(tmp_path):
     from robustness_helpers import write_model_folder
 
-    from ctapp.inference import EnsembleModel
-    from ctapp.model_folders import ENSEMBLE_FILE
+    from ctapp.inference import ENSEMBLE_FILE, EnsembleModel
     write_model_folder(tmp_path / "a", seed=0)
     write_model_folder(tmp_path / "b", seed=7)
     (tmp_path / "ab").mkdir()

@@ -131,7 +131,8 @@ def test_command_text_outputs(tmp_path):
     from ctapp.data import scan_dataset
     from ctapp.inference import LOW_CONFIDENCE
     from ctapp.predict import _error, _text_series, _text_slice
-    from ctapp.series import Series, SeriesPredictions
+    from ctapp.series import SeriesPredictions
+    from ctapp.volumes import Series
     from training.audit import summary_text
 
     confident = prediction()
