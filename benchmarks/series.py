@@ -35,7 +35,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from synthetic import ct_dataset  # noqa: E402
 
-from ctapp.inference import DEFAULT_MODELS_DIR, load_model  # noqa: E402
+from ctapp.model_folders import DEFAULT_MODELS_DIR, load_model  # noqa: E402
 from ctapp.series import classify_series  # noqa: E402
 from ctapp.series_inputs import inputs_from_paths, read_inputs  # noqa: E402
 from training.foreign import ct_phantom  # noqa: E402

@@ -27,7 +27,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .data import IGNORED_FILES, IGNORED_SUFFIXES
 from .imaging import ImageDecodeError, is_dicom
-from .inference import load_model
+from .model_folders import load_model
 from .series import SeriesPredictions, classify_series, summarise
 from .series_inputs import inputs_from_paths, read_inputs
 from .volumes import ReadResult, Series

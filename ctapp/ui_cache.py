@@ -34,7 +34,8 @@ import streamlit as st
 from .auth import RoleConfig, User, user_from_claims
 from .evaluation import predictions_path, read_predictions
 from .figures import read_history
-from .inference import Analysis, LoadedModel, ModelEntry, Prediction, list_models, load_model, model_dirs, model_stamp
+from .inference import Analysis, LoadedModel, Prediction
+from .model_folders import ModelEntry, list_models, load_model, model_dirs, model_stamp
 from .store import DATABASE_URL_ENV, Store, configured_location
 
 HISTORY_FILE = "history.csv"

@@ -29,10 +29,10 @@ from ctapp.inference import (
     UNLIKE_TRAINING_REASON,
     Analysis,
     LoadedModel,
-    ModelEntry,
     Prediction,
     cam_methods,
 )
+from ctapp.model_folders import ModelEntry
 from ctapp.report import DISCLAIMER, ModelResult, csv_text, markdown_text, safe_stem, slice_report
 from ctapp.series_inputs import holds_series
 

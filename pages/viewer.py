@@ -23,7 +23,8 @@ import streamlit as st
 from ctapp import figures, ui_cache
 from ctapp.checkpoint import CheckpointError
 from ctapp.imaging import LUNG_WINDOW, Window
-from ctapp.inference import LOW_CONFIDENCE, NOT_CHEST_CT, UNLIKE_TRAINING, ModelEntry
+from ctapp.inference import LOW_CONFIDENCE, NOT_CHEST_CT, UNLIKE_TRAINING
+from ctapp.model_folders import ModelEntry
 from ctapp.report import DISCLAIMER, KeySlice, markdown_text, safe_stem, series_report, verdict
 from ctapp.series import SeriesPredictions, series_csv, slice_rows, summarise
 from ctapp.series_inputs import images_series

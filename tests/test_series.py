@@ -28,7 +28,8 @@ from series_synthetic import (
 )
 
 from ctapp.imaging import LUNG_WINDOW, decode
-from ctapp.inference import CONFIDENT, LOW_CONFIDENCE, NOT_CHEST_CT, Prediction, load_model
+from ctapp.inference import CONFIDENT, LOW_CONFIDENCE, NOT_CHEST_CT, Prediction
+from ctapp.model_folders import load_model
 from ctapp.series import MIN_FINDING_SLICES, SeriesPredictions, classify_series, summarise
 from ctapp.series_inputs import images_series, inputs_from_paths, read_inputs
 from ctapp.volumes import Input, Limits
@@ -678,7 +679,8 @@ def test_the_apps_upload_cache_reads_names_that_are_not_valid_text():
 def test_an_ensemble_classifies_a_series_as_it_predicts_each_slice(tmp_path):
     from robustness_helpers import write_model_folder
 
-    from ctapp.inference import ENSEMBLE_FILE, EnsembleModel
+    from ctapp.inference import EnsembleModel
+    from ctapp.model_folders import ENSEMBLE_FILE
     write_model_folder(tmp_path / "a", seed=0)
     write_model_folder(tmp_path / "b", seed=7)
     (tmp_path / "ab").mkdir()

@@ -118,7 +118,7 @@ def test_downloads_csv_report_and_a_structured_report_that_reads_back(app_settin
     import highdicom as hd
     import pydicom
 
-    from ctapp.inference import load_model
+    from ctapp.model_folders import load_model
     from ctapp.series import classify_series
     from ctapp.series_inputs import read_inputs
     from ctapp.volumes import Input
