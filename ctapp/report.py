@@ -74,6 +74,17 @@ def verdict(prediction: Prediction, display_label: str | None = None) -> str:
     return f"{label} ({prediction.confidence:.0%} calibrated probability)"
 
 
+def result_cell(prediction: Prediction, display_label: str | None = None) -> str:
+    """The result in a table cell: the class, or the uncertain state with the
+    class it leans to (such a row shows no confidence: it is no result)."""
+    label = display_label or prediction.display_label
+    if prediction.state == NOT_CHEST_CT:
+        return "Not a chest CT (no result)"
+    if prediction.state == UNLIKE_TRAINING:
+        return f"Unlike the training images (leans {label})"
+    return f"Uncertain (leans {label})" if prediction.uncertain else label
+
+
 _STYLE = """
 body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;color:#1b2631;max-width:1000px;margin:24px auto;
 padding:0 16px;line-height:1.4}
@@ -200,15 +211,22 @@ def series_report(*, series_id: str, description: str, summary, key_slices: list
 # --------------------------------------------------------------------------- untrusted text elsewhere
 
 SPREADSHEET_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+WORD_JOINER = "\u2060"  # invisible, and no line break where it stands
+# What GitHub-flavoured Markdown links without any syntax (its "extended autolinks"): Streamlit's
+# renderer finds them in the text after backslash escapes are resolved, so escaping cannot stop it.
+BARE_LINK_START = re.compile(r"https?(?=://)|www(?=\.)", re.IGNORECASE)
 
 
 def markdown_text(text: object) -> str:
     """``text`` as literal Markdown: one line, control characters dropped, every
     ASCII punctuation character backslash-escaped, so that a file name renders
-    as itself and never as a link, image, heading, emoji, icon or formula."""
+    as itself and never as a link, image, heading, emoji, icon or formula; an
+    invisible word joiner after a bare ``http``/``https``/``www`` keeps a URL in
+    the text from becoming a link."""
     flat = " ".join(str(text).split())
     visible = "".join(ch for ch in flat if unicodedata.category(ch) not in ("Cc", "Cf"))
-    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", visible)
+    unlinked = BARE_LINK_START.sub(lambda m: m.group(0) + WORD_JOINER, visible)
+    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", unlinked)
 
 
 def spreadsheet_cell(value):

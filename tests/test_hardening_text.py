@@ -10,18 +10,21 @@ import re
 
 import numpy as np
 import pytest
+from linkify_it import LinkifyIt
 from markdown_it import MarkdownIt
 
 from ctapp.evaluation import read_predictions, write_report
 from ctapp.inference import Prediction
-from ctapp.report import ModelResult, from_spreadsheet_cell, markdown_text, slice_report, spreadsheet_cell
+from ctapp.report import WORD_JOINER, ModelResult, from_spreadsheet_cell, markdown_text, slice_report, spreadsheet_cell
 
+BARE_URL_NAMES = ["see https://evil.example/login now.png", "www.evil.example.png",
+                  "HTTP://evil.com/x.png www.evil.com.png", "Scan from http://evil.com (copy).dcm",
+                  "wwww.evil.com/https://x.png"]
 HOSTILE_NAMES = [
     "[Session expired - sign in again](https://evil.example)",
     "![x](https://evil.example/a.png)",
     "=2+5",
-    "see https://evil.example/login now.png",
-    "www.evil.example.png",
+    *BARE_URL_NAMES,
     "<img src=x onerror=alert(1)>.png",
     "# Heading.png",
     "1. listed.png",
@@ -30,6 +33,11 @@ HOSTILE_NAMES = [
     "a\\](https://evil.example).png",
 ]
 FORMULAS = ["=2+5", "+SUM(A1)", "-1+1", "@cmd", "\t=1", "\r=1", "'=already quoted"]
+
+
+# Streamlit's renderer (remark-gfm, mdast-util-gfm-autolink-literal; the pattern is in its
+# StreamlitMarkdown bundle) links bare URLs in the text *after* escapes are resolved.
+GFM_BARE_LINK = re.compile(r"(https?://|www(?=\.))([-.\w]+)([^ \t\r\n]*)", re.IGNORECASE)
 
 
 def parse(markdown: str) -> list:
@@ -49,9 +57,20 @@ def test_markdown_text_renders_as_itself(name):
         assert not [t.type for t in tokens if t.type in ("link_open", "image", "html_inline", "html_block",
                                                          "heading_open", "ordered_list_open", "code_inline")]
         text = "".join(t.content for t in tokens if t.type == "text")
-        assert " ".join(name.split()) in text
+        assert " ".join(name.split()) in text.replace(WORD_JOINER, "")
+        # No bare link left in the text a GFM renderer links after escapes: neither by the
+        # independent linkifier (URLs with a scheme) nor by GFM's own extended-autolink rule.
+        assert not LinkifyIt(options={"fuzzy_link": False}).test(text)
+        assert not GFM_BARE_LINK.search(text)
     # Streamlit's own syntax (:color[...], :material/icon:, $LaTeX$) is escaped too.
     assert not re.search(r"(?<!\\)[:$\[]", markdown_text(name))
+
+
+def test_the_hostile_url_names_would_be_links_without_markdown_text():
+    """The checks above can fail: as plain text, every one of these names holds a link."""
+    for name in BARE_URL_NAMES:
+        assert GFM_BARE_LINK.search(name)
+        assert any(t.type == "link_open" for t in parse(name)) or "www.evil.example" in name  # .example: no TLD
 
 
 def test_markdown_text_is_one_line_without_control_characters():
