@@ -4,6 +4,7 @@ for any folder, and the dashboard reads."""
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 from collections.abc import Callable
@@ -12,18 +13,24 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, sha256_file
 from .inference import CONFIDENT, NOT_CHEST_CT, UNLIKE_TRAINING, EnsembleModel, LoadedModel
 from .metrics import evaluation_report, expected_calibration_error, risk_coverage, selective_summary
+from .paths import PathNotAllowed, data_roots, is_inside, resolve_data_file
+
+IMAGE_COLUMNS = ("image", "sha256")  # a row's image on any machine: see image_identity
 
 
 def evaluate_files(model: LoadedModel | EnsembleModel, paths: list[Path], labels: list[int], *,
                    dedupe: bool = False, workers: int = 2, root: Path | None = None,
+                   image_roots: list[Path] | None = None,
                    on_progress: Callable[[int, int], None] | None = None) -> tuple[dict, list[dict]]:
     """Report and per-image rows for ``paths`` with true ``labels`` (indices into
     the model's classes). Unreadable files are listed, not fatal; with
     ``dedupe`` an image repeated under several names counts once. Each row's
-    ``uncertain`` and ``state`` are exactly what the app shows for that slice."""
+    ``uncertain`` and ``state`` are exactly what the app shows for that slice;
+    its ``path`` is relative to ``root``, its ``image`` to the data root
+    (of ``image_roots``, by default the server's) that holds it."""
     paths = [Path(p) for p in paths]
     scores = model.score_files(paths, workers=workers, on_progress=on_progress)
     keep, seen, skipped = [], set(), 0
@@ -73,8 +80,50 @@ def evaluate_files(model: LoadedModel | EnsembleModel, paths: list[Path], labels
             "ood_score": float(score),
             "uncertain": state != CONFIDENT,
             "state": state,
+            **image_identity(paths[i], image_roots),
         })
     return report, rows
+
+
+def image_identity(path: str | Path, roots: list[Path] | None = None) -> dict[str, str]:
+    """How a report row names its image on any machine: ``image``, the path below
+    the data root that holds it (symlinks followed; '' under none), and ``sha256``
+    of its bytes ('' when unreadable). Neither depends on where the repository or
+    the data folder lies, as the row's ``path`` (relative to the report's
+    ``data``, as training was given it) does."""
+    roots = data_roots() if roots is None else [Path(r).resolve() for r in roots]
+    try:
+        real = Path(path).resolve()
+        digest = sha256_file(real)
+    except (OSError, RuntimeError):
+        return {"image": "", "sha256": ""}
+    image = next((real.relative_to(root).as_posix() for root in roots if real.is_relative_to(root)), "")
+    return {"image": image, "sha256": digest}
+
+
+def locate_image(row: dict, roots: list[Path] | None = None) -> Path | None:
+    """The file on this server that a report row names by :func:`image_identity`:
+    its ``image`` below a data root, or, where the data is laid out differently,
+    a file of the same name below a root with the row's ``sha256``. A file whose
+    bytes no longer match the hash is not the image; only files inside the
+    roots are returned."""
+    roots = data_roots() if roots is None else [Path(r).resolve() for r in roots]
+    image, digest = str(row.get("image") or ""), str(row.get("sha256") or "")
+    for root in roots if image else []:
+        try:
+            found = resolve_data_file(image, root, roots)
+        except PathNotAllowed:
+            continue
+        if not digest or sha256_file(found) == digest:
+            return found
+    name = Path(image or str(row.get("path") or "")).name
+    if not digest or not name:
+        return None
+    for root in roots:
+        for candidate in root.rglob(glob.escape(name)):
+            if candidate.is_file() and is_inside(candidate, roots) and sha256_file(candidate) == digest:
+                return candidate.resolve()
+    return None
 
 
 def predictions_path(report_path: Path) -> Path:

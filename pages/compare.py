@@ -7,11 +7,12 @@ two models on the images both were evaluated on, the images they disagree on
 with both Grad-CAMs, and evaluation of a model on a server folder (written to
 the user-reports folder and added to this dashboard).
 
+Rows name their image independently of the machine (its path below a data
+root and its content hash), so reports written elsewhere pair up and open here.
 Only files that resolve inside a data root are read: when a folder is
 evaluated (a symlink leading outside is skipped) and when a report's row is
-opened to show its Grad-CAMs (a row must name a file relative to the report's
-data folder). One folder evaluation runs at a time on the server, and only the
-newest MAX_USER_REPORTS user reports are kept.
+opened to show its Grad-CAMs. One folder evaluation runs at a time on the
+server, and only the newest MAX_USER_REPORTS user reports are kept.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import streamlit as st
 
 from ctapp import figures, ui_cache
 from ctapp.data import DatasetError, scan_dataset
-from ctapp.evaluation import evaluate_files, predictions_path, write_report
+from ctapp.evaluation import IMAGE_COLUMNS, evaluate_files, locate_image, predictions_path, write_report
 from ctapp.imaging import ImageDecodeError
 from ctapp.model_folders import ModelEntry
 from ctapp.metrics import mcnemar
@@ -110,42 +111,70 @@ def collect_reports(models: list[ModelEntry], user_dir: Path) -> list[ReportEntr
 
 
 def image_path(report: dict, row_path: str) -> Path:
-    """The file a per-image row names, for matching rows of two reports (nothing
-    is opened): relative rows are under the report's data folder (itself
-    relative to the repository when it is a relative path)."""
+    """The file a row of a report written before rows carried ``image`` and
+    ``sha256`` names (nothing is opened): relative rows are under the report's
+    data folder (itself relative to the repository when it is a relative path)."""
     path = Path(row_path)
     if not path.is_absolute() and report.get("data"):
         path = Path(report["data"]) / path
     return path if path.is_absolute() else REPO / path
 
 
-def image_file(report: dict, row_path: str) -> Path | None:
-    """The file a per-image row names, if it may be opened: a path relative to
-    the report's data folder that resolves inside a data root."""
+def image_file(report: dict, row: dict) -> Path | None:
+    """The file a per-image row names, if this server holds it inside a data
+    root: by its name below a root or its content hash (see
+    :func:`ctapp.evaluation.locate_image`), or, for a row written before rows
+    carried those, by its path relative to the report's data folder."""
+    if any(row.get(column) for column in IMAGE_COLUMNS):
+        return locate_image(row)
     if not report.get("data"):
         return None
     try:
-        return resolve_data_file(row_path, REPO / report["data"])
+        return resolve_data_file(row.get("path", ""), REPO / report["data"])
     except PathNotAllowed:
         return None
 
 
-def pair_predictions(report_a: dict, rows_a: list[dict], report_b: dict, rows_b: list[dict]) -> Pairing:
-    """Match two reports' per-image rows on the image file."""
-    def key(report, row):
-        return os.path.normpath(str(image_path(report, row["path"])))
+def image_keys(report: dict, row: dict) -> list[str]:
+    """The names under which a row's image meets another report's row, surest
+    first: its name below a data root, else its content hash, else (rows written
+    before they carried either) its path below the report's data folder."""
+    if row.get("image"):
+        return [f"image:{row['image']}"] + ([f"sha256:{row['sha256']}"] if row.get("sha256") else [])
+    if row.get("sha256"):
+        return [f"sha256:{row['sha256']}"]
+    return [f"path:{os.path.normpath(str(image_path(report, row['path'])))}"]
 
-    b_rows = {key(report_b, row): row for row in rows_b}
+
+def pair_predictions(report_a: dict, rows_a: list[dict], report_b: dict, rows_b: list[dict]) -> Pairing:
+    """Match two reports' per-image rows on the image, wherever each report's
+    machine kept its data; each row of B pairs once, and two rows whose recorded
+    hashes differ are never the same image."""
+    waiting: dict[str, list[int]] = {}
+    for n, row in enumerate(rows_b):
+        for key in image_keys(report_b, row):
+            waiting.setdefault(key, []).append(n)
+    used: set[int] = set()
     pairs, mismatches = [], 0
     for row in rows_a:
-        other = b_rows.get(key(report_a, row))
-        if other is None:
+        n = next((n for key in image_keys(report_a, row) for n in waiting.get(key, []) if n not in used), None)
+        if n is None:
             continue
+        other = rows_b[n]
+        if row.get("sha256") and other.get("sha256") and row["sha256"] != other["sha256"]:
+            continue
+        used.add(n)
         if other["true"] != row["true"]:
             mismatches += 1
             continue
         pairs.append((row, other))
     return Pairing(pairs, mismatches)
+
+
+def answer_kind(report: dict) -> str:
+    """Whose answers a report's rows are: a cross-validation model's that never
+    saw the image, or the model's as it was when the report was written."""
+    return "out of fold" if report.get("out_of_fold") else "this report"
 
 
 def significance_sentence(result: dict, name_a: str, name_b: str, n: int) -> str:
@@ -183,7 +212,7 @@ def evaluate_folder(model_entry: ModelEntry, folder: Path, split: str, dedupe: b
                            f"{', '.join(index.splits) or 'none, only class folders'}"
                            + (f"; {len(outside)} file(s) lead outside the data folders" if outside else "") + ")")
     report, rows = evaluate_files(model, [s.path for s in samples], [s.label for s in samples], dedupe=dedupe,
-                                  on_progress=on_progress, root=folder)
+                                  on_progress=on_progress, root=folder, image_roots=roots)
     where = folder.name + ("" if split == "all" else f" ({figures.SPLIT_NAMES.get(split, split)})")
     report.update(data=str(folder), split=split, evaluated_on=where, task=model_entry.task,
                   model_path=str(model_entry.path.resolve()), outside_data_roots=len(outside))
@@ -282,9 +311,10 @@ def show_paired(chosen: list[ReportEntry], task: str, opacity: float = 0.4) -> N
         st.caption("The two models give the same class on every shared image.")
         return
     names = dict(zip(ea.report.get("class_names", []), ea.report.get("display_names", [])))
-    table = [{"Image": ra["path"], "True class": names.get(ra["true"], ra["true"]),
-              f"{ea.model.name}": names.get(ra["pred"], ra["pred"]), f"{ea.model.name} confidence": float(ra["confidence"]),
-              f"{eb.model.name}": names.get(rb["pred"], rb["pred"]), f"{eb.model.name} confidence": float(rb["confidence"]),
+    column_a, column_b = (f"{e.model.name} ({answer_kind(e.report)})" for e in (ea, eb))
+    table = [{"Image": ra.get("image") or ra["path"], "True class": names.get(ra["true"], ra["true"]),
+              column_a: names.get(ra["pred"], ra["pred"]), f"{column_a} confidence": float(ra["confidence"]),
+              column_b: names.get(rb["pred"], rb["pred"]), f"{column_b} confidence": float(rb["confidence"]),
               "Right": ea.model.name if ra["pred"] == ra["true"] else eb.model.name if rb["pred"] == rb["true"]
               else "neither"} for ra, rb in disagreements[:MAX_DISAGREEMENTS_LISTED]]
     confidence = {k: st.column_config.ProgressColumn(k, format="percent", min_value=0.0, max_value=1.0)
@@ -292,8 +322,8 @@ def show_paired(chosen: list[ReportEntry], task: str, opacity: float = 0.4) -> N
     st.dataframe(table, hide_index=True, column_config=confidence, key="disagreements")
     pick = st.selectbox("Image to explain", range(len(table)), format_func=lambda i: table[i]["Image"],
                         key=f"disagreement_pick_{task}_{a}_{b}")
-    ra, _ = disagreements[pick]
-    data = local_bytes(image_file(ea.report, ra["path"]))
+    ra, rb = disagreements[pick]
+    data = local_bytes(image_file(ea.report, ra) or image_file(eb.report, rb))
     if data is None:
         st.info("This image file is not available in this server's data folders, so its Grad-CAMs cannot be shown.")
         return
@@ -303,14 +333,19 @@ def show_paired(chosen: list[ReportEntry], task: str, opacity: float = 0.4) -> N
     except ImageDecodeError as exc:
         st.error(f"The image could not be read: {markdown_text(exc)}")
         return
+    if any(e.report.get("out_of_fold") for e in (ea, eb)):
+        st.caption("The table gives each model's out-of-fold answer: that of its cross-validation model that never "
+                   "saw the image. The Grad-CAMs below come from the shipped model now, trained on every image "
+                   "(this one included), so its answer can differ from the table's.")
     cols = st.columns(3, gap="medium")
-    cols[0].image(analyses[0].image.pixels, caption=f"{markdown_text(Path(ra['path']).name)} (true: {table[pick]['True class']})",
-                  clamp=True, width="stretch", output_format="PNG")
+    cols[0].image(analyses[0].image.pixels, caption=f"{markdown_text(Path(table[pick]['Image']).name)} "
+                  f"(true: {table[pick]['True class']})", clamp=True, width="stretch", output_format="PNG")
     for col, e, analysis in zip(cols[1:], (ea, eb), analyses):
         p = analysis.prediction
         label = dict(zip(e.report.get("class_names", []), e.report.get("display_names", []))).get(p.label, p.label)
         col.image(figures.cam_overlay(analysis.image.pixels, analysis.cam, opacity), width="stretch",
-                  output_format="PNG", caption=f"{e.model.name}: {label} ({p.confidence:.0%}), Grad-CAM of {label}")
+                  output_format="PNG",
+                  caption=f"{e.model.name}, shipped model now: {label} ({p.confidence:.0%}), Grad-CAM of {label}")
 
 
 def evaluation_form(models: list[ModelEntry], task: str = "") -> tuple[ModelEntry, str, str, bool] | None:

@@ -18,6 +18,7 @@ from synthetic import write_classes
 import ctapp.inference
 from ctapp import ui_cache
 from ctapp.model_folders import ModelEntry
+from ctapp.checkpoint import sha256_file
 from ctapp.paths import PathNotAllowed, files_inside, resolve_data_file
 
 _opened: list[Path] | None = None  # files opened while a test records (see opened_files)
@@ -70,8 +71,9 @@ def test_folder_evaluation_reads_nothing_outside_the_root(escape_root, model_ent
     monkeypatch.setenv("CTAPP_REPORTS_DIR", str(tmp_path / "reports"))
     path = evaluate_folder(model_entry, folder, "all", dedupe=False, roots=[root])
 
-    read = [p for p in opened_files if p.suffix == ".png"]
-    assert len(read) == 6  # the six real images, each read once
+    read = sorted({p for p in opened_files if p.suffix == ".png"})
+    assert len(read) == 6  # the six real images, each read to score it and to hash its bytes
+    assert len([p for p in opened_files if p.suffix == ".png"]) == 2 * 6
     assert not [p for p in opened_files if p.resolve().is_relative_to(outside.resolve())]
     report = ui_cache.read_json(path)
     # leak.png and the three images of the linked class folder (linked sub-folders, when listed, too)
@@ -79,6 +81,8 @@ def test_folder_evaluation_reads_nothing_outside_the_root(escape_root, model_ent
     rows = ui_cache.predictions(path)
     assert sorted(Path(r["path"]).name for r in rows) == sorted(p.name for p in read)
     assert not any("leak" in r["path"] or "more" in r["path"] or "extra" in r["path"] for r in rows)
+    # Each row names its image below the data root, with the hash of its bytes, whatever the report's data folder.
+    assert all(r["image"] == f"set/{r['path']}" and r["sha256"] == sha256_file(folder / r["path"]) for r in rows)
 
 
 def test_files_inside_splits_on_the_real_location(escape_root):
@@ -103,7 +107,7 @@ def test_report_rows_cannot_name_files_outside_the_roots(escape_root, row, reaso
     monkeypatch.setenv("CTAPP_DATA_ROOTS", str(root))
     with pytest.raises(PathNotAllowed, match=reason):
         resolve_data_file(row, folder, [root])
-    assert image_file({"data": str(folder)}, row) is None  # the page then says the file is not available
+    assert image_file({"data": str(folder)}, {"path": row}) is None  # the page then says the file is not available
 
 
 def test_report_rows_inside_the_roots_open(escape_root, monkeypatch):
@@ -113,9 +117,46 @@ def test_report_rows_inside_the_roots_open(escape_root, monkeypatch):
     monkeypatch.setenv("CTAPP_DATA_ROOTS", str(root))
     expected = (folder / "valid" / "class0" / "class0 (1).png").resolve()
     assert resolve_data_file("valid/class0/class0 (1).png", folder, [root]) == expected
-    assert image_file({"data": str(folder)}, "valid/class0/class0 (1).png") == expected
-    assert image_file({"data": str(folder)}, "valid/class0/leak.png") is None
-    assert image_file({}, "valid/class0/class0 (1).png") is None  # no data folder: nothing to resolve against
+    assert image_file({"data": str(folder)}, {"path": "valid/class0/class0 (1).png"}) == expected
+    assert image_file({"data": str(folder)}, {"path": "valid/class0/leak.png"}) is None
+    assert image_file({}, {"path": "valid/class0/class0 (1).png"}) is None  # no data folder, no image name
+
+
+def identity_of(path: Path, root: Path) -> dict:
+    from ctapp.evaluation import image_identity
+
+    return image_identity(path, [root])
+
+
+@pytest.mark.parametrize("image", ["/etc/passwd", "../outside/class0/class0 (0).png", "set/valid/class0/leak.png",
+                                   "set/valid/class1/more/class1 (0).png", "set/valid/class0/missing.png"])
+def test_an_image_name_cannot_lead_outside_the_roots(escape_root, image, monkeypatch):
+    from pages.compare import image_file
+
+    root, _, outside = escape_root
+    monkeypatch.setenv("CTAPP_DATA_ROOTS", str(root))
+    # Even with the hash of the outside file it names, nothing outside is found (by name or by hash).
+    row = {"path": "x.png", "image": image, "sha256": sha256_file(outside / "class0" / "class0 (0).png")}
+    assert image_file({}, row) is None
+
+
+def test_an_image_is_named_below_its_root_and_found_by_name_or_hash(escape_root, tmp_path, monkeypatch):
+    from pages.compare import image_file
+
+    root, folder, outside = escape_root
+    image = folder / "valid" / "class0" / "class0 (1).png"
+    row = identity_of(image, root)
+    assert row == {"image": "set/valid/class0/class0 (1).png", "sha256": sha256_file(image)}
+    assert identity_of(folder / "valid" / "class0" / "leak.png", root)["image"] == ""  # its file lies outside
+    assert identity_of(folder / "missing.png", root) == {"image": "", "sha256": ""}
+    monkeypatch.setenv("CTAPP_DATA_ROOTS", str(root))
+    assert image_file({}, row) == image.resolve()
+    moved = root / "moved" / image.name
+    moved.parent.mkdir()
+    image.rename(moved)
+    assert image_file({}, row) == moved.resolve()  # not at its name any more: found by its hash
+    moved.write_bytes(b"other bytes")
+    assert image_file({}, row) is None  # a file whose bytes changed is not the image evaluated
 
 
 def test_the_roots_a_caller_names_win_over_the_servers(escape_root, tmp_path, monkeypatch):

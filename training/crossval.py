@@ -33,7 +33,7 @@ import torch
 from ctapp.audit import audit_dataset
 from ctapp.checkpoint import atomic_write_text, load_model_file, pack_state, save_model_file, unpack_state
 from ctapp.data import DatasetError, DatasetIndex, cv_folds, group_ids, scan_sources
-from ctapp.evaluation import write_report
+from ctapp.evaluation import image_identity, write_report
 from ctapp.inference import CONFIDENT, NOT_CHEST_CT, UNLIKE_TRAINING, LoadedModel, batched_forward
 from ctapp.model_folders import WEIGHTS_FILE, load_model
 from ctapp.ood import MahalanobisOOD, ood_feature_keys
@@ -366,7 +366,7 @@ def finalize_cv(setup, out: Path, index: DatasetIndex, folds: np.ndarray, images
                      "confidence": float(probs[i].max()),
                      **{f"p_{c}": float(v) for c, v in zip(index.class_names, probs[i])},
                      "ood_score": float(ood_scores[i]), "far_score": float(oof["far"][i]),
-                     "uncertain": bool(uncertain[i])})
+                     "uncertain": bool(uncertain[i]), **image_identity(s.path)})
 
     full_state = {"epoch": full_meta.get("epoch"), "best_epoch": None,
                   "train_seconds": float(full_meta.get("train_seconds", 0.0))}

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ctapp.checkpoint import CheckpointError, atomic_write_text
-from ctapp.evaluation import read_predictions, write_report
+from ctapp.evaluation import IMAGE_COLUMNS, read_predictions, write_report
 from ctapp.inference import CONFIDENT, SEVERITY, answer_state, ensemble_logits
 from ctapp.model_folders import ENSEMBLE_FILE, load_model
 from ctapp.metrics import (
@@ -114,6 +114,7 @@ def main(args: argparse.Namespace) -> Path:
     selective = selective_summary(probs, labels, uncertain)
     report.update(
         split=f"out-of-fold ({len(by_fold)}-fold cross-validation), mean of {len(models)} members",
+        data=json.loads((args.members[0] / "eval_report.json").read_text()).get("data", ""),  # the rows' paths
         out_of_fold=True, folds=len(by_fold), model=args.out.name, arch="ensemble", members=names,
         temperature=temperature, ece_uncalibrated=expected_calibration_error(calibrated(logits, 1.0), labels),
         ood_flagged=float(flagged.mean()), **selective,
@@ -125,7 +126,7 @@ def main(args: argparse.Namespace) -> Path:
     rows = [{"path": p, "source": sources[i], "fold": int(folds[i]), "true": classes[labels[i]],
              "pred": classes[int(probs[i].argmax())], "confidence": float(probs[i].max()),
              **{f"p_{c}": float(v) for c, v in zip(classes, probs[i])}, "uncertain": bool(uncertain[i]),
-             "state": states[i]} for i, p in enumerate(paths)]
+             "state": states[i], **{k: tables[0][p].get(k, "") for k in IMAGE_COLUMNS}} for i, p in enumerate(paths)]
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
