@@ -309,6 +309,9 @@ AUGMENT_LEVELS = {
     # detail, plus narrower windows: the one export change that equalisation cannot undo, as
     # clipping merges grey levels (a soft-tissue window turns the lung fields black).
     "export": (10.0, 0.08, (0.90, 1.10), 0.2, 0.5, (("window", "detail", "noise", "jpeg"), 0.4)),
+    # export, plus slices rendered as the app renders a scanner's DICOM series (ScannerRender): full
+    # field of view with table and air, reconstruction kernels, dose noise, slice thickness, windows.
+    "scanner": (10.0, 0.08, (0.90, 1.10), 0.2, 0.5, (("scanner", "window", "detail", "noise", "jpeg"), 0.4)),
 }
 
 
@@ -358,10 +361,12 @@ class AcquisitionShift(torch.nn.Module):
         return x
 
 
-def train_augment(level: str) -> v2.Transform:
+def train_augment(level: str, config: PreprocessConfig | None = None) -> v2.Transform:
     """Augmentations of the reference projects (rotation, shift, zoom, flip,
     brightness, contrast) on one (1, S, S) grey tensor in [0, 1]; the
-    ``acquisition`` and ``detail`` levels add :class:`AcquisitionShift` of their kinds."""
+    ``acquisition``, ``detail`` and ``export`` levels add :class:`AcquisitionShift`
+    of their kinds, ``scanner`` also :class:`ScannerRender`, which crops and
+    standardises its render as ``config`` says (the model's preprocessing)."""
     if level not in AUGMENT_LEVELS:
         raise ValueError(f"augmentation must be one of {sorted(AUGMENT_LEVELS)}, got {level!r}")
     degrees, shift, zoom, jitter, flip, (kinds, chance) = AUGMENT_LEVELS[level]
@@ -373,7 +378,127 @@ def train_augment(level: str) -> v2.Transform:
                         interpolation=v2.InterpolationMode.BILINEAR),
         v2.ColorJitter(brightness=jitter, contrast=jitter),
     ]
+    if "scanner" in kinds:
+        config = config or PreprocessConfig(crop="body", intensity="equalise")
+        steps.append(ScannerRender(p=chance, crop=config.crop, intensity=config.intensity))
+        kinds = tuple(k for k in kinds if k != "scanner")
     if kinds:
         steps.append(AcquisitionShift(p=chance, kinds=kinds))
     steps.append(v2.Lambda(lambda x: x.clamp(0.0, 1.0)))  # blurring rounds a hair past 1
     return v2.Compose(steps)
+
+
+# A training square taken as a lung-window render: 0 is air, 1 is beyond the window's top.
+AIR_HU = -1000.0
+SQUARE_SPAN_HU = 1250.0
+OUTSIDE_FOV_HU = -2048.0  # what scanners store outside the reconstruction circle
+SCANNER_MATRIX = 512  # pixels across a scanner's field of view
+
+
+def field_of_view(hu: np.ndarray, *, body_share: float, offset: tuple[float, float] = (0.5, 0.5),
+                  table_hu: float | None = -300.0, table_gap: float = 0.01, circle: bool = True) -> np.ndarray:
+    """A (S, S) body crop in HU placed in a scanner's full field of view: a
+    square canvas of side ``S / body_share`` filled with air, the crop at
+    ``offset`` (share of the free space, top and left), a couch of ``table_hu``
+    under it (``table_gap`` of the side below the crop; None: no couch), and,
+    with ``circle``, the padding value outside the reconstruction circle."""
+    if not 0.2 <= body_share <= 1.0:
+        raise ValueError(f"body_share must be between 0.2 and 1, got {body_share}")
+    size = hu.shape[0]
+    side = max(size, round(size / body_share))
+    canvas = np.full((side, side), AIR_HU, dtype=np.float32)
+    top, left = round(offset[0] * (side - size)), round(offset[1] * (side - size))
+    canvas[top:top + size, left:left + size] = np.maximum(hu, AIR_HU)
+    if table_hu is not None:
+        y = top + size + round(table_gap * side)
+        thickness = max(2, round(0.025 * side))
+        if y + thickness <= side:
+            # The couch's top shell, a darker foam core and a bottom shell, across most of the view.
+            x0, x1 = round(0.08 * side), round(0.92 * side)
+            canvas[y:y + thickness, x0:x1] = table_hu
+            canvas[y + thickness // 3:y + 2 * thickness // 3, x0 + 2:x1 - 2] = (table_hu + AIR_HU) / 2
+    if circle:
+        yy, xx = np.mgrid[0:side, 0:side] - (side - 1) / 2
+        canvas[yy ** 2 + xx ** 2 > (side / 2) ** 2] = OUTSIDE_FOV_HU
+    return canvas
+
+
+def slice_thickness(hu: np.ndarray, mm: float) -> np.ndarray:
+    """Partial volume of a slab ``mm`` thick (against a 1 mm reference):
+    the mean of copies scaled about the centre by up to ±0.5% per mm, as
+    structures grow and shrink through the slab; 1 mm and under is left as is."""
+    spread = 0.005 * max(mm - 1.0, 0.0)
+    if spread == 0:
+        return hu
+    h, w = hu.shape
+    centre = ((w - 1) / 2, (h - 1) / 2)
+    copies = [cv2.warpAffine(hu, cv2.getRotationMatrix2D(centre, 0.0, 1.0 + spread * step), (w, h),
+                             flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+              for step in (-1.0, -0.5, 0.0, 0.5, 1.0)]
+    return np.mean(copies, axis=0).astype(np.float32)
+
+
+def dose_noise(hu: np.ndarray, sigma_hu: float, noise: np.ndarray) -> np.ndarray:
+    """Quantum noise of a scan: ``noise`` (standard normal, the slice's shape)
+    times ``sigma_hu``, which grows as one over the square root of the dose
+    (about 10 HU at a standard dose, 30-60 HU at low dose)."""
+    return (hu + sigma_hu * noise).astype(np.float32)
+
+
+def reconstruction_kernel(hu: np.ndarray, sharpness: float, pixel: float = 1.0) -> np.ndarray:
+    """A reconstruction kernel from smooth (``sharpness`` -1, soft-tissue
+    B30f-like: Gaussian of 1.5 scanner pixels) to sharp (+1, lung or bone
+    B70f-like: unsharp mask adding 2x the detail above a 1 pixel Gaussian, noise
+    included); 0 leaves the slice. ``pixel``: slice pixels per scanner pixel
+    (under 1 when the slice is coarser than the scanner's 512 matrix)."""
+    if sharpness < 0:
+        sigma = 1.5 * -sharpness * pixel
+        return cv2.GaussianBlur(hu, (0, 0), sigma) if sigma >= 0.1 else hu
+    if sharpness > 0:
+        detail = hu - cv2.GaussianBlur(hu, (0, 0), max(pixel, 0.5))
+        return (hu + 2.0 * sharpness * detail).astype(np.float32)
+    return hu
+
+
+class ScannerRender(torch.nn.Module):
+    """A training slice rendered as the app renders one slice of a scanner's DICOM
+    series, with probability ``p``, on one (1, S, S) grey tensor in [0, 1].
+
+    The square is taken as a lung-window render of the anatomy (0 air, 1 beyond
+    the window), placed in a full field of view with air, couch and the
+    reconstruction circle (:func:`field_of_view`), thickened
+    (:func:`slice_thickness`, 0.6-5 mm), given quantum noise
+    (:func:`dose_noise`, 5-60 HU at the scanner's 512 matrix), filtered by a
+    smooth or sharp kernel (:func:`reconstruction_kernel`), shown through a lung window of another
+    centre and width, and then preprocessed as the model's config says
+    (``crop``, ``intensity``): body crop, standardisation, square. The training
+    exports are already cropped and windowed; a department's DICOM is not.
+    """
+
+    def __init__(self, p: float = 0.5, *, crop: str = "body", intensity: str = "equalise"):
+        super().__init__()
+        self.p = p
+        self.config = dict(crop=crop, intensity=intensity)
+
+    @staticmethod
+    def _uniform(low: float, high: float) -> float:
+        return float(low + (high - low) * torch.rand(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(torch.rand(()) < self.p):
+            return x
+        size = x.shape[-1]
+        hu = AIR_HU + SQUARE_SPAN_HU * x[0].clamp(0.0, 1.0).numpy().astype(np.float32)
+        hu = field_of_view(hu, body_share=self._uniform(0.6, 0.95),
+                           offset=(self._uniform(0.2, 0.6), self._uniform(0.3, 0.7)),
+                           table_hu=self._uniform(-500.0, 100.0) if torch.rand(()) < 0.8 else None,
+                           table_gap=self._uniform(0.0, 0.03), circle=bool(torch.rand(()) < 0.5))
+        pixel = hu.shape[0] / SCANNER_MATRIX
+        hu = slice_thickness(hu, self._uniform(0.6, 5.0))
+        # Noise of a 512 matrix averaged into the coarser slice's pixels: its spread shrinks in proportion.
+        sigma = float(np.exp(self._uniform(np.log(5.0), np.log(60.0)))) * min(pixel, 1.0)
+        hu = dose_noise(hu, sigma, torch.randn(hu.shape).numpy())
+        hu = reconstruction_kernel(hu, self._uniform(-1.0, 1.0), min(pixel, 1.0))
+        window = Window(self._uniform(-700.0, -450.0), self._uniform(900.0, 1800.0))
+        square_pixels, _ = to_square(window.apply(hu), PreprocessConfig(img_size=size, **self.config))
+        return torch.from_numpy(square_pixels)[None]

@@ -185,3 +185,126 @@ def test_a_bright_spot_of_the_original_maps_to_the_input_and_back_to_the_same_sp
     back = np.unravel_index(np.argmax(heat), heat.shape)
     pixel = max(h, w) / size  # one input pixel in original pixels (upper bound with a crop)
     assert abs(back[0] - r) <= pixel and abs(back[1] - c) <= pixel, (back, marker, pixel)
+
+
+# --------------------------------------------------------------------------- scanner render
+
+
+def chest_hu(size: int = 96) -> np.ndarray:
+    """A body crop in HU: soft tissue, two lungs with vessels, air around."""
+    from training.foreign import ct_phantom
+
+    grey = ct_phantom(size).astype(np.float32) / 255
+    return (-1000.0 + 1250.0 * grey).astype(np.float32)
+
+
+def high_frequency_energy(image: np.ndarray) -> float:
+    import cv2
+
+    return float(np.mean(cv2.Laplacian(image.astype(np.float64), cv2.CV_64F) ** 2))
+
+
+def test_a_sharp_kernel_raises_high_frequency_energy_and_a_smooth_one_lowers_it():
+    from ctapp.preprocess import reconstruction_kernel
+
+    hu = chest_hu()
+    plain = high_frequency_energy(hu)
+    assert high_frequency_energy(reconstruction_kernel(hu, 1.0)) > 2.0 * plain
+    assert high_frequency_energy(reconstruction_kernel(hu, 0.5)) > 1.2 * plain
+    assert high_frequency_energy(reconstruction_kernel(hu, -1.0)) < 0.5 * plain
+    assert np.array_equal(reconstruction_kernel(hu, 0.0), hu)
+    # On a coarser slice than the scanner's matrix the same kernel blurs fewer of its pixels.
+    assert high_frequency_energy(reconstruction_kernel(hu, -1.0, pixel=0.4)) > \
+        high_frequency_energy(reconstruction_kernel(hu, -1.0))
+    assert abs(float(reconstruction_kernel(hu, 1.0).mean()) - float(hu.mean())) < 5.0  # detail, not brightness
+
+
+def test_window_clipping_merges_grey_levels_that_equalisation_cannot_split_again():
+    from ctapp.imaging import Window
+    from ctapp.preprocess import equalise_intensity
+
+    hu = np.repeat(np.linspace(-1000.0, 200.0, 121, dtype=np.float32)[None], 8, axis=0)  # 10 HU steps
+    lung = np.round(Window(-600.0, 1500.0).apply(hu) * 255)  # -1350..150 HU: 5.9 HU a level
+    narrow = np.round(Window(-500.0, 800.0).apply(hu) * 255)  # -900..-100 HU: 3.1 HU a level
+    # Lung window: each step from -1000 to 140 HU its own level, 150..200 HU one white level.
+    assert len(np.unique(lung)) == 115 + 1
+    # Narrow window: -1000..-900 HU one black level, -890..-110 one level each, -100..200 HU one white level.
+    assert narrow[0, 0] == narrow[0, 10] == 0 and narrow[0, 90] == narrow[0, 120] == 255
+    assert len(np.unique(narrow)) == 1 + 79 + 1
+    assert len(np.unique(equalise_intensity(narrow / 255))) <= len(np.unique(narrow))
+
+
+def test_dose_noise_adds_its_spread_in_hu_and_nothing_else():
+    from ctapp.preprocess import dose_noise
+
+    hu = chest_hu()
+    noise = np.random.default_rng(0).standard_normal(hu.shape).astype(np.float32)
+    noisy = dose_noise(hu, 40.0, noise)
+    assert np.allclose(noisy - hu, 40.0 * noise, atol=1e-3)
+    assert abs(float((noisy - hu).std()) - 40.0) < 2.0
+
+
+def test_a_thick_slice_blurs_the_periphery_more_the_thicker_it_is():
+    from ctapp.preprocess import slice_thickness
+
+    hu = chest_hu()
+    assert np.array_equal(slice_thickness(hu, 1.0), hu) and np.array_equal(slice_thickness(hu, 0.6), hu)
+    energies = [high_frequency_energy(slice_thickness(hu, mm)) for mm in (1.0, 2.0, 5.0)]
+    assert energies[0] > energies[1] > energies[2]
+    five = slice_thickness(hu, 5.0)
+    centre, rim = np.s_[44:52, 44:52], np.s_[44:52, 2:10]
+    assert np.abs(five - hu)[centre].mean() < np.abs(five - hu)[rim].mean()
+
+
+def test_the_field_of_view_holds_the_crop_in_air_above_a_couch_inside_the_circle():
+    from ctapp.preprocess import AIR_HU, OUTSIDE_FOV_HU, field_of_view
+
+    hu = chest_hu(64)
+    canvas = field_of_view(hu, body_share=0.5, offset=(0.25, 0.5), table_hu=-200.0, table_gap=0.0)
+    assert canvas.shape == (128, 128)
+    top, left = 16, 32  # a quarter and a half of the 64 free pixels
+    assert np.array_equal(canvas[top:top + 64, left:left + 64], np.maximum(hu, AIR_HU))
+    assert canvas[0, 0] == canvas[127, 127] == OUTSIDE_FOV_HU  # corners: outside the reconstruction circle
+    assert canvas[64, 2] == AIR_HU  # beside the body, inside the circle
+    # The couch right under the crop: 3 rows (2.5% of 128) from x 10 to 117, its core half-way to air.
+    assert np.all(canvas[80, 10:118] == -200.0) and canvas[80, 9] == canvas[80, 118] == AIR_HU
+    assert np.all(canvas[81, 12:116] == -600.0) and np.all(canvas[82, 10:118] == -200.0)
+    assert field_of_view(hu, body_share=0.5, circle=False)[0, 0] == AIR_HU
+    no_couch = field_of_view(hu, body_share=0.5, offset=(0.25, 0.5), table_hu=None, circle=False)
+    assert np.all(no_couch[top + 64:] == AIR_HU)
+    with pytest.raises(ValueError, match="body_share must be between 0.2 and 1"):
+        field_of_view(hu, body_share=0.1)
+
+
+def test_the_body_crop_finds_the_slice_again_in_the_full_field_of_view():
+    from ctapp.imaging import Window
+    from ctapp.preprocess import AIR_HU, SQUARE_SPAN_HU, field_of_view, to_square
+
+    body = config(64, crop="body", intensity="equalise")
+    original, _ = to_square(chest_hu(160) / 1250.0 + 0.8, body)
+    square_hu = AIR_HU + SQUARE_SPAN_HU * original
+    canvas = field_of_view(square_hu, body_share=0.6, offset=(0.3, 0.4), table_hu=-100.0)
+    rendered, geometry = to_square(Window(-600.0, 1500.0).apply(canvas), body)
+    top, left, bottom, right = geometry.box
+    assert (bottom - top) < 0.75 * canvas.shape[0] and (right - left) < 0.75 * canvas.shape[1]
+    assert np.corrcoef(rendered.ravel(), original.ravel())[0, 1] > 0.9
+
+
+def test_the_scanner_render_keeps_shape_and_range_and_follows_the_models_preprocessing():
+    from ctapp.preprocess import AUGMENT_LEVELS, ScannerRender, train_augment
+
+    image = torch.from_numpy(chest_hu(64) / 1250.0 + 0.8).clamp(0, 1)[None]
+    assert torch.equal(ScannerRender(p=0.0)(image), image)
+    torch.manual_seed(3)
+    first = ScannerRender(p=1.0)(image)
+    torch.manual_seed(3)
+    assert torch.equal(ScannerRender(p=1.0)(image), first)  # seeded: a resumed run repeats it
+    assert first.shape == image.shape and first.dtype == torch.float32
+    assert 0.0 <= float(first.min()) and float(first.max()) <= 1.0 and not torch.equal(first, image)
+    assert "scanner" in AUGMENT_LEVELS["scanner"][-1][0]
+    renders = [t for t in train_augment("scanner", config(64, intensity="percentile")).transforms
+               if isinstance(t, ScannerRender)]
+    assert len(renders) == 1 and renders[0].config == {"crop": "none", "intensity": "percentile"}
+    assert [t.config for t in train_augment("scanner").transforms if isinstance(t, ScannerRender)] == [
+        {"crop": "body", "intensity": "equalise"}]
+    assert not any(isinstance(t, ScannerRender) for t in train_augment("export").transforms)
