@@ -1,9 +1,11 @@
 """Audit log (admins only): who diagnosed what with which model, and when.
 
-Filters by day (UTC), user, model and result; shows diagnoses per day, the
-matching records, and the folder evaluations run on this server; exports the
-matching records as CSV (cells a spreadsheet would run as formulas are
-neutralised). Records hold file hashes, never file names or pixels.
+Filters by day (UTC), user, model and result (answer state and class: an
+uncertain answer is shown by its state and the class it leans to, never as a
+result); shows diagnoses per day, the matching records (a series is one record
+with its id and number of slices), and the folder evaluations run on this
+server; exports the matching records as CSV (cells a spreadsheet would run as
+formulas are neutralised). Records hold file hashes, never file names or pixels.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from datetime import date, datetime, timedelta, timezone
 import streamlit as st
 
 from ctapp import ui_cache
-from ctapp.store import audit_csv
+from ctapp.store import CONFIDENT_STATE, audit_csv
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,14 @@ DEFAULT_DAYS = 30
 
 def filter_value(choice: str) -> str | None:
     return None if choice == ALL else choice
+
+
+def result_text(state: str, prediction: str) -> str:
+    """A record's result: the class when the answer was confident, else its
+    state and the class it leans to (records older than states have none)."""
+    if state in (CONFIDENT_STATE, ""):
+        return prediction
+    return f"{state} (leans {prediction})"
 
 
 def main() -> None:
@@ -49,12 +59,16 @@ def main() -> None:
     user = cols[1].selectbox("User", [ALL, *choices["user"]], key="audit_user",
                              format_func=lambda u: "(sign-in off)" if u == "" else u)
     model = cols[2].selectbox("Model", [ALL, *choices["model"]], key="audit_model")
-    result = cols[3].selectbox("Result", [ALL, *choices["prediction"]], key="audit_result")
+    result = cols[3].selectbox("Result", [ALL, *choices["result"]], key="audit_result",
+                               format_func=lambda r: r if r == ALL else result_text(*r),
+                               help="Answer state and class: an uncertain answer is listed by its state and the "
+                                    "class it leans to.")
     since, until = (days[0], days[-1]) if isinstance(days, (tuple, list)) and days else (None, None)
     if isinstance(days, date):
         since = until = days
+    state, prediction = (None, None) if result == ALL else result
     filters = dict(since=since, until=until, user=filter_value(user), model=filter_value(model),
-                   prediction=filter_value(result))
+                   prediction=prediction, state=state)
 
     try:
         rows = store.diagnoses(**filters, limit=EXPORT_ROWS)
@@ -77,9 +91,12 @@ def main() -> None:
         if len(rows) > SHOWN_ROWS:
             st.caption(f"The newest {SHOWN_ROWS:,} of {len(rows):,} records are shown; the CSV holds all of them.")
         st.dataframe([{"time": r["time"], "user": r["username"], "model": r["model"], "version": r["model_version"],
-                       "result": r["prediction"], "confidence": round(r["confidence"], 3), "flags": r["flags"],
+                       "result": result_text(r["state"], r["prediction"]), "confidence": round(r["confidence"], 3),
+                       "series": r["series_id"], "slices": r["slices"], "flags": r["flags"],
                        "file SHA-256": r["image_sha256"]} for r in rows[:SHOWN_ROWS]],
                      hide_index=True, width="stretch", key="audit_table")
+        st.caption("A series is one record: its id, its number of slices and the hash of its pixels; its result is "
+                   "the series verdict, its confidence the share of its slices confidently answered as that class.")
 
     st.subheader("Folder evaluations")
     if reports:

@@ -21,7 +21,7 @@ import streamlit as st
 
 from ctapp import figures, ui_cache
 from ctapp.checkpoint import CheckpointError
-from ctapp.imaging import LUNG_WINDOW, MEDIASTINUM_WINDOW, ImageDecodeError, Slice, Window
+from ctapp.imaging import LUNG_WINDOW, ImageDecodeError, Slice, Window
 from ctapp.inference import (
     NOT_CHEST_CT,
     NOT_CT_REASON,
@@ -33,13 +33,13 @@ from ctapp.inference import (
     cam_methods,
 )
 from ctapp.model_folders import ModelEntry
-from ctapp.report import DISCLAIMER, ModelResult, csv_text, markdown_text, safe_stem, slice_report
+from ctapp.report import DISCLAIMER, ModelResult, csv_text, markdown_text, result_cell, safe_stem, slice_report
+from ctapp.series_figures import WINDOW_PRESETS
 from ctapp.series_inputs import holds_series
 
 log = logging.getLogger(__name__)
 
 PREDICTED = ""  # "class to explain": the predicted class
-WINDOW_PRESETS = {"Lung": LUNG_WINDOW, "Mediastinum": MEDIASTINUM_WINDOW}
 BATCH_PROGRESS_FROM = 3  # show a progress bar from this many files on
 MAX_FILES = 20  # files analysed per upload
 VIEWER_HANDOFF = "viewer_handoff"  # uploads handed to the series viewer (pages/viewer.py reads this key)
@@ -143,8 +143,8 @@ def record_diagnoses(results: list[SliceResult], models: list[ModelEntry], loade
             if key in logged or key in keys:
                 continue
             records.append(dict(model=model.name, model_version=model.version, image_sha256=result.upload.sha256,
-                                prediction=prediction.label, probabilities=prediction.probabilities,
-                                flags=flags(prediction)))
+                                prediction=prediction.label, state=prediction.state,
+                                probabilities=prediction.probabilities, flags=flags(prediction)))
             keys.append(key)
     if records:
         user = ui_cache.user_identity()
@@ -153,18 +153,10 @@ def record_diagnoses(results: list[SliceResult], models: list[ModelEntry], loade
     return len(records)
 
 
-def result_text(prediction: Prediction, display_label: str) -> str:
-    """The result column: the class, or 'Uncertain' with the class it leans to."""
-    if prediction.state == NOT_CHEST_CT:
-        return "Not a chest CT (no result)"
-    if prediction.state == UNLIKE_TRAINING:
-        return f"Unlike the training images (leans {display_label})"
-    return f"Uncertain (leans {display_label})" if prediction.uncertain else display_label
-
-
 def results_table(results: list[SliceResult], models: list[ModelEntry], loaded: list[LoadedModel]) -> list[dict]:
     """One row per file: result and confidence per model, and the flags
-    (with two models: whether they agree)."""
+    (with two models: whether they agree). An uncertain answer has no
+    confidence: its result cell says its state and the class it leans to."""
     rows = []
     several = len(models) > 1
     for result in results:
@@ -173,8 +165,8 @@ def results_table(results: list[SliceResult], models: list[ModelEntry], loaded: 
         for i, (entry, model) in enumerate(zip(models, loaded)):
             prefix = f"{entry.name}: " if several else ""
             p = None if result.error else result.predictions[i]
-            row[prefix + "Result"] = result_text(p, _display(model, p.label)) if p else "Unreadable"
-            row[prefix + "Confidence"] = p.confidence if p else None
+            row[prefix + "Result"] = result_cell(p, _display(model, p.label)) if p else "Unreadable"
+            row[prefix + "Confidence"] = p.confidence if p and not p.uncertain else None
             if p and flags(p):
                 notes.append(prefix + ", ".join(flags(p)))
         if several:
@@ -266,7 +258,7 @@ def window_controls() -> Window:
         st.caption(f"center {window.center:g} HU, width {window.width:g} HU")
         return window
     left, right = st.columns(2)
-    center = left.slider("Center (HU)", -1400, 1000, int(LUNG_WINDOW.center), 10, key="window_center")
+    center = left.slider("Center (HU)", -1400, 1500, int(LUNG_WINDOW.center), 10, key="window_center")
     width = right.slider("Width (HU)", 50, 4000, int(LUNG_WINDOW.width), 10, key="window_width")
     return Window(float(center), float(width))
 
@@ -312,7 +304,8 @@ def show_results_table(rows: list[dict]) -> None:
     st.dataframe(rows, hide_index=True, column_config=config, key="results_table")
     st.download_button("Download table (CSV)", table_csv(rows), file_name="ct-slice-results.csv", mime="text/csv",
                        on_click="ignore", icon=":material/download:", key="results_csv")
-    st.caption("Click a column header to sort. Confidence is the calibrated probability of the most likely class.")
+    st.caption("Click a column header to sort. Confidence is the calibrated probability of the most likely class, "
+               "shown only for a confident answer: an uncertain one says its state and the class it leans to.")
 
 
 def unique_names(results: list[SliceResult]) -> list[str]:

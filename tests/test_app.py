@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 import sqlite3
 
+import pandas as pd
+
 from app_fixtures import APP, PATIENT_ID, PATIENT_NAME, TASK, app_env, app_settings, dicom_bytes, png_bytes  # noqa: F401
 from streamlit.testing.v1 import AppTest
 
@@ -146,6 +148,7 @@ def test_dicom_upload_is_windowed_and_shows_no_patient_identifiers(app_settings)
     assert len(at.image) == 1 and "no Grad-CAM map" in all_text(at)
     assert "DICOM" in at.image[0].captions[0]
     assert at.radio(key="window_preset").value == "Lung"
+    assert at.radio(key="window_preset").options == ["Lung", "Mediastinum", "Bone", "Custom"]  # the viewer's list
     assert "lung window" in all_text(at)
     run(at.radio(key="window_preset").set_value("Custom"))
     run(at.slider(key="window_width").set_value(400))
@@ -172,7 +175,8 @@ def test_batch_with_bad_files_table_csv_and_detail(app_settings):
     assert list(results["Result"][2:4]) == ["Unreadable", "Unreadable"]
     assert results["Result"][0] in ("Alpha", "Beta") or results["Result"][0].startswith("Uncertain (leans ")
     assert "not an image file" in results["Flags"][2]
-    assert results["Confidence"][0] > 0.0
+    for result, confidence in zip(results["Result"], results["Confidence"]):  # a bar only for a confident answer
+        assert (0.0 < confidence <= 1.0) if result in ("Alpha", "Beta") else pd.isna(confidence), (result, confidence)
     assert at.download_button(key="results_csv").label == "Download table (CSV)"
 
     picker = at.selectbox(key="detail_slice")
@@ -242,6 +246,37 @@ def test_evaluate_on_a_folder_adds_a_report(app_settings):
     selected = at.multiselect(key="compare_reports").value
     assert len(selected) == 3 and selected[-1].startswith("tiny-a · ")
     assert len(comparison_table(at).columns) == 3
+
+
+# --------------------------------------------------------------------------- audit log
+
+
+def test_the_audit_log_shows_and_filters_results_by_state_and_class(app_settings):
+    """An uncertain answer is listed by its state and the class it leans to, never as that class."""
+    from ctapp.store import Store
+
+    store = Store(app_settings.audit_log)
+    try:
+        common = dict(model="audit-model", model_version="v1", probabilities={"alpha": 0.504, "beta": 0.496})
+        store.record(**common, image_sha256="01" * 32, prediction="alpha")
+        store.record(**common, image_sha256="02" * 32, prediction="alpha", flags=["not a chest CT", "low confidence"])
+        store.record(**common, image_sha256="03" * 32, prediction="beta", state="no result", series_id="S-1234abcd",
+                     slices=40)
+    finally:
+        store.close()
+    at = start("pages/audit_log.py")
+    at = run(at.selectbox(key="audit_model").set_value("audit-model"))
+    shown = table(at, "result")
+    assert list(shown["result"]) == ["no result (leans beta)", "not a chest CT (leans alpha)", "alpha"]
+    assert list(shown["series"]) == ["S-1234abcd", "", ""] and list(shown["slices"]) == [40, 1, 1]
+    results = at.selectbox(key="audit_result")
+    labels = results.options
+    assert {"alpha", "not a chest CT (leans alpha)", "no result (leans beta)"} <= set(labels)
+    at = run(results.select_index(labels.index("not a chest CT (leans alpha)")))
+    shown = table(at, "result")
+    assert list(shown["result"]) == ["not a chest CT (leans alpha)"] and at.metric[0].value == "1"
+    at = run(at.selectbox(key="audit_result").select_index(labels.index("alpha")))
+    assert list(table(at, "result")["result"]) == ["alpha"]
 
 
 # --------------------------------------------------------------------------- model card
