@@ -247,7 +247,7 @@ def record_evaluation(report_path: str | Path, report: dict) -> None:
 # --------------------------------------------------------------------------- series and volumes (issue 9)
 
 from .series import SeriesPredictions  # noqa: E402
-from .series import classify_series as _classify_series_batched  # noqa: E402
+from .series_background import BackgroundClassification  # noqa: E402
 from .series_figures import thumbnails as _thumbnails  # noqa: E402
 from .series_inputs import read_inputs  # noqa: E402
 from .volumes import ReadResult, Series  # noqa: E402
@@ -273,23 +273,23 @@ def read_series(inputs: list) -> ReadResult:
 
 
 @st.cache_resource(max_entries=8, ttl=TTL, show_spinner=False)
-def _series_result_slot(path: str, weights_stamp: float, digest: str) -> dict:
-    # A slot, not the result: the classification runs outside the cached
-    # function, so that it may drive a progress bar of the calling page.
-    return {"lock": threading.Lock()}
+def _series_classification(path: str, weights_stamp: float, digest: str, _series: Series) -> BackgroundClassification:
+    return BackgroundClassification(_load_model(path, weights_stamp), _series)
+
+
+def series_classification(path: str | Path, series: Series) -> BackgroundClassification:
+    """The classification of a series by the model in ``path``, started in the
+    background on first request and shared by every session that asks for the
+    same series and model (the first chunk's slices are answered first)."""
+    path = Path(path).resolve()
+    return _series_classification(str(path), model_stamp(path), series.digest, series)
 
 
 def classify_series(path: str | Path, series: Series, on_progress=None) -> SeriesPredictions:
     """Per-slice predictions of a series by the model in ``path`` (batched, no
-    Grad-CAM), computed once per series and model; ``on_progress(done,
-    total)`` is called while it is computed."""
-    path = Path(path).resolve()
-    stamp_ = model_stamp(path)
-    slot = _series_result_slot(str(path), stamp_, series.digest)
-    with slot["lock"]:
-        if "result" not in slot:
-            slot["result"] = _classify_series_batched(_load_model(str(path), stamp_), series, on_progress=on_progress)
-    return slot["result"]
+    Grad-CAM), computed once per series and model; waits for them, calling
+    ``on_progress(slices done, slices)`` meanwhile."""
+    return series_classification(path, series).wait(on_progress)
 
 
 @st.cache_data(max_entries=MAX_ANALYSES, ttl=TTL, show_spinner=False)

@@ -3,8 +3,11 @@ reading view.
 
 Upload loose DICOM files (several series may be mixed, names and extensions
 do not matter), a folder, a ``.zip`` of either, a NIfTI volume or PNG/JPEG
-slices. Every slice is classified in batches (no Grad-CAM until a slice is
-viewed); the series gets a verdict under a stated rule. The viewer scrolls
+slices. Every slice is classified in batches in the background, with a progress
+bar: the first slices' answers show within seconds and the page can be used
+meanwhile; the Grad-CAM is computed only for the slice on screen. Once every
+slice is answered, the series gets a verdict under a stated rule, and one
+record in the audit log (below). The viewer scrolls
 the slices (slider, previous/next, a click on the probability profile or on a
 row of the table), windows them (presets or custom; contrast and brightness
 for PNG/JPEG), zooms and pans (the image is a plotly figure), and overlays the
@@ -13,6 +16,14 @@ for DICOM series, a DICOM Structured Report.
 
 Series are named by an opaque short id and slices by their number (1 = most
 superior); no DICOM header value that could identify a patient is shown.
+
+The audit log gets one record per series and model (per session), not one per
+slice: what was answered is the series verdict, and the record holds what an
+audit needs to find and re-check it (user, model and version, series id, the
+hash of its pixel values, slice count, the verdict's state and class, and the
+uncertain slices by state). Its per-slice answers follow from the hash and the
+model version; a record per slice would count a 300-slice study as 300
+diagnoses beside single slices.
 """
 from __future__ import annotations
 
@@ -23,10 +34,11 @@ import streamlit as st
 from ctapp import figures, ui_cache
 from ctapp.checkpoint import CheckpointError
 from ctapp.imaging import LUNG_WINDOW, Window
-from ctapp.inference import LOW_CONFIDENCE, NOT_CHEST_CT, UNLIKE_TRAINING
+from ctapp.inference import CONFIDENT, LOW_CONFIDENCE, NOT_CHEST_CT, UNLIKE_TRAINING
 from ctapp.model_folders import ModelEntry
-from ctapp.report import DISCLAIMER, KeySlice, markdown_text, safe_stem, series_report, verdict
-from ctapp.series import SeriesPredictions, series_csv, slice_rows, summarise
+from ctapp.report import DISCLAIMER, KeySlice, markdown_text, result_cell, safe_stem, series_report, verdict
+from ctapp.series import SeriesPredictions, finding_classes, series_csv, slice_rows, summarise
+from ctapp.series_background import BackgroundClassification
 from ctapp.series_inputs import images_series
 from ctapp.volumes import Input, Series
 from ctapp.series_figures import (
@@ -40,7 +52,11 @@ from ctapp.series_figures import (
 log = logging.getLogger(__name__)
 
 HANDOFF = "viewer_handoff"  # uploads handed over by the diagnosis page: [(name, bytes), ...]
+AUDIT_LOGGED = "audit_logged"  # what this session recorded (the diagnosis page's set too)
 REPORT_KEY_SLICES = 4
+POLL_SECONDS = 1.0  # how often the page shows a background classification's new slices
+NO_RESULT = "no result"  # a series' state with too few confident slices
+NO_FINDING = "no finding"  # the class of a series without a finding, in a task with no negative class
 
 
 # --------------------------------------------------------------------------- plain functions
@@ -52,12 +68,39 @@ def stack_label(series: Series) -> str:
 
 
 def table_rows(series: Series, result: SeriesPredictions, thumbnails: list[str]) -> list[dict]:
-    """The slice table: thumbnail, slice number, name, result, one confidence format."""
+    """The slice table (the slices classified so far): thumbnail, slice
+    number, name, result and confidence; an uncertain slice has no confidence,
+    its result says its state and the class it leans to."""
+    names = dict(zip(result.class_names, result.display_names))
     rows = []
-    for row, thumb in zip(slice_rows(series, result), thumbnails):
-        rows.append({"Slice": row["slice"], "Thumbnail": thumb, "Name": row["name"], "Result": row["result"],
-                     "Confidence": row["confidence"]})
+    for row, prediction, thumb in zip(slice_rows(series, result), result.predictions, thumbnails):
+        rows.append({"Slice": row["slice"], "Thumbnail": thumb, "Name": row["name"],
+                     "Result": result_cell(prediction, names[prediction.label]),
+                     "Confidence": None if prediction.uncertain else row["confidence"]})
     return rows
+
+
+def audit_record(series: Series, result: SeriesPredictions, model) -> dict:
+    """The series' record in the audit log (keywords of ``Store.record``): its
+    verdict as state and class (a finding; the negative class, or 'no finding',
+    without one; 'no result' leaning to the class most slices lean to), the
+    share of its slices confidently answered as each class, and its uncertain
+    slices by state."""
+    summary = summarise(series.id, result)
+    n = len(result.predictions)
+    counts = summary.confident_counts
+    negatives = [c for c in result.class_names if c not in finding_classes(result.class_names)]
+    if summary.label is not None:
+        state, label = CONFIDENT, summary.label
+    elif summary.has_result:
+        state, label = CONFIDENT, max(negatives, key=lambda c: counts[c]) if negatives else NO_FINDING
+    else:
+        leanings = [p.label for p in result.predictions]
+        state, label = NO_RESULT, max(result.class_names, key=leanings.count)
+    flags = [f"{state_name}: {k} of {n} slices" for state_name, k in summary.uncertain_by_state.items() if k]
+    return dict(model=model.name, model_version=model.version, image_sha256=series.digest, series_id=series.id,
+                slices=n, state=state, prediction=label,
+                probabilities={c: counts[c] / n for c in result.class_names}, flags=flags)
 
 
 # --------------------------------------------------------------------------- UI
@@ -112,6 +155,21 @@ def _jump_from_table(key: str, table_key: str, n: int) -> None:
         st.session_state[key] = int(rows[0]) + 1
 
 
+def record_series(entry: ModelEntry, model, series: Series, result: SeriesPredictions) -> None:
+    """The series' audit record, once per session, model version and series."""
+    logged = st.session_state.setdefault(AUDIT_LOGGED, set())
+    key = (series.digest, str(entry.path), model.version)
+    if key in logged:
+        return
+    try:
+        ui_cache.audit_log().record(user=ui_cache.user_identity(), **audit_record(series, result, model))
+    except Exception as exc:
+        log.exception("audit log write failed")
+        st.warning(f"The audit log could not be written ({type(exc).__name__}); results are shown but not recorded.")
+        return
+    logged.add(key)
+
+
 def show_summary(series: Series, result: SeriesPredictions, key: str) -> None:
     summary = summarise(series.id, result)
     names = dict(zip(result.class_names, result.display_names))
@@ -162,16 +220,16 @@ def show_viewer(entry: ModelEntry, model, series: Series, result: SeriesPredicti
     st.session_state.setdefault(key, 1)
     left, right = st.columns([1.15, 1], gap="large")
     with left:
-        nav = st.columns([1, 6, 1], vertical_alignment="bottom")
-        nav[0].button("Prev", key=f"viewer_prev_{series.id}", on_click=_step, args=(key, -1, n),
-                      icon=":material/arrow_upward:", help="Previous slice (toward the head)")
-        nav[2].button("Next", key=f"viewer_next_{series.id}", on_click=_step, args=(key, 1, n),
-                      icon=":material/arrow_downward:", help="Next slice (toward the feet)")
-        if n > 1:
-            number = nav[1].slider("Slice (1 = most superior)", 1, n, key=key)
-        else:
-            number = 1
+        # A row in which each button is as wide as its label (in fixed columns, "Prev" and "Next" were cut to
+        # "P" and "N" at 1500 px) and the slider takes the rest.
+        with st.container(horizontal=True, wrap=False, vertical_alignment="bottom"):
+            st.button("Prev", key=f"viewer_prev_{series.id}", on_click=_step, args=(key, -1, n),
+                      icon=":material/arrow_upward:", help="Previous slice (toward the head)", width="content")
+            number = st.slider("Slice (1 = most superior)", 1, n, key=key) if n > 1 else 1
+            st.button("Next", key=f"viewer_next_{series.id}", on_click=_step, args=(key, 1, n),
+                      icon=":material/arrow_downward:", help="Next slice (toward the feet)", width="content")
         index = number - 1
+        classified = index < len(result.predictions)
         window, contrast, brightness = display_controls(series)
         controls = st.columns([1, 2], vertical_alignment="center")
         show_cam = controls[0].toggle("Grad-CAM overlay", value=True, key="viewer_cam")
@@ -180,11 +238,12 @@ def show_viewer(entry: ModelEntry, model, series: Series, result: SeriesPredicti
         image = series.slice(index, model.preprocess.window)
         shown = series.slice(index, window).pixels if window is not None else adjust(image.pixels, contrast,
                                                                                       brightness)
-        prediction = result.predictions[index]
+        prediction = result.predictions[index] if classified else None
         cam = None
-        if show_cam and prediction.state == NOT_CHEST_CT:
+        # A slice not answered yet gets its map with its answer: the model is busy with the series meanwhile.
+        if show_cam and classified and prediction.state == NOT_CHEST_CT:
             st.info("No Grad-CAM map: this slice is not a chest CT for the model.", icon=":material/block:")
-        elif show_cam:
+        elif show_cam and classified:
             try:
                 cam = ui_cache.analyse_series_slice(entry.path, series, index, image).cam
             except Exception:  # the map must not hide the slice or its prediction
@@ -196,13 +255,18 @@ def show_viewer(entry: ModelEntry, model, series: Series, result: SeriesPredicti
                    + (" · Grad-CAM: warm colours weighed most" if cam is not None else ""))
     with right:
         names = dict(zip(result.class_names, result.display_names))
-        st.markdown(f"**Slice {number} of {n}:** {markdown_text(verdict(prediction, names[prediction.label]))}")
-        st.plotly_chart(figures.probability_bars(prediction.probabilities, names, predicted=prediction.label,
-                                                 threshold=model.confidence_threshold, muted=prediction.uncertain),
-                        key="viewer_probs", config={"displayModeBar": False})
+        if not classified:
+            st.markdown(f"**Slice {number} of {n}:** not classified yet ({len(result.predictions)} of {n} are).")
+        else:
+            st.markdown(f"**Slice {number} of {n}:** {markdown_text(verdict(prediction, names[prediction.label]))}")
+            st.plotly_chart(figures.probability_bars(prediction.probabilities, names, predicted=prediction.label,
+                                                     threshold=model.confidence_threshold,
+                                                     muted=prediction.uncertain),
+                            key="viewer_probs", config={"displayModeBar": False})
         chart_key = f"viewer_profile_{series.id}"
-        st.plotly_chart(probability_profile(result, current=index), key=chart_key, on_select=lambda: _jump_from_profile(
-            key, chart_key, n), selection_mode="points", config={"displayModeBar": False})
+        st.plotly_chart(probability_profile(result, current=index if classified else None), key=chart_key,
+                        on_select=lambda: _jump_from_profile(key, chart_key, n), selection_mode="points",
+                        config={"displayModeBar": False})
         st.caption("Class probabilities along the series; grey crosses mark uncertain slices. Click a point to open "
                    "that slice.")
         notes = [*series.notes, *image.notes]
@@ -221,7 +285,8 @@ def show_table(series: Series, result: SeriesPredictions) -> None:
                      "Name": st.column_config.TextColumn("Name", width="large"),
                      "Confidence": st.column_config.ProgressColumn("Confidence", format="percent", min_value=0.0,
                                                                    max_value=1.0)})
-    st.caption("Select a row to open its slice. Confidence is the calibrated probability of the most likely class.")
+    st.caption("Select a row to open its slice. Confidence is the calibrated probability of the most likely class, "
+               "shown only for a confident answer: an uncertain slice says its state and the class it leans to.")
 
 
 def show_downloads(entry: ModelEntry, model, series: Series, result: SeriesPredictions) -> None:
@@ -294,16 +359,39 @@ def main() -> None:
     chosen = st.selectbox("Series", range(len(stacks)), format_func=lambda i: labels[i], key="viewer_series",
                           disabled=len(stacks) == 1)
     series = stacks[chosen]
-    bar = st.progress(0.0, text=f"Classifying {len(series)} slices...")
-    result = ui_cache.classify_series(entry.path, series, on_progress=lambda done, total: bar.progress(
-        done / total, text=f"Classifying: {done} of {total} slices"))
-    bar.empty()
-    show_summary(series, result, slice_key(series))
+    job = ui_cache.series_classification(entry.path, series)
+    polling = not job.finished
+    # While the series is classified, only this part of the page is redrawn, every POLL_SECONDS.
+    st.fragment(show_classification, run_every=POLL_SECONDS if polling else None)(entry, model, series, job,
+                                                                                   polling)
+
+
+def show_classification(entry: ModelEntry, model, series: Series, job: BackgroundClassification,
+                        polling: bool) -> None:
+    """The slices classified so far with a progress bar; once every one is,
+    the verdict, the audit record and the downloads."""
+    if job.finished and polling:
+        st.rerun()  # drawn once more as a whole, without polling
+    if job.failed:
+        st.error("The series could not be classified; the server log has details.", icon=":material/error:")
+        return
+    result = job.snapshot()
+    n = len(series)
+    if not job.finished:
+        done = job.slices_done()
+        st.progress(done / n, text=f"Classifying in the background: {done} of {n} slices; the slices answered so "
+                                   "far are shown below, the series verdict once all are.")
+    if not result.predictions:
+        return
+    if job.finished:
+        record_series(entry, model, series, result)
+        show_summary(series, result, slice_key(series))
     st.divider()
     show_viewer(entry, model, series, result)
     st.divider()
     show_table(series, result)
-    show_downloads(entry, model, series, result)
+    if job.finished:
+        show_downloads(entry, model, series, result)
 
 
 if __name__ == "__main__":
