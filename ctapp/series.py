@@ -56,7 +56,8 @@ def classify_series(model, series: Series, *, batch_size: int = 32,
     """Every slice of ``series`` through ``model`` in batches, with calibrated
     probabilities, the out-of-distribution check and the answer state:
     the same answers as ``model.predict`` on each slice, without Grad-CAM.
-    The model's lock is taken per batch, so other users go on between batches."""
+    The model's lock is taken per batch, so other users go on between batches;
+    ``on_progress(slices done, slices)`` is called after each."""
     started = time.perf_counter()
     n = len(series)
     members = model.members if isinstance(model, EnsembleModel) else [model]
@@ -65,8 +66,8 @@ def classify_series(model, series: Series, *, batch_size: int = 32,
         images, body = _squares(series, member.preprocess.window, member.preprocess)
 
         def progress(done: int, total: int, k: int = k) -> None:
-            if on_progress:
-                on_progress(k * n + done, len(members) * n)
+            if on_progress:  # in slices, each member's pass a share (counting passes said 80 for 40 slices)
+                on_progress((k * n + done) // len(members), n)
 
         parts.append(member.score_squares(images, body, batch_size, on_progress=progress))
     scores = model.combine(parts) if len(members) > 1 else parts[0]
