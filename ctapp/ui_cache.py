@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import streamlit as st
+from streamlit.runtime.pages_manager import PagesManager
 
 from .auth import RoleConfig, User, user_from_claims
 from .evaluation import predictions_path, read_predictions
@@ -219,6 +220,40 @@ def current_user() -> User | None:
     if not sign_in_enabled() or not st.user.is_logged_in:
         return None
     return user_from_claims(st.user.to_dict(), role_config())
+
+
+def legacy_pages_run() -> bool:
+    """Whether this script run came through Streamlit's legacy multipage mode (and
+    leave that mode for the whole process).
+
+    Streamlit treats a ``pages/`` folder beside the main script as the legacy
+    multipage app until some session calls ``st.navigation``: its class-wide
+    ``PagesManager.uses_pages_directory`` is set from the folder's existence when
+    the server's first session starts and cleared only by ``st.navigation``. On a
+    freshly started server, until someone had opened ``/``, a request for
+    ``/diagnosis`` ran ``pages/diagnosis.py`` straight from the folder, without
+    app.py and its sign-in, under a raw list of the folder's file names. The
+    caller reruns: the run then goes through app.py."""
+    if not getattr(PagesManager, "uses_pages_directory", False):
+        return False
+    PagesManager.uses_pages_directory = False
+    return True
+
+
+def guard_page() -> None:
+    """First call of every page script: a page runs only through app.py's
+    navigation and, with sign-in on, only for a signed-in user with a usable role
+    (app.py shows everyone else the sign-in page)."""
+    if legacy_pages_run():
+        st.rerun()
+    if not sign_in_enabled():
+        return
+    try:
+        user = current_user()
+    except ValueError:  # app.py says why
+        user = None
+    if user is None:
+        st.stop()
 
 
 def user_identity() -> str:

@@ -108,4 +108,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    ui_cache.guard_page()
     main()

@@ -482,4 +482,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    ui_cache.guard_page()
     main()

@@ -447,4 +447,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    ui_cache.guard_page()
     main()

@@ -395,4 +395,5 @@ def show_classification(entry: ModelEntry, model, series: Series, job: Backgroun
 
 
 if __name__ == "__main__":
+    ui_cache.guard_page()
     main()

@@ -204,3 +204,27 @@ def test_the_secrets_example_configures_sign_in_and_roles():
     assert role({"email": "head.radiologist@example.org"}, config) == CLINICIAN  # no verified claim
     assert role({"email": "someone@example.org", "groups": ["ct-admins"]}, config) == ADMIN
     assert ".streamlit/secrets.toml" in (REPO / ".gitignore").read_text().splitlines()  # real secrets stay out of git
+
+
+@pytest.mark.parametrize("page", sorted(p.relative_to(REPO).as_posix() for p in (REPO / "pages").glob("*.py")))
+def test_a_page_run_without_app_py_shows_nothing_to_a_signed_out_user(app_settings, page):
+    """Defence in depth: each page refuses to render when sign-in is on and nobody has signed in,
+    even when it runs without app.py's sign-in (as Streamlit's legacy pages/ mode once ran it)."""
+    at = AppTest.from_file(str(REPO / page), default_timeout=TIMEOUT)
+    at.secrets.update({"auth": AUTH, "roles": ROLES})
+    at.user = {"is_logged_in": False}
+    at = run(at)
+    shown = [kind for kind in ("title", "subheader", "markdown", "file_uploader", "dataframe", "metric", "button",
+                               "selectbox") if len(getattr(at, kind, []))]
+    assert shown == [], shown
+    at.user = {"is_logged_in": True, "email": "dr.e@example.org", "groups": ["ct-admins"]}
+    assert len(run(at).title) + len(at.subheader) > 0  # signed in (an admin), the same page renders
+
+
+def test_a_legacy_pages_run_leaves_that_mode_and_runs_again_through_app_py(app_settings, monkeypatch):
+    from streamlit.runtime.pages_manager import PagesManager
+
+    monkeypatch.setattr(PagesManager, "uses_pages_directory", True)  # a fresh server's first run
+    at = run(app({"is_logged_in": False}))
+    assert PagesManager.uses_pages_directory is False
+    assert [b.label for b in at.button] == ["Sign in"] and "CT slice diagnosis" not in texts(at)

@@ -1,9 +1,11 @@
 """Sign-in end to end in a real browser: the app (``streamlit run app.py`` with
 an ``[auth]`` secrets file) signs users in through a local mock OpenID Connect
-provider (the ``oidc-provider-mock`` package). A clinician diagnoses a slice
-and is named in its audit record, and cannot reach the Audit log page, not
-even by its URL; an admin sees the page and the clinician's record there.
-Skipped, with the reason, without Chromium or the mock provider."""
+provider (the ``oidc-provider-mock`` package). On a freshly started server,
+every page's URL opened first and signed out shows the sign-in page only. A
+clinician diagnoses a slice and is named in its audit record, and cannot reach
+the Audit log page, not even by its URL; an admin sees the page and the
+clinician's record there. Skipped, with the reason, without Chromium or the
+mock provider."""
 # ruff: noqa: F811  (pytest fixtures imported from app_fixtures are "redefined" as test arguments)
 from __future__ import annotations
 
@@ -32,6 +34,22 @@ def new_page(browser, height: int):
     return context.new_page()
 
 
+def secrets_toml(folder, port: int, provider_port: int):
+    path = folder / "secrets.toml"
+    path.write_text(f"""
+[auth]
+redirect_uri = "http://127.0.0.1:{port}/oauth2callback"
+cookie_secret = "{secrets.token_hex(32)}"
+client_id = "ctapp-test"
+client_secret = "{secrets.token_hex(16)}"
+server_metadata_url = "http://localhost:{provider_port}/.well-known/openid-configuration"
+
+[roles]
+admin_emails = ["{ADMIN}"]
+""")
+    return path
+
+
 def sign_in(page, url: str, who: str) -> None:
     page.goto(url, wait_until="networkidle")
     page.get_by_role("button", name="Sign in").click()
@@ -47,19 +65,11 @@ def test_sign_in_names_the_user_in_the_audit_log_and_roles_gate_the_audit_page(a
     audit = tmp_path / "audit.sqlite"
     upload = tmp_path / "Doe_Jane.png"
     upload.write_bytes(png_bytes(label=0, seed=90))
-    with oidc_provider_mock.run_server_in_thread() as provider:
-        secrets_file = tmp_path / "secrets.toml"
-        secrets_file.write_text(f"""
-[auth]
-redirect_uri = "http://127.0.0.1:{port}/oauth2callback"
-cookie_secret = "{secrets.token_hex(32)}"
-client_id = "ctapp-test"
-client_secret = "{secrets.token_hex(16)}"
-server_metadata_url = "http://localhost:{provider.server_port}/.well-known/openid-configuration"
-
-[roles]
-admin_emails = ["{ADMIN}"]
-""")
+    # The provider vouches for the admin's address (email_verified); the mock sends no such claim
+    # unless told to, and an unverified address makes no admin.
+    verified_admin = oidc_provider_mock.User(sub=ADMIN, claims={"email": ADMIN, "email_verified": True})
+    with oidc_provider_mock.run_server_in_thread(user_claims=[verified_admin]) as provider:
+        secrets_file = secrets_toml(tmp_path, port, provider.server_port)
         process, url = start_replica({**app_env.env, "CTAPP_AUDIT_LOG": str(audit)}, tmp_path / "server.log", port=port,
                                      args=["--secrets.files", str(secrets_file)])
         try:
@@ -110,3 +120,45 @@ admin_emails = ["{ADMIN}"]
     assert row["username"] == CLINICIAN
     assert row["image_sha256"] == hashlib.sha256(upload.read_bytes()).hexdigest()
     assert not any("Doe_Jane" in str(value) for value in row.values())
+
+
+def test_a_fresh_server_shows_every_page_url_only_the_sign_in_page(app_env, tmp_path):
+    """Before anyone has opened ``/``, Streamlit ran a page straight from ``pages/`` (its legacy
+    multipage mode) without app.py's sign-in: every page's URL, opened first on a fresh server,
+    must show the sign-in page and nothing of the page (issue 24, item 1)."""
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    paths = sorted(f"/{page.stem}" for page in (REPO / "pages").glob("*.py")) + ["/"]
+    with oidc_provider_mock.run_server_in_thread() as provider:
+        secrets_file = secrets_toml(tmp_path, port, provider.server_port)
+        process, url = start_replica({**app_env.env, "CTAPP_AUDIT_LOG": str(tmp_path / "audit.sqlite")},
+                                     tmp_path / "server.log", port=port, args=["--secrets.files", str(secrets_file)])
+        try:
+            wait_healthy(url, process)  # /_stcore/health runs no script: the first page below is the first run
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
+                try:
+                    for path in paths:
+                        page = new_page(browser, 1200)  # a new browser context: no cookie, no session
+                        media = []
+                        page.on("request", lambda request: media.append(request.url)
+                                if request.url.startswith(url + "/media/") else None)  # slices, overlays
+                        page.goto(url + path, wait_until="networkidle")
+                        page.get_by_role("button", name="Sign in").wait_for(timeout=WAIT_MS)
+                        page.wait_for_timeout(2000)  # anything a page would render after the button
+                        # Streamlit's "Page not found" notice for a URL the signed-out navigation lacks.
+                        headings = {h.strip() for h in page.locator("h1, h2, h3").all_inner_texts()}
+                        assert headings - {"Page not found"} == {"CT slice classifier"}, (path, headings)
+                        for shown in ("stFileUploader", "stSidebarNav", "stImage", "stDataFrame", "stMetric"):
+                            assert page.locator(f"[data-testid='{shown}']").count() == 0, (path, shown)
+                        for words in ("Prediction:", "Uncertain:", "Model card", "Signed in as"):
+                            assert page.get_by_text(words, exact=False).count() == 0, (path, words)
+                        assert media == [], (path, media)
+                        page.context.close()
+                finally:
+                    browser.close()
+        finally:
+            stop(process)
+    log = (tmp_path / "server.log").read_text(errors="replace")
+    assert "Traceback" not in log, log[-3000:]
