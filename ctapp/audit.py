@@ -219,14 +219,17 @@ def input_shortcut_probe(images, labels, seed: int = 0) -> dict:
             "accuracy_std": float(scores.std())}
 
 
-def audit_dataset(index: DatasetIndex, *, workers: int = 2,
-                  progress: Callable[[int, int], None] | None = None) -> AuditReport:
-    records: list[ImageRecord] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for i, record in enumerate(pool.map(_inspect, index.samples)):
-            records.append(record)
-            if progress:
-                progress(i + 1, len(index.samples))
+def audit_dataset(index: DatasetIndex, *, workers: int = 2, progress: Callable[[int, int], None] | None = None,
+                  records: list[ImageRecord] | None = None) -> AuditReport:
+    """The audit of ``index``; ``records`` (one per sample, in order) were read
+    before, e.g. stored in a packed training set, and the files are not opened."""
+    if records is None:
+        records = []
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for i, record in enumerate(pool.map(_inspect, index.samples)):
+                records.append(record)
+                if progress:
+                    progress(i + 1, len(index.samples))
 
     by_digest: dict[str, list[ImageRecord]] = defaultdict(list)
     for r in records:

@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -72,6 +73,8 @@ class DatasetIndex:
     display_names: list[str]
     samples: list[Sample]
     notes: list[str] = field(default_factory=list)
+    # Byte sizes of files indexed without being on disk (a packed training set).
+    file_sizes: dict[Path, int] = field(default_factory=dict)
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
@@ -93,7 +96,8 @@ class DatasetIndex:
         digest = hashlib.sha256()
         for s in sorted(self.samples, key=lambda s: str(s.path)):
             rel = s.path.relative_to(self.root) if s.path.is_relative_to(self.root) else s.path
-            digest.update(f"{rel}|{s.path.stat().st_size}|{self.class_names[s.label]}|{s.split}\n".encode())
+            size = self.file_sizes[s.path] if s.path in self.file_sizes else s.path.stat().st_size
+            digest.update(f"{rel}|{size}|{self.class_names[s.label]}|{s.split}\n".encode())
         return digest.hexdigest()[:16]
 
 
@@ -109,6 +113,18 @@ def _subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+@dataclass
+class FolderListing:
+    """What a dataset folder holds, before any class is decided: its layout, each
+    file with its class folder's name and split, the class folders without a
+    file, and notes on what was ignored."""
+
+    layout: str
+    files: list[tuple[Path, str, str]]  # (path, class folder name, split)
+    empty: list[Path]
+    notes: list[str]
+
+
 def scan_dataset(root: str | Path, class_names: list[str] | None = None) -> DatasetIndex:
     """Index a dataset folder in either layout.
 
@@ -116,6 +132,11 @@ def scan_dataset(root: str | Path, class_names: list[str] | None = None) -> Data
     evaluating it on a new folder; a folder whose classes are not among them is
     refused.
     """
+    return index_listing(Path(root), list_folder(root), class_names)
+
+
+def list_folder(root: str | Path) -> FolderListing:
+    """The files of a dataset folder in either layout (see :func:`scan_dataset`)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: no such folder")
@@ -139,7 +160,14 @@ def scan_dataset(root: str | Path, class_names: list[str] | None = None) -> Data
         found += [(p, class_dir.name, split) for p in files]
         if not files:
             empty.append(class_dir)
+    return FolderListing(layout, found, empty, notes)
 
+
+def index_listing(root: Path, listing: FolderListing, class_names: list[str] | None = None) -> DatasetIndex:
+    """The index of a listed folder: classes by key, display names, labels; refuses
+    a folder without files, a class folder empty everywhere, and classes that are
+    not among ``class_names``."""
+    found, empty, notes, layout = listing.files, listing.empty, list(listing.notes), listing.layout
     if not found:
         raise DatasetError(f"{root}: the class folders hold no files")
     spellings: dict[str, set[str]] = {}
@@ -173,26 +201,25 @@ def scan_dataset(root: str | Path, class_names: list[str] | None = None) -> Data
     return DatasetIndex(root, layout, list(class_names), display, samples, notes)
 
 
-def scan_sources(roots: list[str | Path], class_names: list[str] | None = None) -> DatasetIndex:
+def scan_sources(roots: list[str | Path], class_names: list[str] | None = None, *,
+                 scan: Callable[[Path, list[str] | None], DatasetIndex] = scan_dataset) -> DatasetIndex:
     """Index one or several dataset folders as one dataset; every sample knows its
     source (the folder's name), so that folds and figures can be broken down by it.
 
     Classes are matched by their key across folders (``COVID`` and ``covid`` are
     one class). Several sources are pooled for cross-validation; a split-folder
-    source keeps its splits.
+    source keeps its splits. ``scan`` indexes one folder (a packed training set
+    indexes its stored listing).
     """
     roots = [Path(r) for r in roots]
     if not roots:
         raise DatasetError("no dataset folder given")
-    parts = [scan_dataset(r, class_names) for r in roots]
+    parts = [scan(r, class_names) for r in roots]
     if len(parts) == 1:
         index = parts[0]
         index.samples = [replace(s, source=roots[0].name) for s in index.samples]
         return index
-    common = Path(os.path.commonpath([r.resolve() for r in roots]))
-    names = [str(r.resolve().relative_to(common)) if r.resolve() != common else r.name for r in roots]
-    if len(set(names)) < len(names):
-        raise DatasetError(f"the same folder is given twice: {[str(r) for r in roots]}")
+    common, names = source_names(roots)
     keys = list(class_names) if class_names is not None else sorted({k for part in parts for k in part.class_names})
     display = {}
     for part in parts:
@@ -207,7 +234,20 @@ def scan_sources(roots: list[str | Path], class_names: list[str] | None = None) 
         if missing:
             notes.append(f"{name}: no images of {missing}")
     layout = "splits" if any(part.layout == "splits" for part in parts) else "classes"
-    return DatasetIndex(common, layout, keys, [display.get(k, k) for k in keys], samples, notes)
+    sizes = {path: size for part in parts for path, size in part.file_sizes.items()}
+    return DatasetIndex(common, layout, keys, [display.get(k, k) for k in keys], samples, notes, sizes)
+
+
+def source_names(roots: list[Path]) -> tuple[Path, list[str]]:
+    """The folder the sources share, and each source's name below it
+    (``chest-ct-scan-images/Data``; a lone folder's own name)."""
+    if len(roots) == 1:
+        return roots[0].resolve(), [roots[0].name]
+    common = Path(os.path.commonpath([r.resolve() for r in roots]))
+    names = [str(r.resolve().relative_to(common)) if r.resolve() != common else r.name for r in roots]
+    if len(set(names)) < len(names):
+        raise DatasetError(f"the same folder is given twice: {[str(r) for r in roots]}")
+    return common, names
 
 
 def file_number(path: Path) -> int | None:
