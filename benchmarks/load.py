@@ -30,11 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from app_server import CHROMIUM_ARGS, chromium_path, department  # noqa: E402
+from app_server import CHROMIUM_ARGS, chromium_path, department, diagnose_once, result_shown  # noqa: E402
 from pg_cluster import PostgresCluster, postgres_missing  # noqa: E402
 
 SLICES = ROOT.parent / "shared" / "data" / "sarscov2-ctscan"
-RESULT_WORDS = ("Prediction:", "Uncertain:", "no result", "no reliable result")
 
 
 def source_slices(count: int = 16) -> tuple[list, str]:
@@ -85,10 +84,7 @@ async def user(k: int, browser, url: str, slices: list, folder: Path, deadline: 
             start = time.monotonic()
             await page.locator("input[type='file']").first.set_input_files([str(path)])
             await page.get_by_role("heading", name=name).wait_for(timeout=timeout_ms)
-            shown = page.get_by_text(RESULT_WORDS[0], exact=False)
-            for words in RESULT_WORDS[1:]:
-                shown = shown.or_(page.get_by_text(words, exact=False))
-            await shown.first.wait_for(timeout=timeout_ms)
+            await result_shown(page).wait_for(timeout=timeout_ms)
             log["shown"].append({"user": k, "at": time.monotonic(), "seconds": time.monotonic() - start})
         except Exception as exc:  # a killed replica, a timeout: counted, and the user starts again
             log["errors"].append({"user": k, "at": time.monotonic(), "error": type(exc).__name__,
@@ -128,20 +124,9 @@ async def drive(url: str, users: int, duration: float, kill_after: float | None,
 
 def warm(url: str, slices: list, folder: Path) -> None:
     """One diagnosis straight on a replica, so that it has loaded its model."""
-    from playwright.sync_api import sync_playwright
-
     path = folder / "warm.png"
     path.write_bytes(png_upload(slices[0], 999_999_999))
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.goto(url, wait_until="domcontentloaded")
-            page.get_by_role("heading", name="CT slice diagnosis").wait_for(timeout=180_000)
-            page.locator("input[type='file']").first.set_input_files([str(path)])
-            page.get_by_role("heading", name="warm.png").wait_for(timeout=180_000)
-        finally:
-            browser.close()
+    diagnose_once(url, path, timeout_ms=180_000)
 
 
 def summarise(log: dict, stored: int, replica_of: dict[int, str], victim: str) -> dict:

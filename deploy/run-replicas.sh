@@ -9,8 +9,11 @@
 # Settings (environment): PROXY_LISTEN (127.0.0.1:8080), SERVER_NAME (localhost; a public name
 # also joins Streamlit's allowed hosts), FIRST_PORT (8501: replicas use FIRST_PORT..+N-1),
 # RUN_DIR (a new temporary folder: generated nginx config, logs, replica-K.pid),
-# STREAMLIT_SERVER_COOKIE_SECRET (generated: all replicas must share it). Without
-# CTAPP_DATABASE_URL the replicas share the SQLite audit log, which holds on one machine only.
+# STREAMLIT_SERVER_COOKIE_SECRET (generated: all replicas must share it), SECRETS_FILE
+# (.streamlit/secrets.toml: with an [auth] section, sign-in is on and the proxy serves /media/
+# only to signed-in browsers). Without CTAPP_DATABASE_URL the replicas share the SQLite audit
+# log, which holds on one machine only. The proxy refuses a Host other than localhost,
+# 127.0.0.1 and SERVER_NAME (421).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-2}
@@ -18,6 +21,7 @@ n=${1:-2}
 listen=${PROXY_LISTEN:-127.0.0.1:8080}
 server_name=${SERVER_NAME:-localhost}
 first_port=${FIRST_PORT:-8501}
+secrets_file=${SECRETS_FILE:-.streamlit/secrets.toml}
 run_dir=${RUN_DIR:-$(mktemp -d -t ctapp-replicas-XXXXXX)}
 python=.venv/bin/python
 [ -x "$python" ] || python=python3
@@ -36,13 +40,24 @@ stop_all() {
 trap stop_all EXIT
 trap 'exit 130' INT TERM
 
-hosts=(--server.allowedHosts localhost --server.allowedHosts 127.0.0.1)
-[ "$server_name" = localhost ] || hosts+=(--server.allowedHosts "$server_name")
+names=(localhost 127.0.0.1)
+[ "$server_name" = localhost ] || names+=("$server_name")
+hosts=() allowed_hosts=""
+for name in "${names[@]}"; do
+  hosts+=(--server.allowedHosts "$name")
+  allowed_hosts+="    $name 1;"$'\n'
+done
+secrets=() media_needs_sign_in=0
+if [ -f "$secrets_file" ]; then
+  secrets=(--secrets.files "$secrets_file")
+  "$python" -c 'import sys, tomllib; sys.exit("auth" not in tomllib.load(open(sys.argv[1], "rb")))' "$secrets_file" \
+    && media_needs_sign_in=1
+fi
 upstreams=""
 for ((k = 0; k < n; k++)); do
   port=$((first_port + k))
   "$python" -m streamlit run app.py --server.headless true --server.address 127.0.0.1 --server.port "$port" \
-    "${hosts[@]}" >"$run_dir/replica-$k.log" 2>&1 &
+    "${hosts[@]}" "${secrets[@]}" >"$run_dir/replica-$k.log" 2>&1 &
   pids+=($!)
   echo $! >"$run_dir/replica-$k.pid"
   upstreams+="    server 127.0.0.1:$port max_fails=2 fail_timeout=10s;"$'\n'
@@ -57,12 +72,13 @@ if [ "$(id -u)" = 0 ]; then
   nginx_tmp=$(mktemp -d -t ctapp-nginx-XXXXXX)
   chown nobody:nogroup "$nginx_tmp"
 fi
-"$python" - "$run_dir/ctapp.conf" "$upstreams" "$listen" "$server_name" <<'PY'
+"$python" - "$run_dir/ctapp.conf" "$upstreams" "$listen" "$server_name" "$allowed_hosts" "$media_needs_sign_in" <<'PY'
 import sys
 from pathlib import Path
-out, upstreams, listen, name = sys.argv[1:]
+out, upstreams, listen, name, allowed_hosts, media_needs_sign_in = sys.argv[1:]
 text = Path("deploy/ctapp.nginx.conf.in").read_text()
-for key, value in {"@UPSTREAMS@": upstreams.rstrip("\n"), "@LISTEN@": listen, "@SERVER_NAME@": name}.items():
+for key, value in {"@UPSTREAMS@": upstreams.rstrip("\n"), "@LISTEN@": listen, "@SERVER_NAME@": name,
+                   "@ALLOWED_HOSTS@": allowed_hosts.rstrip("\n"), "@MEDIA_NEEDS_SIGN_IN@": media_needs_sign_in}.items():
     text = text.replace(key, value)
 Path(out).write_text(text)
 PY
@@ -98,5 +114,7 @@ for ((k = 0; k < n; k++)); do
   done
 done
 healthy "http://$listen/_stcore/health" || { echo "the proxy does not answer on $listen" >&2; exit 1; }
-echo "ready: http://$listen ($n replicas on ports $first_port-$((first_port + n - 1)); logs and pids in $run_dir)"
+sign_in="sign-in off"
+[ "$media_needs_sign_in" = 1 ] && sign_in="sign-in on, /media/ for signed-in browsers only"
+echo "ready: http://$listen ($n replicas on ports $first_port-$((first_port + n - 1)); $sign_in; logs and pids in $run_dir)"
 wait "${pids[-1]}"

@@ -1,8 +1,11 @@
 """``streamlit run app.py`` as a separate server process on loopback, the way
-a replica runs, for the deployment tests and ``benchmarks/load.py``."""
+a replica runs, and headless Chromium sessions against it, for the deployment
+and sign-in tests and ``benchmarks/load.py``."""
 from __future__ import annotations
 
+import base64
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -19,6 +22,7 @@ from pg_cluster import free_port
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+RESULT_WORDS = ("Prediction:", "Uncertain:", "no result", "no reliable result")  # what a diagnosis shows
 
 
 def chromium_path() -> str | None:
@@ -82,6 +86,29 @@ def replicas(count: int, env: dict[str, str], folder: Path, args: list[str] = ()
         yield started
 
 
+def websocket_status(port: int, host: str, origin: str | None = None) -> int:
+    """The HTTP status of a WebSocket handshake on the app's stream with these headers."""
+    lines = ["GET /_stcore/stream HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
+             f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}", "Sec-WebSocket-Version: 13"]
+    lines += [f"Origin: {origin}"] if origin else []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        return int(s.recv(4096).split(b" ", 2)[1])
+
+
+@contextmanager
+def chromium():
+    """Debian's headless Chromium under Playwright (the caller skips where ``chromium_path()`` is None)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
 def select_option(page, label: str, option: str) -> None:
     """Choose ``option`` in the Streamlit selectbox labelled ``label`` (when not already chosen)."""
     widget = page.locator("[data-testid='stSelectbox']").filter(has=page.get_by_text(label, exact=True)).first
@@ -98,10 +125,50 @@ def diagnose(page, upload: Path, task: str | None = None, timeout_ms: int = 120_
     if task:
         select_option(page, "Task", task)
     page.locator("input[type='file']").first.set_input_files([str(upload)])
-    shown = page.get_by_text("Prediction:", exact=False)
-    for words in ("Uncertain:", "no result", "no reliable result"):
+    result_shown(page).wait_for(timeout=timeout_ms)
+
+
+def result_shown(page):
+    """The locator of a diagnosis result on ``page`` (a Playwright page, sync or async)."""
+    shown = page.get_by_text(RESULT_WORDS[0], exact=False)
+    for words in RESULT_WORDS[1:]:
         shown = shown.or_(page.get_by_text(words, exact=False))
-    shown.first.wait_for(timeout=timeout_ms)
+    return shown.first
+
+
+def diagnose_once(url: str, upload: Path, task: str | None = None, timeout_ms: int = 120_000) -> None:
+    """A new browser opens the app at ``url`` and diagnoses one slice (:func:`diagnose`)."""
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 1200})
+        page.goto(url, wait_until="domcontentloaded")
+        diagnose(page, upload, task, timeout_ms)
+
+
+def secrets_toml(folder: Path, port: int, provider_port: int, admin: str) -> Path:
+    """A secrets file: sign-in at the local mock OpenID Connect provider on ``provider_port`` for the
+    app (or its proxy) on ``port``, with ``admin`` as the one admin."""
+    path = folder / "secrets.toml"
+    path.write_text(f"""
+[auth]
+redirect_uri = "http://127.0.0.1:{port}/oauth2callback"
+cookie_secret = "{secrets.token_hex(32)}"
+client_id = "ctapp-test"
+client_secret = "{secrets.token_hex(16)}"
+server_metadata_url = "http://localhost:{provider_port}/.well-known/openid-configuration"
+
+[roles]
+admin_emails = ["{admin}"]
+""")
+    return path
+
+
+def sign_in(page, url: str, who: str, timeout_ms: int = 120_000) -> None:
+    """Sign in as ``who`` at the mock provider (its own form: any subject, e-mail = subject)."""
+    page.goto(url, wait_until="networkidle")
+    page.get_by_role("button", name="Sign in").click()
+    page.locator("input[name='sub']").fill(who)
+    page.get_by_role("button", name="Authorize").click()
+    page.get_by_text(f"Signed in as {who}", exact=False).wait_for(timeout=timeout_ms)
 
 
 def free_port_pair() -> int:
@@ -138,13 +205,14 @@ class Department:
 
 
 @contextmanager
-def department(env: dict[str, str], folder: Path, count: int = 2, timeout: float = 300):
-    """``count`` replicas behind nginx on loopback, started by the deployment script itself and
-    stopped with it (SIGTERM to the script; its process group is killed if it hangs)."""
-    proxy, first = free_port(), free_port_pair()
+def department(env: dict[str, str], folder: Path, count: int = 2, timeout: float = 300, proxy: int | None = None):
+    """``count`` replicas behind nginx on loopback (on port ``proxy``), started by the deployment
+    script itself and stopped with it (SIGTERM to the script; its process group is killed if it
+    hangs). Sign-in is off unless ``env`` names a ``SECRETS_FILE`` with an ``[auth]`` section."""
+    proxy, first = proxy or free_port(), free_port_pair()
     run_dir, out = folder / "run", folder / "run-replicas.out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **env, "PROXY_LISTEN": f"127.0.0.1:{proxy}",
-           "FIRST_PORT": str(first), "RUN_DIR": str(run_dir)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SECRETS_FILE": os.devnull, **env,
+           "PROXY_LISTEN": f"127.0.0.1:{proxy}", "FIRST_PORT": str(first), "RUN_DIR": str(run_dir)}
     with open(out, "wb") as sink:
         script = subprocess.Popen(["bash", "deploy/run-replicas.sh", str(count)], cwd=REPO, env=env, stdout=sink,
                                   stderr=subprocess.STDOUT, start_new_session=True)

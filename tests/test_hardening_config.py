@@ -4,21 +4,16 @@ Origin, and the audit log is readable by the app's user only. Issue 24: both
 make targets install the locked, hashed set, and this environment is that set."""
 from __future__ import annotations
 
-import base64
-import os
 import re
 import shutil
-import socket
 import stat
 import subprocess
-import sys
-import time
-import urllib.request
 from contextlib import contextmanager
 from importlib import metadata
 
 import pytest
 from app_fixtures import REPO
+from app_server import start_replica, stop, wait_healthy, websocket_status
 from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -41,47 +36,20 @@ def test_shipped_settings_bind_to_this_machine():
     assert "*" not in server.get("corsAllowedOrigins", [])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
-def shipped_server():
-    """``streamlit run app.py`` in the repository with its own settings (only the port changed)."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port)],
-                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def shipped_server(tmp_path):
+    """``streamlit run app.py`` in the repository with its own Host, Origin and XSRF settings."""
+    process, url = start_replica({}, tmp_path / "server.log")
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the app did not start") from None
-                time.sleep(0.5)
-        yield port
+        wait_healthy(url, process, timeout=90)
+        yield int(url.rsplit(":", 1)[1])
     finally:
-        server.terminate()
-        server.wait(30)
-
-
-def websocket_status(port: int, host: str, origin: str | None = None) -> int:
-    """The HTTP status of a WebSocket handshake on the app's stream with these headers."""
-    lines = ["GET /_stcore/stream HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
-             f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}", "Sec-WebSocket-Version: 13"]
-    lines += [f"Origin: {origin}"] if origin else []
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-        return int(s.recv(4096).split(b" ", 2)[1])
+        stop(process)
 
 
 @pytest.mark.slow
-def test_websocket_refuses_foreign_hosts_and_origins():
-    with shipped_server() as port:
+def test_websocket_refuses_foreign_hosts_and_origins(tmp_path):
+    with shipped_server(tmp_path) as port:
         assert websocket_status(port, f"localhost:{port}") == 101  # control: the app's own name is accepted
         assert websocket_status(port, f"127.0.0.1:{port}", origin=f"http://127.0.0.1:{port}") == 101
         assert websocket_status(port, f"evil.example:{port}") == 403  # DNS rebinding
