@@ -193,10 +193,21 @@ class PackedData:
         return scan_sources(roots, class_names, scan=self.scan_one)
 
     def _row(self, path: Path) -> int:
-        try:
+        """The stored file a path names: as scanned, or a source's name followed by its place there."""
+        if path in self.rows:
             return self.rows[path]
-        except KeyError:
-            raise DatasetError(f"{path} is not in {self.path} as scanned") from None
+        if not hasattr(self, "_by_place"):
+            self._by_place = {(int(k), str(rel)): i for i, (k, rel) in
+                              enumerate(zip(self.table["source"], self.table["path"]))}
+        parts = Path(os.path.abspath(path)).parts
+        for k, name in enumerate(self.sources):
+            size = len(Path(name).parts)
+            for start in range(len(parts) - size - 1, -1, -1):
+                if parts[start:start + size] == Path(name).parts:
+                    row = self._by_place.get((k, "/".join(parts[start + size:])))
+                    if row is not None:
+                        return row
+        raise DatasetError(f"{path} is not in {self.path}")
 
     def audit(self, index: DatasetIndex, workers: int = 2, progress=None) -> AuditReport:
         records = []
