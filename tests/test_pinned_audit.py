@@ -74,7 +74,8 @@ def test_audit_policy_drops_every_redundant_copy_and_both_conflicting_images(rep
 
 
 def _prepared(planted: Path, tmp_path: Path, *extra: str):
-    from training.fit import get_args_parser, prepare_data
+    from training.fit import get_args_parser
+    from training.single_split import prepare_data
 
     args = get_args_parser().parse_args(["--data", str(planted), "--out", str(tmp_path / "out"), "--workers", "1",
                                          *extra])
@@ -106,7 +107,8 @@ def test_training_splits_keep_the_files_its_group_pattern_names_together(tmp_pat
     import numpy as np
     from PIL import Image
 
-    from training.fit import get_args_parser, prepare_data
+    from training.fit import get_args_parser
+    from training.single_split import prepare_data
 
     root = tmp_path / "data"
     rng = np.random.default_rng(0)

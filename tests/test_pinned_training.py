@@ -37,15 +37,15 @@ def data(tmp_path_factory) -> Path:
 
 
 class Spy:
-    """Wraps training.fit's train_one_epoch (records the criterion and the weights
+    """Wraps training.trainer's train_one_epoch (records the criterion and the weights
     after each epoch) and evaluation_report (replaces the macro-F1 with a script)."""
 
     def __init__(self, monkeypatch, scripted: list[float] | None):
-        from training import fit
+        from training import trainer
 
         self.criteria: list[nn.Module] = []
         self.states: list[dict[str, torch.Tensor]] = []
-        real_epoch, real_report = fit.train_one_epoch, fit.evaluation_report
+        real_epoch, real_report = trainer.train_one_epoch, trainer.evaluation_report
         scores = iter(scripted or [])
 
         def train_one_epoch(*args, **kwargs):
@@ -60,15 +60,16 @@ class Spy:
                 report["macro_f1"] = next(scores)
             return report
 
-        monkeypatch.setattr(fit, "train_one_epoch", train_one_epoch)
-        monkeypatch.setattr(fit, "evaluation_report", evaluation_report)
+        monkeypatch.setattr(trainer, "train_one_epoch", train_one_epoch)
+        monkeypatch.setattr(trainer, "evaluation_report", evaluation_report)
 
 
 def fit_run(data: Path, out: Path, *extra: str) -> int:
     from training.fit import run
 
     return run(["--data", str(data), "--arch", "baseline", "--img-size", "32", "--batch-size", "4", "--epochs", "3",
-                "--augment", "none", "--weight-storage", "fp32", "--out", str(out), "--quiet", "--workers", "1", *extra])
+                "--augment", "none", "--weight-storage", "fp32", "--out", str(out), "--quiet", "--workers", "1",
+                "--keep-checkpoints", *extra])
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ from ctapp import load_model
 from ctapp.checkpoint import safe_load
 from ctapp.models import create_model, get_spec
 from training import evaluate
-from training.fit import get_args_parser, run, set_trainable
+from training.fit import get_args_parser, run
+from training.trainer import set_trainable
 
 TINY = ["--arch", "baseline", "--img-size", "48", "--batch-size", "8", "--quiet", "--workers", "1"]
 
@@ -29,8 +30,8 @@ def report_flagged(folder):
 
 def test_fit_writes_a_complete_model_folder(tiny_model):
     names = {p.name for p in tiny_model.iterdir()}
-    assert {"model.pt", "model_card.json", "eval_report.json", "eval_report.csv", "history.csv", "audit.json",
-            "last.pt", "best.pt"} <= names
+    assert {"model.pt", "model_card.json", "eval_report.json", "eval_report.csv", "history.csv", "audit.json"} <= names
+    assert not {"last.pt", "best.pt"} & names  # a finished run keeps no checkpoints unless asked to
     card = json.loads((tiny_model / "model_card.json").read_text())
     assert card["classes"] == ["alpha", "beta"] and card["architecture"] == "baseline"
     assert card["weights_origin"].startswith("from scratch")
@@ -59,17 +60,35 @@ def test_fit_writes_a_complete_model_folder(tiny_model):
                                                            "roc_auc_macro": report["roc_auc"]["macro"]}
 
 
-def test_resume_of_a_finished_run_finalises_it_again(tiny_dataset, tmp_path, capsys):
+def test_resume_of_a_finished_run_finalises_it_again_from_the_checkpoints_it_kept(tiny_dataset, tmp_path, capsys):
     out = tmp_path / "runs" / "run"  # a folder whose parent does not exist yet
-    argv = ["--data", str(tiny_dataset), "--epochs", "1", "--out", str(out), *TINY]
+    argv = ["--data", str(tiny_dataset), "--epochs", "1", "--out", str(out), *TINY, "--keep-checkpoints"]
     assert run(argv) == 0
     epochs = [line.split(":")[0] for line in capsys.readouterr().err.splitlines() if ": loss " in line]
     assert epochs == ["epoch 1"]  # one line per epoch, counted from 1
+    assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
     first = json.loads((out / "model_card.json").read_text())
     assert run([*argv, "--resume"]) == 0
     card = json.loads((out / "model_card.json").read_text())
     assert card["created"] >= first["created"]
     assert load_model(out).card["weights_sha256"] == card["weights_sha256"]
+
+
+def test_a_finished_run_drops_its_checkpoints_and_resuming_it_changes_nothing(tiny_dataset, tmp_path, capsys):
+    """last.pt holds the optimiser state beside the weights (283 MB beside a 25 MB model.pt for ResNet-50):
+    once model.pt is written it goes, with best.pt; --resume then says the run is finished and leaves it."""
+    out = tmp_path / "run"
+    argv = ["--data", str(tiny_dataset), "--epochs", "2", "--out", str(out), *TINY]
+    assert run([*argv, "--stop-after", "1"]) == 0
+    assert (out / "last.pt").is_file() and not (out / "model.pt").exists()  # interrupted: resumable
+    assert run([*argv, "--resume"]) == 0
+    assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
+    assert safe_load(out / "model.pt")["epoch"] in (1, 2)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    assert run([*argv, "--resume"]) == 0
+    assert f"--resume: {out} holds a finished model and no checkpoint" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
 def test_a_run_shows_its_progress_in_images_while_caching_and_in_batches_while_training(tiny_dataset, tmp_path,
@@ -160,7 +179,7 @@ def test_evaluate_labels_a_folder_holding_some_of_the_models_classes_by_the_mode
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_dataset, tmp_path, schedule):
     """Weights, optimiser and schedule all continue where they stopped (the
     plateau schedule's memory of its best epoch included)."""
-    common = ["--data", str(tiny_dataset), *TINY, "--epochs", "3", "--seed", "7", *schedule]
+    common = ["--data", str(tiny_dataset), *TINY, "--epochs", "3", "--seed", "7", "--keep-checkpoints", *schedule]
     assert run([*common, "--out", str(tmp_path / "straight")]) == 0
     assert run([*common, "--out", str(tmp_path / "resumed"), "--stop-after", "1"]) == 0
     assert not (tmp_path / "resumed" / "model.pt").exists()
@@ -178,9 +197,11 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_dataset, tmp_
     assert a["scheduler"] == b["scheduler"]
 
 
-def test_history_csv_holds_each_epochs_figures_to_six_significant_digits(tiny_model):
-    lines = (tiny_model / "history.csv").read_text().splitlines()
-    saved = safe_load(tiny_model / "last.pt")["state"]["history"]
+def test_history_csv_holds_each_epochs_figures_to_six_significant_digits(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    assert run(["--data", str(tiny_dataset), "--epochs", "2", "--out", str(out), *TINY, "--keep-checkpoints"]) == 0
+    lines = (out / "history.csv").read_text().splitlines()
+    saved = safe_load(out / "last.pt")["state"]["history"]
     assert lines[0].split(",") == list(saved[0]) and len(lines) == 1 + len(saved) == 3
     for line, epoch in zip(lines[1:], saved):
         for cell, value in zip(line.split(","), epoch.values()):
@@ -193,7 +214,8 @@ def test_the_plateau_schedule_follows_the_optimiser_of_the_unfrozen_network(tiny
     again on it."""
     out = tmp_path / "m"
     assert run(["--data", str(tiny_dataset), *TINY, "--epochs", "3", "--freeze-epochs", "1", "--schedule", "plateau",
-                "--plateau-patience", "0", "--lr", "0.01", "--finetune-lr-scale", "0.1", "--out", str(out)]) == 0
+                "--plateau-patience", "0", "--lr", "0.01", "--finetune-lr-scale", "0.1", "--out", str(out),
+                "--keep-checkpoints"]) == 0
     saved = safe_load(out / "last.pt")
     assert [r["epoch"] for r in saved["state"]["history"]] == [1, 2, 3]
     assert saved["scheduler"]["last_epoch"] == 2  # stepped after each fine-tuning epoch, from its start
@@ -204,13 +226,13 @@ def test_the_plateau_schedule_follows_the_optimiser_of_the_unfrozen_network(tiny
 def test_a_cuda_device_is_given_its_index_before_it_is_selected(monkeypatch, asked, local_rank, expected):
     """torch.cuda.set_device refuses a device without an index: plain "cuda" (and "auto") mean the GPU of
     this process's local rank under torchrun, GPU 0 otherwise. (Found on an H200: --device cuda failed.)"""
-    from training.fit import setup_distributed
+    from training.trainer import setup_distributed
 
     selected = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: selected.append(device))
     monkeypatch.setenv("LOCAL_RANK", local_rank)
-    monkeypatch.setattr("training.fit.configure_threads", lambda n: None)
+    monkeypatch.setattr("training.trainer.configure_threads", lambda n: None)
     device, rank, world = setup_distributed(asked)
     assert device == torch.device(expected) and selected == [torch.device(expected)] and (rank, world) == (0, 1)
 
@@ -251,12 +273,47 @@ def test_every_option_is_explained():
         assert action.help, f"--{action.dest} has no help text"
 
 
+def test_help_names_the_module_and_says_each_default_once(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside a help text
+    text = get_args_parser().format_help()
+    assert text.startswith("usage: python -m training.fit [-h] --data DIR")
+    assert "(default: None)" not in text and "(default: False)" not in text
+    options = {block.split()[0]: " ".join(block.split()) for block in re.split(r"\n(?=  --)", text)[1:]}
+    assert len(options) == len(get_args_parser()._actions) - 1  # all but -h
+    assert [o for o in options.values() if o.count("(default") > 1] == []
+    assert options["--freeze-epochs"].endswith("(default: 3 with pretrained weights, 0 from scratch)")
+    assert options["--augment"].endswith("(default: detail)")
+
+
+def test_the_models_table_commands_retrain_each_shipped_model_with_its_cards_settings():
+    """Options at fit's default are left out of the printed command: parsed back, every command must give
+    the settings its card recorded (the augmentation level included, whichever is now the default)."""
+    import shlex
+
+    from training.models_table import RUN_ONLY, table
+    from training.trainer import default_freeze_epochs
+
+    lines = [line for line in table(ROOT / "models").splitlines() if line.startswith("python -m training.fit")]
+    assert len(lines) == 4
+    for line in lines:
+        assert " --augment " in line  # a recipe always says its augmentation
+        parsed = vars(get_args_parser().parse_args(shlex.split(line)[3:]))
+        folder = ROOT / "models" / Path(parsed["out"]).name
+        settings = json.loads((folder / "model_card.json").read_text())["training"]["settings"]
+        if parsed["freeze_epochs"] is None:  # as the run resolves it
+            parsed["freeze_epochs"] = default_freeze_epochs(parsed["weights"])
+        for key, value in settings.items():
+            if key not in RUN_ONLY | {"out"}:
+                given = list(parsed[key]) if isinstance(parsed[key], tuple) else parsed[key]
+                assert given == value, (folder.name, key, given, value)
+
+
 @pytest.mark.slow
 def test_distributed_training_with_two_cpu_processes(tiny_dataset, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "training.fit",
-           "--data", str(tiny_dataset), *TINY, "--epochs", "2", "--out", str(out)]
+           "--data", str(tiny_dataset), *TINY, "--epochs", "2", "--out", str(out), "--keep-checkpoints"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world size 2" in result.stderr
@@ -279,7 +336,7 @@ def test_the_readme_models_table_is_the_one_the_shipped_cards_give(tmp_path):
 
 
 def test_the_models_table_shows_a_figure_a_card_lacks_as_missing_never_as_zero(tmp_path):
-    from robustness_helpers import write_model_folder
+    from tiny_models import write_model_folder
 
     from training.models_table import table
 
@@ -441,7 +498,7 @@ def _schedule_args(**kw):
 
 
 def test_learning_rate_schedules_by_hand():
-    from training.fit import schedule_factor
+    from training.trainer import schedule_factor
 
     cosine = _schedule_args(schedule="cosine")
     assert [schedule_factor(cosine, e) for e in (0, 1, 2)] == pytest.approx([1 / 3, 2 / 3, 1.0])
@@ -454,7 +511,7 @@ def test_learning_rate_schedules_by_hand():
 
 
 def test_optimisers_and_the_backbone_learning_rate():
-    from training.fit import build_optimizer
+    from training.trainer import build_optimizer
 
     model = create_model("baseline", 2)
     sgd = build_optimizer(_schedule_args(opt="sgd", lr=0.02, momentum=0.8, weight_decay=0.01), model,
@@ -481,16 +538,23 @@ def test_early_stopping_when_validation_macro_f1_stalls(tiny_dataset, tmp_path):
     out = tmp_path / "stalled"
     # A learning rate of zero: the first epoch's macro-F1 is never beaten.
     assert run(["--data", str(tiny_dataset), *TINY, "--epochs", "6", "--lr", "0", "--patience", "2",
-                "--schedule", "constant", "--out", str(out)]) == 0
+                "--schedule", "constant", "--out", str(out), "--keep-checkpoints"]) == 0
     with open(out / "history.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
     assert safe_load(out / "last.pt")["state"]["early_stopped"]
     assert safe_load(out / "best.pt")["epoch"] == 1
 
 
-def test_a_run_of_another_architecture_is_not_resumed(tiny_dataset, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert run(["--data", str(tiny_dataset), *TINY, "--epochs", "1", "--stop-after", "1", "--out", str(out)]) == 0
+@pytest.fixture(scope="module")
+def interrupted_run(tiny_dataset, tmp_path_factory) -> Path:
+    """A baseline run stopped after the first of two epochs: its last.pt is there to resume."""
+    out = tmp_path_factory.mktemp("interrupted") / "run"
+    assert run(["--data", str(tiny_dataset), *TINY, "--epochs", "2", "--stop-after", "1", "--out", str(out)]) == 0
+    return out
+
+
+def test_a_run_of_another_architecture_is_not_resumed(interrupted_run, tiny_dataset, capsys):
+    out = interrupted_run
     other = [a if a != "baseline" else "resnet50" for a in TINY]
     assert run(["--data", str(tiny_dataset), *other, "--epochs", "2", "--resume", "--out", str(out)]) == 2
     assert "is a baseline run on classes ['alpha', 'beta']; it cannot resume this resnet50 run" in \
@@ -527,18 +591,19 @@ def test_far_threshold_is_twice_the_99th_percentile():
 def test_patience_counts_epochs_since_the_last_improvement(tiny_dataset, tmp_path, monkeypatch):
     """Scripted validation macro-F1 0.5, 0.4, 0.6, 0.55, 0.5, 0.45 with patience 2: the improvement at epoch 3
     restarts the count, so the run stops after epoch 5, keeping epoch 3."""
-    import training.fit as fit
+    import training.trainer as trainer
 
     scripted = iter([0.5, 0.4, 0.6, 0.55, 0.5, 0.45])
-    real = fit.evaluation_report
+    real = trainer.evaluation_report
 
     def report(*args, **kwargs):
         result = real(*args, **kwargs)
         return {**result, "macro_f1": next(scripted, result["macro_f1"])}
 
-    monkeypatch.setattr(fit, "evaluation_report", report)
+    monkeypatch.setattr(trainer, "evaluation_report", report)
     out = tmp_path / "run"
-    assert run(["--data", str(tiny_dataset), *TINY, "--epochs", "6", "--patience", "2", "--out", str(out)]) == 0
+    assert run(["--data", str(tiny_dataset), *TINY, "--epochs", "6", "--patience", "2", "--out", str(out),
+                "--keep-checkpoints"]) == 0
     state = safe_load(out / "last.pt")["state"]
     assert (state["epoch"], state["best_epoch"], state["early_stopped"]) == (5, 3, True)
 
@@ -565,8 +630,8 @@ def test_auto_precision_on_a_cpu_uses_bf16_only_where_it_is_fast(fast_bf16, monk
     assert engine.choose_precision("auto", cpu) == engine.Precision(cpu, torch.bfloat16 if fast_bf16 else None)
 
 
-def test_trained_weights_are_kept_channels_last(tiny_model):
-    state = safe_load(tiny_model / "last.pt")["model"]
+def test_trained_weights_are_kept_channels_last(interrupted_run):
+    state = safe_load(interrupted_run / "last.pt")["model"]
     convs = [t for t in state.values() if t.dim() == 4 and t.shape[-1] > 1]
     assert convs and all(t.is_contiguous(memory_format=torch.channels_last) for t in convs)
 
@@ -792,7 +857,7 @@ def test_autocast_runs_in_the_precision_it_was_given():
 
 
 def test_latency_is_the_median_over_repeats_on_one_512_px_slice():
-    from training.fit import measure_latency
+    from training.card import measure_latency
 
     seen = []
 
@@ -812,7 +877,7 @@ def test_latency_is_the_median_over_repeats_on_one_512_px_slice():
 @pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs the project's git checkout")
 def test_a_card_names_the_commit_of_the_code_that_trained_it():
     from ctapp import __version__
-    from training.fit import code_version
+    from training.card import code_version
 
     version = code_version()
     assert version.startswith(f"ctapp {__version__} (") and version.endswith(")")

@@ -15,8 +15,9 @@ and report are out-of-fold figures, each fold's calibration fitted on the other
 folds only.
 
 Under ``OUT/cv/``: ``folds.csv`` (the fold of every image), ``fold-K/`` and
-``full/`` (``last.pt`` every epoch, ``model.pt`` once the run is complete).
-``--resume`` continues the run that was interrupted; finished runs are kept.
+``full/`` (``last.pt`` every epoch, ``model.pt`` once the run is complete, when
+``last.pt`` goes unless ``--keep-checkpoints``). ``--resume`` continues the run
+that was interrupted; finished runs are kept.
 """
 from __future__ import annotations
 
@@ -35,8 +36,6 @@ from ctapp.checkpoint import atomic_write_text, load_model_file, pack_state, sav
 from ctapp.data import DatasetError, DatasetIndex, cv_folds, group_ids, scan_sources
 from ctapp.evaluation import image_identity, write_report
 from ctapp.inference import CONFIDENT, NOT_CHEST_CT, UNLIKE_TRAINING, LoadedModel, batched_forward
-from ctapp.model_folders import WEIGHTS_FILE, load_model
-from ctapp.ood import MahalanobisOOD, ood_feature_keys
 from ctapp.metrics import (
     calibrated,
     evaluation_report,
@@ -47,10 +46,14 @@ from ctapp.metrics import (
     selective_summary,
     selective_threshold,
 )
+from ctapp.model_folders import WEIGHTS_FILE, load_model
 from ctapp.models import count_parameters, get_spec
+from ctapp.ood import MahalanobisOOD, ood_feature_keys
 from ctapp.preprocess import load_squares
+from training.card import DISCLAIMER, card_figures, measure_latency, meta_for, model_card, ood_check, short_metrics
 from training.engine import Progress
 from training.foreign import FAR_RULE, far_threshold
+from training.trainer import discard_checkpoints, train_model
 
 FOLDS_FILE = "folds.csv"
 FOLD_MODEL_FILE = "calibrated.pt"
@@ -133,8 +136,6 @@ def _epochs_done(folder: Path) -> int:
 
 
 def cross_validate(setup) -> Path:
-    from training.fit import meta_for, train_model
-
     args, log = setup.args, setup.log
     if args.cv < 2:
         raise DatasetError(f"--cv needs at least 2 folds, got {args.cv}")
@@ -144,7 +145,7 @@ def cross_validate(setup) -> Path:
     setup.class_names = index.class_names
     folds = assign_folds(setup, index, digests, cv_dir)
     labels = np.array([s.label for s in index.samples])
-    meta_base = meta_for(setup, index, audit_summary)
+    meta_base = meta_for(args, setup.config, index, audit_summary)
     meta_base["cross_validation"] = {"folds": args.cv, "seed": args.seed, "split_block": args.split_block,
                                      "group_pattern": args.group_pattern}
     if setup.is_main:
@@ -179,6 +180,7 @@ def cross_validate(setup) -> Path:
             save_model_file(folder / WEIGHTS_FILE, model, {**fold_meta, "epoch": state["epoch"],
                                                             "train_seconds": state["train_seconds"]},
                             storage="fp16")
+            discard_checkpoints(folder, args)
     if setup.is_main:
         finalize_cv(setup, out, index, folds, loaded.images, labels, meta_base)
     return out
@@ -309,8 +311,6 @@ def breakdown(probs: np.ndarray, labels: np.ndarray, uncertain: np.ndarray, keys
 def finalize_cv(setup, out: Path, index: DatasetIndex, folds: np.ndarray, images: torch.Tensor,
                 labels: np.ndarray, meta_base: dict) -> None:
     """Out-of-fold report, calibration and thresholds; the final model, its card."""
-    from training.fit import DISCLAIMER, _short_metrics, measure_latency, model_card, ood_check
-
     args, log = setup.args, setup.log
     cv_dir = out / "cv"
     oof = out_of_fold(setup, cv_dir, folds, images, labels)
@@ -373,7 +373,7 @@ def finalize_cv(setup, out: Path, index: DatasetIndex, folds: np.ndarray, images
     meta = {**meta_base, "epoch": full_meta.get("epoch"), "temperature": temperature, "ood": ood.to_dict(),
             "confidence_threshold": confidence_threshold, "name": out.name,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    meta["metrics"] = {**_short_metrics(report), "out_of_fold": True}
+    meta["metrics"] = {**short_metrics(report), "out_of_fold": True}
     (out / "model_card.json").unlink(missing_ok=True)
     save_model_file(out / WEIGHTS_FILE, model, meta, storage=args.weight_storage)
     write_report(report, rows, out / "eval_report.json")
@@ -420,12 +420,6 @@ def finalize_cv(setup, out: Path, index: DatasetIndex, folds: np.ndarray, images
     log(f"saved {out / WEIGHTS_FILE}: out-of-fold accuracy {report['accuracy']:.4f} "
         f"({report['fold_spread']['accuracy']['std']:.3f} sd over folds), macro-F1 {report['macro_f1']:.4f}, "
         f"ECE {report['ece']:.3f}; {card['selective_answers']['statement']}")
-
-
-def card_figures(report: dict) -> dict:
-    keys = ("images", "accuracy", "macro_f1", "roc_auc", "per_class", "sensitivity", "specificity",
-            "positive_class", "fold_spread", "per_source", "coverage", "accuracy_when_confident", "split")
-    return {k: report[k] for k in keys if k in report}
 
 
 def _merge_histories(cv_dir: Path, out: Path, names: list[str]) -> None:

@@ -27,7 +27,6 @@ import numpy as np
 from ctapp.checkpoint import CheckpointError, atomic_write_text
 from ctapp.evaluation import IMAGE_COLUMNS, read_predictions, write_report
 from ctapp.inference import CONFIDENT, SEVERITY, answer_state, ensemble_logits
-from ctapp.model_folders import ENSEMBLE_FILE, load_model
 from ctapp.metrics import (
     calibrated,
     evaluation_report,
@@ -38,8 +37,9 @@ from ctapp.metrics import (
     selective_summary,
     selective_threshold,
 )
-from training.crossval import breakdown, card_figures, fold_spread, out_of_fold_input_states
-from training.fit import DISCLAIMER, measure_latency
+from ctapp.model_folders import ENSEMBLE_FILE, load_model
+from training.card import DISCLAIMER, card_figures, measure_latency
+from training.crossval import breakdown, fold_spread, out_of_fold_input_states
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

@@ -16,24 +16,27 @@ from pathlib import Path
 from ctapp.model_folders import DEFAULT_MODELS_DIR, ENSEMBLE_FILE, list_models, read_ensemble_spec
 
 # Options that describe the run rather than the model, left out of the printed command.
-RUN_ONLY = {"quiet", "resume", "stop_after", "workers", "device"}
+RUN_ONLY = {"quiet", "resume", "keep_checkpoints", "stop_after", "workers", "device"}
 # Printed even at their defaults: what a reader looks for first.
-ALWAYS = {"data", "arch", "weights", "epochs", "img_size", "out"}
+ALWAYS = {"data", "arch", "weights", "epochs", "img_size", "augment", "out"}
 
 
 def command(settings: dict, out: str | None = None) -> str:
     """The training command with every option that differs from its default
     (``out`` replaces the output folder the run used)."""
     from training.fit import get_args_parser
+    from training.trainer import default_freeze_epochs
 
     defaults = {a.dest: a.default for a in get_args_parser()._actions}
+    # A card records the number of frozen epochs the run resolved from its weights.
+    defaults["freeze_epochs"] = default_freeze_epochs(str(settings.get("weights", defaults["weights"])))
     parts = ["python -m training.fit"]
     for key, value in settings.items():
         if key == "out" and out:
             value = out
         default = defaults.get(key)
         at_default = value == default or (isinstance(default, tuple) and list(default) == value)
-        if key in RUN_ONLY or value in (None, False) or (at_default and key not in ALWAYS):
+        if key in RUN_ONLY or value is None or value is False or (at_default and key not in ALWAYS):
             continue
         flag = "--" + key.replace("_", "-")
         if value is True:
