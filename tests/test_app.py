@@ -177,6 +177,13 @@ def test_batch_with_bad_files_table_csv_and_detail(app_settings):
     assert "not an image file" in results["Flags"][2]
     for result, confidence in zip(results["Result"], results["Confidence"]):  # a bar only for a confident answer
         assert (0.0 < confidence <= 1.0) if result in ("Alpha", "Beta") else pd.isna(confidence), (result, confidence)
+    # The audit log holds each answer's state apart from its class: confident exactly where the table says so.
+    import hashlib
+
+    with sqlite3.connect(app_settings.audit_log) as db:
+        states = dict(db.execute("SELECT image_sha256, state FROM diagnoses WHERE model = 'tiny-a'").fetchall())
+    for (name, data, _), result in zip(good, results["Result"][[0, 1, 4]]):
+        assert (states[hashlib.sha256(data).hexdigest()] == "confident") == (result in ("Alpha", "Beta")), name
     assert at.download_button(key="results_csv").label == "Download table (CSV)"
 
     picker = at.selectbox(key="detail_slice")
