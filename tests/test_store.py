@@ -336,7 +336,8 @@ def test_filters_counts_per_day_and_choices(location, monkeypatch):
                                    "result": [("confident", "alpha"), ("confident", "beta"),
                                               ("low confidence", "alpha")]}
         assert [r["image_sha256"][-1] for r in store.diagnoses(state="low confidence")] == ["4"]
-        assert [r["image_sha256"][-1] for r in store.diagnoses(state="confident", prediction="alpha")] == ["5", "3", "1"]
+        confident_alpha = store.diagnoses(state="confident", prediction="alpha")
+        assert [r["image_sha256"][-1] for r in confident_alpha] == ["5", "3", "1"]
         assert store.counts_per_day(state="low confidence") == [("2025-03-04", 1)]
         (row,) = store.diagnoses(prediction="beta")
         assert row["confidence"] == 0.9 and json.loads(row["probabilities"]) == {"alpha": 0.1, "beta": 0.9}
