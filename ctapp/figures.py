@@ -42,6 +42,21 @@ def _layout(fig: go.Figure, *, title: str | None = None, height: int | None = No
     return fig
 
 
+LEGEND_LINE_PX = 24  # one legend entry per line (with the gap between legend groups)
+BELOW_PLOT_PX = 70  # the x-axis tick labels and title under the plot
+
+
+def _legend_below(fig: go.Figure, entries: int) -> go.Figure:
+    """The legend in space of its own under the x-axis title, one entry a line,
+    the figure taller by as much. A horizontal legend above the plot wraps on a
+    narrow page into panel titles and the top of the plot (curves along y = 1)."""
+    legend_px = LEGEND_LINE_PX * entries + 10
+    fig.update_layout(height=(fig.layout.height or 450) + legend_px, margin={"b": BELOW_PLOT_PX + legend_px},
+                      legend={"orientation": "v", "tracegroupgap": 4, "yref": "container", "y": 0, "yanchor": "bottom",
+                              "xref": "paper", "x": 0, "xanchor": "left"})
+    return fig
+
+
 def _display(report: Mapping) -> dict[str, str]:
     """Class key -> readable name, from a report (or a model card)."""
     keys = list(report.get("class_names") or report.get("classes") or [])
@@ -135,19 +150,23 @@ def roc_figure(reports: Mapping[str, Mapping], *, title: str | None = None) -> g
             lines.append(f"<span style='color:{color}'>{label}: AUC {'n/a' if auc is None else f'{auc:.3f}'}</span>")
             if not curve:
                 continue
+            # Curves share long runs (up the y axis, along y = 1): each drawn thinner than the one
+            # before, so that every model's colour shows at its edges.
             fig.add_trace(go.Scatter(
                 x=curve["fpr"], y=curve["tpr"], mode="lines", name=label, legendgroup=label, showlegend=i == 0,
-                line={"color": color, "width": 2, "shape": "hv"},
+                line={"color": color, "width": 1.5 + 1.25 * (len(reports) - 1 - m), "shape": "hv"},
                 hovertemplate=f"{label}<br>false positive rate %{{x:.2f}}<br>true positive rate %{{y:.2f}}<extra></extra>",
             ), row=row, col=col)
         axis = "" if i == 0 else str(i + 1)
         fig.add_annotation(xref=f"x{axis} domain", yref=f"y{axis} domain", x=0.98, y=0.02, xanchor="right",
                            yanchor="bottom", align="right", showarrow=False, text="<br>".join(lines),
                            bgcolor="rgba(255,255,255,0.85)", font={"size": 12})
-    fig.update_xaxes(range=[0, 1], title="false positive rate (1 - specificity)", gridcolor=GRID, constrain="domain")
-    fig.update_yaxes(range=[0, 1.02], title="true positive rate (sensitivity)", gridcolor=GRID)
+    # A margin round the unit square, and no zero lines drawn over the curves that run along x = 0.
+    fig.update_xaxes(range=[-0.02, 1.02], title="false positive rate (1 - specificity)", gridcolor=GRID,
+                     zeroline=False)
+    fig.update_yaxes(range=[-0.02, 1.04], title="true positive rate (sensitivity)", gridcolor=GRID, zeroline=False)
     _layout(fig, title=title, height=60 + 380 * rows)
-    return fig
+    return _legend_below(fig, len(reports))
 
 
 def confusion_figure(report: Mapping, *, normalize: bool = False, title: str | None = None) -> go.Figure:
@@ -210,7 +229,8 @@ def reliability_figure(reports: Mapping[str, Mapping], *, title: str | None = No
     fig.update_yaxes(range=[0, 1.02], title="accuracy", gridcolor=GRID, row=1, col=1)
     fig.update_yaxes(title="images", gridcolor=GRID, row=2, col=1)
     fig.update_layout(barmode="overlay")
-    return _layout(fig, title=title, height=520)
+    _layout(fig, title=title, height=520)
+    return _legend_below(fig, 1 + sum(bool(r.get("reliability")) for r in reports.values()))
 
 
 # --------------------------------------------------------------------------- training history
@@ -224,30 +244,40 @@ HISTORY_PANELS = (
 )
 
 
-def risk_coverage_figure(reports: Mapping[str, Mapping], *, target: float | None = 0.9,
+def risk_coverage_figure(reports: Mapping[str, Mapping], *, target: float | Sequence[float] | None = None,
                          title: str | None = None) -> go.Figure:
     """Accuracy of the answered slices against the share answered, the most
-    confident first (``risk_coverage`` of each report), with the target accuracy
-    and each model's operating point (where its confidence threshold answers)."""
+    confident first (``risk_coverage`` of each report), with each model's
+    operating point (a diamond: where its confidence threshold answers) and the
+    target accuracy its threshold was chosen for (one line per distinct
+    ``target``, as the model cards record it; none when not given)."""
     fig = go.Figure()
+    shipped = 0
     for n, (label, r) in enumerate(reports.items()):
         curve = r.get("risk_coverage") or []
         if not curve:
             continue
         fig.add_trace(go.Scatter(x=[c["coverage"] for c in curve], y=[c["accuracy"] for c in curve],
                                  mode="lines", name=str(label), line={"color": model_color(n), "width": 2},
+                                 legendgroup=str(label),
                                  hovertemplate="answers %{x:.0%} of slices: right %{y:.1%}<extra></extra>"))
         if r.get("coverage") is not None and r.get("accuracy_when_confident") is not None:
+            shipped += 1
             fig.add_trace(go.Scatter(x=[r["coverage"]], y=[r["accuracy_when_confident"]], mode="markers",
-                                     name=f"{label}: as shipped", marker={"color": model_color(n), "size": 11,
-                                                                          "symbol": "diamond"},
+                                     name=f"{label}: as shipped", legendgroup=str(label), showlegend=False,
+                                     marker={"color": model_color(n), "size": 11, "symbol": "diamond"},
                                      hovertemplate="as shipped: answers %{x:.0%}, right %{y:.1%}<extra></extra>"))
-    if target is not None:
-        fig.add_hline(y=target, line={"color": "#7f8c8d", "dash": "dash", "width": 1},
-                      annotation={"text": f"target {target:.0%}", "font": {"size": 11}})
+    if shipped:  # one legend entry says what every diamond is
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="as shipped (its confidence threshold)",
+                                 marker={"color": "#7f8c8d", "size": 11, "symbol": "diamond"}, hoverinfo="skip"))
+    targets = [] if target is None else [target] if isinstance(target, (int, float)) else list(target)
+    for value in sorted(set(targets)):
+        fig.add_hline(y=value, line={"color": "#7f8c8d", "dash": "dash", "width": 1},
+                      annotation={"text": f"target {value:.0%}", "font": {"size": 11}})
     fig.update_xaxes(range=[0, 1.02], tickformat=".0%", title="share of slices answered", gridcolor=GRID)
-    fig.update_yaxes(range=[0, 1.02], tickformat=".0%", title="accuracy of the answers", gridcolor=GRID)
-    return _layout(fig, title=title, height=420)
+    fig.update_yaxes(range=[0, 1.04], tickformat=".0%", title="accuracy of the answers", gridcolor=GRID)
+    _layout(fig, title=title, height=420)
+    return _legend_below(fig, sum(bool(r.get("risk_coverage")) for r in reports.values()) + bool(shipped))
 
 
 def read_history(path: str | Path) -> list[dict]:

@@ -171,6 +171,12 @@ def pair_predictions(report_a: dict, rows_a: list[dict], report_b: dict, rows_b:
     return Pairing(pairs, mismatches)
 
 
+def target_accuracies(chosen: list[ReportEntry]) -> list[float]:
+    """The accuracy each model's confidence threshold was chosen for, as its card records it."""
+    targets = (((e.model.card or {}).get("selective_answers") or {}).get("target_accuracy") for e in chosen)
+    return [t for t in targets if isinstance(t, (int, float))]
+
+
 def answer_kind(report: dict) -> str:
     """Whose answers a report's rows are: a cross-validation model's that never
     saw the image, or the model's as it was when the report was written."""
@@ -246,7 +252,10 @@ def show_metrics(chosen: list[ReportEntry]) -> None:
                "model card does not record it).")
     st.markdown("**Per class**")
     per_class = figures.per_class_table(reports)
+    # Widths of their own: stretched to the page, the grid cut the class names behind ellipses.
     st.dataframe(per_class, hide_index=True, key="per_class_table", column_config={
+        "Model": st.column_config.TextColumn("Model", width="large"),
+        "Class": st.column_config.TextColumn("Class", width="medium"),
         **{k: st.column_config.NumberColumn(k, format="percent") for k in ("Precision", "Recall")},
         **{k: st.column_config.NumberColumn(k, format="%.3f") for k in ("F1", "AUC")}})
     st.caption("Click a column header to sort.")
@@ -317,9 +326,10 @@ def show_paired(chosen: list[ReportEntry], task: str, opacity: float = 0.4) -> N
               column_b: names.get(rb["pred"], rb["pred"]), f"{column_b} confidence": float(rb["confidence"]),
               "Right": ea.model.name if ra["pred"] == ra["true"] else eb.model.name if rb["pred"] == rb["true"]
               else "neither"} for ra, rb in disagreements[:MAX_DISAGREEMENTS_LISTED]]
+    widths = {k: st.column_config.TextColumn(k, width="medium") for k in ("Image", "True class", column_a, column_b)}
     confidence = {k: st.column_config.ProgressColumn(k, format="percent", min_value=0.0, max_value=1.0)
                   for k in table[0] if k.endswith("confidence")}
-    st.dataframe(table, hide_index=True, column_config=confidence, key="disagreements")
+    st.dataframe(table, hide_index=True, column_config=widths | confidence, key="disagreements")
     pick = st.selectbox("Image to explain", range(len(table)), format_func=lambda i: table[i]["Image"],
                         key=f"disagreement_pick_{task}_{a}_{b}")
     ra, rb = disagreements[pick]
@@ -461,8 +471,9 @@ def main() -> None:
             if any(r.get("risk_coverage") for r in reports.values()):
                 st.markdown("**Selective answers**: how often each model is right when it answers only its most "
                             "confident slices (out-of-fold reports). The diamond is where its confidence threshold "
-                            "puts it.")
-                st.plotly_chart(figures.risk_coverage_figure(reports), key="risk_coverage")
+                            "puts it; the dashed line, the accuracy that threshold was chosen for (its model card).")
+                st.plotly_chart(figures.risk_coverage_figure(reports, target=target_accuracies(chosen)),
+                                key="risk_coverage")
             st.caption("Points on the dotted diagonal mean the stated probability matches how often the model is "
                        "right; the bars show how many images fall in each confidence bin.")
         with tabs[4]:

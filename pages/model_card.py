@@ -22,7 +22,11 @@ SHOWN = {"name", "task", "classes", "display_names", "architecture", "architectu
          "parameters", "weight_storage", "weights_file", "weights_sha256", "size_bytes", "preprocessing",
          "gradcam_layer", "training_data", "training", "validation", "calibration", "out_of_distribution",
          "confidence_threshold", "created", "code_version", "intended_use", "limitations", "disclaimer",
-         "weight_storage_check", "latency_ms", "cross_validation", "selective_answers", "shift_simulation"}
+         "weight_storage_check", "latency_ms", "cross_validation", "selective_answers", "shift_simulation",
+         "members", "member_comparison"}
+# The figures by which an ensemble's card compares it with each member, as the dashboard names them.
+COMPARED = {"accuracy": "Accuracy", "macro_f1": "Macro-F1", "roc_auc_macro": "ROC AUC (macro)", "ece": "ECE",
+            "coverage": "Answered (not uncertain)", "accuracy_when_confident": "Accuracy when answered"}
 
 
 # --------------------------------------------------------------------------- plain functions
@@ -138,6 +142,24 @@ def per_source_rows(card: Mapping) -> list[dict]:
             for name, row in ((card.get("validation") or {}).get("per_source") or {}).items()]
 
 
+def member_comparison_rows(card: Mapping) -> list[dict]:
+    """An ensemble card's ``member_comparison`` as a table: one row per model, the ensemble first."""
+    rows = []
+    for name, values in (card.get("member_comparison") or {}).items():
+        model = f"{card.get('name', 'the ensemble')} (the ensemble)" if name == "ensemble" else name
+        rows.append({"Model": model, **{label: figures.format_metric(label, (values or {}).get(key))
+                                        for key, label in COMPARED.items()}})
+    return rows
+
+
+def side_by_side(cards: Mapping[str, Mapping], section: str) -> list[dict]:
+    """One section of several cards (an ensemble's members') as rows {Field, one column per card}."""
+    fields = list(dict.fromkeys(k for card in cards.values() for k in (card.get(section) or {})))
+    return [{"Field": field.replace("_", " "),
+             **{name: fmt((card.get(section) or {}).get(field)) for name, card in cards.items()}}
+            for field in fields]
+
+
 def class_balance_rows(audit: Mapping) -> list[dict]:
     """Images per split and class, as found and as kept by the audit policy."""
     names = dict(zip(audit.get("classes", []), audit.get("display_names", [])))
@@ -189,15 +211,56 @@ def choose_model(by_task: dict[str, list[ModelEntry]]) -> ModelEntry:
     return paths[chosen]
 
 
+def member_cards(entry: ModelEntry) -> dict[str, Mapping]:
+    """The cards of an ensemble's members by folder name; empty for a single network."""
+    return {folder.name: ui_cache.read_json(folder / "model_card.json") or {}
+            for folder in ensemble_members(entry) or []}
+
+
+def card_section(card: Mapping, section: str, members: Mapping[str, Mapping]) -> None:
+    """A section of the card; an ensemble, which has none of its own, shows its members' side by side."""
+    if card.get(section) or not members:
+        kv_table(key_values(card.get(section)))
+        return
+    rows = side_by_side(members, section)
+    if rows:
+        st.caption("The ensemble's members', each applied to its own input:")
+        st.table(rows, hide_index=True, border="horizontal")
+    else:
+        st.caption("Not recorded on the members' cards.")
+
+
 def show_overview(entry: ModelEntry, card: Mapping) -> None:
     st.markdown(f"**Intended use.** {card.get('intended_use') or 'not stated'}")
     limitations = card.get("limitations") or []
     if limitations:
         st.markdown("**Limitations**\n" + "".join(f"\n- {item}" for item in limitations))
+    members = member_cards(entry)
+    # Per class and per source at full width: in a half-width column the class names and the
+    # per-source figures were cut off.
+    cross_validated = bool((card.get("validation") or {}).get("fold_spread"))
+    rows = per_class_rows(card)
+    if rows:
+        st.markdown("**Out-of-fold, per class**" if cross_validated else "**Validation, per class**")
+        st.dataframe(rows, hide_index=True, key="card_per_class", column_config={
+            "Class": st.column_config.TextColumn("Class", width="medium"),
+            **{k: st.column_config.NumberColumn(k, format="%.3f") for k in ("Precision", "Recall", "F1", "AUC")}})
+    sources = per_source_rows(card)
+    if sources:
+        st.markdown("**Out-of-fold, per source**")
+        st.dataframe(sources, hide_index=True, key="card_per_source", column_config={
+            "Source": st.column_config.TextColumn("Source", width="medium"),
+            **{k: st.column_config.NumberColumn(k, format="%.3f")
+               for k in ("Accuracy", "Macro-F1", "AUC", "Answered", "Right when answering")}})
+    comparison = member_comparison_rows(card)
+    if comparison:
+        st.markdown("**The ensemble against each member** (out of fold, on the same images)")
+        st.table(comparison, hide_index=True, border="horizontal")
     left, right = st.columns(2, gap="large")
     with left:
         st.markdown("**Model**")
         model = {"architecture": card.get("architecture_title") or card.get("architecture"),
+                 "members": card.get("members"),
                  "weights_origin": card.get("weights_origin"), "parameters": card.get("parameters"),
                  "weight_storage": card.get("weight_storage"),
                  "size": f"{card['size_bytes'] / 1e6:.1f} MB" if card.get("size_bytes") else None,
@@ -208,20 +271,8 @@ def show_overview(entry: ModelEntry, card: Mapping) -> None:
         kv_table(key_values({k: v for k, v in model.items() if v is not None},
                             {"gradcam_layer": "Grad-CAM layer", "weights_sha256": "weights SHA-256"}))
         st.markdown("**Preprocessing**")
-        kv_table(key_values(card.get("preprocessing")))
+        card_section(card, "preprocessing", members)
     with right:
-        cross_validated = bool((card.get("validation") or {}).get("fold_spread"))
-        st.markdown("**Out-of-fold, per class**" if cross_validated else "**Validation, per class**")
-        rows = per_class_rows(card)
-        if rows:
-            st.dataframe(rows, hide_index=True, key="card_per_class", column_config={
-                k: st.column_config.NumberColumn(k, format="%.3f") for k in ("Precision", "Recall", "F1", "AUC")})
-        sources = per_source_rows(card)
-        if sources:
-            st.markdown("**Out-of-fold, per source**")
-            st.dataframe(sources, hide_index=True, key="card_per_source", column_config={
-                k: st.column_config.NumberColumn(k, format="%.3f")
-                for k in ("Accuracy", "Macro-F1", "AUC", "Answered", "Right when answering")})
         selective = card.get("selective_answers") or {}
         if selective.get("statement"):
             st.markdown(f"**Selective answers.** {selective['statement']}")
@@ -235,8 +286,8 @@ def show_overview(entry: ModelEntry, card: Mapping) -> None:
             kv_table(key_values(card.get("cross_validation")))
         st.markdown("**Calibration**")
         kv_table(key_values(card.get("calibration")))
-        st.markdown("**Out-of-distribution check**")
-        kv_table(key_values(card.get("out_of_distribution")))
+    st.markdown("**Out-of-distribution check**")
+    card_section(card, "out_of_distribution", members)
     check = card.get("weight_storage_check")
     if check:
         st.markdown("**Effect of the stored weight precision** (validation, before calibration)")

@@ -121,9 +121,9 @@ def select_option(page, label: str, option: str) -> None:
     page.get_by_role("option", name=option, exact=True).click()
 
 
-def screenshot(page, name: str) -> Path:
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / name
+def screenshot(page, name: str, folder: Path = ARTIFACTS) -> Path:
+    folder.mkdir(exist_ok=True)
+    path = folder / name
     page.screenshot(path=str(path), full_page=True)
     return path
 
@@ -149,7 +149,7 @@ def assert_clean(page) -> None:
     assert "Research use only" in text
 
 
-def open_comparison(page, task: str, shot: str) -> None:
+def open_comparison(page, task: str, shot: str, folder: Path = ARTIFACTS) -> None:
     """Go to the comparison dashboard, pick ``task``, wait for the metrics and take a screenshot."""
     page.get_by_role("link", name="Model comparison").click()
     page.get_by_role("heading", name="Model comparison").wait_for(timeout=WAIT_MS)
@@ -157,7 +157,7 @@ def open_comparison(page, task: str, shot: str) -> None:
     page.get_by_text("Per class").wait_for(timeout=WAIT_MS)
     page.wait_for_timeout(1500)
     assert_clean(page)
-    screenshot(page, shot)
+    screenshot(page, shot, folder)
 
 
 def test_diagnosis_comparison_and_card_in_a_browser(page, server, tmp_path):
@@ -348,3 +348,74 @@ def test_uncertain_states_in_a_browser(pw, tmp_path):
                 screenshot(page, name)
         finally:
             browser.close()
+
+
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not shipped_model_tasks(), reason="no shipped models under models/")
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data (the datasets) is not beside the repository: "
+                    "the disagreements' images cannot be opened")
+def test_shipped_ensemble_and_member_compared_in_a_browser(pw, tmp_path_factory):
+    """Issue 24 item 5, what a new user of a fresh clone sees: for each shipped
+    task the comparison page pairs the ensemble with a member on every image
+    (the data folder is only found, never configured), runs McNemar, and shows
+    the Grad-CAMs of an image they disagree on, from the shipped models, with
+    the table's answers marked out of fold. Screenshots go to a temporary folder."""
+    shots = tmp_path_factory.mktemp("comparison-screenshots")
+    work = tmp_path_factory.mktemp("comparison-app")
+    env = {"CTAPP_AUDIT_LOG": str(work / "audit.sqlite"), "CTAPP_REPORTS_DIR": str(work / "reports"),
+           "CTAPP_DATA_ROOTS": str(SHARED_DATA)}
+    tasks = sorted(shipped_model_tasks(), key=lambda t: "lung" not in t.lower())
+    with running_app(env, work / "server.log") as url:
+        browser = pw.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1800})
+        try:
+            page.goto(url, wait_until="networkidle")
+            for task in tasks:
+                slug = "lung" if "lung" in task.lower() else "covid"
+                with explained_failure(page, f"shipped-paired-{slug}"):
+                    open_comparison(page, task, f"{slug}-metrics.png", shots)
+                    for tab, name in (("ROC curves", "roc"), ("Calibration", "calibration")):
+                        page.get_by_role("tab", name=tab).click()
+                        page.wait_for_timeout(1500)
+                        screenshot(page, f"{slug}-{name}.png", shots)
+                    page.get_by_role("tab", name="Two models on the same images").click()
+                    panel = page.locator("[role='tabpanel']:visible").first
+                    panel.get_by_text("exact McNemar test", exact=False).wait_for(timeout=WAIT_MS)
+                    assert panel.get_by_text("share no images", exact=False).count() == 0
+                    # [images in common, only model A right, only model B right, p]: the ensemble against a member
+                    metrics = [m.inner_text().split("\n") for m in panel.locator("[data-testid='stMetric']").all()]
+                    assert "ensemble" in metrics[1][0] and "ensemble" not in metrics[2][0], metrics
+                    assert metrics[0][-1].replace(",", "") in ("577", "2526"), metrics  # every image, paired
+                    panel.get_by_text("shipped model now", exact=False).first.wait_for(timeout=WAIT_MS)
+                    panel.locator("[data-testid='stImage'] img").nth(2).wait_for(timeout=WAIT_MS)
+                    assert panel.locator("[data-testid='stImage'] img").count() == 3  # the slice, two Grad-CAMs
+                    assert panel.get_by_text("not available", exact=False).count() == 0
+                    assert panel.get_by_text("out of fold", exact=False).count() >= 1
+                    page.wait_for_timeout(1500)
+                    assert_clean(page)
+                    screenshot(page, f"{slug}-paired.png", shots)
+                    page.get_by_role("tab", name="Metrics").click()  # where the next task's page opens
+            page.get_by_role("link", name="Model cards").click()
+            page.get_by_role("heading", name="Model cards").wait_for(timeout=WAIT_MS)
+            page.set_viewport_size({"width": 1440, "height": 5000})  # the page scrolls inside: all of a card
+            for model in ("lung-ensemble", "covid-resnet50"):
+                with explained_failure(page, f"shipped-card-{model}"):
+                    select_option(page, "Model", next(o for o in card_options(page) if o.startswith(model)))
+                    page.get_by_role("heading", name=model).wait_for(timeout=WAIT_MS)
+                    page.wait_for_timeout(2000)
+                    assert_clean(page)
+                    assert page.get_by_text("Other fields").count() == 0  # no card field left as raw JSON
+                    screenshot(page, f"card-{model}.png", shots)
+        finally:
+            browser.close()
+    print(f"\nscreenshots: {shots}")
+
+
+def card_options(page) -> list[str]:
+    """The model card page's model choices, as the selectbox lists them."""
+    page.get_by_label("Model", exact=True).first.click()
+    options = [o.inner_text() for o in page.get_by_role("option").all()]
+    page.keyboard.press("Escape")
+    return options

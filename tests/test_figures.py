@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
@@ -14,6 +16,8 @@ from synthetic import prediction
 from ctapp import figures
 from ctapp.imaging import decode
 from ctapp.report import DISCLAIMER, ModelResult, slice_report, verdict
+
+REPO = Path(__file__).resolve().parent.parent
 
 # --------------------------------------------------------------------------- probability bars and overlay
 
@@ -197,14 +201,48 @@ def test_risk_coverage_curves_with_each_models_operating_point_and_the_target():
          "coverage": 0.6, "accuracy_when_confident": 0.93}
     b = {"risk_coverage": [{"coverage": 1.0, "accuracy": 0.7}]}  # no selective answers recorded
     fig = figures.risk_coverage_figure({"A": a, "B": b, "C": {}}, target=0.9)
-    assert [t.name for t in fig.data] == ["A", "A: as shipped", "B"]
+    assert [t.name for t in fig.data] == ["A", "A: as shipped", "B", "as shipped (its confidence threshold)"]
+    assert [t.showlegend is not False for t in fig.data] == [True, False, True, True]  # one entry for every diamond
     assert list(fig.data[0].x) == [0.2, 1.0] and list(fig.data[0].y) == [1.0, 0.8]
     assert (fig.data[1].x[0], fig.data[1].y[0]) == (0.6, 0.93) and fig.data[1].marker.color == fig.data[0].line.color
     assert fig.data[2].line.color != fig.data[0].line.color
     assert fig.layout.shapes[0].y0 == 0.9 and fig.layout.annotations[0].text == "target 90%"
     assert not figures.risk_coverage_figure({"A": a}, target=None).layout.shapes
+    assert not figures.risk_coverage_figure({"A": a}).layout.shapes  # no target given: none made up
+    two = figures.risk_coverage_figure({"A": a, "B": b}, target=[0.95, 0.9, 0.95])
+    assert [a.text for a in two.layout.annotations] == ["target 90%", "target 95%"]
     assert figures.risk_coverage_figure({"A": a}, title="Answers by confidence").layout.title.text == \
         "Answers by confidence"
+
+
+def legend_entries(fig: go.Figure) -> int:
+    return sum(t.showlegend is not False and t.name is not None for t in fig.data)
+
+
+@pytest.mark.parametrize("make", ["roc", "reliability", "risk_coverage"])
+def test_legends_sit_below_the_plot_in_room_of_their_own(make, three_class):
+    """Issue 24 item 10: above the plot a horizontal legend wrapped on a narrow page over the
+    ROC panel titles, the curves along y = 1 and the calibration points. Now one entry a line
+    under the x-axis title, in a bottom margin that holds every entry, whatever the page width."""
+    report = {**three_class, "risk_coverage": [{"coverage": 1.0, "accuracy": 0.8}], "coverage": 0.5,
+              "accuracy_when_confident": 0.9}
+    reports = {f"model {n} · out-of-fold (5-fold cross-validation), mean of 2 members": report for n in range(3)}
+    fig = getattr(figures, f"{make}_figure")(reports)
+    legend, margin = fig.layout.legend, fig.layout.margin
+    assert (legend.orientation, legend.yref, legend.y, legend.yanchor) == ("v", "container", 0, "bottom")
+    entries = legend_entries(fig)
+    assert entries == 3 + (make != "roc")  # the models, plus 'perfect calibration' or the diamonds' key
+    assert margin.b >= figures.BELOW_PLOT_PX + figures.LEGEND_LINE_PX * entries
+    plot_height = fig.layout.height - margin.t - margin.b
+    assert plot_height >= 300  # the figure grew by the legend; the plot kept its room
+
+
+def test_roc_curves_stay_visible_where_they_run_together(three_class):
+    fig = figures.roc_figure({"A": three_class, "B": three_class, "C": three_class})
+    widths = [next(t for t in fig.data if t.name == name).line.width for name in "ABC"]
+    assert widths[0] > widths[1] > widths[2] >= 1.5  # each drawn over the one before shows its edges
+    for axis in (fig.layout.xaxis, fig.layout.yaxis3):
+        assert axis.range[0] < 0 and axis.range[1] > 1 and axis.zeroline is False  # no line over x = 0 or y = 1
 
 
 def test_training_curves_skip_missing_columns():
@@ -434,3 +472,40 @@ def test_report_images_are_stored_as_compact_as_pillow_can():
         Image.fromarray(pixels).save(buffer, format="PNG", optimize=optimize)
     assert len(buffers[True].getvalue()) < len(buffers[False].getvalue())
     assert len(stored) == len(buffers[True].getvalue())
+
+
+# --------------------------------------------------------------------------- the shipped models' cards and charts
+
+MODELS = REPO / "models"
+
+
+@pytest.mark.parametrize("task, target", [("lung", 0.95), ("covid", 0.9)])
+def test_the_selective_answers_chart_draws_the_target_the_cards_record(task, target):
+    """Issue 24 item 10: the lung chart said 'target 90%' (a default) where the card says 95%."""
+    from ctapp.model_folders import list_models
+    from pages.compare import ReportEntry, target_accuracies
+
+    models = [m for m in list_models([MODELS]) if m.name.startswith(f"{task}-")]
+    assert len(models) == 3
+    chosen = [ReportEntry(m.name, m, m.report_path, json.loads(m.report_path.read_text())) for m in models]
+    assert target_accuracies(chosen) == [target] * 3
+    fig = figures.risk_coverage_figure({e.label: e.report for e in chosen}, target=target_accuracies(chosen))
+    assert [a.text for a in fig.layout.annotations] == [f"target {target:.0%}"]
+
+
+@pytest.mark.parametrize("task", ["lung", "covid"])
+def test_an_ensemble_card_compares_its_members_in_a_table_and_shows_their_sections(task):
+    from pages.model_card import fmt, member_comparison_rows, side_by_side
+
+    card = json.loads((MODELS / f"{task}-ensemble" / "model_card.json").read_text())
+    members = {name: json.loads((MODELS / name / "model_card.json").read_text()) for name in card["members"]}
+    rows = member_comparison_rows(card)
+    assert [r["Model"] for r in rows] == [f"{task}-ensemble (the ensemble)", *card["members"]]
+    assert rows[0]["Accuracy"] == f"{card['member_comparison']['ensemble']['accuracy']:.1%}"
+    assert rows[1]["Macro-F1"] == f"{card['member_comparison'][card['members'][0]]['macro_f1']:.3f}"
+    assert not card.get("preprocessing") and not card.get("out_of_distribution")  # none of its own
+    for section, field in (("preprocessing", "img size"), ("out_of_distribution", "threshold")):
+        table = {row["Field"]: row for row in side_by_side(members, section)}
+        assert list(next(iter(table.values()))) == ["Field", *card["members"]]
+        key = field.replace(" ", "_")
+        assert [table[field][m] for m in card["members"]] == [fmt(members[m][section][key]) for m in card["members"]]
