@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/robustness.py [--fuzz 3000] [--seconds 20] [--threads 8] [--areas ...]
 
-It runs the same cases as the robustness tests (``tests/robustness_helpers.py``)
+It runs the same cases as the robustness tests (their helpers in ``tests/``)
 with larger budgets and prints what was tried and what went wrong:
 
 * bad inputs: every awkward file, decoded from its path and from its bytes;
@@ -34,7 +34,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import robustness_helpers as rh  # noqa: E402
+from audit_stress import hammer_audit_log, kill_audit_writer  # noqa: E402
+from bad_inputs import (  # noqa: E402
+    ct_pattern,
+    deflated_dicom,
+    fuzz_decode,
+    hu_slice,
+    png_bomb,
+    png_bytes,
+    tiff_pages,
+    try_bad_inputs,
+)
+from fork_server import ForkServer, child_env  # noqa: E402
+from interrupted_training import (  # noqa: E402
+    compare_runs,
+    fit_argv,
+    kill_during_training,
+    make_tiny_dataset,
+    run_training,
+)
+from tiny_models import hammer_model, sample_images, tiny_model, write_model_folder  # noqa: E402
 
 SHIPPED_MODEL = ROOT / "models" / "covid-resnet50"  # the worst inputs run through a real ResNet-50 when present
 MEMORY_LIMIT = 1.5 * 2**30
@@ -42,7 +61,7 @@ TIME_LIMIT = 20.0
 
 
 def bad_inputs(tmp: Path) -> tuple[str, bool]:
-    cases, problems = rh.try_bad_inputs(tmp / "bad")
+    cases, problems = try_bad_inputs(tmp / "bad")
     line = f"bad inputs: {cases} kinds x (path, bytes) = {2 * cases} tried, {2 * cases - len(problems)} handled"
     return line + "".join(f"\n    {p}" for p in problems), not problems
 
@@ -50,7 +69,7 @@ def bad_inputs(tmp: Path) -> tuple[str, bool]:
 def fuzz(cases: int) -> tuple[str, bool]:
     start = time.perf_counter()
     try:
-        counts = rh.fuzz_decode(cases, seed=1)
+        counts = fuzz_decode(cases, seed=1)
     except AssertionError as exc:
         return f"fuzz: FAILED: {exc}", False
     return (f"fuzz: {cases} random/mutated inputs in {time.perf_counter() - start:.0f} s: {counts['ok']} decoded, "
@@ -58,9 +77,9 @@ def fuzz(cases: int) -> tuple[str, bool]:
 
 
 def concurrency(threads: int, seconds: float) -> tuple[str, bool]:
-    loaded = rh.tiny_model(img_size=64)
-    images = rh.sample_images(8, 96)
-    result = rh.hammer_model(loaded, images, threads=threads, seconds=seconds, warmup=3.0)
+    loaded = tiny_model(img_size=64)
+    images = sample_images(8, 96)
+    result = hammer_model(loaded, images, threads=threads, seconds=seconds, warmup=3.0)
     growth = result.growth(3.0) / 2**20
     ok = not result.mismatches and not result.errors
     line = (f"concurrency: {threads} threads, {seconds:.0f} s: {result.requests} requests checked "
@@ -70,14 +89,14 @@ def concurrency(threads: int, seconds: float) -> tuple[str, bool]:
 
 
 def training_kills(tmp: Path) -> tuple[str, bool]:
-    data = rh.make_tiny_dataset(tmp / "train_data")
+    data = make_tiny_dataset(tmp / "train_data")
     epochs = 6
-    with rh.ForkServer() as server:
-        reference = server.start("training.fit", rh.fit_argv(data, tmp / "reference", epochs), tmp / "logs")
-        report = rh.kill_during_training(server, data, tmp / "killed", epochs, timeout=300)
+    with ForkServer() as server:
+        reference = server.start("training.fit", fit_argv(data, tmp / "reference", epochs), tmp / "logs")
+        report = kill_during_training(server, data, tmp / "killed", epochs, timeout=300)
         reference.wait(300)
-        resumed = rh.run_training(data, tmp / "killed", epochs, "--resume", server=server)
-    differences = rh.compare_runs(tmp / "reference", tmp / "killed") if resumed.returncode == 0 else ["resume failed"]
+        resumed = run_training(data, tmp / "killed", epochs, "--resume", server=server)
+    differences = compare_runs(tmp / "reference", tmp / "killed") if resumed.returncode == 0 else ["resume failed"]
     ok = not report.problems and report.checkpoints_lost == 0 and not differences and reference.returncode == 0
     line = (f"training kills: {report.kills} SIGKILLs survived ({report.kills_during_write} mid-write), "
             f"{report.checkpoints_checked} checkpoints reloaded, {report.checkpoints_lost} lost; resumed run "
@@ -87,8 +106,8 @@ def training_kills(tmp: Path) -> tuple[str, bool]:
 
 def audit_log(tmp: Path) -> tuple[str, bool]:
     processes, threads, count = 4, 4, 100
-    stats = rh.hammer_audit_log(tmp / "audit.sqlite", processes=processes, threads=threads, count=count)
-    killed = rh.kill_audit_writer(tmp / "killed.sqlite", after=200)
+    stats = hammer_audit_log(tmp / "audit.sqlite", processes=processes, threads=threads, count=count)
+    killed = kill_audit_writer(tmp / "killed.sqlite", after=200)
     lost = stats["lost"] + killed["lost"]
     ok = (lost == 0 and stats["corrupt"] == 0 and stats["duplicated"] == 0 and stats["integrity"] == "ok"
           and killed["integrity"] == "ok" and killed["writable_after_restart"])
@@ -100,7 +119,7 @@ def audit_log(tmp: Path) -> tuple[str, bool]:
 
 
 def model_folder(tmp: Path) -> Path:
-    return SHIPPED_MODEL if (SHIPPED_MODEL / "model.pt").is_file() else rh.write_model_folder(tmp / "tiny-model")
+    return SHIPPED_MODEL if (SHIPPED_MODEL / "model.pt").is_file() else write_model_folder(tmp / "tiny-model")
 
 
 def worst_input_files(folder: Path) -> dict[str, Path]:
@@ -109,14 +128,14 @@ def worst_input_files(folder: Path) -> dict[str, Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     files = {
-        "PNG 65000x615": ("strip.png", rh.png_bomb(65000, 615)),
-        "PNG 40000x1000": ("long.png", rh.png_bomb(40000, 1000)),
-        "TIFF, 3 pages, 13000x13000 middle": ("pages.tif", rh.tiff_pages([(64, 64), (13000, 13000), (64, 64)])),
-        "deflated DICOM, 1 MB -> 256 MiB": ("bomb.dcm", rh.deflated_dicom(rh.hu_slice(64), 256 << 20)),
-        "PNG 6324x6324 (the 40 Mpx budget)": ("square.png", rh.png_bomb(6324, 6324)),
-        "PNG 17888x2236 (8:1, 40 Mpx)": ("eight.png", rh.png_bomb(17888, 2236)),
-        "RGBA PNG 6000x6000 (36 Mpx, alpha)": ("rgba.png", rh.png_bytes(Image.new("RGBA", (6000, 6000)))),
-        "16-bit PNG 6000x6000": ("sixteen.png", rh.png_bytes(Image.new("I;16", (6000, 6000)))),
+        "PNG 65000x615": ("strip.png", png_bomb(65000, 615)),
+        "PNG 40000x1000": ("long.png", png_bomb(40000, 1000)),
+        "TIFF, 3 pages, 13000x13000 middle": ("pages.tif", tiff_pages([(64, 64), (13000, 13000), (64, 64)])),
+        "deflated DICOM, 1 MB -> 256 MiB": ("bomb.dcm", deflated_dicom(hu_slice(64), 256 << 20)),
+        "PNG 6324x6324 (the 40 Mpx budget)": ("square.png", png_bomb(6324, 6324)),
+        "PNG 17888x2236 (8:1, 40 Mpx)": ("eight.png", png_bomb(17888, 2236)),
+        "RGBA PNG 6000x6000 (36 Mpx, alpha)": ("rgba.png", png_bytes(Image.new("RGBA", (6000, 6000)))),
+        "16-bit PNG 6000x6000": ("sixteen.png", png_bytes(Image.new("I;16", (6000, 6000)))),
     }
     paths = {}
     for name, (file_name, data) in files.items():
@@ -157,7 +176,7 @@ def worst_inputs(tmp: Path) -> tuple[str, bool]:
     lines, ok = [f"worst inputs (predict + explain with {model.name}, each in a fresh process):"], True
     for name, path in worst_input_files(tmp / "worst").items():
         done = subprocess.run([sys.executable, "-c", _MEASURE, str(model), str(path)], capture_output=True,
-                              text=True, env=rh.child_env(), timeout=300)
+                              text=True, env=child_env(), timeout=300)
         if done.returncode:
             lines.append(f"    {name}: FAILED ({done.stderr.strip().splitlines()[-1:]})")
             ok = False
@@ -197,7 +216,7 @@ def cache_memory(tmp: Path, uploads: int = 24) -> tuple[str, bool]:
 
     model = model_folder(tmp)
     done = subprocess.run([sys.executable, "-c", _CACHE, str(model), str(uploads)], capture_output=True, text=True,
-                          env=rh.child_env(), timeout=900)
+                          env=child_env(), timeout=900)
     if done.returncode:
         return f"cache memory: FAILED ({done.stderr.strip().splitlines()[-1:]})", False
     rss = [size / 2**20 for size in json.loads(done.stdout.strip().splitlines()[-1])]
@@ -220,7 +239,7 @@ def shared_model(tmp: Path, images: int = 512) -> tuple[str, bool]:
 
     model = load_model(model_folder(tmp))
     squares = torch.rand(images, 1, model.preprocess.img_size, model.preprocess.img_size)
-    slice_ = np.asarray(rh.ct_pattern(512), np.float32)
+    slice_ = np.asarray(ct_pattern(512), np.float32)
     model.predict(slice_)
 
     def latencies(evaluation) -> tuple[list[float], float]:

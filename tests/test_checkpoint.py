@@ -4,7 +4,7 @@ import pickle
 
 import pytest
 import torch
-from robustness_helpers import TouchMarker
+from bad_inputs import TouchMarker
 
 from ctapp.checkpoint import (
     CheckpointError,

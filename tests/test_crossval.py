@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fork_server import child_env
 from PIL import Image
-from robustness_helpers import child_env
 from synthetic import make_slice, write_classes
 
 from ctapp.data import Sample, cv_folds, group_ids, scan_dataset, scan_sources

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fork_server import child_env
 from PIL import Image
-from robustness_helpers import child_env, sample_images, write_model_folder
+from tiny_models import sample_images, write_model_folder
 
 from ctapp import CheckpointError, load_model
 from ctapp.evaluation import evaluate_files

@@ -11,8 +11,8 @@ import io
 
 import pytest
 from app_fixtures import APP, TASK, app_env, app_settings, png_bytes  # noqa: F401
+from bad_inputs import eps_bytes
 from markdown_it import MarkdownIt
-from robustness_helpers import eps_bytes
 from streamlit.runtime.media_file_manager import MediaFileManager
 from streamlit.testing.v1 import AppTest
 from test_hardening_inputs import fake_ghostscript  # noqa: F401

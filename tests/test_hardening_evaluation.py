@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from robustness_helpers import tiny_model, write_model_folder
 from synthetic import write_classes
+from tiny_models import tiny_model, write_model_folder
 
 import ctapp.inference
 from ctapp import ui_cache
-from ctapp.model_folders import ModelEntry
 from ctapp.checkpoint import sha256_file
+from ctapp.model_folders import ModelEntry
 from ctapp.paths import PathNotAllowed, files_inside, resolve_data_file
 
 _opened: list[Path] | None = None  # files opened while a test records (see opened_files)

@@ -12,9 +12,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from PIL import EpsImagePlugin, Image, ImageFile
-from pydicom.uid import JPEGLSLossless
-from robustness_helpers import (
+from bad_inputs import (
     _dicom_meta_end,
     _with_transfer_syntax,
     ct_pattern,
@@ -25,6 +23,8 @@ from robustness_helpers import (
     png_bytes,
     tiff_pages,
 )
+from PIL import EpsImagePlugin, Image, ImageFile
+from pydicom.uid import JPEGLSLossless
 
 import ctapp.imaging as imaging
 from ctapp.imaging import ALLOWED_FORMATS, MAX_ASPECT, MAX_SIDE, ImageDecodeError, decode
@@ -120,7 +120,7 @@ def test_the_frame_and_page_limits_are_inclusive(monkeypatch):
 
 @pytest.mark.parametrize("size", [(65000, 615), (40000, 1000), (615, 65000)])
 def test_strips_are_refused_from_the_header(no_pixel_decoding, size):
-    from robustness_helpers import png_bomb
+    from bad_inputs import png_bomb
 
     data = png_bomb(*size, full=False)
     with pytest.raises(ImageDecodeError, match=f"{size[0]}x{size[1]} pixels, its long side .* at most {MAX_ASPECT}:1"):

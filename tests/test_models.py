@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torchvision
-from robustness_helpers import TouchMarker
+from bad_inputs import TouchMarker
 
 from ctapp import models
 from ctapp.models import ARCHITECTURES, WeightsError, create_model, get_spec

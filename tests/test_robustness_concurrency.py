@@ -8,14 +8,8 @@ import itertools
 
 import numpy as np
 import pytest
-from robustness_helpers import (
-    expected_results,
-    hammer_audit_log,
-    hammer_model,
-    kill_audit_writer,
-    sample_images,
-    tiny_model,
-)
+from audit_stress import hammer_audit_log, kill_audit_writer
+from tiny_models import expected_results, hammer_model, sample_images, tiny_model
 
 THREADS = 8
 SECONDS = 10.0

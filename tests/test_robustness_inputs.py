@@ -10,10 +10,7 @@ import random
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from PIL import Image
-from robustness_helpers import (
+from bad_inputs import (
     BAD_INPUT_NAMES,
     SMALL_FILE_LIMIT,
     bad_input_cases,
@@ -25,8 +22,11 @@ from robustness_helpers import (
     png_bytes,
     run_predict_cli,
     seed_files,
-    write_model_folder,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from tiny_models import write_model_folder
 
 import ctapp.imaging as imaging
 from ctapp.imaging import MAX_PIXELS, ImageDecodeError, decode
@@ -357,7 +357,7 @@ def test_animated_frame_choice():
 
 
 def test_multiframe_dicom_frame_choice():
-    from robustness_helpers import dicom_bytes
+    from bad_inputs import dicom_bytes
 
     stack = np.stack([np.full((32, 32), 1024 + 100 * k, np.int16) for k in range(5)])  # HU 0, 100, ... 400
     data = dicom_bytes(stack, frames=5)

@@ -6,8 +6,8 @@ clear ``error:`` line and exit status 2."""
 from __future__ import annotations
 
 import pytest
-from robustness_helpers import (
-    ForkServer,
+from fork_server import ForkServer
+from interrupted_training import (
     bad_datasets,
     compare_runs,
     fit_argv,

@@ -10,7 +10,8 @@ import pickle
 
 import pytest
 import torch
-from robustness_helpers import TouchMarker, tiny_network, write_model_folder
+from bad_inputs import TouchMarker
+from tiny_models import tiny_network, write_model_folder
 
 from ctapp.checkpoint import CheckpointError, load_model_file, safe_load, save_model_file, sha256_file
 from ctapp.model_folders import load_model

@@ -607,7 +607,7 @@ def test_the_apps_series_cache_answers_with_a_retrained_model_once_it_is_replace
     import os
     import shutil
 
-    from robustness_helpers import write_model_folder
+    from tiny_models import write_model_folder
 
     from ctapp import ui_cache
     from ctapp.series_inputs import images_series
@@ -643,7 +643,7 @@ def test_the_apps_series_cache_answers_with_a_retrained_model_once_it_is_replace
 
 
 def test_the_viewers_cached_map_of_a_slice_is_the_models_own_for_the_method_asked(tmp_path):
-    from robustness_helpers import write_model_folder
+    from tiny_models import write_model_folder
 
     from ctapp import ui_cache
     from ctapp.series_inputs import images_series
@@ -677,7 +677,7 @@ def test_the_apps_upload_cache_reads_names_that_are_not_valid_text():
 
 
 def test_an_ensemble_classifies_a_series_as_it_predicts_each_slice(tmp_path):
-    from robustness_helpers import write_model_folder
+    from tiny_models import write_model_folder
 
     from ctapp.inference import EnsembleModel
     from ctapp.model_folders import ENSEMBLE_FILE

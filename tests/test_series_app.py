@@ -328,7 +328,7 @@ def test_the_viewer_shows_the_first_slices_while_the_rest_are_classified(app_set
 def test_a_background_classification_answers_as_one_pass_and_counts_progress_in_slices(tmp_path):
     """Chunk by chunk, an ensemble's answers equal one pass over the whole series, and its progress counts
     slices (the progress line said 80 slices for a 40-slice series: each member's pass counted)."""
-    from robustness_helpers import write_model_folder
+    from tiny_models import write_model_folder
 
     from ctapp.model_folders import ENSEMBLE_FILE, load_model
     from ctapp.series import classify_series

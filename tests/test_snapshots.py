@@ -156,8 +156,9 @@ def test_command_text_outputs(tmp_path):
 def test_what_decoding_says_about_each_awkward_input(tmp_path, monkeypatch):
     """Word for word, the error or the notes a user reads for every awkward file of the robustness suite
     (tests elsewhere check their key words; here every word counts)."""
+    from bad_inputs import SMALL_FILE_LIMIT, bad_input_cases
+
     import ctapp.imaging as imaging
-    from robustness_helpers import SMALL_FILE_LIMIT, bad_input_cases
 
     monkeypatch.setattr(imaging, "MAX_FILE_BYTES", SMALL_FILE_LIMIT)
     lines = []
