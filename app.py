@@ -7,6 +7,7 @@ import streamlit as st
 
 from ctapp import ui_cache
 from ctapp.report import markdown_text
+from pages.worklist import pacs_configured
 
 st.set_page_config(page_title="CT slice classifier", page_icon=":material/radiology:", layout="wide")
 if ui_cache.legacy_pages_run():  # a fresh server's first run: Streamlit's own page list, not ours (ui_cache)
@@ -53,4 +54,8 @@ pages = [
 ]
 if ui_cache.is_admin():
     pages.append(st.Page("pages/audit_log.py", title="Audit log", icon=":material/history:"))
+if pacs_configured():  # a [pacs] section in the secrets (README, "Reading from a PACS")
+    pages.append(st.Page("pages/worklist.py", title="PACS worklist", icon=":material/lan:"))
+    if ui_cache.is_admin():
+        pages.append(st.Page("pages/pacs_admin.py", title="PACS batch", icon=":material/playlist_play:"))
 st.navigation(pages).run()

@@ -43,6 +43,7 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
     func,
@@ -106,6 +107,24 @@ evaluation_reports = Table(
     Column("macro_f1", Float),
     sqlite_autoincrement=True,
 )
+# What the PACS batch and the worklist stored back (ctapp.pacs): one row per model version and
+# series, by opaque keys only (a hash of the series UID, a short hash of the study UID).
+pacs_results = Table(
+    "pacs_results", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("time", Text, nullable=False),
+    Column("username", Text, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("model_version", Text, nullable=False),
+    Column("study", Text, nullable=False),
+    Column("series", Text, nullable=False),
+    Column("status", Text, nullable=False),  # "stored", "already stored" or "failed"
+    Column("slices", Integer),
+    Column("verdict", Text, nullable=False),
+    Column("message", Text, nullable=False),  # why it failed
+    UniqueConstraint("model", "model_version", "series", name="uq_pacs_results_series"),
+    sqlite_autoincrement=True,
+)
 schema_version = Table("ctapp_schema", metadata, Column("version", Integer, nullable=False))
 
 
@@ -146,9 +165,13 @@ def _v3_answer_states_and_series(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_diagnoses_state ON diagnoses (state)"))
 
 
+def _v4_pacs_results(conn: Connection) -> None:
+    pacs_results.create(conn)
+
+
 # Step n brings the schema from version n-1 to n. Append steps, never edit one that has shipped.
 MIGRATIONS: list[Callable[[Connection], None]] = [_v1_diagnoses, _v2_users_and_reports,
-                                                  _v3_answer_states_and_series]
+                                                  _v3_answer_states_and_series, _v4_pacs_results]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -348,6 +371,34 @@ class Store:
     def reports(self, limit: int = 200) -> list[dict]:
         """Indexed folder evaluations, newest first."""
         query = select(evaluation_reports).order_by(evaluation_reports.c.id.desc()).limit(limit)
+        with self._read() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    # ------------------------------------------------------------------ PACS results
+
+    def record_pacs_result(self, *, user: str, model: str, model_version: str, study: str, series: str,
+                           status: str, slices: int | None = None, verdict: str = "", message: str = "") -> None:
+        """What happened to one series for one model version (replacing an
+        earlier attempt's row), committed before it returns."""
+        row = dict(time=now_text(), username=user or "", model=model, model_version=model_version, study=study,
+                   series=series, status=status, slices=slices, verdict=verdict, message=message)
+        key = (pacs_results.c.model == model) & (pacs_results.c.model_version == model_version) & \
+            (pacs_results.c.series == series)
+        with self._write() as conn:
+            if conn.execute(pacs_results.update().where(key).values(**row)).rowcount == 0:
+                conn.execute(pacs_results.insert().values(**row))
+
+    def pacs_done(self, model: str, model_version: str) -> set[str]:
+        """The series keys whose result this model version has in the PACS."""
+        query = select(pacs_results.c.series).where(
+            (pacs_results.c.model == model) & (pacs_results.c.model_version == model_version)
+            & pacs_results.c.status.in_(("stored", "already stored")))
+        with self._read() as conn:
+            return {key for (key,) in conn.execute(query)}
+
+    def pacs_results(self, limit: int = 500) -> list[dict]:
+        """PACS results, newest first."""
+        query = select(pacs_results).order_by(pacs_results.c.time.desc(), pacs_results.c.id.desc()).limit(limit)
         with self._read() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 

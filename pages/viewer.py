@@ -48,6 +48,7 @@ from ctapp.series_figures import (
     selected_slice,
     slice_figure,
 )
+from pages.worklist import PACS_HANDOFF, store_in_pacs
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,10 @@ def uploaded_inputs() -> list[Input]:
     if not items and st.session_state.get(HANDOFF):
         items = [Input(name, data) for name, data in st.session_state[HANDOFF]]
         st.caption(f"{len(items)} files handed over from the Diagnosis page.")
+    elif not items and st.session_state.get(PACS_HANDOFF):
+        retrieved = st.session_state[PACS_HANDOFF]
+        items = [Input(name, data) for name, data in retrieved["files"]]
+        st.caption(f"Series {retrieved['series']} retrieved from the PACS ({len(items)} files).")
     return items
 
 
@@ -392,6 +397,7 @@ def show_classification(entry: ModelEntry, model, series: Series, job: Backgroun
     show_table(series, result)
     if job.finished:
         show_downloads(entry, model, series, result)
+        store_in_pacs(model, series, result)
 
 
 if __name__ == "__main__":

@@ -183,8 +183,8 @@ def test_a_log_of_the_first_layout_is_migrated_and_keeps_its_records(tmp_path, c
         store = Store(path)
     try:
         # Recognised as the first version (not an empty database), and the step said in the server log.
-        assert "audit log schema brought from version 1 to 3" in caplog.messages
-        assert store.schema_version() == SCHEMA_VERSION == 3
+        assert "audit log schema brought from version 1 to 4" in caplog.messages
+        assert store.schema_version() == SCHEMA_VERSION == 4
         (old,) = store.recent()
         assert (old["id"], old["model"], old["image_sha256"], old["username"]) == (7, "old", SHA, "")
         assert (old["state"], old["prediction"], old["series_id"], old["slices"]) == ("confident", "beta", "", 1)
