@@ -321,16 +321,21 @@ def show_paired(chosen: list[ReportEntry], task: str, opacity: float = 0.4) -> N
         return
     names = dict(zip(ea.report.get("class_names", []), ea.report.get("display_names", [])))
     column_a, column_b = (f"{e.model.name} ({answer_kind(e.report)})" for e in (ea, eb))
-    table = [{"Image": ra.get("image") or ra["path"], "True class": names.get(ra["true"], ra["true"]),
+    listed = [Path(ra.get("image") or ra["path"]) for ra, _ in disagreements[:MAX_DISAGREEMENTS_LISTED]]
+    table = [{"Image": image.name, "True class": names.get(ra["true"], ra["true"]),
               column_a: names.get(ra["pred"], ra["pred"]), f"{column_a} confidence": float(ra["confidence"]),
               column_b: names.get(rb["pred"], rb["pred"]), f"{column_b} confidence": float(rb["confidence"]),
               "Right": ea.model.name if ra["pred"] == ra["true"] else eb.model.name if rb["pred"] == rb["true"]
-              else "neither"} for ra, rb in disagreements[:MAX_DISAGREEMENTS_LISTED]]
+              else "neither", "Folder": str(image.parent)} for image, (ra, rb) in zip(listed, disagreements)]
     widths = {k: st.column_config.TextColumn(k, width="medium") for k in ("Image", "True class", column_a, column_b)}
     confidence = {k: st.column_config.ProgressColumn(k, format="percent", min_value=0.0, max_value=1.0)
                   for k in table[0] if k.endswith("confidence")}
     st.dataframe(table, hide_index=True, column_config=widths | confidence, key="disagreements")
-    pick = st.selectbox("Image to explain", range(len(table)), format_func=lambda i: table[i]["Image"],
+    if any(e.report.get("out_of_fold") for e in (ea, eb)):
+        st.caption("The table gives each model's out-of-fold answer: that of its cross-validation model that never "
+                   "saw the image. The Grad-CAMs below come from the shipped model now, trained on every image "
+                   "(this one included), so its answer can differ from the table's.")
+    pick = st.selectbox("Image to explain", range(len(table)), format_func=lambda i: str(listed[i]),
                         key=f"disagreement_pick_{task}_{a}_{b}")
     ra, rb = disagreements[pick]
     data = local_bytes(image_file(ea.report, ra) or image_file(eb.report, rb))
@@ -343,12 +348,8 @@ def show_paired(chosen: list[ReportEntry], task: str, opacity: float = 0.4) -> N
     except ImageDecodeError as exc:
         st.error(f"The image could not be read: {markdown_text(exc)}")
         return
-    if any(e.report.get("out_of_fold") for e in (ea, eb)):
-        st.caption("The table gives each model's out-of-fold answer: that of its cross-validation model that never "
-                   "saw the image. The Grad-CAMs below come from the shipped model now, trained on every image "
-                   "(this one included), so its answer can differ from the table's.")
     cols = st.columns(3, gap="medium")
-    cols[0].image(analyses[0].image.pixels, caption=f"{markdown_text(Path(table[pick]['Image']).name)} "
+    cols[0].image(analyses[0].image.pixels, caption=f"{markdown_text(table[pick]['Image'])} "
                   f"(true: {table[pick]['True class']})", clamp=True, width="stretch", output_format="PNG")
     for col, e, analysis in zip(cols[1:], (ea, eb), analyses):
         p = analysis.prediction

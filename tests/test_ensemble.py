@@ -298,3 +298,41 @@ def test_an_ensembles_ood_score_is_its_members_largest_relative_to_their_thresho
     for image in sample_images(2):
         ratios = [m.predict(image).ood_score / m.ood.threshold for m in model.members]
         assert model.predict(image).ood_score == pytest.approx(max(ratios))
+
+
+def test_reports_written_before_rows_named_their_images_get_names_and_hashes(tmp_path, monkeypatch):
+    """training.identify_images (the migration of the shipped reports): each member's row
+    is named below the data root, with its bytes' hash; an ensemble's rows take their
+    members' (its report named no data folder); reports already named are left alone."""
+    from ctapp.checkpoint import sha256_file
+    from ctapp.evaluation import read_predictions, write_report
+    from training.identify_images import main as identify
+
+    root = tmp_path / "data"
+    images = []
+    for i, image in enumerate(sample_images(3)):
+        images.append(root / "lung" / "Data" / "train" / f"c{i % 2}" / f"{i}.png")
+        images[-1].parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(images[-1])
+    data = root / "lung" / "Data"
+    rows = [{"path": str(p.relative_to(data)), "true": "c0", "pred": "c0"} for p in images]
+    member, ensemble = tmp_path / "models" / "a", tmp_path / "models" / "ab"
+    write_report({"data": str(data)}, rows, member / "eval_report.json")
+    write_report({}, list(reversed(rows)), ensemble / "eval_report.json")
+    (ensemble / ENSEMBLE_FILE).write_text(json.dumps({"members": ["../a"]}))
+    monkeypatch.setenv("CTAPP_DATA_ROOTS", str(root))
+
+    assert identify([str(ensemble / "eval_report.json"), str(member / "eval_report.json")]) == 0  # any order
+    named = read_predictions(member / "eval_report.json")
+    assert [(r["image"], r["sha256"]) for r in named] == \
+        [(f"lung/Data/{r['path']}", sha256_file(p)) for r, p in zip(rows, images)]
+    assert [r["path"] for r in named] == [r["path"] for r in rows]  # nothing else changes
+    by_path = {r["path"]: r for r in named}
+    copied = read_predictions(ensemble / "eval_report.json")
+    assert all((r["image"], r["sha256"]) == (by_path[r["path"]]["image"], by_path[r["path"]]["sha256"])
+               for r in copied)
+    assert json.loads((ensemble / "eval_report.json").read_text())["data"] == str(data)
+    before = (member / "eval_report.csv").read_text()
+    images[0].write_bytes(b"changed")
+    identify([str(member / "eval_report.json")])
+    assert (member / "eval_report.csv").read_text() == before  # already named: left alone

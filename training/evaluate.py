@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ctapp.checkpoint import CheckpointError
 from ctapp.data import DatasetError, scan_dataset
 from ctapp.evaluation import evaluate_files, write_report
 from ctapp.model_folders import load_model
 from training.engine import Progress
+from training.fit import HelpFormatter
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a trained model on a folder of class sub-folders.",
-                                add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="model folder (with model.pt and model_card.json)")
+                                add_help=add_help, formatter_class=HelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="model folder: a network's (model.pt) or an ensemble's (ensemble.json), with model_card.json")
     p.add_argument("--data", required=True, help="dataset root (split folders or class folders)")
     p.add_argument("--split", default=None, choices=["train", "valid", "test"],
                    help="evaluate this split only; default: every image under --data")
@@ -27,6 +30,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--dedupe", action="store_true", help="count an image repeated under several names once")
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--data-root", action="append", type=Path, default=None,
+                   help="the CSV names each image by its path below the data root that holds it (and its SHA-256), "
+                        "so that the report pairs and opens on any machine; repeat for several roots; default: "
+                        "CTAPP_DATA_ROOTS, else ../shared/data beside the repository")
     return p
 
 
@@ -44,6 +51,7 @@ def main(args: argparse.Namespace) -> dict:
     bar = Progress(len(samples), "evaluating", unit="image", enabled=not args.quiet)
     report, rows = evaluate_files(model, [s.path for s in samples], [s.label for s in samples],
                                   dedupe=args.dedupe, workers=args.workers, root=index.root,
+                                  image_roots=args.data_root,
                                   on_progress=lambda done, total: bar.update(done))
     report.update(data=str(index.root), split=args.split or "all")
     csv_path = write_report(report, rows, args.out)
