@@ -8,6 +8,9 @@
   retrained model or a rewritten report is read again.
 * The store (audit log and evaluation index) is a resource, one per
   database URL or log path.
+* A series' classification is a resource too: one background run
+  (:class:`~ctapp.series_background.BackgroundClassification`) per series and
+  model, which every session showing that series reads as it progresses.
 * Sign-in: ``st.login`` (OIDC) when ``.streamlit/secrets.toml`` has ``[auth]``;
   roles come from its ``[roles]`` section (:mod:`ctapp.auth`).
 * Folder evaluations take the process-wide :func:`evaluation_slot`: one at a
