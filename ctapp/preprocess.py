@@ -235,27 +235,35 @@ def model_input(pixels: np.ndarray, config: PreprocessConfig) -> tuple[torch.Ten
     return normalize(batch, config), geometry
 
 
-def cam_to_image(cam: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """A (S, S) map over the model input -> (H, W) over the original image, zero
-    outside the crop box.
+# Outside the crop box the model saw nothing: there the map fades from its value at
+# the box's edge to zero over this share of the padded square's side, instead of
+# ending in a hard rectangle at the crop's edge.
+CAM_FADE = 0.08
 
-    One affine warp samples the map straight at the crop's pixels: nothing the
-    size of the padded square (``side`` x ``side``) is ever allocated, however
-    elongated the original.
+
+def cam_to_image(cam: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """A (S, S) map over the model input -> (H, W) over the original image: the
+    map itself inside the crop box, fading to zero outside it (:data:`CAM_FADE`).
+
+    One affine warp samples the map straight at the original's pixels: nothing
+    the size of the padded square (``side`` x ``side``) is ever allocated,
+    however elongated the original.
     """
     top, left, bottom, right = geometry.box
     scale = cam.shape[0] / geometry.side
-    # Output pixel (x, y) of the crop sits at (x + pad_left, y + pad_top) in the
+    # Original pixel (x, y) sits at (x - left + pad_left, y - top + pad_top) in the
     # padded square; pixel centres map as cv2.resize maps them.
-    to_cam = np.array([[scale, 0.0, (geometry.pad_left + 0.5) * scale - 0.5],
-                       [0.0, scale, (geometry.pad_top + 0.5) * scale - 0.5]])
-    crop = cv2.warpAffine(cam.astype(np.float32), to_cam, (right - left, bottom - top),
+    to_cam = np.array([[scale, 0.0, (geometry.pad_left - left + 0.5) * scale - 0.5],
+                       [0.0, scale, (geometry.pad_top - top + 0.5) * scale - 0.5]])
+    full = cv2.warpAffine(cam.astype(np.float32), to_cam, (geometry.width, geometry.height),
                           flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
     if geometry.box == (0, 0, geometry.height, geometry.width):
-        return crop
-    full = np.zeros((geometry.height, geometry.width), dtype=np.float32)
-    full[top:bottom, left:right] = crop
-    return full
+        return full
+    rows, cols = np.arange(geometry.height, dtype=np.float32), np.arange(geometry.width, dtype=np.float32)
+    below = np.maximum(np.maximum(top - rows, rows - (bottom - 1)), 0)[:, None]
+    beside = np.maximum(np.maximum(left - cols, cols - (right - 1)), 0)[None, :]
+    fade = max(CAM_FADE * geometry.side, 1.0)
+    return full * np.clip(1.0 - np.hypot(below, beside) / fade, 0.0, 1.0)
 
 
 @dataclass
