@@ -10,8 +10,6 @@ from ctapp.report import markdown_text
 from pages.worklist import pacs_configured
 
 st.set_page_config(page_title="CT slice classifier", page_icon=":material/radiology:", layout="wide")
-if ui_cache.legacy_pages_run():  # a fresh server's first run: Streamlit's own page list, not ours (ui_cache)
-    st.rerun()
 
 
 problem = ""  # why a signed-in user cannot go on (shown on the sign-in page)

@@ -235,8 +235,8 @@ def legacy_pages_run() -> bool:
     the server's first session starts and cleared only by ``st.navigation``. On a
     freshly started server, until someone had opened ``/``, a request for
     ``/diagnosis`` ran ``pages/diagnosis.py`` straight from the folder, without
-    app.py and its sign-in, under a raw list of the folder's file names. The
-    caller reruns: the run then goes through app.py."""
+    app.py and its sign-in, under a raw list of the folder's file names.
+    (Streamlit's AppTest starts every run in that mode.)"""
     if not getattr(PagesManager, "uses_pages_directory", False):
         return False
     PagesManager.uses_pages_directory = False
@@ -244,13 +244,15 @@ def legacy_pages_run() -> bool:
 
 
 def guard_page() -> None:
-    """First call of every page script: a page runs only through app.py's
-    navigation and, with sign-in on, only for a signed-in user with a usable role
-    (app.py shows everyone else the sign-in page)."""
-    if legacy_pages_run():
-        st.rerun()
+    """First call of every page script: with sign-in on, a page runs only through
+    app.py's navigation (its sign-in page, the pages the user's role allows) and
+    only for a signed-in user with a usable role. Without sign-in a page run
+    straight from ``pages/`` goes on: the one local user may see every page."""
+    legacy = legacy_pages_run()
     if not sign_in_enabled():
         return
+    if legacy:
+        st.rerun()  # the run starts again from app.py
     try:
         user = current_user()
     except ValueError:  # app.py says why

@@ -221,10 +221,10 @@ def test_a_page_run_without_app_py_shows_nothing_to_a_signed_out_user(app_settin
     assert len(run(at).title) + len(at.subheader) > 0  # signed in (an admin), the same page renders
 
 
-def test_a_legacy_pages_run_leaves_that_mode_and_runs_again_through_app_py(app_settings, monkeypatch):
-    from streamlit.runtime.pages_manager import PagesManager
-
-    monkeypatch.setattr(PagesManager, "uses_pages_directory", True)  # a fresh server's first run
-    at = run(app({"is_logged_in": False}))
-    assert PagesManager.uses_pages_directory is False
-    assert [b.label for b in at.button] == ["Sign in"] and "CT slice diagnosis" not in texts(at)
+def test_with_sign_in_a_page_run_straight_from_pages_runs_again_through_app_py(app_settings):
+    """AppTest, like a fresh server, runs a switched-to page straight from pages/ (Streamlit's
+    legacy mode): the page's guard sends the run through app.py, which names the user."""
+    at = run(app({"is_logged_in": True, "email": "dr.b@example.org"}))
+    at = run(at.switch_page("pages/diagnosis.py"))
+    assert "Signed in as dr.b@example.org (clinician)" in texts(at)  # app.py's sidebar line
+    assert "CT slice diagnosis" in texts(at)

@@ -18,6 +18,7 @@ from streamlit.testing.v1 import AppTest
 from test_hardening_inputs import fake_ghostscript  # noqa: F401
 
 from ctapp import ui_cache
+from ctapp.report import WORD_JOINER
 from pages.diagnosis import MAX_FILES
 
 TIMEOUT = 120
@@ -45,13 +46,15 @@ def markdown_of(at: AppTest) -> list[str]:
 
 
 def rendered(markdown: str) -> tuple[set[str], str]:
-    """(token types, plain text) of ``markdown`` as GitHub-flavoured Markdown with bare-URL links."""
+    """(token types, plain text as read: without markdown_text's invisible word joiners) of
+    ``markdown`` as GitHub-flavoured Markdown with bare-URL links."""
     tokens, todo = [], MarkdownIt("gfm-like").parse(markdown)
     while todo:
         token = todo.pop(0)
         tokens.append(token)
         todo[:0] = token.children or []
-    return {t.type for t in tokens}, "".join(t.content for t in tokens if t.type in ("text", "code_inline"))
+    text = "".join(t.content for t in tokens if t.type in ("text", "code_inline"))
+    return {t.type for t in tokens}, text.replace(WORD_JOINER, "")
 
 
 @pytest.fixture
