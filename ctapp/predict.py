@@ -9,12 +9,13 @@ extensions), ``.zip`` archives of either, NIfTI volumes (``.nii``,
 
 A single image is one line, as it always was. A series (two or more DICOM
 slices of one SeriesInstanceUID, a multi-frame file or a volume) is one line
-per slice in reading order (slice 0 most superior), then one summary line
-with its verdict (``ctapp.series.VERDICT_RULE``). With ``--json`` every line is
-a JSON object: ``{"kind": "slice", ...}``, ``{"kind": "series", ...}``, or
-``{"file": ..., "error": ...}``. Progress goes to stderr. An unreadable file
-gets an error line and the others are still classified; the exit status is 1
-when any file or series failed.
+per slice in reading order, then one summary line with its verdict
+(``ctapp.series.VERDICT_RULE``). Slices are numbered from 1 (the most
+superior), as the app numbers them. With ``--json`` every line is a JSON
+object: ``{"kind": "slice", "slice_number": 1, ...}``, ``{"kind": "series",
+"key_slice_numbers": [...], ...}``, or ``{"file": ..., "error": ...}``.
+Progress goes to stderr. An unreadable file gets an error line and the others
+are still classified; the exit status is 1 when any file or series failed.
 """
 from __future__ import annotations
 
@@ -33,14 +34,18 @@ from .series_inputs import inputs_from_paths, read_inputs
 from .volumes import ReadResult, Series
 
 SNIFF_BYTES = 4096
+PROG = "python -m ctapp.predict"
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Classify CT slices, series and volumes (PNG, JPEG, DICOM, zip, NIfTI) "
-                                            "with a trained model.", add_help=add_help)
+    p = argparse.ArgumentParser(prog=PROG, description="Classify CT slices, series and volumes (PNG, JPEG, DICOM, "
+                                                       "zip, NIfTI) with a trained model or an ensemble.",
+                                add_help=add_help)
     p.add_argument("inputs", nargs="+", help="image files, DICOM series, zip archives, NIfTI volumes, or folders "
                                              "searched recursively")
-    p.add_argument("--model", required=True, help="model folder (with model.pt and model_card.json)")
+    p.add_argument("--model", required=True, help="a model folder (model.pt and model_card.json), an ensemble "
+                                                   "folder (ensemble.json) or a model.pt file, e.g. "
+                                                   "models/lung-ensemble")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
     p.add_argument("--batch-size", type=int, default=32,
                    help="slices per forward pass of a series (default %(default)s)")
@@ -77,7 +82,9 @@ def _single_dicom(series: Series) -> bool:
 
 
 def slice_record(path: str, p, series: str | None = None, index: int | None = None) -> dict:
-    return {"kind": "slice", "series": series, "slice_index": index, "file": path, **p.to_dict()}
+    """One slice's JSON line; ``index`` counts from 0 in reading order, the line from 1."""
+    return {"kind": "slice", "series": series, "slice_number": None if index is None else index + 1, "file": path,
+            **p.to_dict()}
 
 
 def series_record(series: Series, result: SeriesPredictions) -> dict:
@@ -85,7 +92,7 @@ def series_record(series: Series, result: SeriesPredictions) -> dict:
     return {"kind": "series", "series": series.id, "slices": len(series), "label": summary.label,
             "verdict": summary.verdict, "has_result": summary.has_result, "rule": summary.rule,
             "confident_counts": summary.confident_counts, "uncertain": summary.uncertain,
-            "uncertain_by_state": summary.uncertain_by_state, "key_slices": summary.key_slices,
+            "uncertain_by_state": summary.uncertain_by_state, "key_slice_numbers": [i + 1 for i in summary.key_slices],
             "other_findings": summary.other_findings, "source": series.kind, "description": series.description(),
             "seconds": round(result.seconds, 3)}
 
@@ -103,12 +110,12 @@ def _text_series(series: Series, result: SeriesPredictions) -> list[str]:
     rows = [("slice", "file", "result", "confidence", "probabilities", "flags")]
     for i, p in enumerate(result.predictions):
         label = f"UNCERTAIN ({p.state}; leans {p.label})" if p.uncertain else p.label
-        rows.append((str(i), series.sources[i] if series.kind != "NIfTI" else f"{series.sources[i]}#{i}", label,
-                     f"{p.confidence:.3f}", " ".join(f"{k}={v:.3f}" for k, v in p.probabilities.items()),
-                     "; ".join(p.reasons)))
+        source = series.sources[i] if series.kind != "NIfTI" else f"{series.sources[i]}#{i + 1}"
+        probabilities = " ".join(f"{k}={v:.3f}" for k, v in p.probabilities.items())
+        rows.append((str(i + 1), source, label, f"{p.confidence:.3f}", probabilities, "; ".join(p.reasons)))
     widths = [max(len(r[c]) for r in rows) for c in range(5)]
     summary = summarise(series.id, result)
-    lines = [f"== series {series.id}: {series.description()} (slice 0 is the most superior)"]
+    lines = [f"== series {series.id}: {series.description()} (slice 1 is the most superior)"]
     lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r[:5], widths)) + ("  " + r[5] if r[5] else "")
               for r in rows]
     lines.append(f"== series {series.id}: {summary.verdict}")

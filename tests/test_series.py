@@ -824,7 +824,7 @@ def test_cli_json_lines_for_series_volumes_single_images_and_errors(tiny_model, 
     assert sorted(r["slices"] for r in series_lines) == [3, 3, 4] and series_lines[-1]["source"] == "NIfTI"
     for summary in series_lines:
         slices = [r for r in records if r.get("kind") == "slice" and r["series"] == summary["series"]]
-        assert [r["slice_index"] for r in slices] == list(range(summary["slices"]))
+        assert [r["slice_number"] for r in slices] == list(range(1, summary["slices"] + 1))
         assert set(slices[0]) >= {"label", "probabilities", "uncertain", "state", "file"}
         assert summary["verdict"] and summary["rule"] and "confident_counts" in summary
         assert f"{summary['slices']} axial slices, 32x32 px" in summary["description"]
@@ -850,19 +850,19 @@ def test_cli_text_prints_series_in_columns(tiny_model, tmp_path):
     assert code == 0
     assert lines[0].startswith("== series S-") and "3 axial slices, 32x32 px" in lines[0]
     assert lines[1].split() == ["slice", "file", "result", "confidence", "probabilities", "flags"]
-    assert [line.split()[0] for line in lines[2:5]] == ["0", "1", "2"]
+    assert [line.split()[0] for line in lines[2:5]] == ["1", "2", "3"]  # numbered from 1, as the app does
     assert lines[5].startswith("== series S-") and "slices" in lines[5]
     starts = [lines[1].index(heading) for heading in ("file", "result", "confidence", "probabilities")]
     for row in lines[2:5]:  # each column starts where its heading does
         assert [row[start - 2:start] == "  " and row[start] != " " for start in starts] == [True] * 4, row
 
 
-def test_cli_text_names_a_volumes_slices_by_their_index(tiny_model, tmp_path):
+def test_cli_text_names_a_volumes_slices_by_their_number(tiny_model, tmp_path):
     volume = tmp_path / "chest.nii.gz"
     volume.write_bytes(nifti_bytes(grey_volume(3, 32, seed=25)))
     code, lines, _ = _cli(volume, "--model", tiny_model)
     assert code == 0
-    assert [line.split()[:2] for line in lines[2:5]] == [[str(i), f"{volume}#{i}"] for i in range(3)]
+    assert [line.split()[:2] for line in lines[2:5]] == [[str(i), f"{volume}#{i}"] for i in range(1, 4)]
 
 
 def test_cli_exit_code_says_a_series_could_not_be_read(tiny_model, tmp_path):
