@@ -102,8 +102,9 @@ def test_results_table_says_uncertain_and_where_it_leans():
 
     model = constant_model(WEAK_BIAS)
     rows = results_table(_results([model]), [ModelEntry(None, "weak", {})], [model])
-    assert rows == [{"File": "weak.png", "Result": "Uncertain (leans Alpha)",
-                     "Confidence": pytest.approx(sigmoid(0.2)), "Flags": "low confidence"}]
+    # An uncertain answer carries no confidence (no confident-looking bar): its result says where it leans.
+    assert rows == [{"File": "weak.png", "Result": "Uncertain (leans Alpha)", "Confidence": None,
+                     "Flags": "low confidence"}]
     strong = constant_model(STRONG_BIAS)
     rows = results_table(_results([strong]), [ModelEntry(None, "strong", {})], [strong])
     assert rows[0]["Result"] == "Alpha" and rows[0]["Flags"] == ""
@@ -121,7 +122,7 @@ def test_csv_download_keeps_every_column_and_the_uncertain_state():
     (row,) = list(reader)
     assert row["File"] == "weak.png"
     assert row["weak: Result"] == "Uncertain (leans Alpha)" and row["strong: Result"] == "Alpha"
-    assert float(row["weak: Confidence"]) == pytest.approx(sigmoid(0.2))
+    assert row["weak: Confidence"] == ""  # uncertain: no confidence to show
     assert float(row["strong: Confidence"]) == pytest.approx(sigmoid(3.0))
     assert row["Models agree"] == "True"
     assert row["Flags"] == "weak: low confidence"
