@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from synthetic import ct_dataset  # noqa: E402
+from series_synthetic import SeriesUids, ct_slice, stored_from_hu  # noqa: E402
 
 from ctapp.model_folders import DEFAULT_MODELS_DIR, load_model  # noqa: E402
 from ctapp.series import classify_series  # noqa: E402
@@ -45,25 +45,15 @@ SYNTAXES = {"none": None, "RLE": "1.2.840.10008.1.2.5", "JPEG-LS": "1.2.840.1000
 
 
 def write_series(folder: Path, slices: int, size: int, syntax: str | None) -> list[Path]:
-    from pydicom.uid import generate_uid
-
     rng = np.random.default_rng(0)
     base = ct_phantom(size).astype(np.float32) / 255.0
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    uids = SeriesUids()
     paths = []
     for k in rng.permutation(slices):
         hu = base * 1500.0 - 1350.0 + rng.normal(0, 15, base.shape) + 40 * np.sin(k / 20)
-        ds = ct_dataset(size, size, signed=True, study_uid=study, series_uid=series, frame_uid=frame)
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [0, 0, -1.25 * float(k)]
-        ds.PixelSpacing = [0.7, 0.7]
-        ds.InstanceNumber = int(k) + 1
-        ds.PixelData = np.clip(np.round(hu + 1024), -32768, 32767).astype(np.int16).tobytes()
-        if syntax:
-            ds.compress(syntax)
         path = folder / f"IM{rng.integers(10**7, 10**8)}"
-        ds.save_as(path, enforce_file_format=True)
+        path.write_bytes(ct_slice(stored_from_hu(hu), uids=uids, instance=int(k) + 1,
+                                  position=[0, 0, -1.25 * float(k)], spacing=0.7, syntax=syntax))
         paths.append(path)
     return paths
 

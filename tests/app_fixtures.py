@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from synthetic import PATIENT_ID, PATIENT_NAME, ct_dataset, dicom_file_bytes, make_slice  # noqa: F401
+from series_synthetic import ct_slice, stored_from_hu
+from synthetic import PATIENT_ID, PATIENT_NAME, make_slice  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 APP = REPO / "app.py"
@@ -47,11 +48,7 @@ def dicom_bytes(size: int = 64, seed: int = 0) -> bytes:
     with patient identifiers in its header, which the app must never show."""
     grey = make_slice(0, np.random.default_rng(seed), size).astype(np.float32) / 255.0
     hu = grey * 1500.0 - 1350.0  # air about -1350 HU, bright blobs near 0 HU
-    ds = ct_dataset(size, size, signed=True)
-    ds.RescaleSlope = 1
-    ds.RescaleIntercept = -1024
-    ds.PixelData = np.round(hu + 1024).astype(np.int16).tobytes()
-    return dicom_file_bytes(ds)
+    return ct_slice(stored_from_hu(hu))
 
 
 def copy_model(source: Path, target: Path, name: str) -> Path:

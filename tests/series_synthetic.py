@@ -4,6 +4,9 @@ written as DICOM files (any stored orientation, signed or unsigned, any
 compression, shuffled extension-less names), as one enhanced multi-frame
 file, as a zip, or as NIfTI the way a DICOM-to-NIfTI converter writes it.
 
+:func:`ct_slice` is the one builder of a CT DICOM slice for tests and
+benchmarks (the app fixtures and ``benchmarks/series.py`` use it too).
+
 Stored values are the grey levels G (0..255) with a rescale that maps them to
 Hounsfield units whose lung window (centre -600, width 1500) is G / 255: a
 series slice then shows the model the same pixels as G saved as a PNG.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,31 +63,67 @@ def _layout(grey: np.ndarray, orientation: str):
     raise ValueError(orientation)
 
 
+def _new_uid() -> str:
+    from pydicom.uid import generate_uid
+
+    return generate_uid()
+
+
+@dataclass(frozen=True)
+class SeriesUids:
+    """The UIDs that make slices one series (new ones unless given)."""
+
+    study: str = field(default_factory=_new_uid)
+    series: str = field(default_factory=_new_uid)
+    frame: str = field(default_factory=_new_uid)
+
+
+def stored_from_hu(hu: np.ndarray) -> np.ndarray:
+    """int16 stored values of Hounsfield units under rescale slope 1, intercept -1024."""
+    return np.clip(np.round(hu + 1024), -32768, 32767).astype(np.int16)
+
+
+def ct_slice(stored: np.ndarray, *, slope: float = 1.0, intercept: float = -1024.0, uids: SeriesUids | None = None,
+             instance: int = 1, position=None, orientation=(1, 0, 0, 0, 1, 0), spacing: float = PIXEL_SPACING,
+             thickness: float | None = None, syntax: str | None = None) -> bytes:
+    """One CT DICOM slice: ``stored`` values (int16: signed, uint16:
+    unsigned) with a rescale to Hounsfield units, patient identifiers in its
+    header (which the app must never show), and geometry (``position=None``:
+    no ImagePositionPatient / ImageOrientationPatient), compressed with
+    ``syntax`` if given."""
+    from pydicom.uid import CTImageStorage
+
+    uids = uids or SeriesUids()
+    ds = ct_dataset(*stored.shape, study_uid=uids.study, series_uid=uids.series, frame_uid=uids.frame,
+                    sop_class=CTImageStorage, signed=stored.dtype.kind == "i")
+    ds.InstanceNumber = instance
+    if position is not None:
+        ds.ImageOrientationPatient = list(orientation)
+        ds.ImagePositionPatient = list(position)
+    ds.PixelSpacing = [spacing, spacing]
+    if thickness is not None:
+        ds.SliceThickness = thickness
+    ds.RescaleSlope = f"{slope:.14f}"[:16]  # a decimal string holds at most 16 characters
+    ds.RescaleIntercept = f"{intercept:.14f}"[:16]
+    ds.RescaleType = "HU"
+    ds.PixelData = np.ascontiguousarray(stored).tobytes()
+    return _save(ds, syntax)
+
+
 def dicom_series(grey: np.ndarray, *, orientation: str = "standard", signed: bool = False, syntax: str | None = None,
                  reverse_instances: bool = False, series_uid: str | None = None, z0: float = 100.0,
                  positions: bool = True) -> list[bytes]:
     """One DICOM file per slice of the display volume ``grey`` (uint8)."""
-    from pydicom.uid import CTImageStorage, generate_uid
-
-    study, series, frame = generate_uid(), series_uid or generate_uid(), generate_uid()
+    uids = SeriesUids(series=series_uid) if series_uid else SeriesUids()
     files = []
     n = len(grey)
     for k in range(n):
         stored, iop, (x0, y0) = _layout(grey[k], orientation)
         values, intercept = _stored(np.ascontiguousarray(stored), signed)
-        ds = ct_dataset(*values.shape, study_uid=study, series_uid=series, frame_uid=frame,
-                           sop_class=CTImageStorage, signed=signed)
-        ds.InstanceNumber = (n - k) if reverse_instances else (k + 1)
-        if positions:
-            ds.ImageOrientationPatient = iop
-            ds.ImagePositionPatient = [x0 * PIXEL_SPACING, y0 * PIXEL_SPACING, z0 - k * SLICE_STEP]
-        ds.PixelSpacing = [PIXEL_SPACING, PIXEL_SPACING]
-        ds.SliceThickness = SLICE_STEP
-        ds.RescaleSlope = f"{SLOPE:.14f}"[:16]
-        ds.RescaleIntercept = f"{intercept:.10f}"[:16]
-        ds.RescaleType = "HU"
-        ds.PixelData = values.tobytes()
-        files.append(_save(ds, syntax))
+        position = [x0 * PIXEL_SPACING, y0 * PIXEL_SPACING, z0 - k * SLICE_STEP] if positions else None
+        files.append(ct_slice(values, slope=SLOPE, intercept=intercept, uids=uids,
+                              instance=(n - k) if reverse_instances else (k + 1), position=position,
+                              orientation=iop, thickness=SLICE_STEP, syntax=syntax))
     return files
 
 
