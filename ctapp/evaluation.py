@@ -117,12 +117,15 @@ def locate_image(row: dict, roots: list[Path] | None = None) -> Path | None:
         if not digest or sha256_file(found) == digest:
             return found
     name = Path(image or str(row.get("path") or "")).name
-    if not digest or not name:
+    if not digest or name in ("", ".", ".."):
         return None
-    for root in roots:
-        for candidate in root.rglob(glob.escape(name)):
-            if candidate.is_file() and is_inside(candidate, roots) and sha256_file(candidate) == digest:
-                return candidate.resolve()
+    try:
+        for root in roots:
+            for candidate in root.rglob(glob.escape(name)):
+                if candidate.is_file() and is_inside(candidate, roots) and sha256_file(candidate) == digest:
+                    return candidate.resolve()
+    except OSError:  # a folder that cannot be listed or a file that cannot be read: not found
+        return None
     return None
 
 

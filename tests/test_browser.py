@@ -364,8 +364,9 @@ def test_shipped_ensemble_and_member_compared_in_a_browser(pw, tmp_path_factory)
     the table's answers marked out of fold. Screenshots go to a temporary folder."""
     shots = tmp_path_factory.mktemp("comparison-screenshots")
     work = tmp_path_factory.mktemp("comparison-app")
+    # No data root configured (empty counts as unset): the default, ../shared/data beside the repository.
     env = {"CTAPP_AUDIT_LOG": str(work / "audit.sqlite"), "CTAPP_REPORTS_DIR": str(work / "reports"),
-           "CTAPP_DATA_ROOTS": str(SHARED_DATA)}
+           "CTAPP_DATA_ROOTS": ""}
     tasks = sorted(shipped_model_tasks(), key=lambda t: "lung" not in t.lower())
     with running_app(env, work / "server.log") as url:
         browser = pw.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)

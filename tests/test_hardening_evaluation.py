@@ -291,3 +291,14 @@ def test_a_training_history_is_empty_until_written_then_read_fresh(tmp_path):
     assert ui_cache.history(tmp_path) == []  # a model trained before histories were kept
     (tmp_path / "history.csv").write_text("epoch,train_loss\n1,0.9\n", encoding="utf-8")
     assert ui_cache.history(tmp_path) == [{"epoch": 1.0, "train_loss": 0.9}]
+
+
+@pytest.mark.parametrize("image", ["..", ".", "**", "*.png", "set/valid/class0/[c]lass0 (1).png"])
+def test_an_image_name_is_never_a_pattern(escape_root, image, monkeypatch):
+    from pages.compare import image_file
+
+    root, folder, _ = escape_root
+    monkeypatch.setenv("CTAPP_DATA_ROOTS", str(root))
+    # The hash of a real image below the root: only a file of exactly that name could be it.
+    row = {"path": "x.png", "image": image, "sha256": sha256_file(folder / "valid" / "class0" / "class0 (1).png")}
+    assert image_file({}, row) is None
