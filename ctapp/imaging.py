@@ -50,6 +50,8 @@ MAX_FRAME_PIXELS = 4 * MAX_PIXELS
 # checked before any is decoded, and a file may hold at most this many.
 PAGED_FORMATS = ("TIFF", "MPO")
 MAX_PAGES = 1000
+# Frames an animated image may declare: each costs work to reach, whatever its size.
+MAX_FRAMES = 1000
 MIN_SIDE = 16
 # Uploads and files larger than this are refused before they are read.
 MAX_FILE_BYTES = 200 * 1024 * 1024
@@ -286,7 +288,11 @@ def _count_frames(image: Image.Image, name: str) -> int:
     the pixel budget first (seeking a TIFF or MPO page reads only its header)."""
     if image.format not in PAGED_FORMATS:
         _check_pixels(image.width, image.height, name)
-        return getattr(image, "n_frames", 1)
+        n_frames = getattr(image, "n_frames", 1)  # an animated PNG declares it: nothing decoded yet
+        if n_frames > MAX_FRAMES:
+            raise ImageDecodeError(f"{name}: the image has {n_frames} frames; at most {MAX_FRAMES} are read; "
+                                   "export the slice as a single image")
+        return n_frames
     count = 0
     try:
         while True:

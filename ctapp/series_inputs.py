@@ -6,14 +6,25 @@ from __future__ import annotations
 import io
 import logging
 import re
+import threading
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from . import imaging
-from .imaging import ImageDecodeError, Slice, Window, decode, is_dicom, read_dicom
-from .volume_formats import DicomFrame, build_dicom_series, dicom_frames, frame_count, is_gzip, nifti_stream, \
-    nifti_version, read_nifti
+from .imaging import ImageDecodeError, Slice, Window, decode, is_dicom
+from .volume_formats import (
+    DicomFrame,
+    build_dicom_series,
+    dicom_frames,
+    frame_count,
+    is_gzip,
+    nifti_stream,
+    nifti_version,
+    read_dicom_header,
+    read_nifti,
+)
 from .volumes import (
     DEFAULT_LIMITS,
     Input,
@@ -35,10 +46,37 @@ def is_zip(data: bytes) -> bool:
     return data[:4] == b"PK\x03\x04"
 
 
-def expand_zip(item: Input, limits: Limits, budget: ReadBudget) -> list[Input]:
-    """The members of a zip archive, counted and size-checked as they are
-    inflated (the sizes its directory claims are not trusted); folders,
-    hidden files and archives inside archives are skipped."""
+@dataclass(frozen=True)
+class _Pending:
+    """A file waiting to be read: ``load`` gives its bytes (a zip member is
+    inflated again each time, so that only the file being read is held)."""
+
+    name: str
+    load: Callable[[], bytes] = field(repr=False)
+    from_zip: bool
+    top: int  # the index of the input it came from
+    error: str = ""
+    header: object = field(default=None, repr=False)  # a zip member's DICOM header, read as the archive was checked
+
+
+def _member_loader(item: Input, archive: zipfile.ZipFile, member: zipfile.ZipInfo,
+                   lock: threading.Lock) -> Callable[[], bytes]:
+    def load() -> bytes:
+        try:
+            with lock:
+                return archive.read(member)
+        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError):
+            log.info("zip member unreadable", exc_info=True)
+            raise SeriesError(f"{item.name}: the archive is damaged or uses an unsupported compression") from None
+
+    return load
+
+
+def expand_zip(item: Input, limits: Limits, budget: ReadBudget, top: int) -> list[_Pending]:
+    """The members of a zip archive, counted and size-checked by inflating
+    each one without keeping it (the sizes its directory claims are not
+    trusted): an archive over a limit is refused before any of it is read.
+    Folders, hidden files and DICOMDIR are skipped."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(item.data))
     except (zipfile.BadZipFile, OSError, ValueError):
@@ -47,7 +85,7 @@ def expand_zip(item: Input, limits: Limits, budget: ReadBudget) -> list[Input]:
     if len(members) > limits.max_zip_members:
         raise SeriesError(f"{item.name}: the archive holds {len(members)} files; at most {limits.max_zip_members} "
                           "are read from one archive")
-    out, expanded = [], 0
+    out, expanded, lock = [], 0, threading.Lock()
     for member in members:
         name = member.filename
         parts = PurePosixPath(name).parts
@@ -55,26 +93,41 @@ def expand_zip(item: Input, limits: Limits, budget: ReadBudget) -> list[Input]:
             continue
         if member.flag_bits & 0x1:
             raise SeriesError(f"{item.name}: the archive is encrypted; export it without a password")
-        chunks = []
+        size, dicom = 0, None  # a DICOM member's bytes are kept while it is inflated, for its header
         try:
             with archive.open(member) as stream:
                 while chunk := stream.read(1 << 20):
+                    if size == 0 and is_dicom(chunk):
+                        dicom = []
+                    if dicom is not None:
+                        dicom.append(chunk)
+                    size += len(chunk)
                     expanded += len(chunk)
                     if expanded > limits.max_expanded_bytes:
                         raise SeriesError(
                             f"{item.name}: the archive expands to more than {megabytes(limits.max_expanded_bytes)} "
                             "(a possible zip bomb); nothing of it was read")
-                    if sum(map(len, chunks)) + len(chunk) > imaging.MAX_FILE_BYTES:
+                    if size > imaging.MAX_FILE_BYTES:
                         raise SeriesError(f"{item.name}: member {name} is larger than "
                                           f"{megabytes(imaging.MAX_FILE_BYTES)}")
-                    chunks.append(chunk)
         except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError):
             log.info("zip member unreadable", exc_info=True)
             raise SeriesError(f"{item.name}: the archive is damaged or uses an unsupported compression") from None
-        data = b"".join(chunks)
-        budget.take(len(data), item.name)
-        out.append(Input(f"{item.name}:{name}", data))
+        budget.take(size, item.name)
+        out.append(_member(f"{item.name}:{name}", _member_loader(item, archive, member, lock), top,
+                           b"".join(dicom or [])))
     return out
+
+
+def _member(name: str, load: Callable[[], bytes], top: int, dicom: bytes) -> _Pending:
+    """A zip member to read; a DICOM one (``dicom``: its bytes) with its
+    header already read, so that it is inflated again only for its pixels."""
+    if not dicom:
+        return _Pending(name, load, True, top)
+    try:
+        return _Pending(name, load, True, top, header=read_dicom_header(dicom))
+    except ImageDecodeError as exc:
+        return _Pending(name, load, True, top, error=f"{name}: {exc}")
 
 
 def read_inputs(inputs: Iterable[Input], *, limits: Limits = DEFAULT_LIMITS, window: Window | None = None,
@@ -82,14 +135,16 @@ def read_inputs(inputs: Iterable[Input], *, limits: Limits = DEFAULT_LIMITS, win
     """Sort named files into series, volumes and loose images and read them.
 
     A file or series that cannot be read is an entry of ``errors``; the rest
-    are still read. ``window`` only decodes the loose images (as the model
-    will see them); series keep Hounsfield units.
+    are still read. Every file counts against one budget of bytes read and of
+    values held (:class:`ctapp.volumes.ReadBudget`). ``window`` only decodes
+    the loose images (as the model will see them); series keep Hounsfield
+    units.
     """
     result = ReadResult()
     budget = ReadBudget(limits)
     frames_by_series: dict[str, list[DicomFrame]] = {}
     window = window or Window()
-    queue: list[tuple[Input, bool, int]] = [(item, False, i) for i, item in enumerate(inputs)]
+    queue = [_Pending(item.name, lambda item=item: item.data, False, i, item.error) for i, item in enumerate(inputs)]
     top = 0
 
     def add(kind: str, key: str) -> None:
@@ -104,57 +159,64 @@ def read_inputs(inputs: Iterable[Input], *, limits: Limits = DEFAULT_LIMITS, win
         add("error", series or name)
 
     series_origin: dict[str, int] = {}
+
+    def add_frames(frames: list[DicomFrame]) -> None:
+        uid = frames[0].series_uid or f"file:{frames[0].source}"
+        if uid not in frames_by_series:
+            add("series", series_id_of(uid))
+            series_origin[uid] = top
+        frames_by_series.setdefault(uid, []).extend(frames)
+
     while queue:
-        item, from_zip, top = queue.pop(0)
+        pending = queue.pop(0)
+        top = pending.top
         try:
-            if item.error:
-                raise SeriesError(item.error)
-            if not from_zip:
+            if pending.error:
+                raise SeriesError(pending.error)
+            if pending.header is not None:
+                add_frames(dicom_frames(Input(pending.name, b""), pending.header, limits, pending.load))
+                continue
+            item = Input(pending.name, pending.load())
+            if not pending.from_zip:
                 budget.take(len(item.data), item.name)
             if not item.data:
                 raise SeriesError(f"{item.name}: the file is empty")
             if is_zip(item.data):
-                if from_zip:
+                if pending.from_zip:
                     raise SeriesError("an archive inside an archive is not opened; unpack it first")
-                members = expand_zip(item, limits, budget)
+                members = expand_zip(item, limits, budget, top)
                 if not members:
                     raise SeriesError(f"{item.name}: the archive holds no files")
-                queue[0:0] = [(m, True, top) for m in members]
+                queue[0:0] = members
                 continue
             if len(item.data) > imaging.MAX_FILE_BYTES:
                 raise SeriesError(f"{item.name}: the file is {megabytes(len(item.data))}; the limit is "
                                   f"{megabytes(imaging.MAX_FILE_BYTES)}")
             nifti = nifti_stream(item)
             if nifti is not None:
-                series = read_nifti(item.name, nifti, limits)
+                series = read_nifti(item.name, nifti, limits, budget)
                 result.series.append(series)
                 add("series", series.id)
                 continue
             if is_dicom(item.data):
                 try:
-                    dataset = read_dicom(item.data)
+                    header = read_dicom_header(item.data)
                 except ImageDecodeError as exc:
                     raise SeriesError(f"{item.name}: {exc}") from None
-                frames = dicom_frames(item, dataset)
-                uid = frames[0].series_uid or f"file:{item.name}"
-                if uid not in frames_by_series:
-                    if len(frames_by_series) >= limits.max_series:
-                        raise SeriesError(f"more than {limits.max_series} series in one read; this file's series "
-                                          "was not read")
-                    add("series", series_id_of(uid))
-                    series_origin[uid] = top
-                frames_by_series.setdefault(uid, []).extend(frames)
+                add_frames(dicom_frames(item, header, limits, pending.load))
                 continue
             if len(result.images) >= limits.max_images:
                 raise SeriesError(f"more than {limits.max_images} loose images; this one was not read")
-            result.images.append((item.name, decode(item.data, window=window)))
+            image = decode(item.data, window=window)
+            budget.hold(image.pixels.nbytes, item.name)
+            result.images.append((item.name, image))
             add("image", item.name)
         except (SeriesError, ImageDecodeError) as exc:
-            fail(item.name, str(exc))
+            fail(pending.name, str(exc))
     for uid, frames in frames_by_series.items():
         sid = series_id_of(uid)
         try:
-            result.series.append(build_dicom_series(sid, frames, limits))
+            result.series.append(build_dicom_series(sid, frames, limits, budget))
         except (SeriesError, ImageDecodeError) as exc:
             place = result.order.index(("series", sid))
             top = series_origin[uid]

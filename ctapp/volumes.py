@@ -44,6 +44,7 @@ import numpy as np
 
 from .imaging import Slice, Window
 
+
 class SeriesError(ValueError):
     """An input or a series that cannot be read (the message says why)."""
 
@@ -58,7 +59,9 @@ class Limits:
     max_total_bytes: int = 1 << 30  # everything read, zip members expanded
     max_zip_members: int = 5000
     max_expanded_bytes: int = 1 << 30  # one zip's members, as inflated
-    max_series: int = 20
+    # Values held by one read, every series and loose image together (int16
+    # Hounsfield units: 2 bytes a voxel): one and a half of the largest series.
+    max_held_bytes: int = 3 * 1000 * 512 * 512
     max_images: int = 200  # loose PNG/JPEG/... slices
 
 
@@ -94,9 +97,11 @@ class SeriesReference:
 
 @dataclass
 class Series:
-    """Slices in reading order, right way up. ``values`` holds Hounsfield units
-    (``is_hu``) or grey in [0, 1] (PNG/JPEG stacks, colour DICOM); a stack of
-    loose images of several sizes is a list of 2-D arrays."""
+    """Slices in reading order, right way up. ``values`` holds, compactly,
+    Hounsfield units (``is_hu``; int16, or a DICOM series' stored values with
+    its ``rescale``), grey as uint8 (colour DICOM) or grey in [0, 1] (PNG/JPEG
+    stacks: a list of 2-D arrays, as they may differ in size). Floats are
+    made per slice, when one is asked for."""
 
     id: str  # opaque short id, e.g. "S-3fa9c2d1"
     kind: str  # "DICOM", "NIfTI" or "images"
@@ -111,6 +116,7 @@ class Series:
     reference: SeriesReference | None = field(default=None, repr=False)
     slice_notes: list[list[str]] = field(default_factory=list)  # per slice (loose images: how each was read)
     digest: str = ""  # content hash of the values: a cache key
+    rescale: tuple[float, float] | None = None  # Hounsfield units = values * slope + intercept; None: values are HU
 
     def __len__(self) -> int:
         return len(self.values)
@@ -154,8 +160,12 @@ class Series:
         values = self.values[index]
         notes = list(self.slice_notes[index]) if self.slice_notes else []
         if not self.is_hu:
-            return Slice(np.asarray(values, np.float32), self.kind, notes, mode=self.kind)
-        hu = np.asarray(values, np.float32)
+            grey = values.astype(np.float32) / 255 if values.dtype == np.uint8 else np.asarray(values, np.float32)
+            return Slice(grey, self.kind, notes, mode=self.kind)
+        if self.rescale is None:
+            hu = np.asarray(values, np.float32)
+        else:
+            hu = (values * self.rescale[0] + self.rescale[1]).astype(np.float32)
         return Slice(window.apply(hu), self.kind, notes, hu=hu, mode=self.kind)
 
 
@@ -178,10 +188,11 @@ def series_id_of(text: str) -> str:
 
 
 class ReadBudget:
-    """Bytes read so far against ``Limits.max_total_bytes``."""
+    """One read's budget: bytes read (``Limits.max_total_bytes``) and bytes of
+    values held (``Limits.max_held_bytes``), every file of the read counted."""
 
     def __init__(self, limits: Limits):
-        self.limits, self.used = limits, 0
+        self.limits, self.used, self.held = limits, 0, 0
 
     def take(self, size: int, what: str) -> None:
         self.used += size
@@ -189,16 +200,27 @@ class ReadBudget:
             raise SeriesError(f"{what}: the inputs add up to more than {megabytes(self.limits.max_total_bytes)}, "
                               "more than one read accepts; upload fewer series at a time")
 
+    def hold(self, size: int, what: str) -> None:
+        """Count ``size`` bytes of values before they are decoded; refused when
+        the read would hold more than the limit (nothing is counted then)."""
+        if self.held + size > self.limits.max_held_bytes:
+            raise SeriesError(f"{what} would take the values held by this read to "
+                              f"{megabytes(self.held + size)}; at most {megabytes(self.limits.max_held_bytes)} are "
+                              "read at once; upload fewer series at a time")
+        self.held += size
+
 
 def megabytes(size: int) -> str:
     return f"{size / 2**20:.0f} MB"
 
 
-def values_digest(values) -> str:
-    digest = hashlib.sha256()
+def values_digest(values, *meaning: object) -> str:
+    """A content hash of ``values`` (an array or a list of them) and of what
+    gives them their meaning (a rescale)."""
+    digest = hashlib.sha256(repr(meaning).encode() if meaning else b"")
     for v in (values if isinstance(values, list) else [values]):
         digest.update(str(v.shape).encode())
-        digest.update(np.ascontiguousarray(v).tobytes())
+        digest.update(np.ascontiguousarray(v).data)  # the buffer itself: no copy of a large volume
     return digest.hexdigest()
 
 
@@ -211,11 +233,42 @@ DISPLAY_CODES = {"axial": ("I", "P", "L"), "coronal": ("P", "I", "L"), "sagittal
 _PLANE_OF_AXIS = {0: "sagittal", 1: "coronal", 2: "axial"}
 
 
-def reorient(volume: np.ndarray, affine_ras: np.ndarray) -> tuple[np.ndarray, str, bool, bool]:
-    """``volume`` (slice, row, column) with its RAS+ affine turned to the
-    display orientation of its plane by permutations and flips (nibabel).
-    Returns the volume, the plane, whether the slice order was reversed and
-    whether rows and columns were swapped."""
+@dataclass(frozen=True)
+class DisplayPlan:
+    """How a volume of ``n`` slices (slice, row, column) with a given RAS+
+    affine is turned to the display orientation of its plane, by permutations
+    and flips only (nibabel), applied slab by slab so the volume is written
+    once in its final place."""
+
+    plane: str
+    transform: np.ndarray = field(repr=False)
+
+    @property
+    def reversed(self) -> bool:
+        """Whether the slice order is reversed."""
+        return bool(self.transform[0, 1] < 0)
+
+    @property
+    def swapped(self) -> bool:
+        """Whether rows and columns are exchanged."""
+        return int(self.transform[1, 0]) == 2
+
+    def slice_shape(self, rows: int, cols: int) -> tuple[int, int]:
+        return (cols, rows) if self.swapped else (rows, cols)
+
+    def place(self, volume: np.ndarray, start: int, slab: np.ndarray) -> None:
+        """Write ``slab`` (slices ``start`` onward in stored order, already of
+        ``volume``'s type) into ``volume`` (display order)."""
+        import nibabel.orientations as nio
+
+        n, stop = len(volume), start + len(slab)
+        at = slice(n - stop, n - start) if self.reversed else slice(start, stop)
+        volume[at] = nio.apply_orientation(slab, self.transform)
+
+
+def display_plan(affine_ras: np.ndarray) -> DisplayPlan:
+    """The :class:`DisplayPlan` of a volume whose array axes (slice, row,
+    column) map to RAS+ space by ``affine_ras``."""
     import nibabel.orientations as nio
 
     current = nio.io_orientation(affine_ras)
@@ -224,5 +277,4 @@ def reorient(volume: np.ndarray, affine_ras: np.ndarray) -> tuple[np.ndarray, st
     transform = nio.ornt_transform(current, target)
     if int(transform[0, 0]) != 0:  # the target is chosen from axis 0's own direction
         raise SeriesError("the slice geometry is inconsistent: the slices cannot be put in reading order")
-    volume = np.ascontiguousarray(nio.apply_orientation(volume, transform))
-    return volume, plane, bool(transform[0, 1] < 0), int(transform[1, 0]) == 2
+    return DisplayPlan(plane, transform)

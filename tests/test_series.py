@@ -37,6 +37,11 @@ from ctapp.volumes import Input, Limits
 IDENTIFIERS = (PATIENT_NAME, "Doe", "Jane", PATIENT_ID, "19510203", "Nowhere", "ACC-4455")
 
 
+def hu_of_series(series) -> np.ndarray:
+    """Every slice's Hounsfield units, as the viewer and the model get them."""
+    return np.stack([series.slice(i, LUNG_WINDOW).hu for i in range(len(series))])
+
+
 def grey_of(series) -> np.ndarray:
     """The series as the model sees it (lung window), back in 0..255."""
     return np.stack([series.slice(i, LUNG_WINDOW).pixels for i in range(len(series))]) * 255
@@ -157,7 +162,9 @@ def test_nifti_volume_comes_out_as_its_dicom_series():
         assert not result.errors
         (volume,) = result.series
         assert volume.kind == "NIfTI" and volume.orientation == "axial"
-        np.testing.assert_array_equal(volume.values, from_dicom.values)
+        # A float NIfTI is kept as whole Hounsfield units (int16), the DICOM series as its stored integers.
+        assert volume.values.dtype == np.int16 and "Hounsfield units rounded to whole numbers" in volume.notes
+        np.testing.assert_allclose(hu_of_series(volume), hu_of_series(from_dicom), atol=0.5)
         assert volume.positions == pytest.approx(from_dicom.positions)
         assert volume.spacing == pytest.approx((0.8, 0.8)) and from_dicom.spacing == pytest.approx((0.8, 0.8))
 
@@ -190,17 +197,19 @@ def test_a_volume_stored_with_rows_and_columns_exchanged_reads_as_the_same_volum
     assert a.values.shape == (3, 32, 24) and a.spacing == b.spacing == pytest.approx((row_mm, column_mm))
 
 
-@pytest.mark.parametrize("high, dtype", [(3000, np.int16), (40000, np.float32)], ids=["int16 range", "beyond int16"])
-def test_integral_nifti_voxels_are_kept_exactly(high, dtype):
-    """Whole-number voxels fit into int16 when they can; beyond its range they must not wrap around."""
+@pytest.mark.parametrize("high, kept", [(3000, 3000), (40000, 32767)], ids=["int16 range", "beyond int16"])
+def test_integral_nifti_voxels_are_kept_exactly_within_int16(high, kept):
+    """Voxels are held as int16; beyond its range they are clipped (and the
+    notes say so), never wrapped around."""
     import nibabel as nib
 
     data = np.zeros((16, 16, 3), np.int32)
     data[4:12, 4:12, :] = high
     data[0, 0, :] = -1000
     (volume,) = read({"volume.nii": nib.Nifti1Image(data, np.eye(4)).to_bytes()}).series
-    assert volume.values.dtype == dtype
-    assert volume.values.max() == high and volume.values.min() == -1000
+    assert volume.values.dtype == np.int16
+    assert volume.values.max() == kept and volume.values.min() == -1000
+    assert ("values beyond the int16 range (-32768 to 32767) clipped" in volume.notes) == (kept != high)
 
 
 def test_enhanced_multi_frame_ct_uses_per_frame_positions_and_rescale():
@@ -266,7 +275,7 @@ def test_an_enhanced_ct_frame_with_half_a_rescale_uses_the_files_own():
     result = read({"enhanced": dicom_file_bytes(ds)})
     assert not result.errors
     stored = np.stack([ds.pixel_array[k] for k in range(3)]).astype(np.float64)
-    np.testing.assert_allclose(result.series[0].values, stored * slope - 1000, atol=1e-3)
+    np.testing.assert_allclose(hu_of_series(result.series[0]), stored * slope - 1000, atol=1e-3)
 
 
 @pytest.mark.parametrize("brightest", [255, 100])  # a dim palette stays dim: its 16-bit entries are not stretched
@@ -483,10 +492,14 @@ def test_limits_on_loose_images_series_and_member_size(monkeypatch):
     assert [e.message for e in result.errors] == ["s2.png: more than 2 loose images; this one was not read"]
     two_series = {**{f"a{i}": f for i, f in enumerate(dicom_series(grey_volume(2, 32, seed=52)))},
                   **{f"b{i}": f for i, f in enumerate(dicom_series(grey_volume(2, 32, seed=53)))}}
-    result = read(two_series, limits=Limits(max_series=1))
+    one_series_bytes = 2 * 32 * 32 * 2  # two slices of 32x32 stored integers
+    result = read(two_series, limits=Limits(max_held_bytes=one_series_bytes))
     assert len(result.series) == 1
-    assert {e.message for e in result.errors} == {
-        f"b{i}: more than 1 series in one read; this file's series was not read" for i in range(2)}
+    (refused,) = result.errors
+    assert refused.series is not None and refused.name == "b0"
+    assert "2 slices of 32x32 pixels would take the values held by this read to 0 MB; at most 0 MB are read at " \
+           "once; upload fewer series at a time" in refused.message
+    assert len(read(two_series, limits=Limits(max_held_bytes=2 * one_series_bytes)).series) == 2
     monkeypatch.setattr(imaging, "MAX_FILE_BYTES", 1000)
     result = read({"big.zip": zip_bytes({"IM0": two_series["a0"]})})
     assert [e.message for e in result.errors] == ["big.zip: member IM0 is larger than 0 MB"]
@@ -564,6 +577,112 @@ def test_a_nifti_larger_than_the_limits_is_refused_from_its_header():
     raw = header.binaryblock + b"\0" * 4  # a header that promises 2 GB of voxels and holds none
     result = read({"huge.nii.gz": gzip.compress(bytes(raw))})
     assert "512x512x4000 voxels; at most 1000 slices" in result.errors[0].message
+
+
+def _nifti_header_only(shape: tuple[int, ...], dtype, voxel_bytes: bytes = b"") -> bytes:
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header["vox_offset"] = 352
+    return header.binaryblock + b"\0" * 4 + voxel_bytes
+
+
+def test_a_nifti_whose_voxels_stop_after_its_header_is_refused_at_its_first_slab():
+    """A 1.4 kB file whose header promises 2 GB of float64 voxels: refused
+    when the first slab is read, nothing of the promised size allocated."""
+    import tracemalloc
+
+    data = _nifti_header_only((512, 512, 1000), np.float64, bytes(1024))
+    tracemalloc.start()
+    try:
+        result = read({"cut.nii": data}, limits=Limits(max_held_bytes=1 << 20))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    (error,) = result.errors
+    assert "cut.nii: a volume of 512x512x1000 voxels would take the values held by this read to 500 MB" in error.message
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MB"
+    assert [e.message for e in read({"cut.nii": data}).errors] == [
+        "cut.nii: the NIfTI voxel data is truncated or damaged"]
+
+
+def test_a_nifti_read_slab_by_slab_is_the_volume_read_at_once(monkeypatch):
+    from ctapp import volume_formats
+
+    grey = grey_volume(7, 32, seed=23)
+    data = nifti_bytes(grey)
+    (whole,) = read({"v.nii.gz": data}).series
+    monkeypatch.setattr(volume_formats, "NIFTI_SLAB_BYTES", 32 * 32 * 4 * 2)  # two float32 slices a slab
+    (slabs,) = read({"v.nii.gz": data}).series
+    np.testing.assert_array_equal(slabs.values, whole.values)
+    assert slabs.values.dtype == np.int16 and slabs.digest == whole.digest
+
+
+def test_a_dicom_frame_count_beyond_the_limits_is_refused_before_any_work_per_frame(monkeypatch):
+    import pydicom
+    from synthetic import dicom_file_bytes
+
+    from ctapp import volume_formats
+
+    def no_work_per_frame(*_args):
+        raise AssertionError("a frame was looked at")
+
+    monkeypatch.setattr(volume_formats, "_group_value", no_work_per_frame)
+    ds = pydicom.dcmread(io.BytesIO(enhanced_ct(grey_volume(3, 32, seed=24))))
+    for frames in (1001, 2_000_000_000):
+        ds.NumberOfFrames = frames
+        (error,) = read({"lying.dcm": dicom_file_bytes(ds)}).errors
+        assert error.message == (f"lying.dcm: the header claims {frames} frames of 32x32 pixels; at most 1000 "
+                                 "slices and 262 megavoxels are read from one series")
+    ds.NumberOfFrames = 3
+    (error,) = read({"three.dcm": dicom_file_bytes(ds)}, limits=Limits(max_slices=2)).errors
+    assert "the header claims 3 frames" in error.message
+
+
+def test_one_budget_counts_the_values_of_every_file_of_a_read():
+    """Series, volumes and loose images of one read share one budget; a
+    series over it is refused before it is decoded, the rest is read."""
+    grey = grey_volume(2, 32, seed=25)
+    png = _png(grey[0])
+    volume = nifti_bytes(grey_volume(2, 32, seed=26))
+    members = {"images.zip": zip_bytes({"a.png": png, "b.png": png}), "v.nii.gz": volume,
+               **{f"IM{i}": f for i, f in enumerate(dicom_series(grey))}}
+    everything = read(members)
+    assert not everything.errors and len(everything.images) == 2 and len(everything.series) == 2
+    image_bytes = 2 * 32 * 32 * 4  # float32 grey
+    volume_bytes = 2 * 32 * 32 * 2  # int16
+    short = read(members, limits=Limits(max_held_bytes=image_bytes + volume_bytes))
+    assert len(short.images) == 2 and [s.kind for s in short.series] == ["NIfTI"]
+    (refused,) = short.errors
+    assert refused.series is not None and "would take the values held by this read to" in refused.message
+    one_image = read(members, limits=Limits(max_held_bytes=image_bytes // 2))
+    assert len(one_image.images) == 1 and not one_image.series
+    assert "images.zip:b.png would take the values held" in one_image.errors[0].message
+
+
+def test_many_single_slice_series_of_many_patients_are_all_read():
+    """Each slice its own series (62 slices of 10 patients once met a limit of 20 series)."""
+    files = {}
+    for k in range(62):
+        (one,) = dicom_series(grey_volume(1, 32, seed=k % 10), z0=float(k))
+        files[f"patient{k % 10}/IM{k}"] = one
+    result = read(files)
+    assert not result.errors and len(result.series) == 62
+    assert all(s.values.dtype.itemsize == 2 for s in result.series)  # stored integers, not floats
+
+
+def test_an_animated_image_with_more_frames_than_the_limit_is_refused_before_any_is_decoded(monkeypatch):
+    from ctapp import imaging
+
+    frames = [Image.fromarray(g) for g in grey_volume(5, 32, seed=27)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="PNG", save_all=True, append_images=frames[1:])
+    monkeypatch.setattr(imaging, "MAX_FRAMES", 4)
+    monkeypatch.setattr(Image.Image, "seek", lambda *_: pytest.fail("a frame was decoded"))
+    (error,) = read({"frames.png": buffer.getvalue()}).errors
+    assert error.message == "frames.png: the image has 5 frames; at most 4 are read; export the slice as a single image"
 
 
 def test_no_header_value_that_identifies_the_patient_is_kept_for_display():
@@ -1058,8 +1177,8 @@ def test_a_colour_dicom_series_is_read_as_grey():
         members[f"P{i}"] = buffer.getvalue()
     (palette,) = read(members).series
     assert not palette.is_hu and "palette-colour DICOM shown in grey" in palette.notes
-    np.testing.assert_allclose(palette.values[0] * 255, expected, atol=1)
-    assert palette.values.dtype == np.float32  # grey in [0, 1], half the memory of float64
+    np.testing.assert_allclose(palette.slice(0, LUNG_WINDOW).pixels * 255, expected, atol=1)
+    assert palette.values.dtype == np.uint8  # grey held as 8 bits, made float per slice
     rgb = pydicom.dcmread(io.BytesIO(members["P0"]))
     colour = np.stack([expected, expected // 2, 255 - expected], axis=-1).astype(np.uint8)
     rgb.PhotometricInterpretation, rgb.SamplesPerPixel, rgb.PlanarConfiguration = "RGB", 3, 0
@@ -1073,4 +1192,4 @@ def test_a_colour_dicom_series_is_read_as_grey():
     (shown,) = read({"rgb": buffer.getvalue()}).series
     assert not shown.is_hu and "colour DICOM shown in grey" in shown.notes
     luma = np.asarray(Image.fromarray(colour).convert("L"))
-    np.testing.assert_allclose(shown.values[0] * 255, luma, atol=1)
+    np.testing.assert_allclose(shown.slice(0, LUNG_WINDOW).pixels * 255, luma, atol=1)
