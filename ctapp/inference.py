@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,8 @@ from .imaging import ImageSource, Slice, decode
 from .metrics import calibrated
 from .models import get_spec
 from .ood import FeatureCapture, MahalanobisOOD
-from .preprocess import PreprocessConfig, cam_to_image, load_squares, model_input, normalize
+from .precision import Precision, inference_precision
+from .preprocess import PreprocessConfig, cam_to_image, load_squares, model_input, normalize, to_square
 
 
 def cam_methods() -> dict[str, type]:
@@ -94,8 +96,9 @@ class Analysis:
 @dataclass
 class BatchScores:
     """Per input of a batch: calibrated and uncalibrated probabilities, OOD score
-    (NaN without a check), answer state and its reasons; NaN rows and '' states
-    where a file could not be read (its error then says why)."""
+    (NaN without a check), answer state and its reasons, and whether the body
+    crop found a body; NaN rows and '' states where a file could not be read
+    (its error then says why)."""
 
     probs: np.ndarray  # (N, C)
     raw_probs: np.ndarray  # (N, C), temperature 1
@@ -104,17 +107,7 @@ class BatchScores:
     reasons: list[list[str]]
     errors: list[str] = field(default_factory=list)
     digests: list[str] = field(default_factory=list)
-
-    def prediction(self, i: int, class_names: list[str], display_names: list[str], notes: list[str]) -> Prediction:
-        """Input ``i`` as the :class:`Prediction` the app, the command line and reports show."""
-        probs, state = self.probs[i], self.states[i]
-        top = int(np.argmax(probs))
-        return Prediction(label=class_names[top], display_label=display_names[top],
-                          probabilities={name: float(p) for name, p in zip(class_names, probs)},
-                          confidence=float(probs[top]), uncertain=state != CONFIDENT,
-                          out_of_distribution=state in (NOT_CHEST_CT, UNLIKE_TRAINING),
-                          ood_score=None if np.isnan(self.ood_scores[i]) else float(self.ood_scores[i]),
-                          reasons=list(self.reasons[i]), notes=notes, state=state)
+    body_found: list[bool] = field(default_factory=list)
 
 
 NO_BODY_NOTE = "no body found in the slice: left uncropped"
@@ -137,7 +130,109 @@ def answer_state(input_state: str, confidence: float, threshold: float) -> tuple
     return state, reasons
 
 
-class LoadedModel:
+SQUARING_WORKERS = 2  # threads squaring the slices of a batch (OpenCV and NumPy release the GIL)
+
+
+class _Answering:
+    """What one model and an ensemble share: a slice decoded once, answered in
+    batches by every member, and the one way a scored row becomes a
+    :class:`Prediction`."""
+
+    members: list["LoadedModel"]
+    class_names: list[str]
+    display_names: list[str]
+    preprocess: PreprocessConfig
+
+    def combine(self, parts: list[BatchScores]) -> BatchScores:
+        raise NotImplementedError
+
+    def _decode(self, image: ImageSource | Slice) -> Slice:
+        return image if isinstance(image, Slice) else decode(image, window=self.preprocess.window)
+
+    def prediction(self, scores: BatchScores, i: int, notes: list[str]) -> Prediction:
+        """Row ``i`` of ``scores`` as the :class:`Prediction` the app, the command
+        line and reports show; ``notes`` say how the slice was read."""
+        probs, state = scores.probs[i], scores.states[i]
+        top = int(np.argmax(probs))
+        body_found = scores.body_found[i] if scores.body_found else True
+        return Prediction(label=self.class_names[top], display_label=self.display_names[top],
+                          probabilities={name: float(p) for name, p in zip(self.class_names, probs)},
+                          confidence=float(probs[top]), uncertain=state != CONFIDENT,
+                          out_of_distribution=state in (NOT_CHEST_CT, UNLIKE_TRAINING),
+                          ood_score=None if np.isnan(scores.ood_scores[i]) else float(scores.ood_scores[i]),
+                          reasons=list(scores.reasons[i]), notes=slice_notes(notes, body_found), state=state)
+
+    def member_squares(self, slices: list[Slice]) -> list[tuple[torch.Tensor, list[bool]]]:
+        """Per member: the (N, 1, S, S) input squares of decoded slices (read as
+        given: decoded in the first member's window, as the members share it) and
+        whether its body crop found a body in each; members with the same
+        preprocessing share one squaring."""
+        shared: dict[PreprocessConfig, tuple[torch.Tensor, list[bool]]] = {}
+        for config in dict.fromkeys(m.preprocess for m in self.members):
+            squares = torch.zeros(len(slices), 1, config.img_size, config.img_size)
+            body = [True] * len(slices)
+
+            def one(i: int, config: PreprocessConfig = config, squares=squares, body=body) -> None:
+                square, geometry = to_square(slices[i].pixels, config)
+                squares[i, 0] = torch.from_numpy(square)
+                body[i] = geometry.body_found
+
+            with ThreadPoolExecutor(max_workers=min(SQUARING_WORKERS, max(len(slices), 1))) as pool:
+                list(pool.map(one, range(len(slices))))
+            shared[config] = squares, body
+        return [shared[m.preprocess] for m in self.members]
+
+    def score_slices(self, slices: list[Slice]) -> BatchScores:
+        """Decoded slices through every member as one batch, combined."""
+        return self.combine([m.score_squares(squares, body, batch_size=max(len(slices), 1))
+                             for m, (squares, body) in zip(self.members, self.member_squares(slices))])
+
+    def classify_slices(self, slice_at: Callable[[int], Slice], count: int, *, batch_size: int = 32,
+                        on_progress: Callable[[int, int], None] | None = None) -> list[Prediction]:
+        """``count`` slices (``slice_at(i)`` decodes slice ``i``, once) answered
+        ``batch_size`` at a time by every member, with the out-of-distribution
+        check and the answer state: the same answers as :meth:`predict` gives
+        one at a time. Each member's lock is taken per batch, so other users go
+        on between batches; ``on_progress(done, count)`` counts slices."""
+        predictions: list[Prediction] = []
+        for start in range(0, count, batch_size):
+            slices = [slice_at(i) for i in range(start, min(start + batch_size, count))]
+            scores = self.score_slices(slices)
+            predictions += [self.prediction(scores, j, image.notes) for j, image in enumerate(slices)]
+            if on_progress:
+                on_progress(len(predictions), count)
+        return predictions
+
+    def predict(self, image: ImageSource | Slice) -> Prediction:
+        """Label and calibrated probabilities of every class for one slice."""
+        image = self._decode(image)
+        return self.prediction(self.score_slices([image]), 0, image.notes)
+
+    def class_index(self, target: int | str | None) -> int | None:
+        if target is None or isinstance(target, int):
+            return target
+        for names in (self.class_names, self.display_names):
+            if target in names:
+                return names.index(target)
+        raise ValueError(f"unknown class {target!r}; this model knows {self.class_names}")
+
+    def analyse(self, image: ImageSource | Slice, target: int | str | None = None,
+                method: str = "Grad-CAM") -> Analysis:
+        raise NotImplementedError
+
+    def explain(self, image: ImageSource | Slice, target: int | str | None = None,
+                method: str = "Grad-CAM") -> np.ndarray:
+        """Grad-CAM heat map (H, W) in [0, 1] at the image's own resolution."""
+        return self.analyse(image, target, method).cam
+
+    def set_precision(self, precision: Precision) -> None:
+        """Answer at ``precision`` from now on (the parity test compares fp32 with the fast path)."""
+        for member in self.members:
+            member.precision = precision
+            member.model.to(memory_format=precision.memory_format)
+
+
+class LoadedModel(_Answering):
     def __init__(self, model: nn.Module, meta: dict, path: Path | None = None, card: dict | None = None):
         self.meta = meta
         self.path = path
@@ -154,9 +249,10 @@ class LoadedModel:
         self.name = (path.name if path else None) or meta.get("name") or self.arch
         self.version = str(meta.get("created", ""))[:19]
         self._lock = threading.RLock()
-        # Contiguous, not channels_last: one slice at a time, oneDNN's fp32 kernels were
-        # measured 30% slower in channels_last here (ResNet-50, 128 px: 41 ms vs 28 ms).
-        self.model = model.eval().to(memory_format=torch.contiguous_format)
+        self.members = [self]
+        # As training runs: bf16 autocast where the CPU has native kernels, channels_last.
+        self.precision = inference_precision()
+        self.model = model.eval().to(memory_format=self.precision.memory_format)
         # Grad-CAM needs gradients at the target layer only: enabling them on the
         # last backbone parameter keeps the backward pass to the head and one layer.
         for p in self.model.parameters():
@@ -166,9 +262,8 @@ class LoadedModel:
         self.feature_layers = list(self.ood.layers) if self.ood is not None else []
         self.cam_layer = self.model.get_submodule(meta.get("cam_layer") or self.spec.cam_layer)
 
-    # -- shared forward -----------------------------------------------------
-    def _decode(self, image: ImageSource | Slice) -> Slice:
-        return image if isinstance(image, Slice) else decode(image, window=self.preprocess.window)
+    def combine(self, parts: list[BatchScores]) -> BatchScores:
+        return parts[0]
 
     def assess(self, confidence: float, ood_score: float | None, body_found: bool = True,
                far_score: float | None = None) -> tuple[str, list[str]]:
@@ -198,21 +293,8 @@ class LoadedModel:
         assessed = [self.assess(float(probs[i].max()), None if np.isnan(ood[i]) else float(ood[i]), body_found[i],
                                 None if np.isnan(far[i]) else float(far[i])) for i in range(len(probs))]
         return BatchScores(probs, calibrated(logits, 1.0), np.asarray(ood, float),
-                           [state for state, _ in assessed], [reasons for _, reasons in assessed])
-
-    def score_slice(self, image: ImageSource | Slice) -> tuple[BatchScores, bool]:
-        """One slice's scores (a batch of one) and whether its body crop found a body."""
-        image = self._decode(image)
-        x, geometry = model_input(image.pixels, self.preprocess)
-        with self._lock, torch.inference_mode(), FeatureCapture(self.model, self.feature_layers) as capture:
-            logits = self.model(x)
-        return self._scores(logits.float(), capture.features(), [geometry.body_found]), geometry.body_found
-
-    def predict(self, image: ImageSource | Slice) -> Prediction:
-        """Label and calibrated probabilities of every class for one slice."""
-        image = self._decode(image)
-        scores, body_found = self.score_slice(image)
-        return scores.prediction(0, self.class_names, self.display_names, slice_notes(image.notes, body_found))
+                           [state for state, _ in assessed], [reasons for _, reasons in assessed],
+                           body_found=list(body_found))
 
     def forward_batch(self, images: torch.Tensor, batch_size: int = 32,
                       on_progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -227,7 +309,8 @@ class LoadedModel:
             with self._lock:
                 chunks.append(batched_forward(self.model, images[start:start + batch_size], self.preprocess,
                                               batch_size=batch_size, feature_layers=self.feature_layers,
-                                              memory_format=torch.contiguous_format))
+                                              autocast=self.precision.autocast,
+                                              memory_format=self.precision.memory_format))
             if on_progress:
                 on_progress(min(start + batch_size, len(images)), len(images))
             # Python's locks are not fair: without a pause this thread takes the lock straight
@@ -256,22 +339,15 @@ class LoadedModel:
         ok = [i for i, error in enumerate(loaded.errors) if not error]
         n, k = len(paths), len(self.class_names)
         scores = BatchScores(np.full((n, k), np.nan), np.full((n, k), np.nan), np.full(n, np.nan), [""] * n,
-                             [[] for _ in range(n)], loaded.errors, loaded.digests)
+                             [[] for _ in range(n)], loaded.errors, loaded.digests, [True] * n)
         if not ok:
             return scores
         part = self.score_squares(loaded.images[ok], [loaded.geometries[i].body_found for i in ok])
         scores.probs[ok], scores.raw_probs[ok], scores.ood_scores[ok] = part.probs, part.raw_probs, part.ood_scores
         for j, i in enumerate(ok):
-            scores.states[i], scores.reasons[i] = part.states[j], part.reasons[j]
+            scores.states[i], scores.reasons[i], scores.body_found[i] = part.states[j], part.reasons[j], \
+                part.body_found[j]
         return scores
-
-    def class_index(self, target: int | str | None) -> int | None:
-        if target is None or isinstance(target, int):
-            return target
-        for names in (self.class_names, self.display_names):
-            if target in names:
-                return names.index(target)
-        raise ValueError(f"unknown class {target!r}; this model knows {self.class_names}")
 
     def analyse(self, image: ImageSource | Slice, target: int | str | None = None,
                 method: str = "Grad-CAM") -> Analysis:
@@ -280,38 +356,39 @@ class LoadedModel:
         The map explains the predicted class unless ``target`` names another.
         """
         image = self._decode(image)
-        scores, body_found, heat, cam_index = self.scored_cam(image, self.class_index(target), method)
-        prediction = scores.prediction(0, self.class_names, self.display_names, slice_notes(image.notes, body_found))
-        return Analysis(prediction, heat, self.class_names[cam_index], image)
+        scores, heat, cam_index = self.scored_cam(image, self.class_index(target), method)
+        return Analysis(self.prediction(scores, 0, image.notes), heat, self.class_names[cam_index], image)
 
     def scored_cam(self, image: Slice, index: int | None, method: str = "Grad-CAM",
-                   ) -> tuple[BatchScores, bool, np.ndarray, int]:
-        """A decoded slice's scores, whether the body crop found a body, and the
-        map of class ``index`` (None: the top class) with that class's index."""
+                   ) -> tuple[BatchScores, np.ndarray, int]:
+        """A decoded slice's scores and the map of class ``index`` (None: the top
+        class) with that class's index."""
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         methods = cam_methods()
         if method not in methods:
             raise ValueError(f"unknown CAM method {method!r}; choose one of {list(methods)}")
         x, geometry = model_input(image.pixels, self.preprocess)
+        x = x.contiguous(memory_format=self.precision.memory_format)
         with self._lock:
+            # Under bf16 autocast the CAM layer's output and the logits are taken in fp32:
+            # pytorch-grad-cam reads them and their gradients through NumPy, which has no bf16.
+            to_fp32 = [module.register_forward_hook(lambda _module, _args, output: output.float())
+                       for module in (self.cam_layer, self.model)]
             try:
-                with FeatureCapture(self.model, self.feature_layers) as capture, \
+                with FeatureCapture(self.model, self.feature_layers) as capture, self.precision.autocast(), \
                         methods[method](model=self.model, target_layers=[self.cam_layer]) as cam:
                     # None explains the top class (the prediction).
                     targets = None if index is None else [ClassifierOutputTarget(index)]
                     maps = cam(input_tensor=x, targets=targets)
                     logits = cam.outputs.detach()
             finally:
+                for hook in to_fp32:
+                    hook.remove()
                 self.model.zero_grad(set_to_none=True)
         scores = self._scores(logits.float(), capture.features(), [geometry.body_found])
         cam_index = index if index is not None else int(np.argmax(scores.probs[0]))
-        return scores, geometry.body_found, np.clip(cam_to_image(maps[0], geometry), 0.0, 1.0), cam_index
-
-    def explain(self, image: ImageSource | Slice, target: int | str | None = None,
-                method: str = "Grad-CAM") -> np.ndarray:
-        """Grad-CAM heat map (H, W) in [0, 1] at the image's own resolution."""
-        return self.analyse(image, target, method).cam
+        return scores, np.clip(cam_to_image(maps[0], geometry), 0.0, 1.0), cam_index
 
 
 def ensemble_logits(member_probs) -> np.ndarray:
@@ -330,7 +407,7 @@ def ensemble_probabilities(member_probs, temperature: float = 1.0) -> np.ndarray
 SEVERITY = {CONFIDENT: 0, LOW_CONFIDENCE: 1, UNLIKE_TRAINING: 2, NOT_CHEST_CT: 3}
 
 
-class EnsembleModel:
+class EnsembleModel(_Answering):
     """Several models of one task answering as one, used wherever a model is.
 
     Its probabilities are the mean of the members' calibrated probabilities,
@@ -390,25 +467,10 @@ class EnsembleModel:
         for i in range(n):
             if not errors[i]:
                 states[i], reasons[i] = self._state(probs[i], [p.states[i] for p in parts])
+        body_found = [all(p.body_found[i] for p in parts if p.body_found) for i in range(n)]
         return BatchScores(probs, np.mean([p.raw_probs for p in parts], axis=0),
                            np.full(n, np.nan) if np.isnan(ratios).all() else np.nanmax(ratios, axis=0),
-                           states, reasons, errors, parts[0].digests)
-
-    def _decode(self, image: ImageSource | Slice) -> Slice:
-        return self.members[0]._decode(image)  # members share the first one's preprocessing
-
-    def predict(self, image: ImageSource | Slice) -> Prediction:
-        image = self._decode(image)
-        return self._prediction(image, [m.score_slice(image) for m in self.members])
-
-    def _prediction(self, image: Slice, runs: list[tuple]) -> Prediction:
-        """One slice's answer from its members' runs, each (scores, body found, ...)."""
-        scores = self.combine([run[0] for run in runs])
-        notes = slice_notes(image.notes, all(run[1] for run in runs))
-        return scores.prediction(0, self.class_names, self.display_names, notes)
-
-    def class_index(self, target: int | str | None) -> int | None:
-        return self.members[0].class_index(target)
+                           states, reasons, errors, parts[0].digests, body_found)
 
     def analyse(self, image: ImageSource | Slice, target: int | str | None = None,
                 method: str = "Grad-CAM") -> Analysis:
@@ -419,17 +481,13 @@ class EnsembleModel:
         explainers = [m for m in self.members if m.name == self.explain_with] or self.members
         # One pass per member: an explainer's map of its own top class (or ``target``) comes
         # with its scores, and is redrawn only where that class is not the ensemble's.
-        runs = [m.scored_cam(image, index, method) if m in explainers else (*m.score_slice(image), None, None)
+        runs = [m.scored_cam(image, index, method) if m in explainers else (m.score_slices([image]), None, None)
                 for m in self.members]
-        prediction = self._prediction(image, runs)
+        prediction = self.prediction(self.combine([scores for scores, _, _ in runs]), 0, image.notes)
         cam_index = index if index is not None else self.class_names.index(prediction.label)
-        maps = [heat if drawn == cam_index else m.scored_cam(image, cam_index, method)[2]
-                for m, (_, _, heat, drawn) in zip(self.members, runs) if m in explainers]
+        maps = [heat if drawn == cam_index else m.scored_cam(image, cam_index, method)[1]
+                for m, (_, heat, drawn) in zip(self.members, runs) if m in explainers]
         return Analysis(prediction, np.mean(maps, axis=0), self.class_names[cam_index], image)
-
-    def explain(self, image: ImageSource | Slice, target: int | str | None = None,
-                method: str = "Grad-CAM") -> np.ndarray:
-        return self.analyse(image, target, method).cam
 
     def score_files(self, paths: list[Path], *, workers: int = 2,
                     on_progress: Callable[[int, int], None] | None = None) -> BatchScores:

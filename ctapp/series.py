@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from .imaging import Window
-from .inference import CONFIDENT, LOW_CONFIDENCE, NOT_CHEST_CT, UNLIKE_TRAINING, EnsembleModel, Prediction, slice_notes
+from .inference import CONFIDENT, LOW_CONFIDENCE, NOT_CHEST_CT, UNLIKE_TRAINING, Prediction
 from .metrics import NEGATIVE_NAME
-from .preprocess import to_square
 from .report import csv_text
 from .volumes import Series
+
 
 @dataclass
 class SeriesPredictions:
@@ -33,48 +30,18 @@ class SeriesPredictions:
             len(self.predictions), len(self.class_names))
 
 
-def _squares(series: Series, window: Window, config, workers: int = 2) -> tuple[torch.Tensor, list[bool]]:
-    """The model's (N, 1, S, S) input squares of every slice (``to_square``, as
-    for one slice) and whether a body was found in each."""
-    size = config.img_size
-    images = torch.zeros(len(series), 1, size, size)
-    body = [True] * len(series)
-
-    def one(i: int) -> None:
-        pixels = series.slice(i, window).pixels
-        square, geometry = to_square(pixels, config)
-        images[i, 0] = torch.from_numpy(square)
-        body[i] = geometry.body_found
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        list(pool.map(one, range(len(series))))
-    return images, body
-
-
 def classify_series(model, series: Series, *, batch_size: int = 32,
                     on_progress: Callable[[int, int], None] | None = None) -> SeriesPredictions:
-    """Every slice of ``series`` through ``model`` in batches, with calibrated
-    probabilities, the out-of-distribution check and the answer state:
-    the same answers as ``model.predict`` on each slice, without Grad-CAM.
-    The model's lock is taken per batch, so other users go on between batches;
+    """Every slice of ``series`` through ``model`` (every member of an ensemble)
+    ``batch_size`` slices at a time, each slice decoded once, with calibrated
+    probabilities, the out-of-distribution check and the answer state: the same
+    answers as ``model.predict`` on each slice, without Grad-CAM. The model's
+    lock is taken per batch, so other users go on between batches;
     ``on_progress(slices done, slices)`` is called after each."""
     started = time.perf_counter()
-    n = len(series)
-    members = model.members if isinstance(model, EnsembleModel) else [model]
-    parts, body = [], [True] * n
-    for k, member in enumerate(members):
-        images, body = _squares(series, member.preprocess.window, member.preprocess)
-
-        def progress(done: int, total: int, k: int = k) -> None:
-            if on_progress:  # in slices, each member's pass a share (counting passes said 80 for 40 slices)
-                on_progress((k * n + done) // len(members), n)
-
-        parts.append(member.score_squares(images, body, batch_size, on_progress=progress))
-    scores = model.combine(parts) if len(members) > 1 else parts[0]
-    predictions = []
-    for i in range(n):
-        notes = slice_notes(series.slice_notes[i] if series.slice_notes else [], body[i])
-        predictions.append(scores.prediction(i, model.class_names, model.display_names, notes))
+    window = model.preprocess.window
+    predictions = model.classify_slices(lambda i: series.slice(i, window), len(series), batch_size=batch_size,
+                                        on_progress=on_progress)
     return SeriesPredictions(predictions, list(model.class_names), list(model.display_names),
                              time.perf_counter() - started)
 

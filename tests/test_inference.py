@@ -225,3 +225,54 @@ def test_predict_cli_reports_bad_files_and_goes_on(tiny_model, tiny_dataset, tmp
     assert "not an image" in lines[2]["error"]
     ok = subprocess.run(cmd[:4] + ["--model", str(tiny_model)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert ok.returncode == 0 and ok.stdout.count("\n") == 1
+
+
+def test_predict_cli_help_names_the_module_and_every_kind_of_model_folder():
+    from ctapp.predict import get_args_parser
+
+    text = get_args_parser().format_help()
+    assert text.startswith("usage: python -m ctapp.predict ") and "predict.py" not in text
+    assert "ensemble folder (ensemble.json)" in " ".join(text.split())
+
+
+def test_a_cam_fades_out_past_the_body_crop_instead_of_ending_in_a_hard_rectangle():
+    from ctapp.preprocess import CAM_FADE, Geometry, cam_to_image
+
+    # A 100 x 160 crop at (50, 100) of a 200 x 300 slice, padded to a 160-pixel square.
+    geometry = Geometry(200, 300, (50, 100, 150, 260), 30, 0, 160)
+    full = cam_to_image(np.ones((32, 32), np.float32), geometry)
+    fade = CAM_FADE * geometry.side
+    assert full[50:150, 100:260].min() == pytest.approx(1.0)  # the map itself inside the crop
+    steps = max(np.abs(np.diff(full, axis=0)).max(), np.abs(np.diff(full, axis=1)).max())
+    assert steps <= 1.0 / fade + 1e-6  # no edge: it was a step of 1.0 at the crop's border
+    assert full[50 - 5, 180] == pytest.approx(1 - 5 / fade, abs=1e-4)
+    assert full[100, 100 - int(fade) - 1] == 0 and full[0, 0] == 0
+
+
+def test_an_ensemble_decodes_a_file_once_and_squares_it_once_per_preprocessing(slice_png, monkeypatch):
+    import ctapp.inference
+    from ctapp.inference import EnsembleModel
+    from tiny_models import tiny_model
+
+    ensemble = EnsembleModel([tiny_model(seed=0), tiny_model(seed=1)], {})
+    calls = {"decode": 0, "to_square": 0}
+    for name in calls:
+        real = getattr(ctapp.inference, name)
+        monkeypatch.setattr(ctapp.inference, name, lambda *a, real=real, name=name, **k:
+                            calls.__setitem__(name, calls[name] + 1) or real(*a, **k))
+    ensemble.predict(slice_png)
+    assert calls == {"decode": 1, "to_square": 1}
+
+
+def test_slices_answered_in_batches_are_answered_as_one_at_a_time_with_progress_in_slices():
+    from ctapp.inference import EnsembleModel
+    from tiny_models import tiny_model
+
+    ensemble = EnsembleModel([tiny_model(seed=0), tiny_model(seed=1)], {})
+    slices = [decode(make_slice(i % 2, np.random.default_rng(i), size=56)) for i in range(5)]
+    progress = []
+    batched = ensemble.classify_slices(lambda i: slices[i], 5, batch_size=2, on_progress=lambda *a: progress.append(a))
+    assert progress == [(2, 5), (4, 5), (5, 5)]
+    for one, many in zip((ensemble.predict(s) for s in slices), batched):
+        assert one.state == many.state and one.notes == many.notes
+        assert one.probabilities == pytest.approx(many.probabilities, abs=1e-5)

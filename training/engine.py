@@ -7,13 +7,12 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ctapp.precision import Precision, cpu_has_fast_bf16
 from ctapp.preprocess import PreprocessConfig, normalize, train_augment
 
 
@@ -34,33 +33,6 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, i: int):
         return self.transform(self.images[i]), self.labels[i]
-
-
-@dataclass
-class Precision:
-    """Where and how the model runs: device, autocast dtype (or None), memory format."""
-
-    device: torch.device
-    autocast_dtype: torch.dtype | None
-    channels_last: bool = True
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
-    def describe(self) -> str:
-        amp = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[self.autocast_dtype]
-        return f"{self.device.type}, {amp}, {'channels_last' if self.channels_last else 'contiguous'}"
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True where oneDNN has native bf16 kernels (AVX512-BF16 / AMX). Elsewhere
-    bf16 autocast is emulated and was measured 10x slower than fp32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def choose_precision(amp: str, device: torch.device) -> Precision:

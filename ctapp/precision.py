@@ -1,0 +1,58 @@
+"""How a network runs: device, autocast dtype and memory format, chosen the same
+way for training (``training.engine``) and for answering (``ctapp.inference``)."""
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+# "auto" (bf16 where the CPU has native kernels), "bf16" or "off" (fp32).
+INFERENCE_AMP_ENV = "CTAPP_INFERENCE_AMP"
+
+
+@dataclass
+class Precision:
+    """Where and how the model runs: device, autocast dtype (or None), memory format."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    channels_last: bool = True
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def describe(self) -> str:
+        amp = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[self.autocast_dtype]
+        return f"{self.device.type}, {amp}, {'channels_last' if self.channels_last else 'contiguous'}"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where oneDNN has native bf16 kernels (AVX512-BF16 / AMX). Elsewhere
+    bf16 autocast is emulated and was measured 10x slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+FP32 = Precision(torch.device("cpu"), None, channels_last=False)
+
+
+def inference_precision(amp: str | None = None) -> Precision:
+    """How models answer on this CPU: bf16 autocast in channels_last where the CPU
+    has native bf16 kernels (as training runs), fp32 in channels_last elsewhere.
+    ``amp`` (default: the ``CTAPP_INFERENCE_AMP`` variable, else "auto") forces
+    "bf16" or "off"."""
+    amp = amp or os.environ.get(INFERENCE_AMP_ENV) or "auto"
+    if amp not in ("auto", "bf16", "off"):
+        raise ValueError(f"{INFERENCE_AMP_ENV}={amp!r}: use auto, bf16 or off")
+    bf16 = amp == "bf16" or (amp == "auto" and cpu_has_fast_bf16())
+    return Precision(torch.device("cpu"), torch.bfloat16 if bf16 else None)
