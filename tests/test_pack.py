@@ -9,7 +9,8 @@ from synthetic import make_split_dataset, write_classes
 
 from ctapp.data import DatasetError
 from ctapp.preprocess import PreprocessConfig
-from training.pack import FolderData, Layer, PackedData, default_layers, write_pack
+from training.pack import Layer, default_layers, write_pack
+from training.packed import FolderData, PackedData
 
 EQUALISED_48 = PreprocessConfig(img_size=48, crop="body", intensity="equalise")
 
@@ -119,3 +120,28 @@ def test_a_fresh_reader_finds_a_file_by_its_sources_name_and_place(packed):
     assert bool((loaded.images == expected.images).all())
     with pytest.raises(DatasetError, match="is not in"):
         fresh.load([root / "covid" / "mosmed" / "COVID" / "nowhere.png"], EQUALISED_48)
+
+
+@pytest.mark.slow
+def test_a_cross_validation_from_the_pack_is_the_one_from_the_folders_without_them(tmp_path):
+    import json
+
+    from training.fit import run
+
+    for name, n, size in (("sarscov2-ctscan", 12, 40), ("mosmed", 8, 36)):
+        write_classes(tmp_path / "data" / name, ["COVID", "non-COVID"], n, size=size, seed=len(name))
+    data = [str(tmp_path / "data" / "sarscov2-ctscan"), str(tmp_path / "data" / "mosmed")]
+    write_pack([Path(d) for d in data], tmp_path / "pack.npz", [Layer("equalise", 48)], workers=1,
+               log=lambda msg: None)
+    argv = ["--data", *data, "--cv", "2", "--split-block", "5", "--arch", "baseline", "--img-size", "32",
+            "--batch-size", "8", "--epochs", "1", "--workers", "1", "--quiet"]
+    assert run([*argv, "--out", str(tmp_path / "from-folders")]) == 0
+    (tmp_path / "data").rename(tmp_path / "gone")
+    assert run([*argv, "--out", str(tmp_path / "from-pack"), "--pack", str(tmp_path / "pack.npz")]) == 0
+    folds = [(tmp_path / run_dir / "cv" / "folds.csv").read_text() for run_dir in ("from-folders", "from-pack")]
+    assert folds[0] == folds[1] and "mosmed/COVID" in folds[0]
+    cards = [json.loads((tmp_path / run_dir / "model_card.json").read_text())
+             for run_dir in ("from-folders", "from-pack")]
+    assert cards[0]["training_data"]["fingerprint"] == cards[1]["training_data"]["fingerprint"]
+    assert cards[0]["training_data"]["audit"] == cards[1]["training_data"]["audit"]
+    assert run([*argv[:5], "--out", str(tmp_path / "single"), "--pack", str(tmp_path / "pack.npz")]) == 2

@@ -69,3 +69,26 @@ def test_a_fold_left_out_is_the_fits_evaluation_split_and_its_copies(tmp_path):
     args.exclude_fold = 3
     with pytest.raises(Exception, match="needs --cv N with N >= 2 and 0 <= K < N"):
         pretraining_images(args, config, tmp_path / "p", lambda msg: None)
+
+
+@pytest.mark.slow
+def test_each_fold_of_a_cross_validation_starts_from_its_own_pretraining(tmp_path):
+    from ctapp.checkpoint import load_model_file
+    from training.fit import run as fit
+
+    data = tmp_path / "data"
+    write_classes(data, ["covid", "normal"], 6, size=48)
+    for value, run_name in ((0.01, "fold-0"), (0.02, "fold-1"), (0.03, "full")):
+        state = create_model("resnet50", 2).state_dict()
+        state["conv1.weight"] = torch.full_like(state["conv1.weight"], value)  # marks the file
+        (tmp_path / "pre" / run_name).mkdir(parents=True)
+        torch.save({k: v for k, v in state.items() if not k.startswith("fc.")},
+                   tmp_path / "pre" / run_name / BACKBONE_FILE)
+    out = tmp_path / "model"
+    # One epoch with the backbone frozen: each run's first convolution is still the one it started from.
+    assert fit(["--data", str(data), "--cv", "2", "--arch", "resnet50", "--weights",
+                str(tmp_path / "pre" / "{fold}" / BACKBONE_FILE), "--epochs", "1", "--img-size", "64",
+                "--batch-size", "4", "--workers", "1", "--quiet", "--out", str(out)]) == 0
+    for value, run_name in ((0.01, "fold-0"), (0.02, "fold-1"), (0.03, "full")):
+        model, _ = load_model_file(out / "cv" / run_name / "model.pt")
+        assert torch.allclose(model.conv1.weight, torch.full_like(model.conv1.weight, value), atol=1e-4), run_name

@@ -3,7 +3,7 @@
     python -m training.fit --cv 5 --data DIR [DIR ...] --out models/NAME [options]
 
 All labelled images (train and valid pooled after the audit's policy; a test
-split is never touched) are cut into K folds, stratified by class and seeded;
+split is never touched) are cut into K folds, stratified by source and class and seeded;
 a group of related files (:func:`ctapp.data.group_ids`: blocks of neighbouring
 slices, one paper's figures, identical images) never straddles two folds. Each
 fold trains on the rest with the same fixed schedule (no epoch is picked on the
@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctapp.audit import audit_dataset
 from ctapp.checkpoint import atomic_write_text, load_model_file, pack_state, save_model_file, unpack_state
-from ctapp.data import DatasetError, DatasetIndex, cv_folds, group_ids, scan_sources
+from ctapp.data import FILE_PER_PATIENT_SOURCES, DatasetError, DatasetIndex, cv_folds, group_ids
 from ctapp.evaluation import image_identity, write_report
 from ctapp.inference import CONFIDENT, NOT_CHEST_CT, UNLIKE_TRAINING, LoadedModel, batched_forward
 from ctapp.metrics import (
@@ -49,10 +48,10 @@ from ctapp.metrics import (
 from ctapp.model_folders import WEIGHTS_FILE, load_model
 from ctapp.models import count_parameters, get_spec
 from ctapp.ood import MahalanobisOOD, ood_feature_keys
-from ctapp.preprocess import load_squares
 from training.card import DISCLAIMER, card_figures, measure_latency, meta_for, model_card, ood_check, short_metrics
 from training.engine import Progress
 from training.foreign import FAR_RULE, far_threshold
+from training.packed import training_data
 from training.trainer import discard_checkpoints, train_model
 
 FOLDS_FILE = "folds.csv"
@@ -62,7 +61,8 @@ FOLD_MODEL_FILE = "calibrated.pt"
 def pooled_index(setup, log) -> tuple[DatasetIndex, dict, dict, dict[Path, str]]:
     """Every labelled image outside a test split, after the audit's policy."""
     args = setup.args
-    index = scan_sources(args.data)
+    data = training_data(args)  # the image folders, or a packed set of them (--pack)
+    index = data.scan(args.data)
     test = [s for s in index.samples if s.split == "test"]
     if test:
         log(f"data: {len(test)} images in a test split are left out: fit never touches a test split "
@@ -70,7 +70,7 @@ def pooled_index(setup, log) -> tuple[DatasetIndex, dict, dict, dict[Path, str]]
         index.samples = [s for s in index.samples if s.split != "test"]
     log(f"data: {index.root}, sources {sorted({s.source for s in index.samples})}, {len(index.samples)} files, "
         f"classes {index.class_names}")
-    audit = audit_dataset(index, workers=args.workers)
+    audit = data.audit(index, workers=args.workers)
     report = audit.to_dict()
     for warning in report["warnings"]:
         log(f"audit: {warning}")
@@ -152,8 +152,8 @@ def cross_validate(setup) -> Path:
         atomic_write_text(json.dumps(audit_report, indent=2), out / "audit.json")
 
     bar = Progress(len(index.samples), "caching", unit="image", enabled=setup.is_main and not args.quiet)
-    loaded = load_squares([s.path for s in index.samples], setup.config, workers=args.workers,
-                          on_progress=lambda done, total: bar.update(done))
+    loaded = training_data(args).load([s.path for s in index.samples], setup.config, workers=args.workers,
+                                      on_progress=lambda done, total: bar.update(done))
     no_body = sum(1 for g in loaded.geometries if g is not None and not g.body_found)
     if setup.config.crop == "body":
         log(f"body crop: no body found in {no_body} of {len(index.samples)} slices (left uncropped)")
@@ -386,8 +386,10 @@ def finalize_cv(setup, out: Path, index: DatasetIndex, folds: np.ndarray, images
         validation=card_figures(report),
         cross_validation={
             "folds": args.cv, "images": int(len(labels)), "fold_sizes": np.bincount(folds).tolist(),
-            "grouping": "stratified by class; groups kept whole: "
+            "grouping": "stratified by source and class; groups kept whole: "
                         + (f"blocks of {args.split_block} consecutive file numbers, " if args.split_block else "")
+                        + ("each file of a one-slice-per-study source alone, " if any(
+                            Path(s.source).name in FILE_PER_PATIENT_SOURCES for s in index.samples) else "")
                         + (f"files matching {args.group_pattern!r} by its first group, " if args.group_pattern
                            else "") + "identical images",
             "schedule": f"fixed before training: {args.epochs} epochs, the last one kept (no epoch picked on "

@@ -49,6 +49,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--data", required=True, nargs="+", metavar="DIR",
                    help="dataset root(s): train/valid[/test] folders of class folders, or class folders only; "
                         "several roots are pooled (each is a 'source' in the reports)")
+    g.add_argument("--pack", default=None, metavar="FILE",
+                   help="with --cv: read the slices from a packed training set (python -m training.pack); --data "
+                        "then names its sources (by the end of their path) and no image file is opened")
     g.add_argument("--val-fraction", type=float, default=0.2, help="validation share when the data has no splits")
     g.add_argument("--split-block", type=int, default=0, metavar="N",
                    help="split by blocks of N consecutive file numbers (keeps a patient's slices together); "
@@ -136,6 +139,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> Path:
+    if args.pack and not args.cv:
+        raise DatasetError("--pack needs --cv: a single split validates its model on the image files")
     setup = start(args)
     try:
         return cross_validate(setup) if args.cv else train_single_split(setup)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from ctapp.model_folders import DEFAULT_MODELS_DIR, ENSEMBLE_FILE, list_models, read_ensemble_spec
 
-# Options that describe the run rather than the model, left out of the printed command.
-RUN_ONLY = {"quiet", "resume", "keep_checkpoints", "stop_after", "workers", "device"}
+# Options that describe the run rather than the model, left out of the printed command (a packed set gives
+# the same run as its folders).
+RUN_ONLY = {"quiet", "resume", "keep_checkpoints", "stop_after", "workers", "device", "pack"}
 # Printed even at their defaults: what a reader looks for first.
 ALWAYS = {"data", "arch", "weights", "epochs", "img_size", "augment", "out"}
 

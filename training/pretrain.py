@@ -49,7 +49,7 @@ from ctapp.imaging import LUNG_WINDOW
 from ctapp.models import ARCHITECTURES, WeightsError, create_model, get_spec
 from ctapp.preprocess import CROP_MODES, INTENSITY_MODES, PreprocessConfig, ScannerRender
 from training.engine import Progress, TrainingError, choose_precision, configure_threads, to_input
-from training.pack import training_data
+from training.packed import training_data
 
 BACKBONE_FILE = "backbone.pt"
 STATE_FILE = "last.pt"

@@ -149,7 +149,9 @@ def train_model(setup: Setup, out: Path, train_images: torch.Tensor, train_label
     log = setup.log
     n_classes = len(setup.class_names)
     torch.manual_seed(seed)
-    model = create_model(args.arch, n_classes, weights=args.weights, dropout=args.dropout)
+    # --weights DIR/{fold}/backbone.pt: each cross-validation run starts from its own pretraining (training.pretrain)
+    weights = str(args.weights).replace("{fold}", out.name if out.name.startswith("fold-") else "full")
+    model = create_model(args.arch, n_classes, weights=weights, dropout=args.dropout)
     model = model.to(device, memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format)
 
     counts = np.bincount(train_labels, minlength=n_classes).astype(float)
