@@ -152,11 +152,12 @@ class OrthancServer:
 
 def generated_series(slices: int, *, size: int = 48, study_date: str = "20250105", modality: str = "CT",
                      study_uid: str | None = None, series_uid: str | None = None, description: str = "CT chest",
-                     seed: int = 0) -> list[bytes]:
+                     seed: int = 0, grey=None) -> list[bytes]:
     """DICOM files of one generated series (``series_synthetic``: a grey volume
     whose lung window shows the generated slices) in a study of the given day,
     modality and description; ``study_uid`` and ``series_uid`` add to an existing study or series. The
-    headers carry the synthetic patient identifiers (``synthetic.PATIENT_NAME``)."""
+    headers carry the synthetic patient identifiers (``synthetic.PATIENT_NAME``).
+    ``grey``: the (slices, size, size) uint8 volume to write instead."""
     import io
 
     import pydicom
@@ -165,7 +166,8 @@ def generated_series(slices: int, *, size: int = 48, study_date: str = "20250105
 
     study_uid = study_uid or generate_uid()
     files = []
-    for data in dicom_series(grey_volume(slices, size, seed=seed), series_uid=series_uid):
+    volume = grey if grey is not None else grey_volume(slices, size, seed=seed)
+    for data in dicom_series(volume, series_uid=series_uid):
         ds = pydicom.dcmread(io.BytesIO(data))
         ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime = study_uid, study_date, "093000"
         ds.StudyDescription, ds.Modality = description, modality

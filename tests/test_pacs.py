@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import logging
 import socket
+import tomllib
 from datetime import date
 
 import numpy as np
@@ -311,3 +312,14 @@ def test_no_patient_identifier_reaches_the_logs(pacs, model, caplog):
     assert outcome.status in ("stored", "already stored") and outcome.verdict
     assert "GET" in caplog.text and "query hidden" in caplog.text  # the HTTP debug lines are there, without queries
     assert not [word for word in IDENTIFIERS if word in caplog.text or word in repr(outcome)]
+
+
+def test_the_secrets_example_holds_a_usable_pacs_section_commented_out():
+    from pathlib import Path
+
+    example = (Path(__file__).resolve().parent.parent / ".streamlit" / "secrets.toml.example").read_text()
+    assert "\n[pacs]" not in example  # a copied example adds no PACS pages
+    block = example[example.index("# [pacs]"):]
+    section = tomllib.loads("\n".join(line.removeprefix("# ") for line in block.splitlines()))["pacs"]
+    config = PacsConfig.from_mapping(section)
+    assert (config.host, config.username, config.read_timeout) == ("https://pacs.example.org", "ctapp", 60.0)
