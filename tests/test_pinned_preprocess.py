@@ -308,3 +308,12 @@ def test_the_scanner_render_keeps_shape_and_range_and_follows_the_models_preproc
     assert [t.config for t in train_augment("scanner").transforms if isinstance(t, ScannerRender)] == [
         {"crop": "body", "intensity": "equalise"}]
     assert not any(isinstance(t, ScannerRender) for t in train_augment("export").transforms)
+
+
+def test_the_training_set_renders_scanner_slices_with_the_models_own_preprocessing():
+    from ctapp.preprocess import ScannerRender
+    from training.engine import SliceDataset
+
+    dataset = SliceDataset(torch.zeros(2, 1, 32, 32), [0, 1], "scanner", config(32, crop="body", intensity="percentile"))
+    assert [t.config for t in dataset.transform.transforms if isinstance(t, ScannerRender)] == [
+        {"crop": "body", "intensity": "percentile"}]

@@ -23,10 +23,11 @@ class TrainingError(RuntimeError):
 class SliceDataset(Dataset):
     """Cached slices with per-sample augmentation; yields (1, S, S) grey and the label."""
 
-    def __init__(self, images: torch.Tensor, labels: list[int], augment: str = "none"):
+    def __init__(self, images: torch.Tensor, labels: list[int], augment: str = "none",
+                 config: PreprocessConfig | None = None):
         self.images = images
         self.labels = torch.as_tensor(labels, dtype=torch.long)
-        self.transform = train_augment(augment)
+        self.transform = train_augment(augment, config)  # the scanner render preprocesses as the model does
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -175,7 +175,7 @@ def train_model(setup: Setup, out: Path, train_images: torch.Tensor, train_label
         log(f"--resume: no {out / STATE_FILE} yet, starting from scratch")
 
     scaler = torch.amp.GradScaler("cuda") if precision.autocast_dtype == torch.float16 else None
-    dataset = SliceDataset(train_images, train_labels, args.augment)
+    dataset = SliceDataset(train_images, train_labels, args.augment, config)
     validate = valid_images is not None and len(valid_images) > 0
 
     def make_phase(epoch: int):
