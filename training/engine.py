@@ -72,14 +72,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
                 f"the loss became {loss.item()} at epoch {epoch + 1}, batch {step}: training diverged. "
                 "Lower the learning rate (--lr), or check the data for corrupt images"
             )
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        backward_step(loss, optimizer, scaler)
         total_loss += loss.item() * len(labels)
         correct += int((logits.argmax(1) == labels).sum())
         seen += len(labels)
@@ -88,6 +81,19 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
     elapsed = time.perf_counter() - start
     return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
             "images_per_second": seen / max(elapsed, 1e-9), "seconds": elapsed}
+
+
+def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                  scaler: torch.amp.GradScaler | None = None) -> None:
+    """Clear the gradients, back-propagate ``loss`` (scaled under fp16 autocast) and step."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
 
 
 class Progress:

@@ -48,7 +48,7 @@ from ctapp.data import GROUP_PATTERN, DatasetError
 from ctapp.imaging import LUNG_WINDOW
 from ctapp.models import ARCHITECTURES, WeightsError, create_model, get_spec
 from ctapp.preprocess import CROP_MODES, INTENSITY_MODES, PreprocessConfig, ScannerRender
-from training.engine import Progress, TrainingError, choose_precision, configure_threads, to_input
+from training.engine import Progress, TrainingError, backward_step, choose_precision, configure_threads, to_input
 from training.packed import training_data
 
 BACKBONE_FILE = "backbone.pt"
@@ -265,14 +265,7 @@ def main(args: argparse.Namespace) -> Path:
                               + criterion(model(x2).float(), model.target(x1).float()))
             if not torch.isfinite(loss):
                 raise TrainingError(f"the loss became {loss.item()} at epoch {epoch + 1}: lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            backward_step(loss, optimizer, scaler)
             total += loss.item()
             bar.update(step + 1, loss=total / (step + 1))
         seconds = time.perf_counter() - started
