@@ -49,13 +49,16 @@ def classify_series(model, series: Series, *, batch_size: int = 32,
 # --------------------------------------------------------------------------- the series verdict
 
 MIN_FINDING_SLICES = 3  # confident slices of a finding class before the series reports it
+MIN_ANSWERED_SHARE = 0.5  # a series most of whose slices are unanswered has no result, whatever the others say
 KEY_SLICES = 5
 VERDICT_RULE = (
     f"Only confidently answered slices count: uncertain ones (low confidence, unlike the training images, not a "
-    f"chest CT) never do. A finding class is reported when at least {MIN_FINDING_SLICES} slices are confidently "
-    f"predicted as it; the series shows the finding class with the most such slices (the others are listed). "
-    f"Classes named normal, non-... or negative are not findings. With fewer than {MIN_FINDING_SLICES} confident "
-    f"slices in all, the series has no result.")
+    f"chest CT, or any other state the model cannot judge) never do. A series has no result, one for the whole "
+    f"series, when fewer than {MIN_ANSWERED_SHARE:.0%} of its slices, or fewer than {MIN_FINDING_SLICES}, are "
+    f"answered confidently. Otherwise a finding class is reported when at least {MIN_FINDING_SLICES} slices are "
+    f"confidently predicted as it; the series shows the finding class with the most such slices (the others are "
+    f"listed). Classes named normal, non-... or negative are not findings, and a series that reaches no finding "
+    f"class is not thereby normal: the model only looks for its own classes.")
 
 
 @dataclass
@@ -72,8 +75,18 @@ class SeriesSummary:
     has_result: bool
     other_findings: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def answered(self) -> int:
+        """Slices answered confidently."""
+        return self.slices - self.uncertain
+
+    @property
+    def outcome(self) -> str:
+        """"finding", "no finding" (neutral: never a reassurance) or "no result"."""
+        return "no result" if not self.has_result else "finding" if self.label is not None else "no finding"
+
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "answered": self.answered, "outcome": self.outcome}
 
 
 def finding_classes(class_names: list[str]) -> list[str]:
@@ -87,16 +100,20 @@ def summarise(series_id: str, result: SeriesPredictions) -> SeriesSummary:
     n = len(preds)
     names = dict(zip(result.class_names, result.display_names))
     counts = {c: sum(1 for p in preds if p.state == CONFIDENT and p.label == c) for c in result.class_names}
-    by_state = {s: sum(1 for p in preds if p.state == s) for s in (LOW_CONFIDENCE, UNLIKE_TRAINING, NOT_CHEST_CT)}
+    by_state = {s: 0 for s in (LOW_CONFIDENCE, UNLIKE_TRAINING, NOT_CHEST_CT)}
+    for p in preds:
+        if p.state != CONFIDENT:
+            by_state[p.state] = by_state.get(p.state, 0) + 1
     uncertain = sum(by_state.values())
     confident = n - uncertain
     findings = finding_classes(result.class_names)
     reached = {c: counts[c] for c in findings if counts[c] >= MIN_FINDING_SLICES}
     probs = result.probabilities
-    if confident < MIN_FINDING_SLICES:
-        label, has_result = None, False
-        verdict = (f"No result: only {confident} of {n} slices were answered confidently "
-                   f"({uncertain} uncertain)")
+    if confident < MIN_FINDING_SLICES or confident < MIN_ANSWERED_SHARE * n:
+        label, has_result, reached = None, False, {}
+        states = ", ".join(f"{state} {k}" for state, k in by_state.items() if k)
+        verdict = (f"No result: only {confident} of {n} slices were answered confidently ({uncertain} uncertain: "
+                   f"{states}); the series is not judged")
         pool = list(range(n))
         key_class = findings[0] if findings else result.class_names[0]
     elif reached:
@@ -108,9 +125,11 @@ def summarise(series_id: str, result: SeriesPredictions) -> SeriesSummary:
     else:
         label, has_result = None, True
         negatives = [c for c in result.class_names if c not in findings]
-        verdict = f"No finding class on {MIN_FINDING_SLICES} or more confident slices"
+        verdict = (f"No finding class reached: {confident} of {n} slices answered confidently, no finding class on "
+                   f"{MIN_FINDING_SLICES} or more of them")
         if negatives:
-            verdict += " (" + ", ".join(f"{names[c]} on {counts[c]}" for c in negatives) + f" of {n} slices)"
+            verdict += " (" + ", ".join(f"{names[c]} on {counts[c]}" for c in negatives) + ")"
+        verdict += "; not a negative result"
         pool = list(range(n))
         key_class = max(findings, key=lambda c: probs[:, result.class_names.index(c)].max()) if findings else \
             result.class_names[0]

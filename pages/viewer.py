@@ -179,12 +179,12 @@ def show_summary(series: Series, result: SeriesPredictions, key: str) -> None:
     summary = summarise(series.id, result)
     names = dict(zip(result.class_names, result.display_names))
     text = f"**{markdown_text(summary.verdict)}**"
-    if not summary.has_result:
+    if summary.outcome == "no result":
         st.warning(text, icon=":material/help:")
-    elif summary.label is not None:
+    elif summary.outcome == "finding":
         st.info(text, icon=":material/radiology:")
-    else:
-        st.success(text, icon=":material/check_circle:")
+    else:  # no finding class reached: neutral, never a reassurance
+        st.info(text, icon=":material/remove:")
     by_state = summary.uncertain_by_state
     with st.container(horizontal=True, gap="large"):
         for cls, count in summary.confident_counts.items():

@@ -28,7 +28,7 @@ from series_synthetic import (
 )
 
 from ctapp.imaging import LUNG_WINDOW, decode
-from ctapp.inference import CONFIDENT, LOW_CONFIDENCE, NOT_CHEST_CT, Prediction
+from ctapp.inference import CONFIDENT, LOW_CONFIDENCE, NOT_CHEST_CT, UNLIKE_TRAINING, Prediction
 from ctapp.model_folders import load_model
 from ctapp.series import MIN_FINDING_SLICES, SeriesPredictions, classify_series, summarise
 from ctapp.series_inputs import images_series, inputs_from_paths, read_inputs
@@ -842,13 +842,41 @@ def test_the_verdict_counts_confident_slices_of_a_finding_class_only():
     assert summary.uncertain == 7 and summary.uncertain_by_state[LOW_CONFIDENCE] == 6
     assert set(summary.key_slices) == {0, 1, 2, 3}
     # Uncertain slices never make a finding, however many lean to it.
-    leaning = summarise("S-2", _predictions([(c, "covid")] * (MIN_FINDING_SLICES - 1) + [(u, "covid")] * 20
+    leaning = summarise("S-2", _predictions([(c, "covid")] * (MIN_FINDING_SLICES - 1) + [(u, "covid")] * 10
                                             + [(c, "non-covid")] * 10))
-    assert leaning.label is None and leaning.has_result
-    assert leaning.verdict == f"No finding class on {MIN_FINDING_SLICES} or more confident slices (Non-COVID on 10 " \
-                              f"of {MIN_FINDING_SLICES + 29} slices)"
+    assert leaning.label is None and leaning.has_result and leaning.outcome == "no finding"
+    assert leaning.verdict == (f"No finding class reached: 12 of 22 slices answered confidently, no finding class on "
+                               f"{MIN_FINDING_SLICES} or more of them (Non-COVID on 10); not a negative result")
     nothing = summarise("S-3", _predictions([(u, "covid")] * 10 + [(c, "covid")]))
     assert not nothing.has_result and nothing.label is None and nothing.verdict.startswith("No result: only 1 of 11")
+
+
+@pytest.mark.parametrize("answered, total, finding", [(83, 255, "non-covid"), (9, 99, "covid"), (49, 100, "covid")],
+                         ids=["confident negatives", "a few confident findings", "just under half"])
+def test_a_series_mostly_unanswered_gets_no_result_for_the_whole_series(answered, total, finding):
+    """Most slices uncertain, unlike the training images or not a chest CT: the
+    series is not judged, whatever the answered slices say (a COVID series
+    answered non-COVID on a third of its slices once read as reassurance)."""
+    c, u, unlike, n = CONFIDENT, LOW_CONFIDENCE, UNLIKE_TRAINING, NOT_CHEST_CT
+    rest = total - answered
+    summary = summarise("S-5", _predictions([(c, finding)] * answered + [(u, "covid")] * (rest - rest // 3 - 1)
+                                            + [(unlike, "non-covid")] * (rest // 3) + [(n, "covid")]))
+    assert summary.outcome == "no result" and not summary.has_result and summary.label is None
+    assert summary.other_findings == {} and summary.answered == answered
+    assert summary.verdict == (
+        f"No result: only {answered} of {total} slices were answered confidently ({rest} uncertain: low confidence "
+        f"{rest - rest // 3 - 1}, unlike the training images {rest // 3}, not a chest CT 1); the series is not judged")
+    half = summarise("S-6", _predictions([(c, "covid")] * 50 + [(u, "covid")] * 50))
+    assert half.outcome == "finding" and half.label == "covid"  # half answered: judged
+
+
+def test_a_state_the_verdict_does_not_know_counts_as_unanswered():
+    """A newer answer state (e.g. a finding the model was not trained for) is
+    never counted as a confident slice."""
+    other = "another lung finding"
+    summary = summarise("S-7", _predictions([(CONFIDENT, "covid")] * 3 + [(other, "covid")] * 4))
+    assert summary.outcome == "no result" and summary.uncertain_by_state[other] == 4
+    assert "another lung finding 4" in summary.verdict
 
 
 def test_a_second_finding_class_is_named_in_the_verdict_never_hidden_behind_the_first():

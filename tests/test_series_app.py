@@ -353,3 +353,24 @@ def test_a_background_classification_answers_as_one_pass_and_counts_progress_in_
     assert [p.state for p in result.predictions] == [p.state for p in whole.predictions]
     assert np.allclose(result.probabilities, whole.probabilities, atol=1e-6)
     assert job.snapshot() is result and job.finished and not job.failed and job.slices_done() == 7
+
+
+def test_a_series_that_reaches_no_finding_class_is_shown_neutral_never_as_a_success(app_settings, monkeypatch):
+    """Four of six slices answered, none of their classes on three: 'no finding
+    class reached' is said in a neutral box, with how many slices were answered."""
+    from ctapp import series_background
+    from ctapp.inference import CONFIDENT, LOW_CONFIDENCE
+    from test_series import _predictions
+
+    def answers(model, part, **_kwargs):
+        a, b = model.class_names
+        pattern = [(CONFIDENT, a), (CONFIDENT, b)] * 2 + [(LOW_CONFIDENCE, a), (LOW_CONFIDENCE, b)]
+        return _predictions(pattern[:len(part)], tuple(model.class_names), tuple(model.display_names))
+
+    monkeypatch.setattr(series_background, "classify_series", answers)
+    slices = dicom_series(grey_volume(6, 48, seed=53))
+    files = [(f"IM{i}", f, "application/octet-stream") for i, f in enumerate(slices)]
+    at = classified(run(viewer().file_uploader(key="viewer_files").set_value(files)))
+    assert not at.success
+    (shown,) = [box.value for box in at.info if "No finding class reached" in box.value]
+    assert "4 of 6 slices answered confidently" in shown and "not a negative result" in shown
