@@ -201,8 +201,9 @@ def measure(paths: list[Path]) -> dict:
     done = subprocess.run([sys.executable, "-c", MEASURE, *map(str, paths)], capture_output=True, text=True,
                           cwd=ROOT, timeout=900)
     if done.returncode != 0:
+        last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
         return {"growth": float("nan"), "seconds": float("nan"), "cpu": float("nan"), "series": [], "images": 0,
-                "errors": [f"crashed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"]}
+                "errors": [f"crashed: {last}"]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

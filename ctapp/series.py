@@ -82,7 +82,7 @@ class SeriesSummary:
 
     @property
     def outcome(self) -> str:
-        """"finding", "no finding" (neutral: never a reassurance) or "no result"."""
+        """One of "finding", "no finding" (neutral, never a reassurance) and "no result"."""
         return "no result" if not self.has_result else "finding" if self.label is not None else "no finding"
 
     def to_dict(self) -> dict:
