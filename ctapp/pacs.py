@@ -182,6 +182,9 @@ class Pacs:
         self.config = config
         session = requests.Session()
         session.verify = config.verify
+        # No gzip: instances are mostly pixels, and a PACS compressing every answer costs more than it
+        # saves (Orthanc on loopback: 56 ms per 512x512 instance with gzip, 3 ms without).
+        session.headers["Accept-Encoding"] = "identity"
         if config.username:
             session.auth = HTTPBasicAuth(config.username, config.password)
         elif config.token:
