@@ -10,9 +10,11 @@ import logging
 import socket
 import tomllib
 from datetime import date
+from pathlib import Path
 
 import numpy as np
 import pytest
+from app_fixtures import app_env, app_settings  # noqa: F401
 from orthanc_server import OrthancServer, generated_series, orthanc_missing
 from pg_cluster import free_port
 from synthetic import PATIENT_ID, PATIENT_NAME
@@ -323,3 +325,34 @@ def test_the_secrets_example_holds_a_usable_pacs_section_commented_out():
     section = tomllib.loads("\n".join(line.removeprefix("# ") for line in block.splitlines()))["pacs"]
     config = PacsConfig.from_mapping(section)
     assert (config.host, config.username, config.read_timeout) == ("https://pacs.example.org", "ctapp", 60.0)
+
+
+ADMIN_CLAIMS = {"is_logged_in": True, "email": "head@example.org", "email_verified": True}
+CLINICIAN_CLAIMS = {"is_logged_in": True, "email": "dr.c@example.org", "email_verified": True}
+
+
+@needs_orthanc
+@pytest.mark.parametrize("claims, shown", [(ADMIN_CLAIMS, True), (CLINICIAN_CLAIMS, False), (None, False)])
+def test_the_worklist_page_shows_patient_identifiers_only_to_the_roles_named(app_settings, orthanc, claims, shown):
+    """AppTest of the page: [pacs] names admins only; an admin sees names, a clinician and the local
+    user (sign-in off) see opaque ids."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "pages" / "worklist.py"), default_timeout=120)
+    at.secrets["pacs"] = orthanc.pacs_settings(identifiers_for=["admin"])
+    if claims:
+        at.secrets["auth"] = {"redirect_uri": "http://localhost:8501/oauth2callback", "cookie_secret": "x" * 32,
+                              "client_id": "ctapp", "client_secret": "s",
+                              "server_metadata_url": "http://localhost:9400/.well-known/openid-configuration"}
+        at.secrets["roles"] = {"admin_emails": [ADMIN_CLAIMS["email"]]}
+        at.user = claims
+    at.run()
+    assert [t.value for t in at.title] == ["PACS worklist"] and not at.exception
+    at.date_input(key="pacs_dates").set_value((date(2025, 1, 1), date(2025, 1, 31)))
+    next(b for b in at.button if b.label == "Search the PACS").click().run()
+    studies = at.dataframe[0].value
+    assert list(studies["Date"]) == ["2025-01-05"]
+    assert ("Patient" in studies.columns) is shown and ("Description" in at.dataframe[1].value.columns) is shown
+    page_text = " ".join([*(str(e.value) for e in [*at.markdown, *at.caption, *at.selectbox]),
+                          *(e.value.to_csv() for e in at.dataframe)])
+    assert (PATIENT_NAME.replace("^", " ") in page_text) is shown and (PATIENT_ID in page_text) is shown
