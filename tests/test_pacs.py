@@ -356,3 +356,28 @@ def test_the_worklist_page_shows_patient_identifiers_only_to_the_roles_named(app
     page_text = " ".join([*(str(e.value) for e in [*at.markdown, *at.caption, *at.selectbox]),
                           *(e.value.to_csv() for e in at.dataframe)])
     assert (PATIENT_NAME.replace("^", " ") in page_text) is shown and (PATIENT_ID in page_text) is shown
+
+
+@needs_orthanc
+def test_the_batch_page_classifies_new_series_and_lists_the_records(app_settings, orthanc):
+    """AppTest of the admin page (sign-in off: the local user is the admin): a batch over the first
+    days of January stores the CT series' results, a second finds nothing new."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "pages" / "pacs_admin.py"),
+                           default_timeout=300)
+    at.secrets["pacs"] = orthanc.pacs_settings()
+    at.run()
+    at.date_input(key="batch_since").set_value(date(2025, 1, 5))
+    at.date_input(key="batch_until").set_value(date(2025, 1, 6))
+    at.button[0].click()
+    at.run()
+    assert not at.exception and not at.error
+    assert [s.value for s in at.success] == ["1 of 1 series done, 0 failed."]
+    outcomes, records = (frame.value for frame in at.dataframe)
+    assert list(outcomes["Status"]) == ["stored"]  # the page's model (tiny-a) has stored nothing in this PACS yet
+    assert (records["Study"][0], records["Status"][0], records["Slices"][0]) == (outcomes["Study"][0], "stored", 6)
+    at.button[0].click()
+    at.run()
+    assert [i.value for i in at.info] == ["No new CT series: every one in these days was done by this model version."]
+    assert PATIENT_NAME not in records.to_csv() and PATIENT_ID not in records.to_csv()
