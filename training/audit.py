@@ -12,6 +12,7 @@ import sys
 
 from ctapp.audit import audit_dataset
 from ctapp.data import DatasetError, scan_dataset
+from training.cli import command
 from training.engine import Progress
 
 
@@ -55,14 +56,7 @@ def main(args: argparse.Namespace) -> dict:
     return report
 
 
-def run(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except DatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+run = command(get_args_parser, main, (DatasetError,))
 
 
 if __name__ == "__main__":

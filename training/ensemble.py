@@ -39,6 +39,7 @@ from ctapp.metrics import (
 )
 from ctapp.model_folders import ENSEMBLE_FILE, load_model
 from training.card import DISCLAIMER, card_figures, measure_latency
+from training.cli import command
 from training.crossval import breakdown, fold_spread, out_of_fold_input_states
 
 
@@ -169,14 +170,7 @@ def main(args: argparse.Namespace) -> Path:
     return out
 
 
-def run(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except (CheckpointError, ValueError, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+run = command(get_args_parser, main, (CheckpointError, ValueError, KeyError))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ from ctapp.checkpoint import CheckpointError
 from ctapp.data import DatasetError, scan_dataset
 from ctapp.evaluation import evaluate_files, write_report
 from ctapp.model_folders import load_model
+from training.cli import HelpFormatter, command
 from training.engine import Progress
-from training.fit import HelpFormatter
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -66,14 +66,7 @@ def main(args: argparse.Namespace) -> dict:
     return report
 
 
-def run(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except (DatasetError, CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+run = command(get_args_parser, main, (DatasetError, CheckpointError, ValueError))
 
 
 if __name__ == "__main__":

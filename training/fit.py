@@ -25,21 +25,11 @@ from ctapp.data import GROUP_PATTERN, DatasetError
 from ctapp.imaging import LUNG_WINDOW
 from ctapp.models import ARCHITECTURES, WeightsError
 from ctapp.preprocess import AUGMENT_LEVELS, CROP_MODES, INTENSITY_MODES
+from training.cli import INTERRUPTED_TRAINING, HelpFormatter, command
 from training.crossval import cross_validate
 from training.engine import TrainingError
 from training.single_split import train_single_split
 from training.trainer import start
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends each option's default, except where there is none (an empty
-    text, a flag that is off) or the help already says it in words."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False or action.default == "" \
-                or "(default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -150,17 +140,8 @@ def main(args: argparse.Namespace) -> Path:
             dist.destroy_process_group()
 
 
-def run(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except (DatasetError, TrainingError, CheckpointError, WeightsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: the last completed epoch is in last.pt; continue with --resume", file=sys.stderr)
-        return 130
-    return 0
+run = command(get_args_parser, main, (DatasetError, TrainingError, CheckpointError, WeightsError, ValueError),
+              INTERRUPTED_TRAINING)
 
 
 if __name__ == "__main__":

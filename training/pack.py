@@ -31,6 +31,7 @@ from ctapp.audit import audit_dataset
 from ctapp.data import DatasetError, list_folder, scan_sources, source_names
 from ctapp.imaging import LUNG_WINDOW
 from ctapp.preprocess import CROP_MODES, INTENSITY_MODES, Geometry, PreprocessConfig, load_squares
+from training.cli import command
 from training.packed import GEOMETRY_FIELDS, PACK_FORMAT, RECORD_FIELDS
 
 LUNG = "chest-ct-scan-images/Data"
@@ -163,14 +164,7 @@ def main(args: argparse.Namespace) -> dict:
     return manifest
 
 
-def run(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except DatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+run = command(get_args_parser, main, (DatasetError,))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from ctapp.data import GROUP_PATTERN, DatasetError
 from ctapp.imaging import LUNG_WINDOW
 from ctapp.models import ARCHITECTURES, WeightsError, create_model, get_spec
 from ctapp.preprocess import CROP_MODES, INTENSITY_MODES, PreprocessConfig, ScannerRender
+from training.cli import INTERRUPTED_TRAINING, command
 from training.engine import Progress, TrainingError, backward_step, choose_precision, configure_threads, to_input
 from training.packed import training_data
 
@@ -291,17 +292,8 @@ def main(args: argparse.Namespace) -> Path:
     return out
 
 
-def run(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except (DatasetError, TrainingError, CheckpointError, WeightsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: the last completed epoch is in last.pt; continue with --resume", file=sys.stderr)
-        return 130
-    return 0
+run = command(get_args_parser, main, (DatasetError, TrainingError, CheckpointError, WeightsError, ValueError),
+              INTERRUPTED_TRAINING)
 
 
 if __name__ == "__main__":
