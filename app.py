@@ -27,8 +27,8 @@ def sign_in() -> None:
         st.login()
 
 
-# With an [auth] section in .streamlit/secrets.toml every page needs sign-in (README,
-# "Deploying for a department"); without one, the app is a local single-user tool.
+# With an [auth] section in .streamlit/secrets.toml every page needs sign-in
+# (docs/deploying.md); without one, the app is a local single-user tool.
 if ui_cache.sign_in_enabled():
     try:
         user = ui_cache.current_user()
@@ -52,7 +52,7 @@ pages = [
 ]
 if ui_cache.is_admin():
     pages.append(st.Page("pages/audit_log.py", title="Audit log", icon=":material/history:"))
-if pacs_configured():  # a [pacs] section in the secrets (README, "Reading from a PACS")
+if pacs_configured():  # a [pacs] section in the secrets (docs/deploying.md, "Reading from a PACS")
     pages.append(st.Page("pages/worklist.py", title="PACS worklist", icon=":material/lan:"))
     if ui_cache.is_admin():
         pages.append(st.Page("pages/pacs_admin.py", title="PACS batch", icon=":material/playlist_play:"))

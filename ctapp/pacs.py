@@ -4,7 +4,7 @@ limits (WADO-RS), and the series verdict stored back into the same study as
 the DICOM SR the viewer builds (STOW-RS), optionally with the key slice and its
 Grad-CAM as a secondary capture.
 
-Configured by a ``[pacs]`` section of ``.streamlit/secrets.toml`` (README,
+Configured by a ``[pacs]`` section of ``.streamlit/secrets.toml`` (docs/deploying.md,
 "Reading from a PACS")::
 
     [pacs]
@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if config is None:
-        print(f"error: {args.secrets} has no [pacs] section (README, 'Reading from a PACS')", file=sys.stderr)
+        print(f"error: {args.secrets} has no [pacs] section (docs/deploying.md, 'Reading from a PACS')", file=sys.stderr)
         return 2
     model = load_model(args.model)
     bar = tqdm(total=0, unit="series", file=sys.stderr, desc="PACS batch")

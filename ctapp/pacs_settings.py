@@ -1,7 +1,7 @@
 """The ``[pacs]`` section of ``.streamlit/secrets.toml``: where the PACS's
 DICOMweb root is, how to sign in to it (HTTP basic auth or a bearer token),
 TLS verification, timeouts, and which roles are shown patient identifiers
-(``ctapp.pacs``; README, "Reading from a PACS")."""
+(``ctapp.pacs``; docs/deploying.md, "Reading from a PACS")."""
 from __future__ import annotations
 
 import tomllib
