@@ -21,7 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from pg_cluster import free_port
+from pg_cluster import ThrowAwayServer, free_port
 
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -37,7 +37,7 @@ def orthanc_missing() -> str | None:
     return None
 
 
-class OrthancServer:
+class OrthancServer(ThrowAwayServer):
     """``lua``: the text of a Lua script Orthanc runs (e.g. a filter that refuses instances)."""
 
     def __init__(self, lua: str | None = None):
@@ -105,16 +105,6 @@ class OrthancServer:
                     self.process.wait()
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> OrthancServer:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     # ------------------------------------------------------------------ Orthanc's own REST API
 

@@ -51,7 +51,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class PostgresCluster:
+class ThrowAwayServer:
+    """A server a test starts in a folder of its own: ``with Server(...) as s:`` starts it, and stops it
+    and removes its folder however the block ends, a failed start included."""
+
+    def start(self):
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class PostgresCluster(ThrowAwayServer):
     def __init__(self, database: str = "ctapp", user: str = "ctapp"):
         reason = postgres_missing()
         if reason:
@@ -98,13 +119,3 @@ class PostgresCluster:
                 self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> PostgresCluster:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
