@@ -85,6 +85,17 @@ def models_by_task() -> dict[str, list[ModelEntry]]:
     return tasks
 
 
+def sidebar_model_choice(by_task: dict[str, list[ModelEntry]], key: str) -> ModelEntry:
+    """A task, then one of its models, in the sidebar; ``key`` keeps each page's
+    choice apart (the widgets are ``{key}_task`` and ``{key}_model_{task}``)."""
+    st.sidebar.header("Model")
+    task = st.sidebar.selectbox("Task", list(by_task), key=f"{key}_task")
+    paths = {str(e.path): e for e in by_task[task]}
+    chosen = st.sidebar.selectbox("Model", list(paths), format_func=lambda p: paths[p].name,
+                                  key=f"{key}_model_{task}")
+    return paths[chosen]
+
+
 @st.cache_resource(max_entries=6, show_spinner="Loading the model...")
 def _load_model(path: str, weights_stamp: float) -> LoadedModel:
     return load_model(path)

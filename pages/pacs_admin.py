@@ -11,7 +11,7 @@ import streamlit as st
 from ctapp import ui_cache
 from ctapp.pacs import Pacs, PacsError, run_batch
 from ctapp.report import DISCLAIMER, markdown_text
-from pages.worklist import choose_model, pacs_config
+from pages.worklist import pacs_config
 
 RECORD_COLUMNS = {"time": "Time (UTC)", "username": "User", "model": "Model", "model_version": "Version",
                   "study": "Study", "status": "Status", "slices": "Slices", "verdict": "Verdict",
@@ -62,7 +62,7 @@ def main() -> None:
     by_task = ui_cache.models_by_task()
     if config is None or not by_task:
         return
-    entry = choose_model(by_task)
+    entry = ui_cache.sidebar_model_choice(by_task, "worklist")
     with st.form("pacs_batch"):
         today = date.today()
         left, right = st.columns(2)

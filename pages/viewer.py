@@ -107,15 +107,6 @@ def audit_record(series: Series, result: SeriesPredictions, model) -> dict:
 # --------------------------------------------------------------------------- UI
 
 
-def choose_model(by_task: dict[str, list[ModelEntry]]) -> ModelEntry:
-    st.sidebar.header("Model")
-    task = st.sidebar.selectbox("Task", list(by_task), key="viewer_task")
-    paths = {str(e.path): e for e in by_task[task]}
-    chosen = st.sidebar.selectbox("Model", list(paths), format_func=lambda p: paths[p].name,
-                                  key=f"viewer_model_{task}")
-    return paths[chosen]
-
-
 def uploaded_inputs() -> list[Input]:
     files = st.file_uploader(
         "Upload a series, a volume or slices", type=None, accept_multiple_files=True, key="viewer_files",
@@ -341,7 +332,7 @@ def main() -> None:
     by_task = ui_cache.models_by_task()
     if not by_task:
         return
-    entry = choose_model(by_task)
+    entry = ui_cache.sidebar_model_choice(by_task, "viewer")
     try:
         model = ui_cache.loaded_model(entry.path)
     except (CheckpointError, OSError, ValueError):

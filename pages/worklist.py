@@ -135,16 +135,6 @@ def series_label(entry: SeriesEntry, identifiers: bool) -> str:
 # --------------------------------------------------------------------------- UI
 
 
-def choose_model(by_task: dict[str, list[ModelEntry]]) -> ModelEntry:
-    """The model the viewer opens the series with (the viewer's own choice is set to it)."""
-    st.sidebar.header("Model")
-    task = st.sidebar.selectbox("Task", list(by_task), key="worklist_task")
-    paths = {str(e.path): e for e in by_task[task]}
-    chosen = st.sidebar.selectbox("Model", list(paths), format_func=lambda p: paths[p].name,
-                                  key=f"worklist_model_{task}")
-    return paths[chosen]
-
-
 def search(pacs: Pacs) -> None:
     with st.form("pacs_search"):
         left, middle, right = st.columns(3)
@@ -189,7 +179,7 @@ def main() -> None:
     by_task = ui_cache.models_by_task()
     if config is None or not by_task:
         return
-    model = choose_model(by_task)
+    model = ui_cache.sidebar_model_choice(by_task, "worklist")
     identifiers = may_see_identifiers(ui_cache.current_user(), config)
     pacs = Pacs(config)
     search(pacs)
