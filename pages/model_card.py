@@ -23,7 +23,7 @@ SHOWN = {"name", "task", "classes", "display_names", "architecture", "architectu
          "gradcam_layer", "training_data", "training", "validation", "calibration", "out_of_distribution",
          "confidence_threshold", "created", "code_version", "intended_use", "limitations", "disclaimer",
          "weight_storage_check", "latency_ms", "cross_validation", "selective_answers", "shift_simulation",
-         "members", "member_comparison"}
+         "members", "member_comparison", "series_validation"}
 # The figures by which an ensemble's card compares it with each member, as the dashboard names them.
 COMPARED = {"accuracy": "Accuracy", "macro_f1": "Macro-F1", "roc_auc_macro": "ROC AUC (macro)", "ece": "ECE",
             "coverage": "Answered (not uncertain)", "accuracy_when_confident": "Accuracy when answered"}
@@ -152,6 +152,27 @@ def member_comparison_rows(card: Mapping) -> list[dict]:
     return rows
 
 
+SERIES_CHECKS = {"out_of_fold": "Held-out pseudo-series, out of fold",
+                 "foreign": "Series of a finding the model was not trained for"}
+
+
+def series_checks(card: Mapping) -> list[tuple[str, str, list[dict]]]:
+    """(title, statement, series by true class and verdict) of each check of the
+    series verdict on the card (``python -m training.series_check``)."""
+    section = card.get("series_validation") or {}
+    names = dict(zip(card.get("classes", []), card.get("display_names", [])))
+    checks = []
+    for part, title in SERIES_CHECKS.items():
+        figures = section.get(part)
+        if isinstance(figures, Mapping):
+            rows = [{"Series of": names.get(truth, truth), "Finding reported": counts.get("finding", 0),
+                     "No finding class reached": counts.get("no finding", 0), "No result": counts.get("no result", 0)}
+                    for truth, counts in (figures.get("counts") or {}).items()]
+            checks.append((title, f"{figures.get('statement', '')} Pseudo-series: {figures.get('pseudo_series', '')}",
+                           rows))
+    return checks
+
+
 def side_by_side(cards: Mapping[str, Mapping], section: str) -> list[dict]:
     """One section of several cards (an ensemble's members') as rows {Field, one column per card}."""
     fields = list(dict.fromkeys(k for card in cards.values() for k in (card.get(section) or {})))
@@ -256,6 +277,13 @@ def show_overview(entry: ModelEntry, card: Mapping) -> None:
     if comparison:
         st.markdown("**The ensemble against each member** (out of fold, on the same images)")
         st.table(comparison, hide_index=True, border="horizontal")
+    checks = series_checks(card)
+    if checks:
+        st.markdown("**Series verdicts**")
+        for title, statement, rows in checks:
+            st.markdown(f"*{title}.* {statement}")
+            st.table(rows, hide_index=True, border="horizontal")
+        st.caption(f"The rule: {card['series_validation'].get('rule', 'not recorded')}")
     left, right = st.columns(2, gap="large")
     with left:
         st.markdown("**Model**")
