@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,14 +111,21 @@ def flags(prediction: Prediction) -> list[str]:
     return out
 
 
-def classify(uploads: list[Upload], models: list[ModelEntry], on_progress=None) -> list[SliceResult]:
-    """Every upload through every chosen model; an unreadable file gets its
-    error message and the others are still classified."""
+def predicted(entry: ModelEntry, upload: Upload) -> Prediction:
+    """The cached prediction of ``upload`` by the model of ``entry``."""
+    return ui_cache.predict(entry.path, upload.sha256, upload.data)
+
+
+def classify(uploads: list[Upload], models: list[ModelEntry], on_progress=None,
+             answer: Callable[[ModelEntry, Upload], Prediction] = predicted) -> list[SliceResult]:
+    """Every upload through every chosen model (``answer`` gives one
+    prediction); an unreadable file gets its error message and the others are
+    still classified."""
     results = []
     for i, upload in enumerate(uploads):
         result = SliceResult(upload)
         try:
-            result.predictions = [ui_cache.predict(m.path, upload.sha256, upload.data) for m in models]
+            result.predictions = [answer(m, upload) for m in models]
         except ImageDecodeError as exc:
             result.error = clean_error(str(exc))
         except Exception as exc:  # never a traceback in front of a user
@@ -189,21 +197,48 @@ def display_map(model: LoadedModel) -> dict[str, str]:
     return dict(zip(model.class_names, model.display_names))
 
 
+def analysis(entry: ModelEntry, model: LoadedModel, upload: Upload, method: str, target: str) -> Analysis:
+    """The cached prediction and class-activation map of ``upload`` by one model;
+    a target class the model does not know falls back to its predicted class."""
+    key = target if target in model.class_names else None
+    return ui_cache.analyse(entry.path, upload.sha256, upload.data, method=method, target=key)
+
+
 def explain(upload: Upload, models: list[ModelEntry], loaded: list[LoadedModel], method: str,
             target: str) -> list[Explanation]:
-    """One class-activation map per model; a target class a model does not know
-    falls back to its predicted class."""
+    """One class-activation map per model."""
     out = []
     for entry, model in zip(models, loaded):
-        key = target if target in model.class_names else None
-        analysis = ui_cache.analyse(entry.path, upload.sha256, upload.data, method=method, target=key)
-        out.append(Explanation(model, analysis, _display(model, analysis.cam_class)))
+        analysed = analysis(entry, model, upload, method, target)
+        out.append(Explanation(model, analysed, _display(model, analysed.cam_class)))
     return out
 
 
-def build_report(upload: Upload, shown: Slice, explanations: list[Explanation], overlays: list, method: str) -> str:
-    results = [ModelResult(e.model.name, e.model.version, e.analysis.prediction, display_map(e.model), overlay,
-                           method, e.cam_class) for e, overlay in zip(explanations, overlays)]
+def answer_with_map(models: list[ModelEntry], loaded: list[LoadedModel], method: str,
+                    target: str) -> Callable[[ModelEntry, Upload], Prediction]:
+    """``classify``'s answer for a slice that is shown in detail: the prediction
+    of its analysis, which one pass gives with the map (then cached for
+    :func:`show_detail`), where predict would run every network a second time;
+    predict's alone when the map cannot be computed."""
+    model_of = {str(entry.path): model for entry, model in zip(models, loaded)}
+
+    def answer(entry: ModelEntry, upload: Upload) -> Prediction:
+        try:
+            return analysis(entry, model_of[str(entry.path)], upload, method, target).prediction
+        except ImageDecodeError:
+            raise
+        except Exception:  # the prediction must not be lost with its map
+            log.exception("explaining %s failed; classifying it without a map", upload.sha256)
+            return predicted(entry, upload)
+
+    return answer
+
+
+def build_report(result: SliceResult, shown: Slice, explanations: list[Explanation], overlays: list,
+                 method: str) -> str:
+    upload = result.upload
+    results = [ModelResult(e.model.name, e.model.version, prediction, display_map(e.model), overlay, method,
+                           e.cam_class) for e, prediction, overlay in zip(explanations, result.predictions, overlays)]
     return slice_report(image=shown.pixels, results=results, filename=upload.name, sha256=upload.sha256,
                         notes=shown.notes)
 
@@ -327,41 +362,64 @@ def pick_slice(results: list[SliceResult]) -> SliceResult:
     return results[names.index(chosen)]
 
 
-def show_detail(result: SliceResult, models: list[ModelEntry], loaded: list[LoadedModel], method: str,
-                target: str, opacity: float) -> None:
-    upload = result.upload
-    st.subheader(markdown_text(upload.name))
-    try:
-        explanations = explain(upload, models, loaded, method, target)
-    except Exception:  # an explanation failure must not hide the prediction
-        log.exception("explaining %s failed", upload.sha256)
-        st.error("The explanation could not be computed for this slice; the prediction above still stands.")
-        return
+def show_maps(columns: list, window_slot, explanations: list[Explanation], predictions: list[Prediction],
+              method: str, opacity: float) -> tuple[Slice, list]:
+    """The slice (a DICOM one in the chosen display window) and each model's
+    map beside it; returns the slice as shown and the overlays."""
     image = explanations[0].analysis.image
-    shown = image.rewindow(window_controls()) if image.hu is not None else image
+    if image.hu is not None:
+        with window_slot.container():
+            shown = image.rewindow(window_controls())
+    else:
+        shown = image
     overlays = [figures.cam_overlay(shown.pixels, e.analysis.cam, opacity) for e in explanations]
-    columns = st.columns(1 + len(explanations) if len(explanations) > 1 else [1, 1, 1.15], gap="medium")
     columns[0].image(shown.pixels, caption=f"Slice ({image.source_format}, {image.size[0]}x{image.size[1]} px)",
                      clamp=True, width="stretch", output_format="PNG")
-    for column, e, overlay in zip(columns[1:], explanations, overlays):
+    for column, e, prediction, overlay in zip(columns[1:], explanations, predictions, overlays):
         who = f"{e.model.name}: " if len(explanations) > 1 else ""
-        if e.analysis.prediction.state == NOT_CHEST_CT:
+        if prediction.state == NOT_CHEST_CT:
             # A map of where a cancer class 'was found' on a blank page or a photo would mislead.
             column.info(f"{who}no {method} map: this is not a chest CT slice.", icon=":material/block:")
             continue
         column.image(overlay, caption=f"{who}{method} for {e.cam_class} (warm colours weighed most)",
                      width="stretch", output_format="PNG")
-    panels = [columns[2]] if len(explanations) == 1 else st.columns(len(explanations), gap="medium")
-    for panel, entry, e in zip(panels, models, explanations):
+    return shown, overlays
+
+
+def show_detail(result: SliceResult, models: list[ModelEntry], loaded: list[LoadedModel], method: str,
+                target: str, opacity: float) -> None:
+    """Each model's verdict, the slice with its maps, and the probabilities.
+    Drawn in that order into a fixed layout: a verdict is known before its map
+    is computed (in a batch) and is the first thing read; the charts cost the
+    browser the most to draw."""
+    upload = result.upload
+    several = len(models) > 1
+    st.subheader(markdown_text(upload.name))
+    window_slot = st.empty()  # a DICOM slice's window controls, once the slice is decoded
+    columns = st.columns(1 + len(models) if several else [1, 1, 1.15], gap="medium")
+    panels = st.columns(len(models), gap="medium") if several else [columns[2]]
+    for panel, entry, model, prediction in zip(panels, models, loaded, result.predictions):
         with panel:
-            if len(explanations) > 1:
+            if several:
                 st.markdown(f"**{entry.name}**")
-            show_verdict(e.analysis.prediction, e.model)
-            show_probabilities(e.analysis.prediction, e.model, key=f"probs_{upload.sha256[:12]}_{entry.name}")
+            show_verdict(prediction, model)
+    try:
+        explanations = explain(upload, models, loaded, method, target)
+    except Exception:  # an explanation failure must not hide the prediction
+        log.exception("explaining %s failed", upload.sha256)
+        explanations = []
+    if explanations:
+        shown, overlays = show_maps(columns, window_slot, explanations, result.predictions, method, opacity)
+    for panel, entry, model, prediction in zip(panels, models, loaded, result.predictions):
+        with panel:
+            show_probabilities(prediction, model, key=f"probs_{upload.sha256[:12]}_{entry.name}")
+    if not explanations:
+        st.error("The explanation could not be computed for this slice; the prediction above still stands.")
+        return
     if shown.notes:
         st.caption("How the image was read: " + markdown_text("; ".join(shown.notes) + "."))
     # Built only when the button is pressed (Streamlit calls it then), not on every rerun.
-    st.download_button("Download report (HTML)", lambda: build_report(upload, shown, explanations, overlays, method),
+    st.download_button("Download report (HTML)", lambda: build_report(result, shown, explanations, overlays, method),
                        file_name=report_file_name(upload.name), mime="text/html", on_click="ignore",
                        icon=":material/download:", key="report_html", type="primary")
 
@@ -424,7 +482,9 @@ def main() -> None:
                    icon=":material/warning:")
 
     progress = st.progress(0.0, text="Classifying...") if len(uploads) >= BATCH_PROGRESS_FROM else None
-    results = classify(uploads, models, on_progress=(lambda done, total: progress.progress(
+    # One slice is shown in detail at once: its map comes with its prediction.
+    answer = answer_with_map(models, loaded, method, target) if len(uploads) == 1 else predicted
+    results = classify(uploads, models, answer=answer, on_progress=(lambda done, total: progress.progress(
         done / total, text=f"Classifying {done} of {total}...")) if progress else None)
     if progress:
         progress.empty()

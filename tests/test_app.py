@@ -207,6 +207,45 @@ def test_two_models_side_by_side(app_settings):
                                                "tiny-b: Confidence", "Models agree", "Flags"]
 
 
+VERDICT_WORDS = ("Prediction: ", "Uncertain", "Unlike the training images", "Not a chest CT")
+
+
+def test_one_upload_runs_the_model_once_for_its_verdict_and_map(app_settings, monkeypatch):
+    """A single slice's prediction comes with its map from one pass of the
+    network (no second pass to predict it), and the verdict is the recorded one."""
+    import ctapp.inference
+
+    calls = []
+    for name in ("predict", "analyse"):
+        real = getattr(ctapp.inference.LoadedModel, name)
+        monkeypatch.setattr(ctapp.inference.LoadedModel, name, lambda self, *args, _name=name, _real=real, **kw:
+                            calls.append(_name) or _real(self, *args, **kw))
+    at = choose_tiny_task(start(), "task")
+    run(at.file_uploader(key="uploads").set_value(("one.png", png_bytes(label=1, seed=41), "image/png")))
+    assert calls == ["analyse"]
+    assert len(at.image) == 2 and len(plotly_charts(at)) == 1
+    _model, _sha, label, _probabilities, _flags = audit_rows(app_settings.audit_log)[-1]
+    (verdict,) = [plain(v.value) for v in [*at.info, *at.warning[1:], *at.error]]
+    assert label.capitalize() in verdict or "Not a chest CT" in verdict, (label, verdict)
+
+
+def test_a_failed_map_leaves_the_verdict_of_one_upload_on_screen_and_recorded(app_settings, monkeypatch):
+    import ctapp.inference
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("Grad-CAM exploded")
+
+    monkeypatch.setattr(ctapp.inference.LoadedModel, "analyse", broken)
+    at = choose_tiny_task(start(), "task")
+    before = len(audit_rows(app_settings.audit_log))
+    run(at.file_uploader(key="uploads").set_value(("one.png", png_bytes(seed=42), "image/png")))
+    text = all_text(at)
+    assert "The explanation could not be computed for this slice; the prediction above still stands" in text
+    assert sum(words in text for words in VERDICT_WORDS) == 1, text
+    assert len(plotly_charts(at)) == 1 and not at.image
+    assert len(audit_rows(app_settings.audit_log)) == before + 1
+
+
 # --------------------------------------------------------------------------- comparison dashboard
 
 
