@@ -5,8 +5,10 @@ Starts ``streamlit run app.py`` on loopback the way the tests do
 folder), opens the diagnosis page in headless Chromium with the page's default
 model (or ``--model``), uploads one slice to warm the model up, then times
 ``--uploads`` more: new slices, and the first timed one once more (the same
-file again). Each upload is made in a fresh tab session of the same server
-(the page is reloaded), and is timed from setting the file on the uploader to
+file again). Each upload replaces the one before in the same tab, as a user
+goes on to the next slice (``--fresh-session``: the page is reloaded first, a
+new session whose browser side loads the page's scripts again), and is timed
+from setting the file on the uploader to
 
 * the finding: the predicted class, an uncertain state or "not a chest CT";
 * the overlay: the Grad-CAM image loaded (or the note that a slice which is
@@ -48,6 +50,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="model folder name as the sidebar lists it (default: the page's default)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the app server (default 1, "
                         "as the tests start it)")
+    parser.add_argument("--fresh-session", action="store_true", help="reload the page before each upload "
+                        "(default: remove the earlier upload in the same tab)")
     parser.add_argument("--timeout", type=float, default=120, help="seconds one upload may take (default 120)")
     return parser
 
@@ -93,10 +97,17 @@ def open_page(page, url: str, entry, timeout_ms: int) -> None:
     page.get_by_text(READY_WORDS, exact=False).wait_for(timeout=timeout_ms)
 
 
-def overlay_shown(page):
-    """The Grad-CAM overlay image (or the note that this slice gets none)."""
-    image = page.locator("[data-testid='stImage']").filter(has_text=OVERLAY_CAPTION).locator("img")
-    return image.or_(page.get_by_text(NO_MAP, exact=False)).first
+def clear_upload(page, timeout_ms: int) -> None:
+    """Remove the earlier upload (the uploader keeps it) and wait until the page asks for a new one."""
+    page.locator("[data-testid='stFileChipDeleteBtn'] button").first.click()
+    page.get_by_text(READY_WORDS, exact=False).wait_for(timeout=timeout_ms)
+    result_shown(page).wait_for(state="detached", timeout=timeout_ms)
+
+
+# The overlay is loaded: the Grad-CAM image's pixels are in (or the slice is not a chest CT: no map).
+OVERLAY_LOADED = """([caption, noMap]) => [...document.querySelectorAll("[data-testid='stImage']")]
+    .some(el => el.innerText.includes(caption) && [...el.querySelectorAll("img")]
+        .some(img => img.complete && img.naturalWidth > 0)) || document.body.innerText.includes(noMap)"""
 
 
 def timed_upload(page, path: Path, timeout_ms: int) -> tuple[float, float, str]:
@@ -106,10 +117,7 @@ def timed_upload(page, path: Path, timeout_ms: int) -> tuple[float, float, str]:
     finding = result_shown(page)
     finding.wait_for(timeout=timeout_ms)
     to_finding = time.perf_counter() - start
-    overlay = overlay_shown(page)
-    overlay.wait_for(timeout=timeout_ms)
-    page.wait_for_function("el => el.tagName !== 'IMG' || (el.complete && el.naturalWidth > 0)",
-                           arg=overlay.element_handle(), timeout=timeout_ms)
+    page.wait_for_function(OVERLAY_LOADED, arg=[OVERLAY_CAPTION, NO_MAP], timeout=timeout_ms)
     to_overlay = time.perf_counter() - start
     return to_finding, to_overlay, finding.inner_text().split("\n")[0][:60]
 
@@ -146,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         plan = [("warm-up", slices[0])] + [("new", s) for s in slices[1:]] + [("same again", slices[1])]
         env = {"CTAPP_AUDIT_LOG": str(tmp / "audit.sqlite"), "CTAPP_REPORTS_DIR": str(tmp / "reports"),
                "CTAPP_DATABASE_URL": "", "OMP_NUM_THREADS": str(args.threads)}
+        session = "a fresh session" if args.fresh_session else "the same tab"
         print(f"upload_latency: model {entry.name} ({entry.task}), precision {describe_precision()}, "
-              f"server threads {args.threads}, CPUs {os.cpu_count()} (usable {len(os.sched_getaffinity(0))}), "
-              f"load average {load_average()}; {source}", flush=True)
+              f"server threads {args.threads}, {session} per upload, CPUs {os.cpu_count()} "
+              f"(usable {len(os.sched_getaffinity(0))}), load average {load_average()}; {source}", flush=True)
         process, url = start_replica(env, tmp / "server.log", args=["--server.fileWatcherType", "none"])
         rows = []
         try:
@@ -157,8 +166,11 @@ def main(argv: list[str] | None = None) -> int:
                 browser = pw.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
                 page = browser.new_page(viewport={"width": 1440, "height": 1200})
                 try:
-                    for kind, path in plan:
-                        open_page(page, url, entry, timeout_ms)
+                    for n, (kind, path) in enumerate(plan):
+                        if n == 0 or args.fresh_session:
+                            open_page(page, url, entry, timeout_ms)
+                        else:
+                            clear_upload(page, timeout_ms)
                         to_finding, to_overlay, finding = timed_upload(page, path, timeout_ms)
                         print(f"  {kind:<10} {path.name:<22} finding {to_finding:6.2f} s   overlay {to_overlay:6.2f} s"
                               f"   ({finding})", flush=True)
