@@ -228,8 +228,7 @@ class _Answering:
     def set_precision(self, precision: Precision) -> None:
         """Answer at ``precision`` from now on (the parity test compares fp32 with the fast path)."""
         for member in self.members:
-            member.precision = precision
-            member.model.to(memory_format=precision.memory_format)
+            member.use_precision(precision)
 
 
 class LoadedModel(_Answering):
@@ -250,9 +249,7 @@ class LoadedModel(_Answering):
         self.version = str(meta.get("created", ""))[:19]
         self._lock = threading.RLock()
         self.members = [self]
-        # As training runs: bf16 autocast where the CPU has native kernels, channels_last.
-        self.precision = inference_precision()
-        self.model = model.eval().to(memory_format=self.precision.memory_format)
+        self.model = model.eval()
         # Grad-CAM needs gradients at the target layer only: enabling them on the
         # last backbone parameter keeps the backward pass to the head and one layer.
         for p in self.model.parameters():
@@ -261,6 +258,22 @@ class LoadedModel(_Answering):
         backbone[-1].requires_grad_(True)
         self.feature_layers = list(self.ood.layers) if self.ood is not None else []
         self.cam_layer = self.model.get_submodule(meta.get("cam_layer") or self.spec.cam_layer)
+        self.int8_network: nn.Module | None = None  # built from the calibration file when int8 is asked for
+        self.int8_unavailable = ""  # why int8 was asked for and this model answers in fp32
+        # As training runs: bf16 autocast where the CPU has native kernels, channels_last.
+        self.use_precision(inference_precision())
+
+    def use_precision(self, precision: Precision) -> None:
+        self.precision = precision
+        self.model.to(memory_format=precision.memory_format)
+        if precision.int8 and self.int8_network is None and not self.int8_unavailable:
+            from .quantized import load_int8
+
+            self.int8_network, self.int8_unavailable = load_int8(self)
+
+    @property
+    def runs_int8(self) -> bool:
+        return self.precision.int8 and self.int8_network is not None
 
     def combine(self, parts: list[BatchScores]) -> BatchScores:
         return parts[0]
@@ -307,7 +320,8 @@ class LoadedModel(_Answering):
         chunks = []
         for start in range(0, max(len(images), 1), batch_size):
             with self._lock:
-                chunks.append(batched_forward(self.model, images[start:start + batch_size], self.preprocess,
+                network = self.int8_network if self.runs_int8 else self.model
+                chunks.append(batched_forward(network, images[start:start + batch_size], self.preprocess,
                                               batch_size=batch_size, feature_layers=self.feature_layers,
                                               autocast=self.precision.autocast,
                                               memory_format=self.precision.memory_format))
@@ -362,12 +376,16 @@ class LoadedModel(_Answering):
     def scored_cam(self, image: Slice, index: int | None, method: str = "Grad-CAM",
                    ) -> tuple[BatchScores, np.ndarray, int]:
         """A decoded slice's scores and the map of class ``index`` (None: the top
-        class) with that class's index."""
+        class) with that class's index. The map is the fp32 network's; in int8
+        the scores are the int8 network's, as :meth:`predict` gives them."""
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         methods = cam_methods()
         if method not in methods:
             raise ValueError(f"unknown CAM method {method!r}; choose one of {list(methods)}")
+        answer = self.score_slices([image]) if self.runs_int8 else None
+        if answer is not None and index is None:
+            index = int(np.argmax(answer.probs[0]))
         x, geometry = model_input(image.pixels, self.preprocess)
         x = x.contiguous(memory_format=self.precision.memory_format)
         with self._lock:
@@ -386,7 +404,7 @@ class LoadedModel(_Answering):
                 for hook in to_fp32:
                     hook.remove()
                 self.model.zero_grad(set_to_none=True)
-        scores = self._scores(logits.float(), capture.features(), [geometry.body_found])
+        scores = answer or self._scores(logits.float(), capture.features(), [geometry.body_found])
         cam_index = index if index is not None else int(np.argmax(scores.probs[0]))
         return scores, np.clip(cam_to_image(maps[0], geometry), 0.0, 1.0), cam_index
 

@@ -8,17 +8,21 @@ from dataclasses import dataclass
 
 import torch
 
-# "auto" (bf16 where the CPU has native kernels), "bf16" or "off" (fp32).
+# "auto", "bf16", "int8" or "off" (fp32): see inference_precision.
 INFERENCE_AMP_ENV = "CTAPP_INFERENCE_AMP"
+INFERENCE_CHOICES = ("auto", "bf16", "int8", "off")
 
 
 @dataclass
 class Precision:
-    """Where and how the model runs: device, autocast dtype (or None), memory format."""
+    """Where and how the model runs: device, autocast dtype (or None), memory
+    format, and whether an int8 copy of the network answers (``ctapp.quantized``;
+    a model without a calibration file answers in fp32)."""
 
     device: torch.device
     autocast_dtype: torch.dtype | None
     channels_last: bool = True
+    int8: bool = False
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -31,6 +35,7 @@ class Precision:
 
     def describe(self) -> str:
         amp = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[self.autocast_dtype]
+        amp = "int8 (calibrated)" if self.int8 else amp
         return f"{self.device.type}, {amp}, {'channels_last' if self.channels_last else 'contiguous'}"
 
 
@@ -47,12 +52,18 @@ FP32 = Precision(torch.device("cpu"), None, channels_last=False)
 
 
 def inference_precision(amp: str | None = None) -> Precision:
-    """How models answer on this CPU: bf16 autocast in channels_last where the CPU
-    has native bf16 kernels (as training runs), fp32 in channels_last elsewhere.
-    ``amp`` (default: the ``CTAPP_INFERENCE_AMP`` variable, else "auto") forces
-    "bf16" or "off"."""
+    """How models answer on this CPU, in channels_last: bf16 autocast where the
+    CPU has native bf16 kernels (as training runs), fp32 elsewhere. ``amp``
+    (default: the ``CTAPP_INFERENCE_AMP`` variable, else "auto") forces "bf16",
+    "int8" or "off" (fp32).
+
+    int8 (``ctapp.quantized``) is chosen by name only: a default must keep the
+    fp32 answer state on at least 99% of every shipped model's training-source
+    slices, and the figures each model's ``quantization.json`` records
+    (``python -m training.quantize``) do not reach that on all of them.
+    """
     amp = amp or os.environ.get(INFERENCE_AMP_ENV) or "auto"
-    if amp not in ("auto", "bf16", "off"):
-        raise ValueError(f"{INFERENCE_AMP_ENV}={amp!r}: use auto, bf16 or off")
+    if amp not in INFERENCE_CHOICES:
+        raise ValueError(f"{INFERENCE_AMP_ENV}={amp!r}: use {', '.join(INFERENCE_CHOICES)}")
     bf16 = amp == "bf16" or (amp == "auto" and cpu_has_fast_bf16())
-    return Precision(torch.device("cpu"), torch.bfloat16 if bf16 else None)
+    return Precision(torch.device("cpu"), torch.bfloat16 if bf16 else None, int8=amp == "int8")
