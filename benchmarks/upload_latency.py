@@ -179,9 +179,10 @@ def main(argv: list[str] | None = None) -> int:
                     browser.close()
         finally:
             stop(process)
-    timed = [r for r in rows if r[0] != "warm-up"]
-    print(summary_line("upload to finding (warm)", [r[1] for r in timed]))
-    print(summary_line("upload to Grad-CAM overlay (warm)", [r[2] for r in timed]))
+    for kind in ("new", "same again"):
+        chosen = [r for r in rows if r[0] == kind]
+        print(f"{kind} slices, warm: " + summary_line("upload to finding", [r[1] for r in chosen]) + "; "
+              + summary_line("to Grad-CAM overlay", [r[2] for r in chosen]))
     print(f"load average after: {load_average()}")
     return 0
 
