@@ -49,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "the last are new slices, the last repeats the first (default 6)")
     parser.add_argument("--model", help="model folder name as the sidebar lists it (default: the page's default)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the app server (default 1, "
-                        "as the tests start it)")
+                        "as the tests start it; plain 'streamlit run app.py' runs torch on one thread per core)")
     parser.add_argument("--fresh-session", action="store_true", help="reload the page before each upload "
                         "(default: remove the earlier upload in the same tab)")
     parser.add_argument("--timeout", type=float, default=120, help="seconds one upload may take (default 120)")

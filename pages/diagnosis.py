@@ -390,8 +390,8 @@ def show_detail(result: SliceResult, models: list[ModelEntry], loaded: list[Load
                 target: str, opacity: float) -> None:
     """Each model's verdict, the slice with its maps, and the probabilities.
     Drawn in that order into a fixed layout: a verdict is known before its map
-    is computed (in a batch) and is the first thing read; the charts cost the
-    browser the most to draw."""
+    is computed (in a batch) and is what is read first; the charts, least
+    needed, come last."""
     upload = result.upload
     several = len(models) > 1
     st.subheader(markdown_text(upload.name))
