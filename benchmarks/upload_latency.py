@@ -16,7 +16,8 @@ from setting the file on the uploader to
 
 Prints each upload, the median and maximum of each, the model and precision
 in use, the CPU count and the load average (before and after). Slices come
-from ../shared/data/sarscov2-ctscan, or generated CT phantoms without it.
+from ../shared/data (the lung task's validation slices, or the SARS-CoV-2
+set), or are generated CT phantoms without it.
 
     .venv/bin/python benchmarks/upload_latency.py --uploads 6
 """
@@ -36,7 +37,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from app_server import CHROMIUM_ARGS, chromium_path, result_shown, select_option, start_replica, stop, \
     wait_healthy  # noqa: E402
 
-SLICES = ROOT.parent / "shared" / "data" / "sarscov2-ctscan"
+DATA = ROOT.parent / "shared" / "data"
+LUNG_SLICES, COVID_SLICES = DATA / "chest-ct-scan-images" / "Data" / "valid", DATA / "sarscov2-ctscan"
 HEADING = "CT slice diagnosis"
 READY_WORDS = "Upload one or more chest CT slices"  # the page's last element while nothing is uploaded
 OVERLAY_CAPTION = "Grad-CAM for"
@@ -56,11 +58,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def slice_files(count: int, folder: Path) -> tuple[list[Path], str]:
-    """``count`` distinct slices: real ones spread over the dataset, else phantoms written to ``folder``."""
-    files = sorted(SLICES.rglob("*.png")) if SLICES.is_dir() else []
+def slice_files(count: int, task: str, folder: Path) -> tuple[list[Path], str]:
+    """``count`` distinct slices of the model's task: real ones spread over a
+    dataset, else phantoms written to ``folder``."""
+    source = LUNG_SLICES if "lung" in task.lower() else COVID_SLICES
+    files = sorted(source.rglob("*.png")) if source.is_dir() else []
     if len(files) >= count:
-        return files[:: len(files) // count][:count], f"real slices from {SLICES}"
+        return files[:: len(files) // count][:count], f"real slices from {source}"
     from PIL import Image
 
     from training.foreign import ct_phantom
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     timeout_ms = int(args.timeout * 1000)
     with tempfile.TemporaryDirectory(prefix="ctapp-upload-latency-") as tmp:
         tmp = Path(tmp)
-        slices, source = slice_files(args.uploads, tmp)  # the warm-up, then uploads - 1 new ones
+        slices, source = slice_files(args.uploads, entry.task, tmp)  # the warm-up, then uploads - 1 new ones
         plan = [("warm-up", slices[0])] + [("new", s) for s in slices[1:]] + [("same again", slices[1])]
         env = {"CTAPP_AUDIT_LOG": str(tmp / "audit.sqlite"), "CTAPP_REPORTS_DIR": str(tmp / "reports"),
                "CTAPP_DATABASE_URL": "", "OMP_NUM_THREADS": str(args.threads)}
