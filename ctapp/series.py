@@ -3,7 +3,7 @@ batches, its study-level verdict and its per-slice table."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,14 +14,51 @@ from .report import csv_text
 from .volumes import Series
 
 
+@dataclass(frozen=True)
+class SeriesValidation:
+    """What a model's card shows of the verdict "No finding class reached" out
+    of fold (``training.series_check``): of the held-out series of a finding
+    class that the rule alone judged (a finding or none), how many got it."""
+
+    findings: str  # the finding classes' display names, e.g. "COVID"
+    reassured: int
+    judged: int
+
+    @classmethod
+    def from_counts(cls, counts: Mapping[str, Mapping[str, int]], class_names: list[str],
+                    display_names: list[str]) -> SeriesValidation | None:
+        """From series counts by true class and outcome of the rule alone;
+        None when no series of a finding class was judged (nothing validated)."""
+        names = dict(zip(class_names, display_names))
+        findings = [c for c in finding_classes(class_names) if c in counts]
+        reassured = sum(int(counts[c].get("no finding", 0)) for c in findings)
+        judged = reassured + sum(int(counts[c].get("finding", 0)) for c in findings)
+        return cls(" or ".join(names[c] for c in findings), reassured, judged) if judged else None
+
+    @classmethod
+    def from_card(cls, card: Mapping, class_names: list[str], display_names: list[str]) -> SeriesValidation | None:
+        held_out = (card.get("series_validation") or {}).get("out_of_fold") or {}
+        # A section written before the card gate existed holds the rule alone's counts at its top level.
+        counts = (held_out.get("rule_alone") or held_out).get("counts")
+        return cls.from_counts(counts, class_names, display_names) if counts else None
+
+
 @dataclass
 class SeriesPredictions:
-    """Per-slice predictions of one series by one model, in reading order."""
+    """Per-slice predictions of one series by one model, in reading order,
+    with what the model's card shows of the series verdict (None: not checked)."""
 
     predictions: list[Prediction]
     class_names: list[str]
     display_names: list[str]
     seconds: float = 0.0
+    validation: SeriesValidation | None = None
+
+    @classmethod
+    def of_model(cls, model, predictions: list[Prediction], seconds: float = 0.0) -> SeriesPredictions:
+        class_names, display_names = list(model.class_names), list(model.display_names)
+        return cls(predictions, class_names, display_names, seconds,
+                   SeriesValidation.from_card(model.card, class_names, display_names))
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -42,8 +79,7 @@ def classify_series(model, series: Series, *, batch_size: int = 32,
     window = model.preprocess.window
     predictions = model.classify_slices(lambda i: series.slice(i, window), len(series), batch_size=batch_size,
                                         on_progress=on_progress)
-    return SeriesPredictions(predictions, list(model.class_names), list(model.display_names),
-                             time.perf_counter() - started)
+    return SeriesPredictions.of_model(model, predictions, time.perf_counter() - started)
 
 
 # --------------------------------------------------------------------------- the series verdict
@@ -58,7 +94,10 @@ VERDICT_RULE = (
     f"answered confidently. Otherwise a finding class is reported when at least {MIN_FINDING_SLICES} slices are "
     f"confidently predicted as it; the series shows the finding class with the most such slices (the others are "
     f"listed). Classes named normal, non-... or negative are not findings, and a series that reaches no finding "
-    f"class is not thereby normal: the model only looks for its own classes.")
+    f"class is not thereby normal: the model only looks for its own classes. That neutral verdict is given only "
+    f"by a model whose card shows that, out of fold, no held-out series of a finding class got it; where some "
+    f"did, the series has no result, with the card's figures; a model whose card has no such check says so.")
+NOT_VALIDATED = "this rule was not validated on series for this model"
 
 
 @dataclass
@@ -94,8 +133,10 @@ def finding_classes(class_names: list[str]) -> list[str]:
     return [c for c in class_names if not NEGATIVE_NAME.match(c.replace("-", " ").replace("_", " "))]
 
 
-def summarise(series_id: str, result: SeriesPredictions) -> SeriesSummary:
-    """The study-level summary of one series under :data:`VERDICT_RULE`."""
+def summarise(series_id: str, result: SeriesPredictions, *, rule_only: bool = False) -> SeriesSummary:
+    """The study-level summary of one series under :data:`VERDICT_RULE`, its
+    "No finding class reached" held to ``result.validation``; ``rule_only``:
+    without that, the verdict that ``training.series_check`` validates."""
     preds = result.predictions
     n = len(preds)
     names = dict(zip(result.class_names, result.display_names))
@@ -123,13 +164,19 @@ def summarise(series_id: str, result: SeriesPredictions) -> SeriesSummary:
         pool = [i for i, p in enumerate(preds) if p.state == CONFIDENT and p.label == label]
         key_class = label
     else:
-        label, has_result = None, True
-        negatives = [c for c in result.class_names if c not in findings]
-        verdict = (f"No finding class reached: {confident} of {n} slices answered confidently, no finding class on "
-                   f"{MIN_FINDING_SLICES} or more of them")
-        if negatives:
-            verdict += " (" + ", ".join(f"{names[c]} on {counts[c]}" for c in negatives) + ")"
-        verdict += "; not a negative result"
+        label = None
+        negatives = ", ".join(f"{names[c]} on {counts[c]}" for c in result.class_names if c not in findings)
+        checked = None if rule_only else result.validation
+        has_result = checked is None or checked.reassured == 0
+        if has_result:
+            verdict = (f"No finding class reached: {confident} of {n} slices answered confidently, no finding class "
+                       f"on {MIN_FINDING_SLICES} or more of them" + (f" ({negatives})" if negatives else "")
+                       + "; not a negative result" + ("" if rule_only or checked else f"; {NOT_VALIDATED}"))
+        else:
+            verdict = (f"No result: no finding class reached ({confident} of {n} slices answered confidently"
+                       + (f"; {negatives}" if negatives else "") + f"), but out of fold this model gave that answer "
+                       f"to {checked.reassured} of {checked.judged} {checked.findings} series it judged, so it "
+                       f"does not rule {checked.findings} out")
         pool = list(range(n))
         key_class = max(findings, key=lambda c: probs[:, result.class_names.index(c)].max()) if findings else \
             result.class_names[0]

@@ -50,7 +50,7 @@ class BackgroundClassification:
 
     def __init__(self, model, series: Series, *, first: int = FIRST_CHUNK, size: int = CHUNK):
         self.total = len(series)
-        self._empty = SeriesPredictions([], list(model.class_names), list(model.display_names))
+        self._empty = SeriesPredictions.of_model(model, [])
         self._predictions: list = []
         self._slices_done = 0.0
         self._result: SeriesPredictions | None = None

@@ -30,7 +30,9 @@ from series_synthetic import (
 from ctapp.imaging import LUNG_WINDOW, decode
 from ctapp.inference import CONFIDENT, LOW_CONFIDENCE, NOT_CHEST_CT, UNLIKE_TRAINING, Prediction
 from ctapp.model_folders import load_model
-from ctapp.series import MIN_FINDING_SLICES, SeriesPredictions, classify_series, summarise
+from ctapp.series import (
+    MIN_FINDING_SLICES, NOT_VALIDATED, SeriesPredictions, SeriesValidation, classify_series, summarise,
+)
 from ctapp.series_inputs import images_series, inputs_from_paths, read_inputs
 from ctapp.volumes import Input, Limits
 
@@ -846,9 +848,73 @@ def test_the_verdict_counts_confident_slices_of_a_finding_class_only():
                                             + [(c, "non-covid")] * 10))
     assert leaning.label is None and leaning.has_result and leaning.outcome == "no finding"
     assert leaning.verdict == (f"No finding class reached: 12 of 22 slices answered confidently, no finding class on "
-                               f"{MIN_FINDING_SLICES} or more of them (Non-COVID on 10); not a negative result")
+                               f"{MIN_FINDING_SLICES} or more of them (Non-COVID on 10); not a negative result; "
+                               f"{NOT_VALIDATED}")
     nothing = summarise("S-3", _predictions([(u, "covid")] * 10 + [(c, "covid")]))
     assert not nothing.has_result and nothing.label is None and nothing.verdict.startswith("No result: only 1 of 11")
+
+
+def _card(covid_no_finding: int, *, written_before_the_gate: bool = False) -> dict:
+    """A card's out-of-fold series check: the rule alone's counts, and the
+    app's (the gate already applied: no COVID series reassured)."""
+    rule_alone = {"covid": {"finding": 24, "no finding": covid_no_finding, "no result": 23},
+                  "non-covid": {"finding": 1, "no finding": 28, "no result": 20}}
+    as_answered = {"covid": {"finding": 24, "no finding": 0, "no result": 23 + covid_no_finding},
+                   "non-covid": {"finding": 1, "no finding": 0, "no result": 48}}
+    held_out = {"counts": rule_alone} if written_before_the_gate else \
+        {"counts": as_answered, "rule_alone": {"counts": rule_alone}}
+    return {"series_validation": {"out_of_fold": held_out}}
+
+
+def _as_loaded(result: SeriesPredictions, card: dict) -> SeriesPredictions:
+    model = type("Model", (), {"class_names": result.class_names, "display_names": result.display_names,
+                               "card": card})
+    return SeriesPredictions.of_model(model, result.predictions)
+
+
+NO_FINDING_SERIES = [(CONFIDENT, "non-covid")] * 17 + [(LOW_CONFIDENCE, "covid")] * 3
+
+
+@pytest.mark.parametrize("before", [False, True], ids=["rule alone apart", "card written before the gate"])
+def test_no_finding_from_a_model_that_reassured_covid_series_out_of_fold_is_no_result_with_the_figures(before):
+    result = _as_loaded(_predictions(NO_FINDING_SERIES), _card(3, written_before_the_gate=before))
+    assert result.validation == SeriesValidation("COVID", reassured=3, judged=27)
+    summary = summarise("S-1", result)
+    assert summary.outcome == "no result" and not summary.has_result and summary.label is None
+    assert summary.verdict == ("No result: no finding class reached (17 of 20 slices answered confidently; Non-COVID "
+                               "on 17), but out of fold this model gave that answer to 3 of 27 COVID series it judged, "
+                               "so it does not rule COVID out")
+    assert summary.confident_counts == {"covid": 0, "non-covid": 17} and summary.uncertain == 3
+    # What series_check validates: the rule alone, whatever the card says.
+    assert summarise("S-1", result, rule_only=True).outcome == "no finding"
+
+
+def test_no_finding_from_a_model_that_reassured_no_covid_series_stays_neutral():
+    result = _as_loaded(_predictions(NO_FINDING_SERIES), _card(0))
+    assert result.validation == SeriesValidation("COVID", reassured=0, judged=24)
+    summary = summarise("S-1", result)
+    assert summary.outcome == "no finding" and summary.has_result
+    assert summary.verdict == (f"No finding class reached: 17 of 20 slices answered confidently, no finding class on "
+                               f"{MIN_FINDING_SLICES} or more of them (Non-COVID on 17); not a negative result")
+
+
+@pytest.mark.parametrize("card", [{}, {"series_validation": {"foreign": {"counts": {"COVID": {"no finding": 3}}}}},
+                                  {"series_validation": {"out_of_fold": {"rule_alone": {"counts": {
+                                      "covid": {"finding": 0, "no finding": 0, "no result": 9}}}}}}],
+                         ids=["no check", "only another task's series", "no COVID series judged"])
+def test_no_finding_from_a_model_without_a_series_check_says_it_is_not_validated(card):
+    result = _as_loaded(_predictions(NO_FINDING_SERIES), card)
+    assert result.validation is None
+    summary = summarise("S-1", result)
+    assert summary.outcome == "no finding" and summary.verdict.endswith("; not a negative result; " + NOT_VALIDATED)
+
+
+@pytest.mark.parametrize("card", [_card(3), _card(0), {}], ids=["reassured", "validated", "unvalidated"])
+def test_a_series_with_a_finding_is_reported_alike_whatever_the_card(card):
+    plain = _predictions([(CONFIDENT, "covid")] * 4 + [(CONFIDENT, "non-covid")] * 6)
+    summary = summarise("S-1", _as_loaded(plain, card))
+    assert summary.outcome == "finding" and summary.verdict == "COVID-like findings on 4 of 10 slices"
+    assert summary.to_dict() == summarise("S-1", plain).to_dict()
 
 
 @pytest.mark.parametrize("answered, total, finding", [(83, 255, "non-covid"), (9, 99, "covid"), (49, 100, "covid")],

@@ -84,6 +84,10 @@ def test_series_level_counts_on_hand_made_out_of_fold_rows(tmp_path):
     assert section["sensitivity"] == 0.5 and section["specificity"] == 0.5
     assert section["no_result"] == {"positive": 1, "negative": 1} and section["reassuring_on_positive"] == 1
     assert [s["series"] for s in section["reassuring_series"]] == ["covid 40-59 fold 1"]
+    # The card's evidence is the rule alone, which reassured that series, so the shipped gate withholds the verdict;
+    # the app's figures take fold 1's gate from folds 0 and 2, which reassured none: a gate that saw its own
+    # evidence would have hidden this series.
+    assert section["rule_alone"]["reassuring_on_positive"] == 1 and section["no_finding_withheld"]
     assert section["per_fold"]["0"]["counts"] == {"covid": {"finding": 1, "no finding": 0, "no result": 1},
                                                   "non-covid": {"finding": 1, "no finding": 0, "no result": 0}}
     assert section["per_fold"]["1"]["sensitivity"] == 0.0 and section["per_fold"]["1"]["specificity"] == 1.0

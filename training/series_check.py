@@ -18,6 +18,12 @@ model never saw, such as SARS-CoV-2's COVID class for the lung models): the
 shipped model answers every slice as the app does and each series' verdict is
 counted, cancer verdicts first. Either writes a ``series_validation`` section
 into the model's model_card.json and eval_report.json.
+
+The app gives "No finding class reached" only when the card shows, out of
+fold, that no held-out series of a finding class got it. So that the check
+does not validate itself, the card's evidence (``rule_alone``) is the verdict
+rule without that gate, and the figures as the app answers (the top level)
+take the gate of each fold from the rule alone's verdicts on the other folds.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import argparse
 import json
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,7 +44,9 @@ from ctapp.evaluation import read_predictions
 from ctapp.inference import BatchScores, EnsembleModel, LoadedModel, Prediction
 from ctapp.model_folders import ENSEMBLE_FILE, load_model, read_ensemble_spec
 from ctapp.ood import MahalanobisOOD
-from ctapp.series import VERDICT_RULE, SeriesPredictions, SeriesSummary, finding_classes, summarise
+from ctapp.series import (
+    VERDICT_RULE, SeriesPredictions, SeriesSummary, SeriesValidation, finding_classes, summarise,
+)
 from training.cli import HelpFormatter, command
 from training.engine import Progress
 
@@ -207,9 +216,31 @@ def _listed(summaries: list[tuple[PseudoSeries, SeriesSummary]]) -> list[dict]:
 
 
 def summaries_of(series: list[PseudoSeries], predictions: dict[str, Prediction], classes: list[str],
-                 display: list[str]) -> list[tuple[PseudoSeries, SeriesSummary]]:
-    return [(s, summarise(s.id, SeriesPredictions([predictions[k] for k in s.keys], classes, display)))
+                 display: list[str], validation: Callable[[PseudoSeries], SeriesValidation | None] = lambda s: None,
+                 *, rule_only: bool = False) -> list[tuple[PseudoSeries, SeriesSummary]]:
+    """Each pseudo-series' verdict, held to ``validation(series)`` as the app
+    holds a series to its model's card, or by the rule alone."""
+    return [(s, summarise(s.id, SeriesPredictions([predictions[k] for k in s.keys], classes, display,
+                                                  validation=validation(s)), rule_only=rule_only))
             for s in series]
+
+
+def other_folds_validation(rule_alone: list[tuple[PseudoSeries, SeriesSummary]], classes: list[str],
+                           display: list[str]) -> dict[int | None, SeriesValidation | None]:
+    """By fold: what a card written from the rule alone's verdicts on the
+    other folds' series would show, so that the gate of a fold's series is
+    chosen without them, as for an unseen patient."""
+    return {fold: SeriesValidation.from_counts(
+        tally([(s, summary) for s, summary in rule_alone if s.fold != fold], None)["counts"], classes, display)
+        for fold in {s.fold for s, _ in rule_alone}}
+
+
+def verdict_figures(summaries: list[tuple[PseudoSeries, SeriesSummary]], positive: str | None) -> dict:
+    """The tally of all series and of each fold's, and the positive series whose verdict reads as reassurance."""
+    by_fold = {str(k): tally([(s, summary) for s, summary in summaries if s.fold == k], positive)
+               for k in sorted({s.fold for s, _ in summaries})}
+    reassuring = [(s, summary) for s, summary in summaries if s.truth == positive and summary.outcome == "no finding"]
+    return {**tally(summaries, positive), "per_fold": by_fold, "reassuring_series": _listed(reassuring)}
 
 
 def out_of_fold_section(folder: Path, source: str = SERIES_SOURCE, block: int = BLOCK,
@@ -223,28 +254,44 @@ def out_of_fold_section(folder: Path, source: str = SERIES_SOURCE, block: int = 
                            f"(sources: {sorted({row.get('source', '') for row in rows.values()})})")
     series, left_out = pseudo_series(items, block, min_slices)
     positive = _report(folder).get("positive_class")
-    summaries = summaries_of(series, predictions, classes, display)
-    whole = tally(summaries, positive)
-    by_fold = {str(k): tally([(s, summary) for s, summary in summaries if s.fold == k], positive)
-               for k in sorted({s.fold for s in series})}
-    reassuring = [(s, summary) for s, summary in summaries if s.truth == positive and summary.outcome == "no finding"]
+    rule_alone = summaries_of(series, predictions, classes, display, rule_only=True)
+    gates = other_folds_validation(rule_alone, classes, display)
+    answered = summaries_of(series, predictions, classes, display, lambda s: gates[s.fold])
+    as_answered, evidence = verdict_figures(answered, positive), verdict_figures(rule_alone, positive)
     names = dict(zip(classes, display))
-    return {**whole, "positive_class": positive, "source": source, "pseudo_series": pseudo_series_rule(
+    card_gate = SeriesValidation.from_counts(evidence["counts"], classes, display)
+    evidence["statement"] = out_of_fold_statement(evidence, names.get(positive, positive), source, "the rule alone")
+    return {**as_answered, "positive_class": positive, "source": source, "pseudo_series": pseudo_series_rule(
         source, block, min_slices, True), "slices": sum(len(s.keys) for s in series), "slices_left_out": left_out,
-        "per_fold": by_fold, "reassuring_series": _listed(reassuring),
-        "statement": out_of_fold_statement(whole, names.get(positive, positive), source)}
+        "statement": out_of_fold_statement(as_answered, names.get(positive, positive), source,
+                                           "as the app answers them (each fold's gate chosen on the other folds)")
+        + " " + card_gate_statement(card_gate),
+        "no_finding_withheld": card_gate is not None and card_gate.reassured > 0, "rule_alone": evidence}
 
 
-def out_of_fold_statement(figures: dict, positive: str, source: str) -> str:
+def out_of_fold_statement(figures: dict, positive: str, source: str, verdicts: str) -> str:
     def pct(v):
         return "n/a" if v is None else f"{v:.0%}"
 
     no_result = figures.get("no_result") or {}
-    return (f"On {figures['series']} held-out {source} pseudo-series: series-level sensitivity ({positive}) "
-            f"{pct(figures.get('sensitivity'))}, specificity {pct(figures.get('specificity'))}, both of the series "
-            f"with a result; no result on {no_result.get('positive', 0)} {positive} and "
+    return (f"On {figures['series']} held-out {source} pseudo-series, {verdicts}: series-level sensitivity "
+            f"({positive}) {pct(figures.get('sensitivity'))}, specificity {pct(figures.get('specificity'))}, both "
+            f"of the series with a result; no result on {no_result.get('positive', 0)} {positive} and "
             f"{no_result.get('negative', 0)} other series; {figures.get('reassuring_on_positive', 0)} {positive} "
             f"series got a verdict that reads as reassurance (no finding class reached).")
+
+
+def card_gate_statement(card_gate: SeriesValidation | None) -> str:
+    """What the app does with this card's evidence on "No finding class reached"."""
+    if card_gate is None:
+        return "No held-out series of a finding class was judged, so the verdict 'No finding class reached' is " \
+               "not validated on series for this model."
+    if card_gate.reassured:
+        return (f"Without the gate, the rule gave 'No finding class reached' to {card_gate.reassured} of the "
+                f"{card_gate.judged} {card_gate.findings} series it judged, so the app answers 'No result' "
+                f"instead, giving these figures.")
+    return (f"Without the gate, the rule gave 'No finding class reached' to none of the {card_gate.judged} "
+            f"{card_gate.findings} series it judged, so the app gives it as a neutral verdict.")
 
 
 # --------------------------------------------------------------------------- foreign series
@@ -286,18 +333,19 @@ def foreign_section(model, root: Path, scores: BatchScores, items: list, block: 
     readable = {key: i for i, (key, _, _, _) in enumerate(items) if not scores.errors[i]}
     predictions = {key: model.prediction(scores, i, []) for key, i in readable.items()}
     series, left_out = pseudo_series([item for item in items if item[0] in readable], block, min_slices)
-    summaries = summaries_of(series, predictions, model.class_names, model.display_names)
-    figures = tally(summaries, None)
+    card_gate = SeriesValidation.from_card(model.card, model.class_names, model.display_names)
+    summaries = summaries_of(series, predictions, model.class_names, model.display_names, lambda s: card_gate)
+    found = tally(summaries, None)
     findings = [(s, summary) for s, summary in summaries if summary.outcome == "finding"]
     names = dict(zip(model.class_names, model.display_names))
     classes = sorted({s.truth for s in series})
     where = f"{root.name} ({', '.join(classes)})"
     neutral = Counter(summary.outcome for _, summary in summaries if summary.outcome != "finding")
-    statement = (f"On {figures['series']} series of {where} slices, not what this model was trained for: "
+    statement = (f"On {found['series']} series of {where} slices, not what this model was trained for: "
                  f"{len(findings)} verdict(s) name a finding class "
                  f"({', '.join(names[c] for c in finding_classes(model.class_names))}); "
                  f"{neutral['no finding']} no finding class reached, {neutral['no result']} no result.")
-    return {**figures, "data": where, "pseudo_series": pseudo_series_rule(where, block, min_slices, False),
+    return {**found, "data": where, "pseudo_series": pseudo_series_rule(where, block, min_slices, False),
             "slices": sum(len(s.keys) for s in series), "slices_left_out": left_out + len(items) - len(readable),
             "finding_verdicts": len(findings), "finding_series": _listed(findings), "statement": statement}
 
