@@ -24,7 +24,7 @@ from .checkpoint import CheckpointError
 from .imaging import ImageSource, Slice, decode
 from .metrics import calibrated
 from .models import get_spec
-from .ood import FeatureCapture, MahalanobisOOD
+from .ood import ENSEMBLE_GATE, EnsembleGate, FeatureCapture, MahalanobisOOD
 from .precision import Precision, inference_precision
 from .preprocess import PreprocessConfig, cam_to_image, load_squares, model_input, normalize, to_square
 
@@ -421,8 +421,27 @@ def ensemble_probabilities(member_probs, temperature: float = 1.0) -> np.ndarray
     return calibrated(np.atleast_2d(logits), temperature).reshape(logits.shape)
 
 
-# The order of severity when members disagree on an answer's state.
-SEVERITY = {CONFIDENT: 0, LOW_CONFIDENCE: 1, UNLIKE_TRAINING: 2, NOT_CHEST_CT: 3}
+def ensemble_input_state(member_states: list[str], near_ratios: list[float] | None = None,
+                         gate: EnsembleGate = ENSEMBLE_GATE) -> str:
+    """What an ensemble makes of an input (``NOT_CHEST_CT``, ``UNLIKE_TRAINING``
+    or ``CONFIDENT``) from its members' states and near ratios (each member's
+    OOD score over its own threshold), by ``gate`` (the shipped rule:
+    :data:`ENSEMBLE_GATE`). Without ``near_ratios`` a member's flag stands for
+    its ratio (flagged: above any threshold), which makes one member's flag the
+    ensemble's."""
+    if near_ratios is None:
+        near_ratios = [np.inf if state in (NOT_CHEST_CT, UNLIKE_TRAINING) else 0.0 for state in member_states]
+    not_ct, unlike = gate.flags([state == NOT_CHEST_CT for state in member_states], near_ratios)
+    return NOT_CHEST_CT if not_ct else UNLIKE_TRAINING if unlike else CONFIDENT
+
+
+def ensemble_state(probs: np.ndarray, member_states: list[str], threshold: float,
+                   near_ratios: list[float] | None = None, gate: EnsembleGate = ENSEMBLE_GATE,
+                   ) -> tuple[str, list[str]]:
+    """One input's state and reasons from an ensemble's probabilities, its
+    members' states and near ratios (:func:`ensemble_input_state`) and its
+    confidence threshold."""
+    return answer_state(ensemble_input_state(member_states, near_ratios, gate), float(probs.max()), threshold)
 
 
 class EnsembleModel(_Answering):
@@ -431,9 +450,9 @@ class EnsembleModel(_Answering):
     Its probabilities are the mean of the members' calibrated probabilities,
     rescaled by a temperature of its own (``softmax(log(mean) / T)``, fitted on
     out-of-fold predictions: the mean is less confident than its members, ECE
-    0.11 on the lung pair untempered); its out-of-distribution check is the
-    members' (a slice any member finds unlike its training images, or not a
-    chest CT, is flagged so); its confidence
+    0.11 on the lung pair untempered); its out-of-distribution check weighs
+    the members' evidence (:data:`ctapp.ood.ENSEMBLE_GATE`), so one member's
+    false alarm does not silence it; its confidence
     threshold is its own, fitted on out-of-fold predictions like a member's; its
     Grad-CAM is the mean of the members' maps over the original pixels, or one
     named member's (``explain_with`` in ``ensemble.json``).
@@ -466,28 +485,26 @@ class EnsembleModel(_Answering):
         """The members' calibrated probabilities (member first) -> the ensemble's."""
         return ensemble_probabilities(probs, self.temperature)
 
-    def _state(self, probs: np.ndarray, states: list[str]) -> tuple[str, list[str]]:
-        """One input's state from the ensemble's probabilities and its members' states."""
-        worst = max(states, key=SEVERITY.get)
-        input_state = worst if worst in (NOT_CHEST_CT, UNLIKE_TRAINING) else CONFIDENT
-        return answer_state(input_state, float(probs.max()), self.confidence_threshold)
-
     def combine(self, parts: list[BatchScores]) -> BatchScores:
         """The members' scores of the same inputs, in member order -> the
-        ensemble's: mean probabilities, the largest OOD score relative to its
-        member's threshold, the most severe input state and its own threshold."""
+        ensemble's: mean probabilities, the members' OOD scores relative to
+        their thresholds combined by :data:`ENSEMBLE_GATE` (its OOD score), the
+        input state the gate gives their evidence and its own threshold. A slice
+        without a body for any member is not a chest CT."""
         n = len(parts[0].states)
         errors = [next((p.errors[i] for p in parts if p.errors and p.errors[i]), "") for i in range(n)]
         ratios = np.stack([p.ood_scores / m.ood.threshold if m.ood is not None and m.ood.threshold else
                            np.full(n, np.nan) for p, m in zip(parts, self.members)])
         probs = self.mean_probabilities([p.probs for p in parts])
+        body_found = [all(p.body_found[i] for p in parts if p.body_found) for i in range(n)]
         states, reasons = [""] * n, [[] for _ in range(n)]
         for i in range(n):
             if not errors[i]:
-                states[i], reasons[i] = self._state(probs[i], [p.states[i] for p in parts])
-        body_found = [all(p.body_found[i] for p in parts if p.body_found) for i in range(n)]
+                member_states = [p.states[i] if body_found[i] else NOT_CHEST_CT for p in parts]
+                states[i], reasons[i] = ensemble_state(probs[i], member_states, self.confidence_threshold,
+                                                       list(ratios[:, i]))
         return BatchScores(probs, np.mean([p.raw_probs for p in parts], axis=0),
-                           np.full(n, np.nan) if np.isnan(ratios).all() else np.nanmax(ratios, axis=0),
+                           np.array([ENSEMBLE_GATE.near_ratio(ratios[:, i]) for i in range(n)]),
                            states, reasons, errors, parts[0].digests, body_found)
 
     def analyse(self, image: ImageSource | Slice, target: int | str | None = None,

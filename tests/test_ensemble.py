@@ -19,6 +19,7 @@ from ctapp import CheckpointError, load_model
 from ctapp.evaluation import evaluate_files
 from ctapp.inference import EnsembleModel
 from ctapp.model_folders import ENSEMBLE_FILE, list_models
+from ctapp.ood import EnsembleGate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,23 +133,36 @@ def test_an_ensemble_explains_a_slice_as_its_analysis_does(ensemble, slices):
     assert not np.allclose(plus, model.explain(slices[1]))  # the method asked for is the one used
 
 
-def test_a_slice_any_member_finds_foreign_is_foreign_to_the_ensemble(ensemble, slices):
-    from ctapp.inference import SEVERITY, UNLIKE_TRAINING
+def test_a_slice_without_a_body_is_refused_by_the_ensemble(ensemble, slices):
+    from ctapp.inference import NOT_CHEST_CT
 
     model = load_model(ensemble)
     white = np.full((64, 64), 255, np.uint8)
-    noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
-    flagged = []
-    for image in [white, noise, *slices]:
-        states = [m.predict(image).state for m in model.members]
-        worst = max(states, key=SEVERITY.get)
-        shown = model.predict(image)
-        if SEVERITY[worst] >= SEVERITY[UNLIKE_TRAINING]:
-            flagged.append(image is white)
-            assert shown.state == worst and shown.uncertain, (states, shown.state)
-        else:
-            assert SEVERITY[shown.state] < SEVERITY[UNLIKE_TRAINING]
-    assert flagged[0], "the blank image is flagged"
+    assert [m.predict(white).state for m in model.members] == [NOT_CHEST_CT, NOT_CHEST_CT]
+    shown = model.predict(white)
+    assert shown.state == NOT_CHEST_CT and shown.uncertain
+    for path in slices:  # slices with a body: the members' own confidence decides, no input flag
+        assert model.predict(path).state != NOT_CHEST_CT
+
+
+@pytest.mark.parametrize("gate, votes, ratios, expected", [
+    (EnsembleGate("all", "mean"), [True, False], [3.0, 0.5], (False, True)),   # one member's 'not CT': unlike
+    (EnsembleGate("all", "mean"), [True, True], [3.0, 0.5], (True, True)),
+    (EnsembleGate("all", "mean"), [False, False], [1.6, 0.3], (False, False)),  # one member's false alarm
+    (EnsembleGate("any", "max"), [False, False], [1.6, 0.3], (False, True)),    # the most severe member state
+    (EnsembleGate("any", "max"), [True, False], [0.5, 0.5], (True, True)),
+    (EnsembleGate("all", "max"), [True, False], [0.5, 0.5], (False, True)),     # a lone 'not CT': still flagged
+    (EnsembleGate("majority", "geometric mean"), [True, False, True], [4.0, 0.25, 1.0], (True, True)),
+    (EnsembleGate("majority", "geometric mean"), [False, False, False], [4.0, 0.25, 1.0], (False, False)),
+    (EnsembleGate("all", "min"), [False, False], [1.2, float("nan")], (False, True)),  # a member without a check
+])
+def test_the_ensemble_gate_weighs_its_members_evidence(gate, votes, ratios, expected):
+    assert gate.flags(votes, ratios) == expected
+
+
+def test_an_unknown_ensemble_gate_is_refused():
+    with pytest.raises(ValueError, match="unknown ensemble gate"):
+        EnsembleGate("most", "mean")
 
 
 def test_an_ensemble_evaluates_and_its_csv_flags_what_the_app_flags(ensemble, slices):
@@ -336,3 +350,21 @@ def test_reports_written_before_rows_named_their_images_get_names_and_hashes(tmp
     images[0].write_bytes(b"changed")
     identify([str(member / "eval_report.json")])
     assert (member / "eval_report.csv").read_text() == before  # already named: left alone
+
+
+SHIPPED_LUNG = ROOT / "models" / "lung-ensemble"
+
+
+@pytest.mark.skipif(not (SHIPPED_LUNG / ENSEMBLE_FILE).is_file(), reason="no shipped lung ensemble")
+def test_the_shipped_ensemble_still_refuses_foreign_images():
+    """A document, a head CT and a coronal reformat (DICOM in Hounsfield units): not a chest CT for
+    every member, so for the ensemble."""
+    from ctapp.inference import NOT_CHEST_CT
+    from training.foreign import foreign_set
+
+    model = load_model(SHIPPED_LUNG)
+    chosen = {"document/letter", "head_ct/dicom_0", "coronal_reformat/at_0.55"}
+    for image in [f for f in foreign_set() if f.name in chosen]:
+        states = [m.predict(image.data).state for m in model.members]
+        shown = model.predict(image.data)
+        assert states == [NOT_CHEST_CT, NOT_CHEST_CT] and shown.state == NOT_CHEST_CT, (image.name, states)

@@ -26,7 +26,7 @@ import numpy as np
 
 from ctapp.checkpoint import CheckpointError, atomic_write_text
 from ctapp.evaluation import IMAGE_COLUMNS, read_predictions, write_report
-from ctapp.inference import CONFIDENT, SEVERITY, answer_state, ensemble_logits
+from ctapp.inference import CONFIDENT, answer_state, ensemble_input_state, ensemble_logits
 from ctapp.metrics import (
     calibrated,
     evaluation_report,
@@ -57,13 +57,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def out_of_fold_rows(member: Path) -> dict[str, dict]:
     """A ``--cv`` member's out-of-fold rows by path, each with the input state
-    (``input_state``) its fold's out-of-distribution thresholds give it."""
+    (``input_state``) its fold's out-of-distribution thresholds give it and its
+    near ratio (``near_ratio``: its OOD score over its fold's threshold)."""
     report = json.loads((member / "eval_report.json").read_text())
     if not report.get("out_of_fold"):
         raise CheckpointError(f"{member}: its report is not out-of-fold; train it with training.fit --cv")
     rows = read_predictions(member / "eval_report.json")
+    thresholds = {str(f["fold"]): f["ood_threshold"] for f in report["crossfit"]["per_fold"]}
     for row, state in zip(rows, out_of_fold_input_states(rows, report)):
         row["input_state"] = state
+        row["near_ratio"] = float(row["ood_score"]) / thresholds[str(row["fold"])]
     return {row["path"]: row for row in rows}
 
 
@@ -88,8 +91,9 @@ def main(args: argparse.Namespace) -> Path:
     sources = np.array([tables[0][p].get("source", "") for p in paths])
     member_probs = np.stack([[[float(t[p][f"p_{c}"]) for c in classes] for p in paths] for t in tables])
     logits = ensemble_logits(member_probs)
-    # A slice any member finds unlike its training images (or not a chest CT) is flagged, as in the app.
-    input_states = [max((t[p]["input_state"] for t in tables), key=SEVERITY.get) for p in paths]
+    # The members' out-of-distribution evidence combined as the app combines it (ctapp.ood.ENSEMBLE_GATE).
+    input_states = [ensemble_input_state([t[p]["input_state"] for t in tables], [t[p]["near_ratio"] for t in tables])
+                    for p in paths]
     flagged = np.array([state != CONFIDENT for state in input_states])
 
     probs = np.zeros_like(logits)
