@@ -1,17 +1,18 @@
 """CPU latency of every shipped model on one 512x512 slice: ``predict`` and
-``predict`` plus Grad-CAM (``analyse``), side by side with a plain torch
+``predict`` plus Grad-CAM (``analyse``) at each ``--precision`` (default fp32
+and int8: one row each), side by side with a plain torch
 forward of the same network at the same input size (fp32, contiguous, no
 preprocessing: the network alone) and with a naive baseline (fp32 contiguous
 model, PIL preprocessing, a separate pytorch-grad-cam call with default
 settings after the prediction), all in the same run, interleaved so that load
 from other processes hits each alike.
 
-    .venv/bin/python benchmarks/latency.py [--models DIR ...] [--repeat 20] [--update-cards]
+    .venv/bin/python benchmarks/latency.py [--models DIR ...] [--repeat 20] [--precision off int8] [--update-cards]
     .venv/bin/python benchmarks/latency.py --parity [--models DIR ...]
 
 The goal of issue 26: ``predict`` at least 2x faster than the plain forward.
 ``--parity`` prints, per model, how far the fast path (fp32 batched in
-channels_last, and bf16 autocast forced) lands from the fp32 one-slice
+channels_last, bf16 autocast forced, and int8) lands from the fp32 one-slice
 reference on the parity test's generated slices and on real slices from
 ``../shared/data``: the measurement behind ``tests/test_parity.py``'s tolerance.
 ``--update-cards`` records the figures in each model card (``latency_ms``),
@@ -41,7 +42,7 @@ from ctapp.checkpoint import atomic_write_text  # noqa: E402
 from ctapp.inference import EnsembleModel  # noqa: E402
 from ctapp.model_folders import CARD_FILE, list_models, load_model  # noqa: E402
 from ctapp.models import create_model  # noqa: E402
-from ctapp.precision import Precision, cpu_has_fast_bf16, inference_precision  # noqa: E402
+from ctapp.precision import INFERENCE_CHOICES, Precision, cpu_has_fast_bf16, inference_precision  # noqa: E402
 from training.foreign import ct_phantom  # noqa: E402
 
 
@@ -125,7 +126,7 @@ def parity(folders: list[Path]) -> None:
           f"({len(parity_slices())} generated slices, {len(real)} real ones; native bf16: {cpu_has_fast_bf16()})")
     for folder in folders:
         model = load_model(folder)
-        for precision in (Precision(cpu, None), Precision(cpu, torch.bfloat16)):
+        for precision in (Precision(cpu, None), Precision(cpu, torch.bfloat16), inference_precision("int8")):
             for name, slices in (("generated", parity_slices()), ("real", real)):
                 if slices:
                     difference, changed = compare(model, precision, slices)
@@ -139,6 +140,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--update-cards", action="store_true", help="write the figures into each model card")
     p.add_argument("--parity", action="store_true", help="the fast path's distance from fp32, not its speed")
+    p.add_argument("--precision", nargs="+", choices=INFERENCE_CHOICES, default=["off", "int8"],
+                   help="one row per precision (off: fp32; int8 needs the calibration files)")
     args = p.parse_args()
     folders = args.models or [m.path for m in list_models()]
     if not folders:
@@ -147,14 +150,20 @@ def main() -> None:
         return parity(folders)
     data = slice_bytes()
     print(f"median latency on one 512x512 PNG slice, {torch.get_num_threads()} threads, {args.repeat} runs, "
-          f"fast path: {inference_precision().describe()}, load average {os.getloadavg()[0]:.1f} on "
+          f"default: {inference_precision().describe()}, load average {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores")
-    print(f"{'model':<28}{'predict':>10}{'+Grad-CAM':>11}{'plain fwd':>11}{'plain/predict':>15}   "
+    print(f"{'model':<18}{'precision':<40}{'predict':>10}{'+Grad-CAM':>11}{'plain fwd':>11}{'plain/predict':>15}   "
           f"{'naive predict':>14}{'naive +CAM':>12}")
     for folder in folders:
         model = load_model(folder)
-        runs = {"predict": lambda: model.predict(data), "plain": plain_forward(model),
-                "analyse": lambda: model.analyse(data)}
+        at = {}  # one loaded copy per precision, so the runs can alternate
+        for choice in args.precision:
+            at[choice] = load_model(folder)
+            at[choice].set_precision(inference_precision(choice))
+        runs = {"plain": plain_forward(model)}
+        for choice, copy in at.items():
+            runs |= {f"predict {choice}": lambda copy=copy: copy.predict(data),
+                     f"analyse {choice}": lambda copy=copy: copy.analyse(data)}
         if not isinstance(model, EnsembleModel):  # an ensemble's members have their own naive figures
             naive = Naive(model)
             runs |= {"naive_predict": lambda: naive.predict(data),
@@ -162,15 +171,19 @@ def main() -> None:
         ms = side_by_side(runs, args.repeat)
         naive_ms = {k: round(ms[k], 1) for k in ("naive_predict", "naive_predict_gradcam") if k in ms}
         shown = "".join(f"{naive_ms[k]:>12.1f}ms" for k in naive_ms) or f"{'(members)':>26}"
-        print(f"{model.name:<28}{ms['predict']:>8.1f}ms{ms['analyse']:>9.1f}ms{ms['plain']:>9.1f}ms"
-              f"{ms['plain'] / ms['predict']:>14.2f}x {shown}", flush=True)
+        for choice, copy in at.items():
+            unavailable = "; ".join(m.int8_unavailable for m in copy.members if m.int8_unavailable)
+            described = copy.members[0].precision.describe() + (" (fp32: no calibration)" if unavailable else "")
+            print(f"{model.name:<18}{described:<40}{ms[f'predict {choice}']:>8.1f}ms{ms[f'analyse {choice}']:>9.1f}ms"
+                  f"{ms['plain']:>9.1f}ms{ms['plain'] / ms[f'predict {choice}']:>14.2f}x {shown}", flush=True)
+        ms["predict"], ms["analyse"] = ms[f"predict {args.precision[0]}"], ms[f"analyse {args.precision[0]}"]
         if args.update_cards:
             card_path = Path(folder) / CARD_FILE
             card = json.loads(card_path.read_text())
             card["latency_ms"] = {"predict": round(ms["predict"], 1), "predict_gradcam": round(ms["analyse"], 1),
                                   "plain_forward": round(ms["plain"], 1), **naive_ms, "image": "512x512",
                                   "threads": torch.get_num_threads(), "machine": platform.machine(),
-                                  "precision": inference_precision().describe(),
+                                  "precision": at[args.precision[0]].members[0].precision.describe(),
                                   "measured_by": "benchmarks/latency.py"}
             atomic_write_text(json.dumps(card, indent=2), card_path)
 
