@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError, load_model_file
 from .inference import EnsembleModel, LoadedModel
+from .quantized import CALIBRATION_FILE
 
 WEIGHTS_FILE = "model.pt"
 CARD_FILE = "model_card.json"
@@ -75,14 +76,18 @@ def load_ensemble(folder: Path) -> EnsembleModel:
 
 def model_stamp(folder: str | Path) -> float:
     """Modification time of what defines the model in ``folder`` (its weights, or an
-    ensemble's description): part of every cache key of the app."""
+    ensemble's description), or of its int8 calibration where that is newer: part of
+    every cache key of the app."""
     folder = Path(folder)
-    for name in (WEIGHTS_FILE, ENSEMBLE_FILE):
+
+    def modified(name: str) -> float | None:
         try:
             return (folder / name).stat().st_mtime
         except OSError:
-            continue
-    return 0.0
+            return None
+
+    defining = next((stamp for name in (WEIGHTS_FILE, ENSEMBLE_FILE) if (stamp := modified(name)) is not None), 0.0)
+    return max(defining, modified(CALIBRATION_FILE) or 0.0)
 
 
 @dataclass

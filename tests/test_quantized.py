@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 from tiny_models import sample_images, tiny_network, write_model_folder
 
 from ctapp.checkpoint import save_model_file
-from ctapp.model_folders import load_model
+from ctapp.model_folders import load_model, model_stamp
 from ctapp.ood import FeatureCapture, MahalanobisOOD
 from ctapp.precision import INFERENCE_AMP_ENV, inference_precision
 from ctapp.preprocess import PreprocessConfig, normalize, to_square
@@ -176,3 +177,12 @@ def test_the_command_calibrates_a_folder_and_records_its_agreement(tmp_path, cap
 
     assert run([str(tmp_path / "models"), "--data", str(data)]) == 2
     assert "no model here" in capsys.readouterr().err
+
+
+def test_a_new_calibration_file_renews_the_apps_cached_model(tmp_path):
+    folder = write_model_folder(tmp_path / "plain")
+    before = model_stamp(folder)
+    assert before == (folder / "model.pt").stat().st_mtime
+    (folder / CALIBRATION_FILE).write_text("{}", encoding="utf-8")
+    os.utime(folder / CALIBRATION_FILE, (before + 10, before + 10))
+    assert model_stamp(folder) == before + 10
