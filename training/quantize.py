@@ -51,8 +51,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--check-slices", type=int, default=0,
                    help="answer only this many slices of the report (drawn at random) in fp32 and int8; "
                         "0: every slice")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="seeds the draws of calibration and check slices")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
