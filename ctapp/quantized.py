@@ -55,17 +55,14 @@ def _quiet_quantize_fx():
         yield
 
 
-def _qconfig_mapping(activation_observer, fp32_modules: list[str]):
+def _qconfig_mapping(activation_observer):
     from torch.ao.quantization import QConfig, QConfigMapping
     from torch.ao.quantization.observer import PerChannelMinMaxObserver
 
     low, high = ACTIVATION_RANGE
     activation = activation_observer.with_args(dtype=torch.quint8, quant_min=low, quant_max=high)
     weight = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
-    mapping = QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
-    for name in fp32_modules:
-        mapping.set_module_name(name, None)
-    return mapping
+    return QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
 
 
 def stage_layers(feature_keys: list[str]) -> list[str]:
@@ -73,10 +70,8 @@ def stage_layers(feature_keys: list[str]) -> list[str]:
     return list(dict.fromkeys(key.split(":")[0] for key in feature_keys))
 
 
-def _prepared(model: nn.Module, head: str, layers: list[str], activation_observer, example: torch.Tensor,
-              fp32_modules: list[str]):
-    """The fp32 network traced to return its stages and logits, with observers in
-    place, except in ``fp32_modules`` (module names, children included)."""
+def _prepared(model: nn.Module, head: str, layers: list[str], activation_observer, example: torch.Tensor):
+    """The fp32 network traced to return its stages and logits, with observers in place."""
     from torch.ao.quantization.quantize_fx import prepare_fx
     from torchvision.models.feature_extraction import create_feature_extractor
 
@@ -84,7 +79,7 @@ def _prepared(model: nn.Module, head: str, layers: list[str], activation_observe
     graph = create_feature_extractor(model.eval(), return_nodes={**{layer: layer for layer in layers},
                                                                  head: LOGITS})
     with _quiet_quantize_fx():
-        return prepare_fx(graph, _qconfig_mapping(activation_observer, fp32_modules), (example,))
+        return prepare_fx(graph, _qconfig_mapping(activation_observer), (example,))
 
 
 def _activation_observers(prepared: nn.Module) -> dict[str, tuple[str, nn.Module]]:
@@ -96,15 +91,14 @@ def _activation_observers(prepared: nn.Module) -> dict[str, tuple[str, nn.Module
             if node.op == "call_module" and isinstance(modules.get(node.target), ObserverBase)}
 
 
-def calibrate(model: nn.Module, head: str, layers: list[str], batches, fp32_modules: list[str] = ()) -> dict:
+def calibrate(model: nn.Module, head: str, layers: list[str], batches) -> dict:
     """Activation ranges of ``model`` over ``batches`` of normalised inputs: the
     range each histogram observer settles on (the one that least distorts what it
-    saw), written as the dequantized ends of its 8-bit grid. ``fp32_modules``
-    stay in fp32 in the int8 network."""
+    saw), written as the dequantized ends of its 8-bit grid."""
     from torch.ao.quantization.observer import HistogramObserver
 
     batches = list(batches)
-    prepared = _prepared(model, head, layers, HistogramObserver, batches[0][:1], list(fp32_modules))
+    prepared = _prepared(model, head, layers, HistogramObserver, batches[0][:1])
     with torch.inference_mode():
         for batch in batches:
             prepared(batch)
@@ -114,7 +108,7 @@ def calibrate(model: nn.Module, head: str, layers: list[str], batches, fp32_modu
         scale, zero_point = (float(v) for v in observer.calculate_qparams())
         ranges[name] = {"observes": observed, "range": [(low - zero_point) * scale, (high - zero_point) * scale]}
     return {"format": CALIBRATION_FORMAT, "torch": torch.__version__.split("+")[0], "engine": ENGINE,
-            "activation_range": list(ACTIVATION_RANGE), "layers": layers, "fp32_modules": list(fp32_modules),
+            "activation_range": list(ACTIVATION_RANGE), "layers": layers,
             "slices": sum(len(b) for b in batches), "activations": ranges}
 
 
@@ -155,8 +149,7 @@ def build_int8(model: nn.Module, head: str, calibration: dict, example: torch.Te
         raise CalibrationUnusable(f"made for activations in {calibration.get('activation_range')}, "
                                   f"this version uses {list(ACTIVATION_RANGE)}")
     layers = list(calibration.get("layers") or [])
-    fp32_modules = list(calibration.get("fp32_modules") or [])
-    prepared = _prepared(model, head, layers, MinMaxObserver, example, fp32_modules)
+    prepared = _prepared(model, head, layers, MinMaxObserver, example)
     observers, saved = _activation_observers(prepared), calibration["activations"]
     wanted = {name: observed for name, (observed, _) in observers.items()}
     found = {name: entry.get("observes") for name, entry in saved.items() if isinstance(entry, dict)}
