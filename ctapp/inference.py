@@ -27,6 +27,7 @@ from .models import get_spec
 from .ood import ENSEMBLE_GATE, EnsembleGate, FeatureCapture, MahalanobisOOD
 from .precision import Precision, inference_precision
 from .preprocess import PreprocessConfig, cam_to_image, load_squares, model_input, normalize, to_square
+from .quantized import load_int8
 
 
 def cam_methods() -> dict[str, type]:
@@ -267,9 +268,8 @@ class LoadedModel(_Answering):
         self.precision = precision
         self.model.to(memory_format=precision.memory_format)
         if precision.int8 and self.int8_network is None and not self.int8_unavailable:
-            from .quantized import load_int8
-
-            self.int8_network, self.int8_unavailable = load_int8(self)
+            self.int8_network, self.int8_unavailable = load_int8(
+                self.model, self.spec.head, self.path, self.preprocess, self.feature_layers)
 
     @property
     def runs_int8(self) -> bool:

@@ -21,15 +21,13 @@ import logging
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .checkpoint import atomic_write_text
+from .preprocess import PreprocessConfig
 
-if TYPE_CHECKING:
-    from .inference import LoadedModel
 
 CALIBRATION_FILE = "quantization.json"
 CALIBRATION_FORMAT = "ctapp.quantization"
@@ -189,19 +187,21 @@ def write_calibration(folder: Path, calibration: dict) -> Path:
     return path
 
 
-def load_int8(model: "LoadedModel") -> tuple[Int8Network | None, str]:
-    """The int8 network of a loaded model from its folder's calibration file, or
-    None and why it answers in fp32 instead (also logged as a warning)."""
-    calibration, reason = read_calibration(model.path)
+def load_int8(network: nn.Module, head: str, folder: Path | None, config: PreprocessConfig,
+              feature_layers: list[str]) -> tuple[Int8Network | None, str]:
+    """The int8 copy of ``network`` (a loaded model's fp32 network, its head's name,
+    folder, PreprocessConfig and out-of-distribution stages) from the folder's
+    calibration file, or None and why it answers in fp32 instead (also logged as a
+    warning)."""
+    calibration, reason = read_calibration(folder)
     if calibration is not None:
-        config = model.preprocess
         example = torch.zeros(1, config.channels, config.img_size, config.img_size)
         try:
-            if calibration.get("layers") != stage_layers(model.feature_layers):
+            if calibration.get("layers") != stage_layers(feature_layers):
                 raise CalibrationUnusable(f"calibrated with the stages {calibration.get('layers')}, the "
-                                          f"out-of-distribution check reads {stage_layers(model.feature_layers)}")
-            return build_int8(model.model, model.spec.head, calibration, example), ""
+                                          f"out-of-distribution check reads {stage_layers(feature_layers)}")
+            return build_int8(network, head, calibration, example), ""
         except (CalibrationUnusable, KeyError, TypeError, ValueError) as exc:
-            reason = f"{Path(model.path) / CALIBRATION_FILE}: {exc}: this model answers in fp32"
+            reason = f"{Path(folder) / CALIBRATION_FILE}: {exc}: this model answers in fp32"
     logging.getLogger(__name__).warning("int8 asked for: %s", reason)
     return None, reason
