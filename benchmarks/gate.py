@@ -136,18 +136,9 @@ def final_answers(model, parts: list[BatchScores], truth: list[int | None], gate
                   ) -> list[dict]:
     """The answers of a shipped model (a network: its own scores; an ensemble:
     its members' scores combined under ``gate``) with whether each is right."""
-    if len(parts) == 1:
-        scores = parts[0]
-        states = scores.states
-    else:
-        scores = model.combine(parts)
-        ratios = [p.ood_scores / m.ood.threshold for p, m in zip(parts, model.members)]
-        states = [ensemble_state(scores.probs[i], [p.states[i] if scores.body_found[i] else NOT_CHEST_CT
-                                                   for p in parts], model.confidence_threshold,
-                                 [r[i] for r in ratios], gate)[0] if not scores.errors[i] else ""
-                  for i in range(len(scores.states))]
+    scores = parts[0] if len(parts) == 1 else model.combine(parts, gate)
     return [{"state": state, "correct": None if t is None else int(np.argmax(scores.probs[i])) == t}
-            for i, (state, t) in enumerate(zip(states, truth))]
+            for i, (state, t) in enumerate(zip(scores.states, truth))]
 
 
 def mosmed_files(root: Path | None, limit: int | None) -> tuple[list[Path], list[str]]:

@@ -485,12 +485,13 @@ class EnsembleModel(_Answering):
         """The members' calibrated probabilities (member first) -> the ensemble's."""
         return ensemble_probabilities(probs, self.temperature)
 
-    def combine(self, parts: list[BatchScores]) -> BatchScores:
+    def combine(self, parts: list[BatchScores], gate: EnsembleGate = ENSEMBLE_GATE) -> BatchScores:
         """The members' scores of the same inputs, in member order -> the
         ensemble's: mean probabilities, the members' OOD scores relative to
-        their thresholds combined by :data:`ENSEMBLE_GATE` (its OOD score), the
-        input state the gate gives their evidence and its own threshold. A slice
-        without a body for any member is not a chest CT."""
+        their thresholds combined by ``gate`` (its OOD score), the input state
+        the gate gives their evidence and its own threshold. A slice without a
+        body for any member is not a chest CT. ``gate`` other than the shipped
+        :data:`ENSEMBLE_GATE` is for comparing rules (benchmarks/gate.py)."""
         n = len(parts[0].states)
         errors = [next((p.errors[i] for p in parts if p.errors and p.errors[i]), "") for i in range(n)]
         ratios = np.stack([p.ood_scores / m.ood.threshold if m.ood is not None and m.ood.threshold else
@@ -502,9 +503,9 @@ class EnsembleModel(_Answering):
             if not errors[i]:
                 member_states = [p.states[i] if body_found[i] else NOT_CHEST_CT for p in parts]
                 states[i], reasons[i] = ensemble_state(probs[i], member_states, self.confidence_threshold,
-                                                       list(ratios[:, i]))
+                                                       list(ratios[:, i]), gate)
         return BatchScores(probs, np.mean([p.raw_probs for p in parts], axis=0),
-                           np.array([ENSEMBLE_GATE.near_ratio(ratios[:, i]) for i in range(n)]),
+                           np.array([gate.near_ratio(ratios[:, i]) for i in range(n)]),
                            states, reasons, errors, parts[0].digests, body_found)
 
     def analyse(self, image: ImageSource | Slice, target: int | str | None = None,
