@@ -10,7 +10,8 @@ For every shipped model (networks and ensembles), one row per set of slices:
   ``eval_report.csv`` with the state the app would give it there (its OOD scores
   against the thresholds its fold fitted on the other folds, its calibrated
   confidence against its fold's threshold; an ensemble: its members' rows
-  joined by path, combined by :data:`ctapp.ood.ENSEMBLE_GATE`);
+  joined by path, combined as the app combines them under
+  :data:`ctapp.ood.ENSEMBLE_GATE`; :func:`training.crossval.out_of_fold_scores`);
 * each kind of the foreign-image set (``training.foreign.foreign_set``: photos,
   documents, radiographs, other body parts, reformats, phantoms...), answered by
   the shipped model through the app's own decoder;
@@ -27,7 +28,6 @@ on the same out-of-fold rows and sets.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -40,11 +40,10 @@ sys.path.insert(0, str(ROOT))
 from ctapp.checkpoint import atomic_write_text  # noqa: E402
 from ctapp.data import class_key, scan_dataset  # noqa: E402
 from ctapp.imaging import decode  # noqa: E402
-from ctapp.inference import (CONFIDENT, NOT_CHEST_CT, UNLIKE_TRAINING, BatchScores, answer_state,  # noqa: E402
-                             ensemble_state)
+from ctapp.inference import CONFIDENT, NOT_CHEST_CT, UNLIKE_TRAINING, BatchScores  # noqa: E402
 from ctapp.model_folders import ENSEMBLE_FILE, load_model, read_ensemble_spec  # noqa: E402
 from ctapp.ood import ENSEMBLE_GATE, EnsembleGate  # noqa: E402
-from training.ensemble import out_of_fold_rows  # noqa: E402
+from training.crossval import out_of_fold_scores  # noqa: E402
 from training.foreign import FOREIGN_KINDS, foreign_set  # noqa: E402
 
 RULES = [EnsembleGate(not_ct, unlike) for not_ct in ("any", "all") for unlike in EnsembleGate.COMBINE]
@@ -70,52 +69,14 @@ def tally(answers: list[dict]) -> dict:
 # --------------------------------------------------------------------------- out of fold
 
 
-def _report(folder: Path) -> tuple[list[dict], dict]:
-    with open(folder / "eval_report.csv", newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    return rows, json.loads((folder / "eval_report.json").read_text(encoding="utf-8"))
-
-
-def _fold_fits(report: dict) -> dict[str, dict]:
-    return {str(f["fold"]): f for f in report["crossfit"]["per_fold"]}
-
-
-def network_oof(folder: Path) -> dict[str, dict]:
-    """A network's out-of-fold rows by path, each with its input state and near
-    ratio (:func:`training.ensemble.out_of_fold_rows`) and the answer the app
-    gives it (``answer``: with its fold's confidence threshold)."""
-    rows = out_of_fold_rows(folder)
-    fits = _fold_fits(_report(folder)[1])
-    for row in rows.values():
-        row["answer"], _ = answer_state(row["input_state"], float(row["confidence"]),
-                                        fits[str(row["fold"])]["confidence_threshold"])
-    return rows
-
-
-def oof_answers(folder: Path, gate: EnsembleGate = ENSEMBLE_GATE,
-                members: dict[Path, dict] | None = None) -> list[dict]:
+def oof_answers(folder: Path, gate: EnsembleGate = ENSEMBLE_GATE) -> list[dict]:
     """Every out-of-fold slice of a model: ``{"source", "state", "correct"}``, the
-    state as the app gives it (an ensemble's under ``gate``); ``members`` caches
-    :func:`network_oof` by folder."""
-    members = {} if members is None else members
-    folder = folder.resolve()
-    for member in read_ensemble_spec(folder)[1] if (folder / ENSEMBLE_FILE).is_file() else [folder]:
-        if member not in members:
-            members[member] = network_oof(member)
-    if not (folder / ENSEMBLE_FILE).is_file():
-        rows = members[folder].values()
-        return [{"source": r["source"], "state": r["answer"], "correct": r["true"] == r["pred"]} for r in rows]
-    rows, report = _report(folder)
-    fits = _fold_fits(report)
-    tables = [members[m] for m in read_ensemble_spec(folder)[1]]
-    answers = []
-    for row in rows:
-        parts = [t[row["path"]] for t in tables]
-        probs = np.array([float(row["confidence"])])  # the ensemble's top calibrated probability
-        state, _ = ensemble_state(probs, [p["input_state"] for p in parts], fits[row["fold"]]["confidence_threshold"],
-                                  [p["near_ratio"] for p in parts], gate)
-        answers.append({"source": row["source"], "state": state, "correct": row["true"] == row["pred"]})
-    return answers
+    state as the app gives it (an ensemble's under ``gate``), by
+    :func:`training.crossval.out_of_fold_scores`."""
+    oof, scores = out_of_fold_scores(folder, gate)
+    predicted = [oof.class_names[int(np.argmax(probs))] for probs in scores.probs]
+    return [{"source": row["source"], "state": state, "correct": label == row["true"]}
+            for row, state, label in zip(oof.rows, scores.states, predicted)]
 
 
 # --------------------------------------------------------------------------- the shipped models
@@ -155,7 +116,6 @@ def measure(models_dir: Path, mosmed_root: Path | None, mosmed_limit: int | None
     by_kind = {kind: [f.data for f in foreign if f.kind == kind] for kind in FOREIGN_KINDS}
     paths, mosmed_labels = mosmed_files(mosmed_root, mosmed_limit)
     networks = [p for p in folders if not (p / ENSEMBLE_FILE).is_file()]
-    cache: dict[Path, dict] = {}
     scores = {p.resolve(): final_scores(p, by_kind, paths) for p in networks}
     table, comparison = {}, {}
     for folder in folders:
@@ -165,7 +125,7 @@ def measure(models_dir: Path, mosmed_root: Path | None, mosmed_limit: int | None
         mosmed_truth = [keys.index(class_key(label)) if class_key(label) in keys else None for label in mosmed_labels]
 
         def rows_for(gate: EnsembleGate) -> dict:
-            oof = oof_answers(folder, gate, cache)
+            oof = oof_answers(folder, gate)
             out = {f"out of fold: {s}": tally([a for a in oof if a["source"] == s])
                    for s in sorted({a["source"] for a in oof})}
             every = []

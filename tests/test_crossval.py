@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -365,17 +366,52 @@ def test_a_cross_validation_refuses_a_class_whose_images_are_all_unreadable(tmp_
     assert "class(es) ['beta'] have no readable images; add images or remove the folder" in capsys.readouterr().err
 
 
-def test_out_of_fold_input_states_use_the_thresholds_of_each_rows_fold():
-    from ctapp.inference import CONFIDENT, NOT_CHEST_CT, UNLIKE_TRAINING
-    from training.crossval import out_of_fold_input_states
+def _write_cv_member(folder: Path, per_fold: list[dict], rows: list[tuple]) -> Path:
+    """A cross-validated network's report: rows (fold, p_a, ood score, far score), classes a and b."""
+    folder.mkdir(parents=True)
+    with open(folder / "eval_report.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "source", "fold", "true", "p_a", "p_b", "ood_score", "far_score"])
+        for i, (fold, p_a, ood, far) in enumerate(rows):
+            writer.writerow([f"r{i}.png", "s", fold, "a", p_a, 1 - p_a, ood, far])
+    (folder / "eval_report.json").write_text(json.dumps({"out_of_fold": True, "class_names": ["a", "b"],
+                                                         "crossfit": {"per_fold": per_fold}}))
+    return folder
 
-    report = {"crossfit": {"per_fold": [{"fold": 0, "ood_threshold": 1.0, "far_threshold": 3.0},
-                                        {"fold": 1, "ood_threshold": 5.0, "far_threshold": None}]}}
-    rows = [{"fold": "0", "ood_score": "0.5", "far_score": "0.5"},  # like the training images
-            {"fold": "0", "ood_score": "2", "far_score": "2"},  # past the near threshold only
-            {"fold": "0", "ood_score": "2", "far_score": "4"},  # past the far one: not a chest CT
-            {"fold": "0", "ood_score": "4"},  # a row from before the far score: its one score for both
-            {"fold": "1", "ood_score": "2", "far_score": "9"},  # fold 1's own thresholds
-            {"fold": "1", "ood_score": "6", "far_score": "9"}]  # a fold without a far threshold
-    assert out_of_fold_input_states(rows, report) == [CONFIDENT, UNLIKE_TRAINING, NOT_CHEST_CT, NOT_CHEST_CT,
-                                                      CONFIDENT, UNLIKE_TRAINING]
+
+def test_out_of_fold_states_use_the_thresholds_of_each_rows_fold(tmp_path):
+    from ctapp.inference import CONFIDENT, LOW_CONFIDENCE, NOT_CHEST_CT, UNLIKE_TRAINING
+    from training.crossval import OutOfFold
+
+    per_fold = [{"fold": 0, "confidence_threshold": 0.7, "ood_threshold": 1.0, "far_threshold": 3.0},
+                {"fold": 1, "confidence_threshold": 0.9, "ood_threshold": 5.0, "far_threshold": None}]
+    rows = [("0", 0.8, "0.5", "0.5"),  # like the training images, confident enough
+            ("0", 0.6, "0.5", "0.5"),  # below fold 0's confidence threshold
+            ("0", 0.8, "2", "2"),  # past the near threshold only
+            ("0", 0.8, "2", "4"),  # past the far one: not a chest CT
+            ("0", 0.8, "4", ""),  # a row from before the far score: its one score for both
+            ("1", 0.8, "2", "9"),  # fold 1's own thresholds: low confidence there
+            ("1", 0.95, "2", "9"),
+            ("1", 0.95, "6", "9")]  # a fold without a far threshold
+    scores = OutOfFold([_write_cv_member(tmp_path / "net", per_fold, rows)]).scores()
+    assert scores.states == [CONFIDENT, LOW_CONFIDENCE, UNLIKE_TRAINING, NOT_CHEST_CT, NOT_CHEST_CT, LOW_CONFIDENCE,
+                             CONFIDENT, UNLIKE_TRAINING]
+    assert scores.reasons[5] == ["low confidence: the top probability 80% is below 90%"]
+    assert scores.probs[:, 0].tolist() == [p_a for _, p_a, _, _ in rows]
+
+
+def test_out_of_fold_rows_are_refused_unless_cross_validated_alike(tmp_path):
+    from ctapp.checkpoint import CheckpointError
+    from training.crossval import OutOfFold
+
+    per_fold = [{"fold": k, "confidence_threshold": 0.7, "ood_threshold": 1.0} for k in (0, 1)]
+    a = _write_cv_member(tmp_path / "a", per_fold, [("0", 0.8, "0.5", ""), ("1", 0.8, "0.5", "")])
+    b = _write_cv_member(tmp_path / "b", per_fold, [("1", 0.8, "0.5", ""), ("1", 0.8, "0.5", "")])
+    with pytest.raises(CheckpointError, match=re.escape(f"{b}: its out-of-fold images or folds differ from {a}'s")):
+        OutOfFold([a, b])
+    (b / "eval_report.json").write_text(json.dumps({"out_of_fold": False}))
+    with pytest.raises(CheckpointError, match="its report is not out-of-fold; train it with training.fit --cv"):
+        OutOfFold([a, b])
+    (a / "eval_report.csv").unlink()
+    with pytest.raises(CheckpointError, match=r"no out-of-fold rows \(eval_report.csv\)"):
+        OutOfFold([a])

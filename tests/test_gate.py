@@ -61,11 +61,14 @@ def _write_member(folder: Path, member: int) -> None:
     folder.mkdir(parents=True)
     with open(folder / "eval_report.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "source", "fold", "true", "pred", "confidence", "ood_score", "far_score", "sha256"])
+        writer.writerow(["path", "source", "fold", "true", "pred", "confidence", "p_x", "p_y", "ood_score", "far_score",
+                         "sha256"])
         for sha, source, fold, true, pred, confidence, *scores in SLICES:
             ood, far = scores[member]
-            writer.writerow([f"{sha}.png", source, fold, true, pred, confidence, ood, far, sha])
-    (folder / "eval_report.json").write_text(json.dumps({"out_of_fold": True, "crossfit": {"per_fold": FITS}}))
+            p_x = confidence if pred == "x" else 1 - confidence
+            writer.writerow([f"{sha}.png", source, fold, true, pred, confidence, p_x, 1 - p_x, ood, far, sha])
+    (folder / "eval_report.json").write_text(json.dumps({"out_of_fold": True, "class_names": ["x", "y"],
+                                                         "crossfit": {"per_fold": FITS}}))
 
 
 @pytest.fixture
@@ -75,13 +78,9 @@ def pair(tmp_path) -> Path:
     ensemble = tmp_path / "ab"
     ensemble.mkdir()
     (ensemble / ENSEMBLE_FILE).write_text(json.dumps({"members": ["../a", "../b"]}))
-    with open(ensemble / "eval_report.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "source", "fold", "true", "pred", "confidence", "sha256"])
-        for sha, source, fold, true, pred, confidence, *_ in SLICES:
-            writer.writerow([f"{sha}.png", source, fold, true, pred, confidence, sha])
+    # The members agree on every slice's probabilities, so the ensemble's (temperature 1) are theirs.
     fits = [{"fold": f["fold"], "temperature": 1.0, "confidence_threshold": f["confidence_threshold"]} for f in FITS]
-    (ensemble / "eval_report.json").write_text(json.dumps({"crossfit": {"per_fold": fits}}))
+    (ensemble / "eval_report.json").write_text(json.dumps({"out_of_fold": True, "crossfit": {"per_fold": fits}}))
     return tmp_path
 
 
@@ -121,16 +120,12 @@ SHIPPED = Path(__file__).resolve().parent.parent / "models"
 def test_one_members_lone_not_a_chest_ct_is_not_the_shipped_ensembles():
     """Real chest CT slices that lung-vgg19_bn alone called 'not a chest CT' out of fold: the ensemble
     (its shipped rule) does not call them so, and still gives them no answer."""
-    members = {}
-    ensemble = oof_answers(SHIPPED / "lung-ensemble", members=members)
-    vgg = members[(SHIPPED / "lung-vgg19_bn").resolve()]
-    resnet = members[(SHIPPED / "lung-resnet50").resolve()]
-    with open(SHIPPED / "lung-ensemble" / "eval_report.csv", newline="", encoding="utf-8") as f:
-        paths = [row["path"] for row in csv.DictReader(f)]
-    lone = [i for i, p in enumerate(paths) if vgg[p]["input_state"] == NOT_CHEST_CT
-            and resnet[p]["input_state"] != NOT_CHEST_CT]
+    # Every model's out-of-fold answers come in the order of their rows' paths, which the members share.
+    ensemble = oof_answers(SHIPPED / "lung-ensemble")
+    vgg, resnet = ([a["state"] for a in oof_answers(SHIPPED / name)] for name in ("lung-vgg19_bn", "lung-resnet50"))
+    lone = [i for i, (v, r) in enumerate(zip(vgg, resnet)) if v == NOT_CHEST_CT and r != NOT_CHEST_CT]
     assert lone  # the shipped reports hold such slices
     assert all(ensemble[i]["state"] == UNLIKE_TRAINING for i in lone)
     assert not any(a["state"] == NOT_CHEST_CT for a in ensemble)
-    severest = oof_answers(SHIPPED / "lung-ensemble", EnsembleGate("any", "max"), members)
+    severest = oof_answers(SHIPPED / "lung-ensemble", EnsembleGate("any", "max"))
     assert all(severest[i]["state"] == NOT_CHEST_CT for i in lone)

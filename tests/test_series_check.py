@@ -134,7 +134,7 @@ def test_the_model_card_page_shows_each_series_check(tmp_path):
 def _unflagged(folder: Path) -> set[str]:
     """Rows whose scores are within both out-of-distribution thresholds of their fold."""
     fits = {f["fold"]: f for f in json.loads((folder / "eval_report.json").read_text())["crossfit"]["per_fold"]}
-    return {row["sha256"] for row in read_predictions(folder / "eval_report.json")
+    return {row["path"] for row in read_predictions(folder / "eval_report.json")
             if float(row["ood_score"]) <= fits[int(row["fold"])]["ood_threshold"]
             and float(row["far_score"]) <= fits[int(row["fold"])]["far_threshold"]}
 
@@ -148,7 +148,7 @@ def test_rebuilt_out_of_fold_answers_are_the_recorded_ones(name, members):
     folder = REPO / "models" / name
     if not (folder / "eval_report.csv").is_file():
         pytest.skip(f"{folder} is not shipped here")
-    recorded = {row["sha256"]: row for row in read_predictions(folder / "eval_report.json")}
+    recorded = {row["path"]: row for row in read_predictions(folder / "eval_report.json")}
     _, _, _, predictions = out_of_fold_predictions(folder)
     assert predictions.keys() == recorded.keys()
     unflagged = set.intersection(*[_unflagged(REPO / "models" / m) for m in members]) if members else set(recorded)

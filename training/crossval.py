@@ -24,17 +24,24 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import replace
+from dataclasses import fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ctapp.checkpoint import atomic_write_text, load_model_file, pack_state, save_model_file, unpack_state
+from ctapp.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    load_model_file,
+    pack_state,
+    save_model_file,
+    unpack_state,
+)
 from ctapp.data import FILE_PER_PATIENT_SOURCES, DatasetError, DatasetIndex, cv_folds, group_ids
-from ctapp.evaluation import image_identity, write_report
-from ctapp.inference import CONFIDENT, NOT_CHEST_CT, UNLIKE_TRAINING, LoadedModel, batched_forward
+from ctapp.evaluation import image_identity, read_predictions, write_report
+from ctapp.inference import BatchScores, EnsembleModel, LoadedModel, batched_forward
 from ctapp.metrics import (
     calibrated,
     evaluation_report,
@@ -45,9 +52,9 @@ from ctapp.metrics import (
     selective_summary,
     selective_threshold,
 )
-from ctapp.model_folders import WEIGHTS_FILE, load_model
+from ctapp.model_folders import ENSEMBLE_FILE, WEIGHTS_FILE, load_model, read_ensemble_spec
 from ctapp.models import count_parameters, get_spec
-from ctapp.ood import MahalanobisOOD, ood_feature_keys
+from ctapp.ood import ENSEMBLE_GATE, EnsembleGate, MahalanobisOOD, ood_feature_keys
 from training.card import DISCLAIMER, card_figures, measure_latency, meta_for, model_card, ood_check, short_metrics
 from training.engine import Progress
 from training.foreign import FAR_RULE, far_threshold
@@ -261,18 +268,129 @@ def crossfit_flags(logits: np.ndarray, labels: np.ndarray, ood: np.ndarray, fold
     return probs, uncertain, {"per_fold": per_fold}
 
 
-def out_of_fold_input_states(rows: list[dict], report: dict) -> list[str]:
-    """The input state of each out-of-fold row of a ``--cv`` report (not a chest CT,
-    unlike the training images, or CONFIDENT when the slice looks like the training
-    images): its OOD score against the thresholds its fold fitted on the other folds."""
-    fitted = {str(f["fold"]): f for f in report["crossfit"]["per_fold"]}
-    states = []
-    for row in rows:
-        f, score = fitted[str(row["fold"])], float(row["ood_score"])
-        far = float(row.get("far_score") or score)  # rows written before the far score: one score for both
-        states.append(NOT_CHEST_CT if f.get("far_threshold") is not None and far > f["far_threshold"] else
-                      UNLIKE_TRAINING if score > f["ood_threshold"] else CONFIDENT)
-    return states
+def out_of_fold_report(folder: Path) -> dict:
+    """A cross-validated network's or ensemble's ``eval_report.json``, refused
+    unless it is out of fold with the calibration each fold fitted on the others."""
+    path = folder / "eval_report.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no eval_report.json")
+    report = json.loads(path.read_text())
+    if not report.get("out_of_fold") or not (report.get("crossfit") or {}).get("per_fold"):
+        raise CheckpointError(f"{folder}: its report is not out-of-fold; train it with training.fit --cv "
+                              "(an ensemble: training.ensemble of such runs)")
+    return report
+
+
+def fold_fits(report: dict) -> dict[int, dict]:
+    """Each fold's temperature and thresholds (fitted on the other folds), by fold."""
+    return {int(f["fold"]): f for f in report["crossfit"]["per_fold"]}
+
+
+class FoldNetwork:
+    """A network as the model of one fold answered its held-out slices: the
+    thresholds that fold fitted on the other folds, with the app's own rule for
+    an answer's state (:meth:`LoadedModel.assess`)."""
+
+    assess = LoadedModel.assess
+    preprocess = None  # the slices are already scored
+
+    def __init__(self, name: str, class_names: list[str], display_names: list[str], fit: dict):
+        self.name, self.class_names, self.display_names = name, class_names, display_names
+        self.ood = MahalanobisOOD({}, fit["ood_threshold"], fit.get("far_threshold"))
+        self.confidence_threshold = float(fit["confidence_threshold"])
+
+    def scores(self, rows: list[dict]) -> BatchScores:
+        """Out-of-fold rows of this fold as :class:`BatchScores`, each with the
+        state ``assess`` gives it (their probabilities are already calibrated)."""
+        probs = np.array([[float(row[f"p_{c}"]) for c in self.class_names] for row in rows]).reshape(
+            len(rows), len(self.class_names))
+        ood = np.array([float(row["ood_score"]) for row in rows])
+        # Rows written before the far score had one score for both.
+        far = [float(row.get("far_score") or row["ood_score"]) for row in rows]
+        assessed = [self.assess(float(probs[i].max()), float(ood[i]), True, far[i]) for i in range(len(rows))]
+        return BatchScores(probs, probs, ood, [state for state, _ in assessed], [reasons for _, reasons in assessed],
+                           [""] * len(rows), [row.get("sha256", "") for row in rows], [True] * len(rows))
+
+
+class OutOfFold:
+    """The out-of-fold rows of cross-validated networks (one network's, or an
+    ensemble's members' joined by path, in path order) answered by the app's own
+    rules: each row by its fold's :class:`FoldNetwork`, an ensemble's by
+    :meth:`EnsembleModel.combine`. The one way training, the series check and
+    the gate benchmark rebuild the answer a slice got out of fold."""
+
+    prediction = LoadedModel.prediction  # a scored row as the app's Prediction
+
+    def __init__(self, members: list[Path]):
+        reports = [out_of_fold_report(m) for m in members]
+        self.members, self.member_fits = members, [fold_fits(report) for report in reports]
+        self.class_names = list(reports[0]["class_names"])
+        self.display_names = list(reports[0].get("display_names") or self.class_names)
+        self.tables = [self._rows_by_path(m) for m in members]
+        first = self.tables[0]
+        for member, table in zip(members[1:], self.tables[1:]):
+            if table.keys() != first.keys() or any(table[p]["fold"] != first[p]["fold"] for p in first):
+                raise CheckpointError(f"{member}: its out-of-fold images or folds differ from {members[0]}'s; "
+                                      "members must be cross-validated on the same folds")
+        self.paths = sorted(first)
+        self.rows = [first[p] for p in self.paths]  # the first member's: path, source, fold, true, the image
+        self.folds = np.array([int(row["fold"]) for row in self.rows])
+
+    @staticmethod
+    def _rows_by_path(member: Path) -> dict[str, dict]:
+        rows = read_predictions(member / "eval_report.json")
+        if not rows:
+            raise CheckpointError(f"{member}: no out-of-fold rows (eval_report.csv)")
+        by_path = {row["path"]: row for row in rows}
+        if len(by_path) < len(rows):
+            raise CheckpointError(f"{member}: an image has two out-of-fold rows in eval_report.csv")
+        return by_path
+
+    def scores(self, ensemble_fits: dict[int, dict] | None = None,
+               gate: EnsembleGate = ENSEMBLE_GATE) -> BatchScores:
+        """Every row's scores and state as the app gives them, in path order: a
+        network's with its row's fold's thresholds; an ensemble's, its members'
+        combined under ``gate`` with ``ensemble_fits[fold]`` (temperature and
+        confidence threshold). Without fits an ensemble's probabilities are the
+        members' plain mean and its threshold the default: only whether a state
+        is out of distribution means anything then."""
+        pieces = []
+        for fold in np.unique(self.folds):
+            held = np.flatnonzero(self.folds == fold)
+            networks = [FoldNetwork(m.name, self.class_names, self.display_names, fits[fold])
+                        for m, fits in zip(self.members, self.member_fits)]
+            parts = [network.scores([table[self.paths[i]] for i in held])
+                     for network, table in zip(networks, self.tables)]
+            if len(parts) > 1:
+                parts = [EnsembleModel(networks, (ensemble_fits or {}).get(fold, {})).combine(parts, gate)]
+            pieces.append((held, parts[0]))
+        return _in_row_order(pieces)
+
+
+def _in_row_order(pieces: list[tuple[np.ndarray, BatchScores]]) -> BatchScores:
+    """Scores of disjoint sets of rows, each with its row numbers, as one batch in row order."""
+    order = np.argsort(np.concatenate([rows for rows, _ in pieces]))
+
+    def joined(name: str):
+        values = [getattr(scores, name) for _, scores in pieces]
+        if isinstance(values[0], np.ndarray):
+            return np.concatenate(values)[order]
+        flat = [value for part in values for value in part]
+        return [flat[i] for i in order] if flat else []  # an optional list no piece fills stays empty
+
+    return BatchScores(**{f.name: joined(f.name) for f in fields(BatchScores)})
+
+
+def out_of_fold_scores(folder: Path, gate: EnsembleGate = ENSEMBLE_GATE) -> tuple[OutOfFold, BatchScores]:
+    """A cross-validated network's or ensemble's out-of-fold rows and the scores
+    the app gives them (an ensemble's under ``gate``, with the temperature and
+    threshold each fold fitted on the other folds)."""
+    report = out_of_fold_report(folder)
+    if not (folder / ENSEMBLE_FILE).is_file():
+        oof = OutOfFold([folder])
+        return oof, oof.scores()
+    oof = OutOfFold(read_ensemble_spec(folder)[1])
+    return oof, oof.scores(fold_fits(report), gate)
 
 
 SPREAD_METRICS = ("accuracy", "macro_f1", "roc_auc_macro", "ece", "coverage", "accuracy_when_confident")

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from ctapp.checkpoint import CheckpointError, atomic_write_text
-from ctapp.evaluation import IMAGE_COLUMNS, read_predictions, write_report
-from ctapp.inference import CONFIDENT, answer_state, ensemble_input_state, ensemble_logits
+from ctapp.evaluation import IMAGE_COLUMNS, write_report
+from ctapp.inference import CONFIDENT, NOT_CHEST_CT, UNLIKE_TRAINING, ensemble_logits
 from ctapp.metrics import (
     calibrated,
     evaluation_report,
@@ -40,7 +40,7 @@ from ctapp.metrics import (
 from ctapp.model_folders import ENSEMBLE_FILE, load_model
 from training.card import DISCLAIMER, card_figures, measure_latency
 from training.cli import command
-from training.crossval import breakdown, fold_spread, out_of_fold_input_states
+from training.crossval import OutOfFold, breakdown, fold_spread
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -55,21 +55,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def out_of_fold_rows(member: Path) -> dict[str, dict]:
-    """A ``--cv`` member's out-of-fold rows by path, each with the input state
-    (``input_state``) its fold's out-of-distribution thresholds give it and its
-    near ratio (``near_ratio``: its OOD score over its fold's threshold)."""
-    report = json.loads((member / "eval_report.json").read_text())
-    if not report.get("out_of_fold"):
-        raise CheckpointError(f"{member}: its report is not out-of-fold; train it with training.fit --cv")
-    rows = read_predictions(member / "eval_report.json")
-    thresholds = {str(f["fold"]): f["ood_threshold"] for f in report["crossfit"]["per_fold"]}
-    for row, state in zip(rows, out_of_fold_input_states(rows, report)):
-        row["input_state"] = state
-        row["near_ratio"] = float(row["ood_score"]) / thresholds[str(row["fold"])]
-    return {row["path"]: row for row in rows}
-
-
 def _compared(report: dict) -> dict:
     """The figures by which the card compares the ensemble with each member."""
     return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "ece": report["ece"],
@@ -80,36 +65,27 @@ def _compared(report: dict) -> dict:
 def main(args: argparse.Namespace) -> Path:
     models = [load_model(m) for m in args.members]
     classes = models[0].class_names
-    tables = [out_of_fold_rows(m) for m in args.members]
-    paths = sorted(tables[0])
-    for member, table in zip(args.members[1:], tables[1:]):
-        if sorted(table) != paths or any(table[p]["fold"] != tables[0][p]["fold"] for p in paths):
-            raise CheckpointError(f"{member}: its out-of-fold images or folds differ from {args.members[0]}'s; "
-                                  "members must be cross-validated on the same folds")
-    labels = np.array([classes.index(tables[0][p]["true"]) for p in paths])
-    folds = np.array([int(tables[0][p]["fold"]) for p in paths])
-    sources = np.array([tables[0][p].get("source", "") for p in paths])
-    member_probs = np.stack([[[float(t[p][f"p_{c}"]) for c in classes] for p in paths] for t in tables])
+    oof = OutOfFold(args.members)
+    paths, folds = oof.paths, oof.folds
+    labels = np.array([classes.index(row["true"]) for row in oof.rows])
+    sources = np.array([row.get("source", "") for row in oof.rows])
+    member_probs = np.stack([[[float(t[p][f"p_{c}"]) for c in classes] for p in paths] for t in oof.tables])
     logits = ensemble_logits(member_probs)
-    # The members' out-of-distribution evidence combined as the app combines it (ctapp.ood.ENSEMBLE_GATE).
-    input_states = [ensemble_input_state([t[p]["input_state"] for t in tables], [t[p]["near_ratio"] for t in tables])
-                    for p in paths]
-    flagged = np.array([state != CONFIDENT for state in input_states])
+    # The members' out-of-distribution evidence as the app combines it (ctapp.ood.ENSEMBLE_GATE): whether a
+    # slice is flagged does not depend on the ensemble's temperature or threshold, fitted next.
+    flagged = np.array([state in (NOT_CHEST_CT, UNLIKE_TRAINING) for state in oof.scores().states])
 
-    probs = np.zeros_like(logits)
-    uncertain = np.zeros(len(paths), bool)
-    states = [""] * len(paths)
-    per_fold = []
+    fits = {}
     for k in np.unique(folds):
-        held, rest = folds == k, folds != k
+        rest = folds != k
         temperature = fit_temperature(logits[rest], labels[rest])
         threshold = selective_threshold(calibrated(logits[rest], temperature), labels[rest], flagged[rest],
                                         args.target_accuracy)
-        probs[held] = calibrated(logits[held], temperature)
-        for i in np.flatnonzero(held):
-            states[i], _ = answer_state(input_states[i], float(probs[i].max()), threshold)
-        uncertain[held] = [states[i] != CONFIDENT for i in np.flatnonzero(held)]
-        per_fold.append({"fold": int(k), "temperature": temperature, "confidence_threshold": threshold})
+        fits[int(k)] = {"fold": int(k), "temperature": temperature, "confidence_threshold": threshold}
+    scores = oof.scores(fits)
+    probs, states = scores.probs, scores.states
+    uncertain = np.array([state != CONFIDENT for state in states])
+    per_fold = list(fits.values())
     temperature = fit_temperature(logits, labels)
     threshold = selective_threshold(calibrated(logits, temperature), labels, flagged, args.target_accuracy)
 
@@ -131,7 +107,7 @@ def main(args: argparse.Namespace) -> Path:
     rows = [{"path": p, "source": sources[i], "fold": int(folds[i]), "true": classes[labels[i]],
              "pred": classes[int(probs[i].argmax())], "confidence": float(probs[i].max()),
              **{f"p_{c}": float(v) for c, v in zip(classes, probs[i])}, "uncertain": bool(uncertain[i]),
-             "state": states[i], **{k: tables[0][p].get(k, "") for k in IMAGE_COLUMNS}} for i, p in enumerate(paths)]
+             "state": states[i], **{k: oof.rows[i].get(k, "") for k in IMAGE_COLUMNS}} for i, p in enumerate(paths)]
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)

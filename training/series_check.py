@@ -36,18 +36,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
 from ctapp.checkpoint import CheckpointError, atomic_write_text
 from ctapp.data import DatasetError, file_number, list_folder
-from ctapp.evaluation import read_predictions
-from ctapp.inference import BatchScores, EnsembleModel, LoadedModel, Prediction
-from ctapp.model_folders import ENSEMBLE_FILE, load_model, read_ensemble_spec
-from ctapp.ood import MahalanobisOOD
+from ctapp.inference import BatchScores, Prediction
+from ctapp.model_folders import load_model
 from ctapp.series import (
     VERDICT_RULE, SeriesPredictions, SeriesSummary, SeriesValidation, finding_classes, summarise,
 )
 from training.cli import HelpFormatter, command
+from training.crossval import out_of_fold_report, out_of_fold_scores
 from training.engine import Progress
 
 SERIES_SOURCE = "sarscov2-ctscan"
@@ -71,7 +68,7 @@ class PseudoSeries:
     id: str
     truth: str  # class key, or the foreign folder's name
     fold: int | None
-    keys: list[str]  # the slices' rows (sha256) or files, in file-number order
+    keys: list[str]  # the slices' rows (path) or files, in file-number order
 
 
 def pseudo_series(items: list[tuple[str, str, int | None, Path]], block: int = BLOCK,
@@ -103,85 +100,16 @@ def pseudo_series(items: list[tuple[str, str, int | None, Path]], block: int = B
 # --------------------------------------------------------------------------- out-of-fold answers
 
 
-def _report(folder: Path) -> dict:
-    path = folder / "eval_report.json"
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: no eval_report.json")
-    report = json.loads(path.read_text())
-    if not report.get("out_of_fold") or not (report.get("crossfit") or {}).get("per_fold"):
-        raise CheckpointError(f"{folder}: its report is not out-of-fold (no per-fold thresholds); "
-                              "train it with training.fit --cv or training.ensemble")
-    return report
-
-
-def _fold_fits(report: dict) -> dict[int, dict]:
-    return {int(f["fold"]): f for f in report["crossfit"]["per_fold"]}
-
-
-class FoldNetwork:
-    """A network as the model of one fold answered its held-out slices: the
-    temperature and thresholds that fold fitted on the other folds, with the
-    app's own rules for an answer's state and its :class:`Prediction`."""
-
-    assess = LoadedModel.assess
-    prediction = LoadedModel.prediction
-    preprocess = None  # the slices are already scored
-
-    def __init__(self, name: str, class_names: list[str], display_names: list[str], fit: dict):
-        self.name, self.class_names, self.display_names = name, class_names, display_names
-        self.ood = MahalanobisOOD({}, fit["ood_threshold"], fit.get("far_threshold"))
-        self.confidence_threshold = float(fit["confidence_threshold"])
-
-
-def fold_scores(network: FoldNetwork, rows: list[dict]) -> BatchScores:
-    """Out-of-fold rows of one fold as the network's :class:`BatchScores`, each
-    with the state ``assess`` gives it (their probabilities are already calibrated)."""
-    probs = np.array([[float(row[f"p_{c}"]) for c in network.class_names] for row in rows]).reshape(
-        len(rows), len(network.class_names))
-    ood = np.array([float(row["ood_score"]) for row in rows])
-    # Rows written before the far score had one score for both.
-    far = [float(row.get("far_score") or row["ood_score"]) for row in rows]
-    assessed = [network.assess(float(probs[i].max()), float(ood[i]), True, far[i]) for i in range(len(rows))]
-    return BatchScores(probs, probs, ood, [state for state, _ in assessed], [reasons for _, reasons in assessed],
-                       [""] * len(rows), [row.get("sha256", "") for row in rows], [True] * len(rows))
-
-
-def _rows_by_image(folder: Path) -> dict[str, dict]:
-    rows = {}
-    for row in read_predictions(folder / "eval_report.json"):
-        if row["sha256"] in rows:
-            raise CheckpointError(f"{folder}: the image {row['sha256'][:12]}... has two out-of-fold rows")
-        rows[row["sha256"]] = row
-    return rows
-
-
 def out_of_fold_predictions(folder: Path) -> tuple[list[str], list[str], dict[str, dict], dict[str, Prediction]]:
-    """Class keys, display names, the rows by sha256 and each row's
-    :class:`Prediction` as the app gives it, out of fold: a network's from its
-    fold's thresholds; an ensemble's by ``EnsembleModel.combine`` of its
-    members' rows (joined by sha256), each member and the ensemble with the
-    temperature and thresholds its fold fitted on the other folds."""
-    report = _report(folder)
-    classes, display = list(report["class_names"]), list(report["display_names"])
-    ensemble = (folder / ENSEMBLE_FILE).is_file()
-    members = read_ensemble_spec(folder)[1] if ensemble else [folder]
-    tables = [_rows_by_image(m) for m in members]
-    rows = tables[0]
-    for member, table in zip(members[1:], tables[1:]):
-        if table.keys() != rows.keys() or any(table[k]["fold"] != rows[k]["fold"] for k in rows):
-            raise CheckpointError(f"{member}: its out-of-fold images or folds differ from {members[0]}'s")
-    member_fits = [_fold_fits(_report(m)) for m in members]
-    predictions = {}
-    for fold, fit in sorted(_fold_fits(report).items()):
-        keys = [k for k, row in rows.items() if int(row["fold"]) == fold]
-        networks = [FoldNetwork(m.name, classes, display, fits[fold]) for m, fits in zip(members, member_fits)]
-        parts = [fold_scores(network, [table[k] for k in keys]) for network, table in zip(networks, tables)]
-        model = EnsembleModel(networks, {"temperature": fit["temperature"],
-                                         "confidence_threshold": fit["confidence_threshold"]}) \
-            if ensemble else networks[0]
-        scores = model.combine(parts) if ensemble else parts[0]
-        predictions.update((k, model.prediction(scores, i, [])) for i, k in enumerate(keys))
-    return classes, display, rows, predictions
+    """Class keys, display names, the rows by path and each row's
+    :class:`Prediction` as the app gives it, out of fold
+    (:func:`training.crossval.out_of_fold_scores`): a network's from its fold's
+    thresholds; an ensemble's by ``EnsembleModel.combine`` of its members'
+    rows, each member and the ensemble with the temperature and thresholds its
+    fold fitted on the other folds."""
+    oof, scores = out_of_fold_scores(folder)
+    predictions = {path: oof.prediction(scores, i, []) for i, path in enumerate(oof.paths)}
+    return oof.class_names, oof.display_names, dict(zip(oof.paths, oof.rows)), predictions
 
 
 # --------------------------------------------------------------------------- tallies
@@ -253,7 +181,7 @@ def out_of_fold_section(folder: Path, source: str = SERIES_SOURCE, block: int = 
         raise DatasetError(f"{folder}: no out-of-fold rows of the source {source!r} "
                            f"(sources: {sorted({row.get('source', '') for row in rows.values()})})")
     series, left_out = pseudo_series(items, block, min_slices)
-    positive = _report(folder).get("positive_class")
+    positive = out_of_fold_report(folder).get("positive_class")
     rule_alone = summaries_of(series, predictions, classes, display, rule_only=True)
     gates = other_folds_validation(rule_alone, classes, display)
     answered = summaries_of(series, predictions, classes, display, lambda s: gates[s.fold])
