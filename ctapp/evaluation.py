@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import atomic_write_text, sha256_file
-from .inference import CONFIDENT, NOT_CHEST_CT, UNLIKE_TRAINING, EnsembleModel, LoadedModel
+from .inference import CONFIDENT, NOT_CHEST_CT, UNLIKE_TRAINING, EnsembleModel, LoadedModel, score_files_read_once
 from .metrics import evaluation_report, expected_calibration_error, risk_coverage, selective_summary
 from .paths import PathNotAllowed, data_roots, is_inside, resolve_data_file
 
@@ -30,9 +30,10 @@ def evaluate_files(model: LoadedModel | EnsembleModel, paths: list[Path], labels
     ``dedupe`` an image repeated under several names counts once. Each row's
     ``uncertain`` and ``state`` are exactly what the app shows for that slice;
     its ``path`` is relative to ``root``, its ``image`` to the data root
-    (of ``image_roots``, by default the server's) that holds it."""
+    (of ``image_roots``, by default the server's) that holds it, its
+    ``sha256`` that of the bytes it was scored from: each file is read once."""
     paths = [Path(p) for p in paths]
-    scores = model.score_files(paths, workers=workers, on_progress=on_progress)
+    scores, sha256s = score_files_read_once(model, paths, workers=workers, on_progress=on_progress)
     keep, seen, skipped = [], set(), 0
     for i, (error, digest) in enumerate(zip(scores.errors, scores.digests)):
         if error:
@@ -80,21 +81,21 @@ def evaluate_files(model: LoadedModel | EnsembleModel, paths: list[Path], labels
             "ood_score": float(score),
             "uncertain": state != CONFIDENT,
             "state": state,
-            **image_identity(paths[i], image_roots),
+            **image_identity(paths[i], image_roots, sha256=sha256s[i]),
         })
     return report, rows
 
 
-def image_identity(path: str | Path, roots: list[Path] | None = None) -> dict[str, str]:
+def image_identity(path: str | Path, roots: list[Path] | None = None, sha256: str | None = None) -> dict[str, str]:
     """How a report row names its image on any machine: ``image``, the path below
     the data root that holds it (symlinks followed; '' under none), and ``sha256``
-    of its bytes ('' when unreadable). Neither depends on where the repository or
-    the data folder lies, as the row's ``path`` (relative to the report's
-    ``data``, as training was given it) does."""
+    of its bytes ('' when unreadable; read from the file unless given). Neither
+    depends on where the repository or the data folder lies, as the row's
+    ``path`` (relative to the report's ``data``, as training was given it) does."""
     roots = data_roots() if roots is None else [Path(r).resolve() for r in roots]
     try:
         real = Path(path).resolve()
-        digest = sha256_file(real)
+        digest = sha256 or sha256_file(real)
     except (OSError, RuntimeError):
         return {"image": "", "sha256": ""}
     image = next((real.relative_to(root).as_posix() for root in roots if real.is_relative_to(root)), "")

@@ -23,6 +23,7 @@ import io
 import logging
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Union
@@ -128,11 +129,14 @@ def is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def decode(source: ImageSource, *, window: Window = LUNG_WINDOW, frame: int | None = None) -> Slice:
+def decode(source: ImageSource, *, window: Window = LUNG_WINDOW, frame: int | None = None,
+           on_bytes: Callable[[bytes], None] | None = None) -> Slice:
     """Decode a path, file bytes, numpy array or PIL image into a :class:`Slice`.
 
     The container is detected from the content, not the file name. ``frame``
-    picks a frame of a multi-frame file (default: the middle one).
+    picks a frame of a multi-frame file (default: the middle one). ``on_bytes``
+    is given the bytes of a path or of bytes before they are decoded (to hash
+    them without reading the file again).
     """
     try:
         if isinstance(source, Image.Image):
@@ -141,6 +145,8 @@ def decode(source: ImageSource, *, window: Window = LUNG_WINDOW, frame: int | No
             name, result = "array", _from_array(source)
         else:
             data, name = _read_bytes(source)
+            if on_bytes is not None:
+                on_bytes(data)
             if not data:
                 raise ImageDecodeError(f"{name}: the file is empty")
             result = _from_dicom(data, window, frame) if is_dicom(data) else _from_raster(data, name, frame)

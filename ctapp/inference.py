@@ -8,6 +8,7 @@ request never see another request's activations.
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError
-from .imaging import ImageSource, Slice, decode
+from .imaging import ImageDecodeError, ImageSource, Slice, decode
 from .metrics import calibrated
 from .models import get_spec
 from .ood import ENSEMBLE_GATE, EnsembleGate, FeatureCapture, MahalanobisOOD
@@ -527,5 +528,63 @@ class EnsembleModel(_Answering):
 
     def score_files(self, paths: list[Path], *, workers: int = 2,
                     on_progress: Callable[[int, int], None] | None = None) -> BatchScores:
-        return self.combine([m.score_files(paths, workers=workers, on_progress=on_progress if i == 0 else None)
-                             for i, m in enumerate(self.members)])
+        """The ensemble's scores of many files, each decoded once for all members
+        (:func:`score_files_read_once`)."""
+        return score_files_read_once(self, paths, workers=workers, on_progress=on_progress)[0]
+
+
+FILES_PER_DECODE = 32  # files decoded at a time: their squares are kept, their decoded pixels are not
+
+
+def score_files_read_once(model: LoadedModel | EnsembleModel, paths: list[Path], *, workers: int = 2,
+                          on_progress: Callable[[int, int], None] | None = None) -> tuple[BatchScores, list[str]]:
+    """A model's scores of many files (evaluation reports), each file read once
+    and decoded once for every member (in the first member's window, as
+    :meth:`_Answering.member_squares` reads slices), with each file's read
+    error and pixel digest; and the SHA-256 of each file's bytes ('' where
+    unreadable). Each member scores its squares as :meth:`LoadedModel.score_files`
+    does, so the answers are those of scoring member by member.
+    ``on_progress(done, count)`` counts files decoded."""
+    n = len(paths)
+    errors, digests, sha256s = [""] * n, [""] * n, [""] * n
+    window = model.members[0].preprocess.window
+    squares: list[list[torch.Tensor]] = [[] for _ in model.members]
+    body_found: list[list[bool]] = [[] for _ in model.members]
+    readable: list[int] = []
+
+    def read(i: int) -> Slice | None:
+        def hash_bytes(data: bytes) -> None:
+            sha256s[i] = hashlib.sha256(data).hexdigest()
+
+        try:
+            image = decode(paths[i], window=window, on_bytes=hash_bytes)
+        except ImageDecodeError as exc:
+            errors[i], sha256s[i] = str(exc), ""
+            return None
+        digests[i] = image.content_hash()
+        return image
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for start in range(0, n, FILES_PER_DECODE):
+            chunk, decoded = range(start, min(start + FILES_PER_DECODE, n)), []
+            for i, image in zip(chunk, pool.map(read, chunk)):
+                if image is not None:
+                    readable.append(i)
+                    decoded.append(image)
+                if on_progress:
+                    on_progress(i + 1, n)
+            for member, (chunk_squares, found) in enumerate(model.member_squares(decoded)):
+                squares[member].append(chunk_squares)
+                body_found[member] += found
+    k = len(model.class_names)
+    scores = BatchScores(np.full((n, k), np.nan), np.full((n, k), np.nan), np.full(n, np.nan), [""] * n,
+                         [[] for _ in range(n)], errors, digests, [True] * n)
+    if readable:
+        combined = model.combine([member.score_squares(torch.cat(parts), found) for member, parts, found
+                                  in zip(model.members, squares, body_found)])
+        for name in ("probs", "raw_probs", "ood_scores"):
+            getattr(scores, name)[readable] = getattr(combined, name)
+        for name in ("states", "reasons", "body_found"):
+            for row, value in zip(readable, getattr(combined, name)):
+                getattr(scores, name)[row] = value
+    return scores, sha256s
