@@ -314,13 +314,19 @@ def _read_series(key: str, _inputs: tuple) -> ReadResult:
 def read_series(inputs: list) -> ReadResult:
     """Series, volumes and loose images of uploaded files (a list of
     :class:`~ctapp.series.Input`), read once per distinct upload and shared
-    (read-only) by the sessions that upload the same files."""
+    (read-only) by the sessions that upload the same files. A read with an
+    error is not kept: the user fixes the file or the PACS and asks again,
+    and is answered by a new read, not by the failure."""
     import hashlib
 
     digest = hashlib.sha256()
     for item in inputs:
         digest.update(item.name.encode("utf-8", "replace") + b"\0" + hashlib.sha256(item.data).digest())
-    return _read_series(digest.hexdigest(), tuple(inputs))
+    key, held = digest.hexdigest(), tuple(inputs)
+    result = _read_series(key, held)
+    if result.errors:
+        _read_series.clear(key, held)
+    return result
 
 
 @st.cache_resource(max_entries=8, ttl=TTL, show_spinner=False)
@@ -331,9 +337,15 @@ def _series_classification(path: str, weights_stamp: float, digest: str, _series
 def series_classification(path: str | Path, series: Series) -> BackgroundClassification:
     """The classification of a series by the model in ``path``, started in the
     background on first request and shared by every session that asks for the
-    same series and model (the first chunk's slices are answered first)."""
+    same series and model (the first chunk's slices are answered first). A
+    failed run is handed out once more and dropped, so that asking again starts
+    a new run; the page's own rerun when a run ends is that once more."""
     path = Path(path).resolve()
-    return _series_classification(str(path), model_stamp(path), series.digest, series)
+    arguments = (str(path), model_stamp(path), series.digest, series)
+    job = _series_classification(*arguments)
+    if job.failed:
+        _series_classification.clear(*arguments)
+    return job
 
 
 def classify_series(path: str | Path, series: Series, on_progress=None) -> SeriesPredictions:

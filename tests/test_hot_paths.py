@@ -1,5 +1,6 @@
 """The app's hot paths (issue 26 follow-up): an evaluation reads each file
-once, and an ensemble decodes each file once for all its members."""
+once, an ensemble decodes each file once for all its members, and a failed
+series read or classification is not kept for the next request."""
 from __future__ import annotations
 
 import builtins
@@ -9,6 +10,7 @@ import os
 
 import numpy as np
 import pytest
+from app_fixtures import png_bytes
 from PIL import Image
 from tiny_models import sample_images, tiny_network
 
@@ -84,3 +86,44 @@ def test_an_ensemble_decodes_each_file_once_and_answers_as_its_members_one_by_on
     for name in ("states", "reasons", "errors", "digests", "body_found"):
         assert getattr(scores, name) == getattr(member_by_member, name), name
     assert scores.states[4] == NOT_CHEST_CT and scores.errors[5] and not any(scores.errors[:5])
+
+
+# --------------------------------------------------------------------------- caches of the series viewer
+
+
+def test_a_failed_series_read_is_read_again_and_a_good_one_is_not(monkeypatch):
+    from ctapp import ui_cache
+    from ctapp.volumes import Input
+
+    reads = []
+    real = ui_cache.read_inputs
+    monkeypatch.setattr(ui_cache, "read_inputs", lambda inputs: reads.append(len(inputs)) or real(inputs))
+    broken = [Input("cut.png", png_bytes(seed=3)[:100])]
+    for _ in range(2):
+        assert ui_cache.read_series(broken).errors
+    assert reads == [1, 1]
+    good = [Input("whole.png", png_bytes(seed=3))]
+    for _ in range(2):
+        result = ui_cache.read_series(good)
+        assert not result.errors and len(result.images) == 1
+    assert reads == [1, 1, 1]
+
+
+def test_a_failed_series_classification_is_handed_out_once_more_then_started_anew(tmp_path, monkeypatch):
+    from ctapp import ui_cache
+
+    started = []
+
+    class FailedRun:
+        finished = failed = True
+
+        def __init__(self, model, series):
+            started.append(series)
+
+    monkeypatch.setattr(ui_cache, "BackgroundClassification", FailedRun)
+    monkeypatch.setattr(ui_cache, "_load_model", lambda path, stamp: None)
+    series = type("SeriesOfOneDigest", (), {"digest": "a series whose classification fails"})()
+    first = ui_cache.series_classification(tmp_path, series)
+    assert first.failed and started == [series]
+    again = ui_cache.series_classification(tmp_path, series)
+    assert again is not first and started == [series, series]
