@@ -109,15 +109,16 @@ class BatchScores:
     reasons: list[list[str]]
     errors: list[str] = field(default_factory=list)
     digests: list[str] = field(default_factory=list)
-    body_found: list[bool] = field(default_factory=list)
+    body_found: list[bool] = field(default_factory=list)  # False also where the chest-CT check refused it
+    refusals: list[str] = field(default_factory=list)  # why the chest-CT check refused an input ('' where not)
 
 
 NO_BODY_NOTE = "no body found in the slice: left uncropped"
 
 
-def slice_notes(notes: list[str], body_found: bool) -> list[str]:
-    """How a slice was read, and whether the body crop found a body."""
-    return list(notes) + ([] if body_found else [NO_BODY_NOTE])
+def slice_notes(notes: list[str], body_found: bool, refusal: str = "") -> list[str]:
+    """How a slice was read, and why no network looked at it (no body found, or the check's ``refusal``)."""
+    return list(notes) + ([] if body_found else [refusal or NO_BODY_NOTE])
 
 
 def answer_state(input_state: str, confidence: float, threshold: float) -> tuple[str, list[str]]:
@@ -157,37 +158,37 @@ class _Answering:
         probs, state = scores.probs[i], scores.states[i]
         top = int(np.argmax(probs))
         body_found = scores.body_found[i] if scores.body_found else True
+        notes = slice_notes(notes, body_found, scores.refusals[i] if scores.refusals else "")
         return Prediction(label=self.class_names[top], display_label=self.display_names[top],
                           probabilities={name: float(p) for name, p in zip(self.class_names, probs)},
                           confidence=float(probs[top]), uncertain=state != CONFIDENT,
                           out_of_distribution=state in (NOT_CHEST_CT, UNLIKE_TRAINING),
                           ood_score=None if np.isnan(scores.ood_scores[i]) else float(scores.ood_scores[i]),
-                          reasons=list(scores.reasons[i]), notes=slice_notes(notes, body_found), state=state)
+                          reasons=list(scores.reasons[i]), notes=notes, state=state)
 
-    def member_squares(self, slices: list[Slice]) -> list[tuple[torch.Tensor, list[bool]]]:
-        """Per member: the (N, 1, S, S) input squares of decoded slices (read as
-        given: decoded in the first member's window, as the members share it) and
-        whether its body crop found a body in each; members with the same
-        preprocessing share one squaring."""
-        shared: dict[PreprocessConfig, tuple[torch.Tensor, list[bool]]] = {}
-        for config in dict.fromkeys(m.preprocess for m in self.members):
+    def member_inputs(self, slices: list[Slice]) -> list[tuple[torch.Tensor, list[bool], list[str]]]:
+        """Per member: the (N, 1, S, S) input squares of decoded slices (read as given: decoded in the
+        first member's window, as the members share it), whether each passed the body crop and the member's
+        chest-CT check, and the check's refusals (''); members alike in both share one squaring."""
+        shared: dict[tuple, tuple[torch.Tensor, list[bool], list[str]]] = {}
+        for config, check in dict.fromkeys((m.preprocess, m.input_check) for m in self.members):
             squares = torch.zeros(len(slices), 1, config.img_size, config.img_size)
-            body = [True] * len(slices)
+            body, refusals = [True] * len(slices), [""] * len(slices)
 
-            def one(i: int, config: PreprocessConfig = config, squares=squares, body=body) -> None:
-                square, geometry = to_square(slices[i].pixels, config)
+            def one(i: int, config=config, check=check, squares=squares, body=body, refusals=refusals) -> None:
+                square, geometry = to_square(slices[i].pixels, config, check)
                 squares[i, 0] = torch.from_numpy(square)
-                body[i] = geometry.body_found
+                body[i], refusals[i] = geometry.body_found, geometry.refusal
 
             with ThreadPoolExecutor(max_workers=min(SQUARING_WORKERS, max(len(slices), 1))) as pool:
                 list(pool.map(one, range(len(slices))))
-            shared[config] = squares, body
-        return [shared[m.preprocess] for m in self.members]
+            shared[config, check] = squares, body, refusals
+        return [shared[m.preprocess, m.input_check] for m in self.members]
 
     def score_slices(self, slices: list[Slice]) -> BatchScores:
         """Decoded slices through every member as one batch, combined."""
-        return self.combine([m.score_squares(squares, body, batch_size=max(len(slices), 1))
-                             for m, (squares, body) in zip(self.members, self.member_squares(slices))])
+        return self.combine([m.score_squares(squares, body, batch_size=max(len(slices), 1), refusals=refusals)
+                             for m, (squares, body, refusals) in zip(self.members, self.member_inputs(slices))])
 
     def classify_slices(self, slice_at: Callable[[int], Slice], count: int, *, batch_size: int = 32,
                         on_progress: Callable[[int, int], None] | None = None) -> list[Prediction]:
@@ -234,8 +235,10 @@ class _Answering:
 
 
 class LoadedModel(_Answering):
-    def __init__(self, model: nn.Module, meta: dict, path: Path | None = None, card: dict | None = None):
+    def __init__(self, model: nn.Module, meta: dict, path: Path | None = None, card: dict | None = None,
+                 input_check: Callable[[np.ndarray], str] | None = None):
         self.meta = meta
+        self.input_check = input_check  # the chest-CT check of its directory (ctapp.chest_check) or None
         self.path = path
         self.card = card or {}
         self.arch = meta["arch"]
@@ -301,14 +304,14 @@ class LoadedModel(_Answering):
             input_state = CONFIDENT
         return answer_state(input_state, confidence, self.confidence_threshold)
 
-    def _scores(self, logits, features: dict, body_found: list[bool]) -> BatchScores:
+    def _scores(self, logits, features: dict, body_found: list[bool], refusals: list[str] | None = None):
         probs = calibrated(logits, self.temperature)
         ood, far = self.ood.scores(features) if self.ood is not None else (np.full(len(probs), np.nan),) * 2
         assessed = [self.assess(float(probs[i].max()), None if np.isnan(ood[i]) else float(ood[i]), body_found[i],
                                 None if np.isnan(far[i]) else float(far[i])) for i in range(len(probs))]
         return BatchScores(probs, calibrated(logits, 1.0), np.asarray(ood, float),
                            [state for state, _ in assessed], [reasons for _, reasons in assessed],
-                           body_found=list(body_found))
+                           body_found=list(body_found), refusals=list(refusals or [""] * len(probs)))
 
     def forward_batch(self, images: torch.Tensor, batch_size: int = 32,
                       on_progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -339,29 +342,32 @@ class LoadedModel(_Answering):
         return logits, features
 
     def score_squares(self, images: torch.Tensor, body_found: list[bool], batch_size: int = 32,
-                      on_progress: Callable[[int, int], None] | None = None) -> BatchScores:
+                      on_progress: Callable[[int, int], None] | None = None,
+                      refusals: list[str] | None = None) -> BatchScores:
         """Calibrated probabilities, OOD scores and answer states of prepared
         (N, 1, S, S) input squares (``to_square``): the same answers as
         :meth:`predict` gives one slice at a time, batched and without Grad-CAM."""
         logits, features = self.forward_batch(images, batch_size, on_progress=on_progress)
-        return self._scores(logits, features, body_found)
+        return self._scores(logits, features, body_found, refusals)
 
     def score_files(self, paths: list[Path], *, workers: int = 2,
                     on_progress: Callable[[int, int], None] | None = None) -> BatchScores:
         """:meth:`score_squares` of many files (evaluation reports), with each
         file's read error and SHA-256."""
-        loaded = load_squares(paths, self.preprocess, workers=workers, on_progress=on_progress)
+        loaded = load_squares(paths, self.preprocess, workers=workers, on_progress=on_progress,
+                              input_check=self.input_check)
         ok = [i for i, error in enumerate(loaded.errors) if not error]
         n, k = len(paths), len(self.class_names)
         scores = BatchScores(np.full((n, k), np.nan), np.full((n, k), np.nan), np.full(n, np.nan), [""] * n,
-                             [[] for _ in range(n)], loaded.errors, loaded.digests, [True] * n)
+                             [[] for _ in range(n)], loaded.errors, loaded.digests, [True] * n, [""] * n)
         if not ok:
             return scores
-        part = self.score_squares(loaded.images[ok], [loaded.geometries[i].body_found for i in ok])
+        part = self.score_squares(loaded.images[ok], [loaded.geometries[i].body_found for i in ok],
+                                  refusals=[loaded.geometries[i].refusal for i in ok])
         scores.probs[ok], scores.raw_probs[ok], scores.ood_scores[ok] = part.probs, part.raw_probs, part.ood_scores
         for j, i in enumerate(ok):
-            scores.states[i], scores.reasons[i], scores.body_found[i] = part.states[j], part.reasons[j], \
-                part.body_found[j]
+            scores.states[i], scores.reasons[i], scores.body_found[i], scores.refusals[i] = part.states[j], \
+                part.reasons[j], part.body_found[j], part.refusals[j]
         return scores
 
     def analyse(self, image: ImageSource | Slice, target: int | str | None = None,
@@ -387,7 +393,7 @@ class LoadedModel(_Answering):
         answer = self.score_slices([image]) if self.runs_int8 else None
         if answer is not None and index is None:
             index = int(np.argmax(answer.probs[0]))
-        x, geometry = model_input(image.pixels, self.preprocess)
+        x, geometry = model_input(image.pixels, self.preprocess, self.input_check)
         x = x.contiguous(memory_format=self.precision.memory_format)
         with self._lock:
             # Under bf16 autocast the CAM layer's output and the logits are taken in fp32:
@@ -405,7 +411,8 @@ class LoadedModel(_Answering):
                 for hook in to_fp32:
                     hook.remove()
                 self.model.zero_grad(set_to_none=True)
-        scores = answer or self._scores(logits.float(), capture.features(), [geometry.body_found])
+        scores = answer or self._scores(logits.float(), capture.features(), [geometry.body_found],
+                                        [geometry.refusal])
         cam_index = index if index is not None else int(np.argmax(scores.probs[0]))
         return scores, np.clip(cam_to_image(maps[0], geometry), 0.0, 1.0), cam_index
 
@@ -499,6 +506,7 @@ class EnsembleModel(_Answering):
                            np.full(n, np.nan) for p, m in zip(parts, self.members)])
         probs = self.mean_probabilities([p.probs for p in parts])
         body_found = [all(p.body_found[i] for p in parts if p.body_found) for i in range(n)]
+        refusals = [next((p.refusals[i] for p in parts if p.refusals and p.refusals[i]), "") for i in range(n)]
         states, reasons = [""] * n, [[] for _ in range(n)]
         for i in range(n):
             if not errors[i]:
@@ -507,7 +515,7 @@ class EnsembleModel(_Answering):
                                                        list(ratios[:, i]), gate)
         return BatchScores(probs, np.mean([p.raw_probs for p in parts], axis=0),
                            np.array([gate.near_ratio(ratios[:, i]) for i in range(n)]),
-                           states, reasons, errors, parts[0].digests, body_found)
+                           states, reasons, errors, parts[0].digests, body_found, refusals)
 
     def analyse(self, image: ImageSource | Slice, target: int | str | None = None,
                 method: str = "Grad-CAM") -> Analysis:
@@ -540,7 +548,7 @@ def score_files_read_once(model: LoadedModel | EnsembleModel, paths: list[Path],
                           on_progress: Callable[[int, int], None] | None = None) -> tuple[BatchScores, list[str]]:
     """A model's scores of many files (evaluation reports), each file read once
     and decoded once for every member (in the first member's window, as
-    :meth:`_Answering.member_squares` reads slices), with each file's read
+    :meth:`_Answering.member_inputs` reads slices), with each file's read
     error and pixel digest; and the SHA-256 of each file's bytes ('' where
     unreadable). Each member scores its squares as :meth:`LoadedModel.score_files`
     does, so the answers are those of scoring member by member.
@@ -550,6 +558,7 @@ def score_files_read_once(model: LoadedModel | EnsembleModel, paths: list[Path],
     window = model.members[0].preprocess.window
     squares: list[list[torch.Tensor]] = [[] for _ in model.members]
     body_found: list[list[bool]] = [[] for _ in model.members]
+    refusals: list[list[str]] = [[] for _ in model.members]
     readable: list[int] = []
 
     def read(i: int) -> Slice | None:
@@ -573,18 +582,18 @@ def score_files_read_once(model: LoadedModel | EnsembleModel, paths: list[Path],
                     decoded.append(image)
                 if on_progress:
                     on_progress(i + 1, n)
-            for member, (chunk_squares, found) in enumerate(model.member_squares(decoded)):
+            for member, (chunk_squares, found, refused) in enumerate(model.member_inputs(decoded)):
                 squares[member].append(chunk_squares)
-                body_found[member] += found
+                body_found[member], refusals[member] = body_found[member] + found, refusals[member] + refused
     k = len(model.class_names)
     scores = BatchScores(np.full((n, k), np.nan), np.full((n, k), np.nan), np.full(n, np.nan), [""] * n,
-                         [[] for _ in range(n)], errors, digests, [True] * n)
+                         [[] for _ in range(n)], errors, digests, [True] * n, [""] * n)
     if readable:
-        combined = model.combine([member.score_squares(torch.cat(parts), found) for member, parts, found
-                                  in zip(model.members, squares, body_found)])
+        combined = model.combine([member.score_squares(torch.cat(parts), found, refusals=refused) for
+                                  member, parts, found, refused in zip(model.members, squares, body_found, refusals)])
         for name in ("probs", "raw_probs", "ood_scores"):
             getattr(scores, name)[readable] = getattr(combined, name)
-        for name in ("states", "reasons", "body_found"):
+        for name in ("states", "reasons", "body_found", "refusals"):
             for row, value in zip(readable, getattr(combined, name)):
                 getattr(scores, name)[row] = value
     return scores, sha256s

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .chest_check import CHECK_FOLDER, check_beside
+from .chest_check import WEIGHTS_FILE as CHECK_WEIGHTS_FILE
 from .checkpoint import CheckpointError, load_model_file
 from .inference import EnsembleModel, LoadedModel
 from .quantized import CALIBRATION_FILE
@@ -38,6 +40,8 @@ def load_model(path: str | os.PathLike) -> LoadedModel | EnsembleModel:
     folder (``ensemble.json`` naming member folders) or a checkpoint file.
 
     The weights' SHA-256 is checked against the model card when the card records it.
+    A model folder beside a chest-CT check (``../chest-check``, as in ``models/``)
+    refuses what the check refuses (:mod:`ctapp.chest_check`).
     """
     path = Path(path)
     if path.is_dir() and (path / ENSEMBLE_FILE).is_file():
@@ -47,7 +51,8 @@ def load_model(path: str | os.PathLike) -> LoadedModel | EnsembleModel:
         raise CheckpointError(f"{path}: no model here (expected {WEIGHTS_FILE} in the folder)")
     card = read_card(folder) if weights.name == WEIGHTS_FILE else {}
     model, meta = load_model_file(weights, expected_sha256=card.get("weights_sha256"))
-    return LoadedModel(model, meta, path=folder if weights.name == WEIGHTS_FILE else weights, card=card)
+    return LoadedModel(model, meta, path=folder if weights.name == WEIGHTS_FILE else weights, card=card,
+                       input_check=check_beside(folder))
 
 
 def read_ensemble_spec(folder: Path) -> tuple[dict, list[Path]]:
@@ -76,8 +81,8 @@ def load_ensemble(folder: Path) -> EnsembleModel:
 
 def model_stamp(folder: str | Path) -> float:
     """Modification time of what defines the model in ``folder`` (its weights, or an
-    ensemble's description), or of its int8 calibration where that is newer: part of
-    every cache key of the app."""
+    ensemble's description), or of its int8 calibration or the chest-CT check beside
+    it where that is newer: part of every cache key of the app."""
     folder = Path(folder)
 
     def modified(name: str) -> float | None:
@@ -87,7 +92,8 @@ def model_stamp(folder: str | Path) -> float:
             return None
 
     defining = next((stamp for name in (WEIGHTS_FILE, ENSEMBLE_FILE) if (stamp := modified(name)) is not None), 0.0)
-    return max(defining, modified(CALIBRATION_FILE) or 0.0)
+    return max(defining, modified(CALIBRATION_FILE) or 0.0,
+               modified(f"../{CHECK_FOLDER}/{CHECK_WEIGHTS_FILE}") or 0.0)
 
 
 @dataclass

@@ -86,7 +86,8 @@ class Geometry:
     pad_top: int
     pad_left: int
     side: int
-    body_found: bool = True
+    body_found: bool = True  # a body was found and no input check refused the slice
+    refusal: str = ""  # why an input check (ctapp.chest_check) refused it: '' where none did
 
 
 # A body smaller than this share of the slice is not trusted: the slice is left uncropped.
@@ -203,14 +204,18 @@ def square(pixels: np.ndarray, size: int) -> tuple[np.ndarray, int, int, int]:
     return np.clip(resized, 0.0, 1.0), top, left, side
 
 
-def to_square(pixels: np.ndarray, config: PreprocessConfig) -> tuple[np.ndarray, Geometry]:
+def to_square(pixels: np.ndarray, config: PreprocessConfig,
+              input_check: Callable[[np.ndarray], str] | None = None) -> tuple[np.ndarray, Geometry]:
     """One decoded grey slice -> the (S, S) square the model sees, and its geometry.
-    The single function behind training, evaluation, inference and Grad-CAM."""
+    The single function behind training, evaluation, inference and Grad-CAM.
+    ``input_check`` (the app's :class:`ctapp.chest_check.ChestCheck`) says why a
+    slice with a body is still not a chest CT ('' where it passes)."""
     h, w = pixels.shape
     # The body is looked for whether or not the model crops: a slice without one
     # (blank, noise) is not a chest CT for any model.
     found_box = body_box(pixels)
     found = found_box is not None
+    refusal = input_check(pixels) if input_check is not None and found else ""
     box = found_box if found_box is not None and config.crop == "body" else (0, 0, h, w)
     region = pixels[box[0]:box[2], box[1]:box[3]]
     if config.intensity == "percentile":
@@ -218,7 +223,7 @@ def to_square(pixels: np.ndarray, config: PreprocessConfig) -> tuple[np.ndarray,
     elif config.intensity == "equalise":
         region = equalise_intensity(region)
     resized, top, left, side = square(region, config.img_size)
-    return resized, Geometry(h, w, box, top, left, side, found)
+    return resized, Geometry(h, w, box, top, left, side, found and not refusal, refusal)
 
 
 def normalize(batch: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
@@ -228,9 +233,10 @@ def normalize(batch: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
     return (batch.expand(-1, config.channels, -1, -1) - mean) / std
 
 
-def model_input(pixels: np.ndarray, config: PreprocessConfig) -> tuple[torch.Tensor, Geometry]:
+def model_input(pixels: np.ndarray, config: PreprocessConfig,
+                input_check: Callable[[np.ndarray], str] | None = None) -> tuple[torch.Tensor, Geometry]:
     """One decoded slice -> a (1, C, S, S) tensor and its geometry."""
-    resized, geometry = to_square(pixels, config)
+    resized, geometry = to_square(pixels, config, input_check)
     batch = torch.from_numpy(resized)[None, None]
     return normalize(batch, config), geometry
 
@@ -277,7 +283,8 @@ class LoadedSquares:
 
 
 def load_squares(paths: list[Path], config: PreprocessConfig, *, workers: int = 2,
-                 on_progress: Callable[[int, int], None] | None = None) -> LoadedSquares:
+                 on_progress: Callable[[int, int], None] | None = None,
+                 input_check: Callable[[np.ndarray], str] | None = None) -> LoadedSquares:
     size = config.img_size
     images = torch.zeros(len(paths), 1, size, size)
     boxes = [None] * len(paths)
@@ -289,7 +296,7 @@ def load_squares(paths: list[Path], config: PreprocessConfig, *, workers: int = 
         except ImageDecodeError as exc:
             errors[i] = str(exc)
             return
-        resized, geometry = to_square(image.pixels, config)
+        resized, geometry = to_square(image.pixels, config, input_check)
         images[i, 0] = torch.from_numpy(resized)
         boxes[i] = geometry
         digests[i] = image.content_hash()

@@ -1,0 +1,134 @@
+"""The chest-CT check (ctapp.chest_check, trained by training.chest_check): its
+training separates made-up chest slices from other images, the shipped check
+refuses foreign images and passes real chest CT, a model beside a check
+refuses what it refuses (with the check's reason), and a damaged check folder
+gives a clear error."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import write_model_folder
+
+from ctapp.chest_check import CARD_FILE, CHECK_FOLDER, WEIGHTS_FILE, ChestCheckError, build_network, load_check, \
+    save_check
+from ctapp.imaging import LUNG_WINDOW, decode
+from ctapp.inference import NO_BODY_NOTE, NOT_CHEST_CT
+from ctapp.model_folders import DEFAULT_MODELS_DIR, load_model
+from ctapp.preprocess import to_square
+from training.chest_check import CONFIG, TrainingSet, choose_threshold, negative_files, scores, squares_of, \
+    synthetic_chest_files, train_check
+from training.foreign import ct_phantom, foreign_set
+
+SHIPPED = DEFAULT_MODELS_DIR / CHECK_FOLDER
+needs_shipped = pytest.mark.skipif(not (SHIPPED / WEIGHTS_FILE).is_file(), reason="no models/chest-check here")
+
+
+def test_training_separates_made_up_chest_slices_from_other_images():
+    torch.set_num_threads(1)
+    positives = squares_of(synthetic_chest_files(8, seed=7))
+    kinds = ("document", "head_ct", "coronal_reformat", "pattern")
+    negatives = {kind: squares_of(files) for kind, files in negative_files(3, seed=7, kinds=kinds).items()}
+    network = train_check(TrainingSet(positives, negatives), seed=0, epochs=25)
+    chest, other = scores(network, positives), scores(network, torch.cat(list(negatives.values())))
+    assert chest.min() > other.max(), (chest.round(3), other.round(3))
+
+
+def test_the_threshold_lies_below_every_out_of_fold_chest_slice_by_the_margin():
+    # lowest 0.2: odds 0.25, over 4: 0.0625, probability 0.0625 / 1.0625
+    assert choose_threshold(np.array([0.9, 0.2, 0.5])) == pytest.approx(0.0625 / 1.0625)
+
+
+def _check_folder(folder, threshold: float):
+    torch.manual_seed(0)
+    save_check(folder, build_network(4), 4, CONFIG, threshold, {"recipe": "test"})
+    return folder
+
+
+def test_a_model_beside_a_check_refuses_what_it_refuses_with_its_reason(tmp_path):
+    models = tmp_path / "models"
+    model_folder = write_model_folder(models / "tiny")
+    phantom = ct_phantom(128)
+    without = load_model(model_folder)
+    assert without.input_check is None and without.predict(phantom).state != NOT_CHEST_CT  # no check: opt in only
+    _check_folder(models / CHECK_FOLDER, threshold=1.0)  # refuses every slice with a body
+    model = load_model(model_folder)
+    prediction = model.predict(phantom)
+    assert prediction.state == NOT_CHEST_CT
+    assert any(note.startswith("the chest-CT check finds this unlike") for note in prediction.notes)
+    assert NO_BODY_NOTE not in prediction.notes
+    assert model.analyse(phantom).prediction.state == NOT_CHEST_CT  # the Grad-CAM path
+    png = tmp_path / "phantom.png"
+    from PIL import Image
+
+    Image.fromarray(phantom).save(png)
+    files = model.score_files([png])  # the evaluation path
+    assert files.states == [NOT_CHEST_CT] and files.refusals[0].startswith("the chest-CT check")
+    blank = model.predict(np.zeros((64, 64), np.uint8))  # no body: the check never runs
+    assert blank.state == NOT_CHEST_CT and NO_BODY_NOTE in blank.notes
+
+
+def test_a_damaged_check_folder_gives_a_clear_error(tmp_path):
+    folder = _check_folder(tmp_path / CHECK_FOLDER, threshold=0.5)
+    assert load_check(folder).threshold == 0.5
+    weights, card = folder / WEIGHTS_FILE, json.loads((folder / CARD_FILE).read_text())
+
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ChestCheckError, match="SHA-256 does not match"):
+        load_check(folder)
+
+    def with_card_for_current_weights():
+        from ctapp.checkpoint import sha256_file
+
+        (folder / CARD_FILE).write_text(json.dumps({**card, "weights_sha256": sha256_file(weights)}))
+
+    with_card_for_current_weights()
+    with pytest.raises(ChestCheckError, match="not a readable checkpoint"):
+        load_check(folder)
+    torch.save({"format": "ctapp.model", "state_dict": {}}, weights)  # a network's checkpoint, not a check
+    with_card_for_current_weights()
+    with pytest.raises(ChestCheckError, match="not chest-CT check weights"):
+        load_check(folder)
+    torch.save({"format": "ctapp.chest_check", "width": 8, "state_dict": build_network(4).state_dict()}, weights)
+    with_card_for_current_weights()
+    with pytest.raises(ChestCheckError, match="a damaged chest-CT check"):
+        load_check(folder)
+    (folder / CARD_FILE).write_text("{not json")
+    with pytest.raises(ChestCheckError, match="unreadable chest-CT check card"):
+        load_check(folder)
+    model_folder = write_model_folder(tmp_path / "beside")
+    with pytest.raises(ChestCheckError):  # a model beside a broken check is refused, not silently unchecked
+        load_model(model_folder)
+
+
+@needs_shipped
+@pytest.mark.parametrize("name", ["abdomen_ct/dicom_0", "pelvis_ct/dicom_1", "sagittal_reformat/at_0.5",
+                                  "head_ct/dicom_2", "photo/sample_0", "radiograph/frontal_dicom"])
+def test_the_shipped_check_refuses_foreign_images(name):
+    check = load_check(SHIPPED)
+    image = next(f for f in foreign_set() if f.name == name)
+    geometry = to_square(decode(image.data, window=LUNG_WINDOW).pixels, check.config, check)[1]
+    assert not geometry.body_found and geometry.refusal, name
+
+
+@needs_shipped
+@pytest.mark.shared_data
+def test_the_shipped_check_passes_real_chest_ct_of_every_source(shared_data):
+    check = load_check(SHIPPED)
+    for source in ("chest-ct-scan-images/Data/valid/normal", "sarscov2-ctscan/COVID", "covid-ct-ucsd/non-COVID",
+                   "mosmed/COVID"):
+        path = sorted((shared_data / source).iterdir())[0]
+        assert check(decode(path, window=LUNG_WINDOW).pixels) == "", path
+    model = load_model(DEFAULT_MODELS_DIR / "covid-vgg19_bn")
+    assert model.input_check is check
+    assert model.predict(shared_data / "sarscov2-ctscan" / "COVID" / "Covid (1).png").state != NOT_CHEST_CT
+
+
+def test_a_check_folder_beside_models_is_not_listed_as_a_model(tmp_path):
+    from ctapp.model_folders import list_models
+
+    write_model_folder(tmp_path / "tiny")
+    _check_folder(tmp_path / CHECK_FOLDER, threshold=0.5)
+    assert [entry.name for entry in list_models([tmp_path])] == ["tiny"]
