@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ctapp.metrics import few_images_note
+from ctapp.precision import INFERENCE_AMP_ENV
 
 # Calm, colour-blind-friendly colours (Okabe-Ito, darkened blue first); one per model.
 PALETTE = ("#1f6f8b", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#7f7f7f")
@@ -365,6 +366,39 @@ def card_latency_ms(card: Mapping) -> dict[str, float]:
         return {k: float(value[k]) for k in ("predict", "predict_gradcam")
                 if isinstance(value.get(k), (int, float)) and not isinstance(value.get(k), bool)}
     return {}
+
+
+def _formatted(value, spec: str) -> str | None:
+    """A recorded number in ``spec``; None for anything else."""
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def int8_agreement(calibration: Mapping | None) -> dict[str, str]:
+    """How far the int8 network's answers landed from fp32 on the slices of the
+    model's evaluation report, as a model folder's calibration file
+    (``quantization.json``, ``python -m training.quantize``) records it:
+    field -> value in words; empty when it records none."""
+    figures = (calibration or {}).get("agreement")
+    if not isinstance(figures, Mapping) or not figures.get("slices"):
+        return {}
+    changed = figures.get("states_changed")
+    where = ", ".join(str(figures[k]) for k in ("date", "machine", "measured_by") if figures.get(k))
+    rows = {
+        "Slices compared": _formatted(figures["slices"], ","),
+        "Answer state kept": _formatted(figures.get("state_agreement"), ".1%"),
+        "Label kept": _formatted(figures.get("label_agreement"), ".1%"),
+        "|Δp|, 99th percentile": _formatted(figures.get("p99_abs_dp"), ".3f"),
+        "|Δp|, largest": _formatted(figures.get("max_abs_dp"), ".3f"),
+        "States changed": ", ".join(f"{k}: {v}" for k, v in changed.items()) if isinstance(changed, Mapping)
+        and changed else None,
+        "Measured": where or None,
+    }
+    return {field: value for field, value in rows.items() if value is not None}
+
+
+INT8_OPT_IN = (f"int8 is opt-in: this server answers in int8 only when it is started with {INFERENCE_AMP_ENV}=int8 "
+               "(fp32 otherwise, bf16 where the CPU has native bf16 kernels). |Δp| is the largest change of a "
+               "class probability per slice against fp32.")
 
 
 SPLIT_NAMES = {"valid": "validation split", "test": "test split", "train": "training split"}

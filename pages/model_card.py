@@ -15,6 +15,7 @@ from ctapp import figures, ui_cache
 from ctapp.checkpoint import CheckpointError
 from ctapp.model_folders import ENSEMBLE_FILE, ModelEntry, read_ensemble_spec
 from ctapp.metrics import few_images_note
+from ctapp.quantized import CALIBRATION_FILE
 from ctapp.report import DISCLAIMER
 
 # Card keys shown in their own sections; anything else appears under "Other fields".
@@ -316,6 +317,7 @@ def show_overview(entry: ModelEntry, card: Mapping) -> None:
         kv_table(key_values(card.get("calibration")))
     st.markdown("**Out-of-distribution check**")
     card_section(card, "out_of_distribution", members)
+    show_int8_agreement(entry)
     check = card.get("weight_storage_check")
     if check:
         st.markdown("**Effect of the stored weight precision** (validation, before calibration)")
@@ -324,6 +326,15 @@ def show_overview(entry: ModelEntry, card: Mapping) -> None:
     if other:
         st.markdown("**Other fields**")
         kv_table(key_values(other))
+
+
+def show_int8_agreement(entry: ModelEntry) -> None:
+    """What the folder's calibration file records of the int8 network against fp32."""
+    agreement = figures.int8_agreement(ui_cache.read_json(entry.path / CALIBRATION_FILE))
+    if agreement:
+        st.markdown("**int8 against fp32** (slices of the evaluation report)")
+        kv_table([{"Field": field, "Value": value} for field, value in agreement.items()])
+        st.caption(figures.INT8_OPT_IN)
 
 
 def ensemble_members(entry: ModelEntry) -> list[Path] | None:

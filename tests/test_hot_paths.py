@@ -1,24 +1,31 @@
 """The app's hot paths (issue 26 follow-up): an evaluation reads each file
-once, an ensemble decodes each file once for all its members, and a failed
-series read or classification is not kept for the next request."""
+once, an ensemble decodes each file once for all its members, a failed series
+read or classification is not kept for the next request, and the model card
+shows the int8 agreement."""
+# ruff: noqa: F811  (pytest fixtures imported from app_fixtures are "redefined" as test arguments)
 from __future__ import annotations
 
 import builtins
 import hashlib
 import io
+import json
 import os
 
 import numpy as np
 import pytest
-from app_fixtures import png_bytes
+from app_fixtures import APP, app_env, app_settings, png_bytes  # noqa: F401
 from PIL import Image
+from streamlit.testing.v1 import AppTest
 from tiny_models import sample_images, tiny_network
 
 import ctapp.inference
 import ctapp.preprocess
 from ctapp.evaluation import evaluate_files
 from ctapp.inference import NOT_CHEST_CT, EnsembleModel, LoadedModel
+from ctapp.model_folders import DEFAULT_MODELS_DIR
 from ctapp.preprocess import PreprocessConfig
+
+TIMEOUT = 120  # seconds per script run: the CPU is shared with a training job
 
 
 @pytest.fixture
@@ -127,3 +134,50 @@ def test_a_failed_series_classification_is_handed_out_once_more_then_started_ane
     assert first.failed and started == [series]
     again = ui_cache.series_classification(tmp_path, series)
     assert again is not first and started == [series, series]
+
+
+# --------------------------------------------------------------------------- pages
+
+
+def run_page(at: AppTest) -> AppTest:
+    at = at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def page_text(at: AppTest) -> str:
+    parts = [str(element.value) for kind in ("markdown", "caption", "info", "warning", "error")
+             for element in getattr(at, kind)]
+    return "\n".join(parts + [frame.value.to_string() for frame in [*at.dataframe, *at.table]])
+
+
+SHIPPED = DEFAULT_MODELS_DIR / "covid-ensemble"  # the path the page lists it under
+
+
+def test_the_int8_agreement_is_read_from_the_calibration_file():
+    from ctapp import figures
+
+    assert figures.int8_agreement(None) == {} and figures.int8_agreement({"layers": ["layer1"]}) == {}
+    recorded = {"agreement": {"slices": 600, "state_agreement": 0.9333, "label_agreement": 0.985,
+                              "p99_abs_dp": 0.0853, "max_abs_dp": 0.1212, "states_changed": {"a -> b": 4},
+                              "date": "2026-12-06", "measured_by": "python -m training.quantize"}}
+    assert figures.int8_agreement(recorded) == {
+        "Slices compared": "600", "Answer state kept": "93.3%", "Label kept": "98.5%",
+        "|Δp|, 99th percentile": "0.085", "|Δp|, largest": "0.121", "States changed": "a -> b: 4",
+        "Measured": "2026-12-06, python -m training.quantize"}
+    assert "CTAPP_INFERENCE_AMP=int8" in figures.INT8_OPT_IN
+
+
+@pytest.mark.skipif(not (SHIPPED / "quantization.json").is_file(), reason="the shipped covid-ensemble is absent")
+def test_the_model_card_shows_the_int8_agreement_and_that_int8_is_opt_in(app_settings):
+    recorded = json.loads((SHIPPED / "quantization.json").read_text())["agreement"]
+    at = run_page(AppTest.from_file(str(APP), default_timeout=TIMEOUT))
+    at = run_page(at.switch_page("pages/model_card.py"))
+    text = page_text(run_page(at.selectbox(key="card_model").set_value(str(SHIPPED))))
+    assert "int8 against fp32" in text and "CTAPP_INFERENCE_AMP=int8" in text
+    for figure in (f"{recorded['state_agreement']:.1%}", f"{recorded['label_agreement']:.1%}",
+                   f"{recorded['p99_abs_dp']:.3f}"):
+        assert figure in text, figure
+    at = run_page(at.selectbox(key="card_model").set_value(str(app_settings.model_a)))
+    assert "int8 against fp32" not in page_text(at)  # a model without a calibration file
+
