@@ -44,6 +44,7 @@ PREDICTED = ""  # "class to explain": the predicted class
 BATCH_PROGRESS_FROM = 3  # show a progress bar from this many files on
 MAX_FILES = 20  # files analysed per upload
 VIEWER_HANDOFF = "viewer_handoff"  # uploads handed to the series viewer (pages/viewer.py reads this key)
+DETAIL_SLICE = "detail_slice"  # the batch's slice shown in detail (its unique name)
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,32 @@ def answer_with_map(models: list[ModelEntry], loaded: list[LoadedModel], method:
     return answer
 
 
+def answer_detail_with_map(models: list[ModelEntry], loaded: list[LoadedModel], method: str, target: str,
+                           chosen: str | None, mapped: set) -> Callable[[ModelEntry, Upload], Prediction]:
+    """``classify``'s answer for a batch: the upload that will be shown in
+    detail (named ``chosen``, the session's pick on an earlier run; else the
+    first that reads) gets its prediction with its map in one pass
+    (:func:`answer_with_map`), every other one predict's. ``mapped`` holds
+    what this session answered with a map (model, upload, method, class),
+    answered from its cached map again rather than predicted anew; the
+    answers given with a map here are added."""
+    with_map = answer_with_map(models, loaded, method, target)
+    detail: list[Upload] = []  # the upload answered with its map, once one is
+
+    def answer(entry: ModelEntry, upload: Upload) -> Prediction:
+        shown = upload is detail[0] if detail else chosen in (None, upload.name)
+        key = (str(entry.path), upload.sha256, method, target)
+        if not shown and key not in mapped:
+            return predicted(entry, upload)
+        prediction = with_map(entry, upload)  # an unreadable upload raises: the next one is tried
+        mapped.add(key)
+        if shown:
+            detail[:] = [upload]
+        return prediction
+
+    return answer
+
+
 def build_report(result: SliceResult, shown: Slice, explanations: list[Explanation], overlays: list,
                  method: str) -> str:
     upload = result.upload
@@ -358,7 +385,7 @@ def pick_slice(results: list[SliceResult]) -> SliceResult:
     if len(results) == 1:
         return results[0]
     names = unique_names(results)
-    chosen = st.selectbox("Slice to view in detail", names, key="detail_slice")
+    chosen = st.selectbox("Slice to view in detail", names, key=DETAIL_SLICE)
     return results[names.index(chosen)]
 
 
@@ -483,7 +510,10 @@ def main() -> None:
 
     progress = st.progress(0.0, text="Classifying...") if len(uploads) >= BATCH_PROGRESS_FROM else None
     # One slice is shown in detail at once: its map comes with its prediction.
-    answer = answer_with_map(models, loaded, method, target) if len(uploads) == 1 else predicted
+    chosen = st.session_state.get(DETAIL_SLICE)
+    answer = answer_detail_with_map(models, loaded, method, target,
+                                    chosen if chosen in {upload.name for upload in uploads} else None,
+                                    st.session_state.setdefault("answered_with_map", set()))
     results = classify(uploads, models, answer=answer, on_progress=(lambda done, total: progress.progress(
         done / total, text=f"Classifying {done} of {total}...")) if progress else None)
     if progress:

@@ -1,7 +1,7 @@
 """The app's hot paths (issue 26 follow-up): an evaluation reads each file
 once, an ensemble decodes each file once for all its members, a failed series
-read or classification is not kept for the next request, and the model card
-shows the int8 agreement."""
+read or classification is not kept for the next request, the model card shows
+the int8 agreement, and a batch's slice shown in detail runs each network once."""
 # ruff: noqa: F811  (pytest fixtures imported from app_fixtures are "redefined" as test arguments)
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 import pytest
-from app_fixtures import APP, app_env, app_settings, png_bytes  # noqa: F401
+from app_fixtures import APP, TASK, app_env, app_settings, png_bytes  # noqa: F401
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 from tiny_models import sample_images, tiny_network
@@ -181,3 +181,28 @@ def test_the_model_card_shows_the_int8_agreement_and_that_int8_is_opt_in(app_set
     at = run_page(at.selectbox(key="card_model").set_value(str(app_settings.model_a)))
     assert "int8 against fp32" not in page_text(at)  # a model without a calibration file
 
+
+def test_a_batchs_slice_shown_in_detail_runs_each_network_once(app_settings, monkeypatch):
+    """The slice shown in detail (the first that reads, then the one picked)
+    gets its prediction from its map's pass; the others are predicted only."""
+    calls = []
+    for name in ("predict", "analyse"):
+        real = getattr(LoadedModel, name)
+        monkeypatch.setattr(LoadedModel, name, lambda self, image, *args, _name=name, _real=real, **kw:
+                            calls.append((_name, hashlib.sha256(image).hexdigest())) or _real(self, image, *args, **kw))
+    at = run_page(AppTest.from_file(str(APP), default_timeout=TIMEOUT))
+    if at.selectbox(key="task").value != TASK:
+        at = run_page(at.selectbox(key="task").set_value(TASK))
+    files = [("cut.png", png_bytes(seed=71)[:120]), ("first.png", png_bytes(seed=72)),
+             ("second.png", png_bytes(label=1, seed=73))]
+    cut, first, second = (hashlib.sha256(data).hexdigest() for _, data in files)
+    at = run_page(at.file_uploader(key="uploads").set_value([(name, data, "image/png") for name, data in files]))
+    # cut.png is tried first for the detail and refused by its decoder, before any network runs.
+    assert sorted(calls) == sorted([("analyse", cut), ("analyse", first), ("predict", second)])
+    assert len(at.image) == 2  # the slice and its map
+    calls.clear()
+    at = run_page(at.selectbox(key="detail_slice").set_value("second.png"))
+    # first.png keeps the answer of its map's pass (cached); only second.png's map is drawn (cut.png is decoded
+    # again and refused).
+    assert sorted(calls) == sorted([("predict", cut), ("analyse", second)])
+    assert len(at.image) == 2
