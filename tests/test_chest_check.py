@@ -12,8 +12,8 @@ import pytest
 import torch
 from tiny_models import write_model_folder
 
-from ctapp.chest_check import CARD_FILE, CHECK_FOLDER, WEIGHTS_FILE, ChestCheckError, build_network, load_check, \
-    save_check
+from ctapp.chest_check import CARD_FILE, CHECK_FOLDER, WEIGHTS_FILE, ChestCheckError, build_network, check_beside, \
+    load_check, save_check
 from ctapp.imaging import LUNG_WINDOW, decode
 from ctapp.inference import NO_BODY_NOTE, NOT_CHEST_CT
 from ctapp.model_folders import DEFAULT_MODELS_DIR, load_model
@@ -116,7 +116,7 @@ def test_the_shipped_check_refuses_foreign_images(name):
 @needs_shipped
 @pytest.mark.shared_data
 def test_the_shipped_check_passes_real_chest_ct_of_every_source(shared_data):
-    check = load_check(SHIPPED)
+    check = check_beside(DEFAULT_MODELS_DIR / "covid-vgg19_bn")  # one instance for the directory's models
     for source in ("chest-ct-scan-images/Data/valid/normal", "sarscov2-ctscan/COVID", "covid-ct-ucsd/non-COVID",
                    "mosmed/COVID"):
         path = sorted((shared_data / source).iterdir())[0]
@@ -132,3 +132,27 @@ def test_a_check_folder_beside_models_is_not_listed_as_a_model(tmp_path):
     write_model_folder(tmp_path / "tiny")
     _check_folder(tmp_path / CHECK_FOLDER, threshold=0.5)
     assert [entry.name for entry in list_models([tmp_path])] == ["tiny"]
+
+
+def test_the_gate_table_counts_what_the_check_refused_out_of_fold(tmp_path):
+    """benchmarks/gate.py joins the check's out-of-fold verdicts to a model's out-of-fold rows by image."""
+    import csv
+
+    from benchmarks.gate import oof_answers
+    from ctapp.inference import CONFIDENT
+
+    member = tmp_path / "member"
+    member.mkdir()
+    fits = [{"fold": k, "temperature": 1.0, "confidence_threshold": 0.7, "ood_threshold": 2.0, "far_threshold": 10.0}
+            for k in (0, 1)]
+    with open(member / "eval_report.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "source", "fold", "true", "pred", "confidence", "p_x", "p_y", "ood_score",
+                         "far_score", "image", "sha256"])
+        for name, fold in (("a", 0), ("b", 1)):
+            writer.writerow([f"{name}.png", "S", fold, "x", "x", 0.9, 0.9, 0.1, 1.0, 3.0, f"S/{name}.png", name])
+    (member / "eval_report.json").write_text(json.dumps({"out_of_fold": True, "class_names": ["x", "y"],
+                                                        "crossfit": {"per_fold": fits}}))
+    assert [a["state"] for a in oof_answers(member)] == [CONFIDENT, CONFIDENT]
+    joined = oof_answers(member, refused={"S/a.png": True, "S/b.png": False})
+    assert [a["state"] for a in joined] == [NOT_CHEST_CT, CONFIDENT]
