@@ -11,7 +11,10 @@ For every shipped model (networks and ensembles), one row per set of slices:
   against the thresholds its fold fitted on the other folds, its calibrated
   confidence against its fold's threshold; an ensemble: its members' rows
   joined by path, combined as the app combines them under
-  :data:`ctapp.ood.ENSEMBLE_GATE`; :func:`training.crossval.out_of_fold_scores`);
+  :data:`ctapp.ood.ENSEMBLE_GATE`; :func:`training.crossval.out_of_fold_scores`),
+  and 'not a chest CT' where the chest-CT check beside the models
+  (``models/chest-check``) refused the slice out of fold (by its own folds:
+  ``out_of_fold.csv``, :func:`ctapp.chest_check.out_of_fold_refusals`);
 * each kind of the foreign-image set (``training.foreign.foreign_set``: photos,
   documents, radiographs, other body parts, reformats, phantoms...), answered by
   the shipped model through the app's own decoder;
@@ -38,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ctapp.checkpoint import atomic_write_text  # noqa: E402
+from ctapp.chest_check import CHECK_FOLDER, out_of_fold_refusals  # noqa: E402
 from ctapp.data import class_key, scan_dataset  # noqa: E402
 from ctapp.imaging import decode  # noqa: E402
 from ctapp.inference import CONFIDENT, NOT_CHEST_CT, UNLIKE_TRAINING, BatchScores  # noqa: E402
@@ -69,14 +73,23 @@ def tally(answers: list[dict]) -> dict:
 # --------------------------------------------------------------------------- out of fold
 
 
-def oof_answers(folder: Path, gate: EnsembleGate = ENSEMBLE_GATE) -> list[dict]:
+def oof_answers(folder: Path, gate: EnsembleGate = ENSEMBLE_GATE, refused: dict[str, bool] | None = None,
+                ) -> list[dict]:
     """Every out-of-fold slice of a model: ``{"source", "state", "correct"}``, the
     state as the app gives it (an ensemble's under ``gate``), by
-    :func:`training.crossval.out_of_fold_scores`."""
+    :func:`training.crossval.out_of_fold_scores`; 'not a chest CT' where
+    ``refused`` (the chest-CT check's out-of-fold verdicts by image) says so."""
     oof, scores = out_of_fold_scores(folder, gate)
     predicted = [oof.class_names[int(np.argmax(probs))] for probs in scores.probs]
-    return [{"source": row["source"], "state": state, "correct": label == row["true"]}
-            for row, state, label in zip(oof.rows, scores.states, predicted)]
+    refused = refused or {}
+    return [{"source": row["source"], "state": NOT_CHEST_CT if refused.get(row.get("image")) else state,
+             "correct": label == row["true"]} for row, state, label in zip(oof.rows, scores.states, predicted)]
+
+
+def chest_check_verdicts(models_dir: Path) -> dict[str, bool] | None:
+    """The out-of-fold verdicts of the chest-CT check beside the models, or None where there is none."""
+    folder = models_dir / CHECK_FOLDER
+    return out_of_fold_refusals(folder) if folder.is_dir() else None
 
 
 # --------------------------------------------------------------------------- the shipped models
@@ -117,6 +130,7 @@ def measure(models_dir: Path, mosmed_root: Path | None, mosmed_limit: int | None
     paths, mosmed_labels = mosmed_files(mosmed_root, mosmed_limit)
     networks = [p for p in folders if not (p / ENSEMBLE_FILE).is_file()]
     scores = {p.resolve(): final_scores(p, by_kind, paths) for p in networks}
+    refused = chest_check_verdicts(models_dir)
     table, comparison = {}, {}
     for folder in folders:
         model = load_model(folder)
@@ -125,7 +139,7 @@ def measure(models_dir: Path, mosmed_root: Path | None, mosmed_limit: int | None
         mosmed_truth = [keys.index(class_key(label)) if class_key(label) in keys else None for label in mosmed_labels]
 
         def rows_for(gate: EnsembleGate) -> dict:
-            oof = oof_answers(folder, gate)
+            oof = oof_answers(folder, gate, refused)
             out = {f"out of fold: {s}": tally([a for a in oof if a["source"] == s])
                    for s in sorted({a["source"] for a in oof})}
             every = []
@@ -144,7 +158,9 @@ def measure(models_dir: Path, mosmed_root: Path | None, mosmed_limit: int | None
         if rules and len(member_folders) > 1:
             comparison[folder.name] = {f"{g.not_ct} / {g.unlike}": summary(rows_for(g)) for g in RULES}
     return {"table": table, "rules": comparison, "shipped_rule": f"{ENSEMBLE_GATE.not_ct} / {ENSEMBLE_GATE.unlike}",
-            "foreign_images": len(foreign), "mosmed_slices": len(paths)}
+            "foreign_images": len(foreign), "mosmed_slices": len(paths),
+            "chest_check_out_of_fold": None if refused is None else {"slices": len(refused),
+                                                                     "refused": sum(refused.values())}}
 
 
 def summary(rows: dict) -> dict:
