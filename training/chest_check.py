@@ -328,8 +328,9 @@ def chest_slices(pack: Path | None, data: Path, folds: int, seed: int) -> ChestS
 
 
 def augmented(squares: torch.Tensor, copies: int, seed: int, render_share: float = 0.0) -> torch.Tensor:
-    """``copies`` shifted copies of every square (the ``scanner`` augmentation);
-    of the first copy, ``render_share`` rendered as a scanner's DICOM slice every time."""
+    """``copies`` shifted copies of every square (the ``scanner`` augmentation,
+    which renders some as a scanner's DICOM slice by chance); in the first copy a
+    fixed, evenly spread ``render_share`` of the squares is rendered so for certain."""
     torch.manual_seed(seed)
     shift, render = train_augment("scanner", CONFIG), ScannerRender(p=1.0, crop=CONFIG.crop,
                                                                      intensity=CONFIG.intensity)
@@ -412,7 +413,7 @@ def foreign_verdicts(check: ChestCheck, pixels_of: dict[str, list[np.ndarray]]) 
     refused before any network (no body found, or the check)."""
     out = {}
     for kind, pixels in pixels_of.items():
-        verdicts = [to_square(image, CONFIG, check)[1] for image in pixels]
+        verdicts = [to_square(image, check.config, check)[1] for image in pixels]
         out[kind] = {"images": len(verdicts),
                      "refused_by_check": sum(bool(g.refusal) for g in verdicts) / len(verdicts),
                      "not_chest_ct": sum(not g.body_found for g in verdicts) / len(verdicts)}
