@@ -156,3 +156,26 @@ def test_the_gate_table_counts_what_the_check_refused_out_of_fold(tmp_path):
     assert [a["state"] for a in oof_answers(member)] == [CONFIDENT, CONFIDENT]
     joined = oof_answers(member, refused={"S/a.png": True, "S/b.png": False})
     assert [a["state"] for a in joined] == [NOT_CHEST_CT, CONFIDENT]
+
+
+def test_an_ensemble_beside_a_check_refuses_on_every_path(tmp_path):
+    """Its members share the check: a series of slices, and files scored for an evaluation, are refused
+    with the check's reason."""
+    from PIL import Image
+
+    models = tmp_path / "models"
+    for name, seed in (("a", 0), ("b", 1)):
+        write_model_folder(models / name, seed=seed)
+    (models / "ab").mkdir()
+    (models / "ab" / "ensemble.json").write_text(json.dumps({"members": ["../a", "../b"]}))
+    _check_folder(models / CHECK_FOLDER, threshold=1.0)
+    ensemble = load_model(models / "ab")
+    assert all(member.input_check is ensemble.members[0].input_check is not None for member in ensemble.members)
+    slices = [decode(ct_phantom(96, seed)) for seed in range(3)]
+    answers = ensemble.classify_slices(lambda i: slices[i], len(slices), batch_size=2)
+    assert [a.state for a in answers] == [NOT_CHEST_CT] * 3
+    assert all(any(note.startswith("the chest-CT check") for note in a.notes) for a in answers)
+    png = tmp_path / "phantom.png"
+    Image.fromarray(ct_phantom(96)).save(png)
+    files = ensemble.score_files([png])
+    assert files.states == [NOT_CHEST_CT] and files.refusals[0].startswith("the chest-CT check")
