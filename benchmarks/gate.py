@@ -76,14 +76,13 @@ def tally(answers: list[dict]) -> dict:
 def oof_answers(folder: Path, gate: EnsembleGate = ENSEMBLE_GATE, refused: dict[str, bool] | None = None,
                 ) -> list[dict]:
     """Every out-of-fold slice of a model: ``{"source", "state", "correct"}``, the
-    state as the app gives it (an ensemble's under ``gate``), by
-    :func:`training.crossval.out_of_fold_scores`; 'not a chest CT' where
-    ``refused`` (the chest-CT check's out-of-fold verdicts by image) says so."""
-    oof, scores = out_of_fold_scores(folder, gate)
+    state as the app gives it (an ensemble's under ``gate``, with ``refused``,
+    the chest-CT check's out-of-fold verdicts by image, where the models have
+    one), by :func:`training.crossval.out_of_fold_scores`."""
+    oof, scores = out_of_fold_scores(folder, gate, refused)
     predicted = [oof.class_names[int(np.argmax(probs))] for probs in scores.probs]
-    refused = refused or {}
-    return [{"source": row["source"], "state": NOT_CHEST_CT if refused.get(row.get("image")) else state,
-             "correct": label == row["true"]} for row, state, label in zip(oof.rows, scores.states, predicted)]
+    return [{"source": row["source"], "state": state, "correct": label == row["true"]}
+            for row, state, label in zip(oof.rows, scores.states, predicted)]
 
 
 def chest_check_verdicts(models_dir: Path) -> dict[str, bool] | None:

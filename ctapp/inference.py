@@ -287,18 +287,19 @@ class LoadedModel(_Answering):
         """The state of an answer and the reasons behind it: the one rule shared by
         the app, the command line and evaluation reports.
 
-        Not a chest CT: the body crop found no body, or the far score (the OOD
-        score where none is given) is beyond anything chest CT scored
-        (``ood.far_threshold``). Unlike the training images: the OOD score is
-        beyond the usual range of unseen chest CT slices (``ood.threshold``).
-        Low confidence: below the threshold chosen on out-of-fold predictions.
-        """
+        Not a chest CT: no body found or the chest-CT check refused the slice
+        (``body_found`` False); without that check, also a far score (the OOD score
+        where none is given) beyond anything chest CT scored (``ood.far_threshold``).
+        With it, a far score means unlike the training images, as an OOD score
+        beyond the usual range of unseen chest CT (``ood.threshold``) does: chest CT
+        of another hospital lies far too. Low confidence: below the out-of-fold threshold."""
         far = self.ood.far_threshold if self.ood is not None else None
         near = self.ood.threshold if self.ood is not None else None
         far_score = ood_score if far_score is None else far_score
-        if not body_found or (far_score is not None and far is not None and far_score > far):
+        beyond_far = far_score is not None and far is not None and far_score > far
+        if not body_found or (beyond_far and self.input_check is None):
             input_state = NOT_CHEST_CT
-        elif ood_score is not None and near is not None and ood_score > near:
+        elif beyond_far or (ood_score is not None and near is not None and ood_score > near):
             input_state = UNLIKE_TRAINING
         else:
             input_state = CONFIDENT

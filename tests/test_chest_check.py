@@ -139,7 +139,7 @@ def test_the_gate_table_counts_what_the_check_refused_out_of_fold(tmp_path):
     import csv
 
     from benchmarks.gate import oof_answers
-    from ctapp.inference import CONFIDENT
+    from ctapp.inference import CONFIDENT, UNLIKE_TRAINING
 
     member = tmp_path / "member"
     member.mkdir()
@@ -156,6 +156,14 @@ def test_the_gate_table_counts_what_the_check_refused_out_of_fold(tmp_path):
     assert [a["state"] for a in oof_answers(member)] == [CONFIDENT, CONFIDENT]
     joined = oof_answers(member, refused={"S/a.png": True, "S/b.png": False})
     assert [a["state"] for a in joined] == [NOT_CHEST_CT, CONFIDENT]
+    # As in the app beside a check: a far score makes a slice unlike the training images, not "not a chest CT".
+    for row in (rows := list(csv.reader(open(member / "eval_report.csv", encoding="utf-8"))))[1:]:
+        row[9] = "30.0"
+    with open(member / "eval_report.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(rows)
+    assert [a["state"] for a in oof_answers(member)] == [NOT_CHEST_CT, NOT_CHEST_CT]
+    joined = oof_answers(member, refused={"S/a.png": True, "S/b.png": False})
+    assert [a["state"] for a in joined] == [NOT_CHEST_CT, UNLIKE_TRAINING]
 
 
 def test_an_ensemble_beside_a_check_refuses_on_every_path(tmp_path):

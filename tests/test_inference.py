@@ -122,6 +122,19 @@ def test_not_a_chest_ct_is_judged_by_the_far_score_and_unlike_training_by_the_oo
     assert model.assess(sure, near / 2, body_found=False, far_score=far / 2)[0] == NOT_CHEST_CT
 
 
+def test_beside_a_chest_ct_check_only_the_check_calls_a_slice_not_a_chest_ct(model, monkeypatch):
+    """With a check trained for the question, a far score says unlike the training images (chest CT of
+    another hospital lies far from them too); a slice the check refuses is still not a chest CT."""
+    from ctapp.inference import CONFIDENT, NOT_CHEST_CT, UNLIKE_TRAINING
+
+    near, far, sure = model.ood.threshold, model.ood.far_threshold, 0.999
+    monkeypatch.setattr(model, "input_check", lambda pixels: "")
+    assert model.assess(sure, near / 2, far_score=far * 2)[0] == UNLIKE_TRAINING
+    assert model.assess(sure, far * 2)[0] == UNLIKE_TRAINING
+    assert model.assess(sure, near / 2, far_score=far / 2)[0] == CONFIDENT
+    assert model.assess(sure, near / 2, body_found=False, far_score=far / 2)[0] == NOT_CHEST_CT
+
+
 def test_model_ood_watches_every_backbone_stage_by_mean_spread_and_peak(model):
     from ctapp.ood import ood_feature_keys
     from ctapp.models import get_spec

@@ -294,10 +294,15 @@ class FoldNetwork:
     assess = LoadedModel.assess
     preprocess = None  # the slices are already scored
 
-    def __init__(self, name: str, class_names: list[str], display_names: list[str], fit: dict):
+    def __init__(self, name: str, class_names: list[str], display_names: list[str], fit: dict,
+                 refused: dict[str, bool] | None = None):
         self.name, self.class_names, self.display_names = name, class_names, display_names
         self.ood = MahalanobisOOD({}, fit["ood_threshold"], fit.get("far_threshold"))
         self.confidence_threshold = float(fit["confidence_threshold"])
+        # Where the models have a chest-CT check: its out-of-fold verdicts by image.
+        # As in the app, the check (not the far score) then calls a slice not a chest CT.
+        self.refused = refused or {}
+        self.input_check = None if refused is None else self.refused.get
 
     def scores(self, rows: list[dict]) -> BatchScores:
         """Out-of-fold rows of this fold as :class:`BatchScores`, each with the
@@ -307,9 +312,10 @@ class FoldNetwork:
         ood = np.array([float(row["ood_score"]) for row in rows])
         # Rows written before the far score had one score for both.
         far = [float(row.get("far_score") or row["ood_score"]) for row in rows]
-        assessed = [self.assess(float(probs[i].max()), float(ood[i]), True, far[i]) for i in range(len(rows))]
+        body = [not self.refused.get(row.get("image"), False) for row in rows]
+        assessed = [self.assess(float(probs[i].max()), float(ood[i]), body[i], far[i]) for i in range(len(rows))]
         return BatchScores(probs, probs, ood, [state for state, _ in assessed], [reasons for _, reasons in assessed],
-                           [""] * len(rows), [row.get("sha256", "") for row in rows], [True] * len(rows))
+                           [""] * len(rows), [row.get("sha256", "") for row in rows], body)
 
 
 class OutOfFold:
@@ -321,7 +327,8 @@ class OutOfFold:
 
     prediction = LoadedModel.prediction  # a scored row as the app's Prediction
 
-    def __init__(self, members: list[Path]):
+    def __init__(self, members: list[Path], refused: dict[str, bool] | None = None):
+        self.refused = refused  # the chest-CT check's out-of-fold verdicts by image, where there is one
         reports = [out_of_fold_report(m) for m in members]
         self.members, self.member_fits = members, [fold_fits(report) for report in reports]
         self.class_names = list(reports[0]["class_names"])
@@ -357,7 +364,7 @@ class OutOfFold:
         pieces = []
         for fold in np.unique(self.folds):
             held = np.flatnonzero(self.folds == fold)
-            networks = [FoldNetwork(m.name, self.class_names, self.display_names, fits[fold])
+            networks = [FoldNetwork(m.name, self.class_names, self.display_names, fits[fold], self.refused)
                         for m, fits in zip(self.members, self.member_fits)]
             parts = [network.scores([table[self.paths[i]] for i in held])
                      for network, table in zip(networks, self.tables)]
@@ -381,15 +388,18 @@ def _in_row_order(pieces: list[tuple[np.ndarray, BatchScores]]) -> BatchScores:
     return BatchScores(**{f.name: joined(f.name) for f in fields(BatchScores)})
 
 
-def out_of_fold_scores(folder: Path, gate: EnsembleGate = ENSEMBLE_GATE) -> tuple[OutOfFold, BatchScores]:
+def out_of_fold_scores(folder: Path, gate: EnsembleGate = ENSEMBLE_GATE, refused: dict[str, bool] | None = None
+                       ) -> tuple[OutOfFold, BatchScores]:
     """A cross-validated network's or ensemble's out-of-fold rows and the scores
     the app gives them (an ensemble's under ``gate``, with the temperature and
-    threshold each fold fitted on the other folds)."""
+    threshold each fold fitted on the other folds; with ``refused``, the
+    out-of-fold verdicts of a chest-CT check beside it, as the app answers with
+    that check)."""
     report = out_of_fold_report(folder)
     if not (folder / ENSEMBLE_FILE).is_file():
-        oof = OutOfFold([folder])
+        oof = OutOfFold([folder], refused)
         return oof, oof.scores()
-    oof = OutOfFold(read_ensemble_spec(folder)[1])
+    oof = OutOfFold(read_ensemble_spec(folder)[1], refused)
     return oof, oof.scores(fold_fits(report), gate)
 
 
