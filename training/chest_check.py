@@ -38,8 +38,8 @@ from ctapp.checkpoint import atomic_write_text
 from ctapp.data import FILE_PER_PATIENT_SOURCES, cv_folds, group_ids
 from ctapp.imaging import LUNG_WINDOW, decode
 from ctapp.preprocess import PreprocessConfig, ScannerRender, normalize, to_square, train_augment
-from training.foreign import (FOREIGN_KINDS, _dicom, _jpeg, _png, _screenshot, _text_page, abdomen_ct,
-                              chest_volume, foreign_set, head_ct, pelvis_ct, radiograph, reformats, shepp_logan)
+from training.foreign import (FOREIGN_KINDS, abdomen_ct, chest_volume, dicom_file, foreign_set, head_ct, jpeg_file,
+                              pelvis_ct, png_file, radiograph, reformats, screenshot, shepp_logan, text_page)
 from training.packed import FolderData, PackedData
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +72,7 @@ def _size(rng: np.random.Generator) -> int:
 
 def _blank(rng, size):
     level = rng.uniform(0, 255)
-    return _png(np.clip(level + rng.normal(0, rng.uniform(0, 4), (size, size)), 0, 255).astype(np.uint8))
+    return png_file(np.clip(level + rng.normal(0, rng.uniform(0, 4), (size, size)), 0, 255).astype(np.uint8))
 
 
 def _noise(rng, size):
@@ -86,7 +86,7 @@ def _noise(rng, size):
     else:
         blurred = cv2.GaussianBlur(rng.random((size, size)).astype(np.float32), (0, 0), rng.uniform(2, 12))
         image = (blurred - blurred.min()) / max(np.ptp(blurred), 1e-6) * 255
-    return _png(np.clip(image, 0, 255).astype(np.uint8))
+    return png_file(np.clip(image, 0, 255).astype(np.uint8))
 
 
 def _pattern(rng, size):
@@ -104,7 +104,7 @@ def _pattern(rng, size):
         image = (np.sin(u * cells * np.pi) > 0) * 255.0
     else:
         image = (np.sin(np.hypot(x - 0.5, y - 0.5) * cells * np.pi) * 0.5 + 0.5) * 255
-    return _png(image.astype(np.uint8))
+    return png_file(image.astype(np.uint8))
 
 
 def picture_files() -> list[Path]:
@@ -162,23 +162,23 @@ def _photo(rng, size):
     picture = Image.fromarray(np.ascontiguousarray(image[top:top + crop_h, left:left + crop_w])).resize((size, size))
     if rng.random() < 0.3:
         picture = picture.convert("L")
-    return _jpeg(np.asarray(picture)) if rng.random() < 0.5 else _png(np.asarray(picture))
+    return jpeg_file(np.asarray(picture)) if rng.random() < 0.5 else png_file(np.asarray(picture))
 
 
 def _document(rng, size):
-    page = Image.fromarray(_text_page(size, rng, int(rng.integers(8, 30)), dark=rng.random() < 0.2,
+    page = Image.fromarray(text_page(size, rng, int(rng.integers(8, 30)), dark=rng.random() < 0.2,
                                       colour=rng.random() < 0.3))
     if rng.random() < 0.7:
         page = page.convert("L")
     if rng.random() < 0.4:
         page = page.rotate(rng.uniform(-6, 6), fillcolor=230 if page.mode == "L" else (230, 230, 230))
         noisy = np.asarray(page, np.float64) + rng.normal(0, rng.uniform(3, 15), np.asarray(page).shape)
-        return _jpeg(np.clip(noisy, 0, 255).astype(np.uint8))
-    return _png(np.asarray(page))
+        return jpeg_file(np.clip(noisy, 0, 255).astype(np.uint8))
+    return png_file(np.asarray(page))
 
 
 def _screen(rng, size):
-    return _png(_screenshot(size, rng, bool(rng.random() < 0.5), bool(rng.random() < 0.5)))
+    return png_file(screenshot(size, rng, bool(rng.random() < 0.5), bool(rng.random() < 0.5)))
 
 
 def _volume(rng) -> np.ndarray:
@@ -195,11 +195,11 @@ def _radiograph(rng, size):
         spread, height = rng.uniform(0.1, 0.16), rng.uniform(0.22, 0.32)
         lungs = sum(np.exp(-(((x - c) / spread) ** 2 + ((y - 0.5) / height) ** 2)) for c in (0.32, 0.68))
         xray = rng.uniform(0.7, 0.95) - 0.6 * lungs + 0.08 * np.sin(y * rng.uniform(40, 80)) * (lungs > 0.2)
-        return _png((np.clip(xray + rng.normal(0, 0.02, xray.shape), 0, 1) * 255).astype(np.uint8))
+        return png_file((np.clip(xray + rng.normal(0, 0.02, xray.shape), 0, 1) * 255).astype(np.uint8))
     projection = _resized(radiograph(_volume(rng), int(rng.choice([1, 2]))), size)
     if rng.random() < 0.5:
-        return _dicom(projection, modality="DX")
-    return _png((projection / projection.max() * 255).astype(np.uint8))
+        return dicom_file(projection, modality="DX")
+    return png_file((projection / projection.max() * 255).astype(np.uint8))
 
 
 def _mri_head(rng, size):
@@ -209,27 +209,27 @@ def _mri_head(rng, size):
     raw = gzip.open(Path(matplotlib.get_data_path()) / "sample_data" / "s1045.ima.gz").read()
     image = np.frombuffer(raw, np.uint16).reshape(256, 256).astype(np.float32)
     image = np.rot90(image, int(rng.integers(4)))
-    return _png((_resized(image / image.max(), size) * 255).clip(0, 255).astype(np.uint8))
+    return png_file((_resized(image / image.max(), size) * 255).clip(0, 255).astype(np.uint8))
 
 
 def _head(rng, size):
     if rng.random() < 0.15:
         return _mri_head(rng, size)
-    return _dicom(head_ct(size, rng, rng.uniform(0.7, 1.15), bool(rng.random() < 0.7)))
+    return dicom_file(head_ct(size, rng, rng.uniform(0.7, 1.15), bool(rng.random() < 0.7)))
 
 
 def _abdomen(rng, size):
-    return _dicom(abdomen_ct(size, rng, rng.uniform(0.7, 0.95), int(rng.integers(0, 9))))
+    return dicom_file(abdomen_ct(size, rng, rng.uniform(0.7, 0.95), int(rng.integers(0, 9))))
 
 
 def _pelvis(rng, size):
-    return _dicom(pelvis_ct(size, rng, rng.uniform(0.75, 0.97), rng.uniform(0.04, 0.28)))
+    return dicom_file(pelvis_ct(size, rng, rng.uniform(0.75, 0.97), rng.uniform(0.04, 0.28)))
 
 
 def _reformat(plane: str):
     def make(rng, size):
         image = reformats(_volume(rng), plane, [rng.uniform(0.3, 0.75)])[0]
-        return _dicom(_resized(image, size))
+        return dicom_file(_resized(image, size))
     return make
 
 
@@ -239,8 +239,8 @@ def _phantom(rng, size):
     if kind == 0:
         image = shepp_logan(size, rng.uniform(-30, 30))
         if rng.random() < 0.5:
-            return _png((image * 255).astype(np.uint8))
-        return _dicom(np.where(image > 0, 30 + (image - 0.2) * rng.uniform(800, 1600), -1000))
+            return png_file((image * 255).astype(np.uint8))
+        return dicom_file(np.where(image > 0, 30 + (image - 0.2) * rng.uniform(800, 1600), -1000))
     radius = rng.uniform(0.5, 0.9)
     hu = np.where(np.hypot(x / rng.uniform(0.8, 1.0), y) < radius, rng.uniform(-20, 20), -1000.0)
     if kind == 2:
@@ -248,7 +248,7 @@ def _phantom(rng, size):
             angle = 2 * np.pi * k / 8 + rng.uniform(0, 0.3)
             hu[np.hypot(x - radius * 0.6 * np.cos(angle), y - radius * 0.6 * np.sin(angle)) < 0.1 * radius] = \
                 rng.uniform(-1000, 1000)
-    return _dicom(cv2.GaussianBlur(hu.astype(np.float32), (0, 0), 0.8) + rng.normal(0, 10, hu.shape))
+    return dicom_file(cv2.GaussianBlur(hu.astype(np.float32), (0, 0), 0.8) + rng.normal(0, 10, hu.shape))
 
 
 NEGATIVES: dict[str, Callable[[np.random.Generator, int], bytes]] = {
@@ -278,7 +278,7 @@ def synthetic_chest_files(count: int, seed: int) -> list[bytes]:
     while len(files) < count:
         volume = chest_volume(96, int(rng.integers(SEED, 10 * SEED)), lung_width=rng.uniform(0.24, 0.34))
         for z in rng.integers(int(0.25 * len(volume)), int(0.75 * len(volume)), 6):
-            files.append(_dicom(_resized(volume[z], _size(rng))))
+            files.append(dicom_file(_resized(volume[z], _size(rng))))
     return files[:count]
 
 

@@ -82,19 +82,19 @@ FOREIGN_KINDS = ("blank", "noise", "pattern", "photo", "document", "screenshot",
                  "abdomen_ct", "pelvis_ct", "coronal_reformat", "sagittal_reformat", "phantom")
 
 
-def _png(image: np.ndarray) -> bytes:
+def png_file(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def _jpeg(image: np.ndarray) -> bytes:
+def jpeg_file(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
 
 
-def _dicom(pixels: np.ndarray, modality: str = "CT") -> bytes:
+def dicom_file(pixels: np.ndarray, modality: str = "CT") -> bytes:
     """A DICOM file of ``pixels``: Hounsfield units stored with a rescale for
     CT, raw detector values (no rescale) for a projection radiograph."""
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -246,7 +246,7 @@ SHEPP_LOGAN = ((1, .69, .92, 0, 0, 0), (-.8, .6624, .874, 0, -.0184, 0), (-.2, .
                (.1, .023, .046, .06, -.605, 0))
 
 
-def _text_page(size: int, rng: np.random.Generator, font_size: int, dark: bool = False,
+def text_page(size: int, rng: np.random.Generator, font_size: int, dark: bool = False,
                colour: bool = False) -> np.ndarray:
     background, ink = ((30, 30, 35), (220, 220, 220)) if dark else ((248, 248, 245), (20, 20, 20))
     page = Image.new("RGB", (size, size), background)
@@ -261,9 +261,9 @@ def _text_page(size: int, rng: np.random.Generator, font_size: int, dark: bool =
     return np.asarray(page)
 
 
-def _screenshot(size: int, rng: np.random.Generator, dark: bool, chart: bool) -> np.ndarray:
+def screenshot(size: int, rng: np.random.Generator, dark: bool, chart: bool) -> np.ndarray:
     """A window: title bar, side menu, buttons, and text or a bar chart."""
-    image = Image.fromarray(_text_page(size, rng, 11, dark=dark, colour=True))
+    image = Image.fromarray(text_page(size, rng, 11, dark=dark, colour=True))
     draw = ImageDraw.Draw(image)
     draw.rectangle([0, 0, size, size // 12], fill=(60, 90, 160))
     draw.rectangle([0, size // 12, size // 5, size], fill=(225, 228, 232) if not dark else (50, 50, 60))
@@ -304,65 +304,66 @@ def foreign_set(size: int = 256, seed: int = 0) -> list[ForeignImage]:
 
     old = foreign_images(size, seed)
     for level, name in ((255, "white"), (0, "black"), (128, "grey"), (40, "dark")):
-        add("blank", name, _png(np.full((size, size), level, np.uint8)), "PNG")
-    add("noise", "uniform", _png(old["noise"]), "PNG")
-    add("noise", "gaussian", _png(np.clip(rng.normal(128, 40, (size, size)), 0, 255).astype(np.uint8)), "PNG")
-    add("noise", "salt_and_pepper", _png((rng.random((size, size)) < 0.5).astype(np.uint8) * 255), "PNG")
+        add("blank", name, png_file(np.full((size, size), level, np.uint8)), "PNG")
+    add("noise", "uniform", png_file(old["noise"]), "PNG")
+    add("noise", "gaussian", png_file(np.clip(rng.normal(128, 40, (size, size)), 0, 255).astype(np.uint8)), "PNG")
+    add("noise", "salt_and_pepper", png_file((rng.random((size, size)) < 0.5).astype(np.uint8) * 255), "PNG")
     blobs = np.asarray(Image.fromarray(old["noise"]).filter(ImageFilter.GaussianBlur(6)), np.float64)
-    add("noise", "blobs", _png(((blobs - blobs.min()) / np.ptp(blobs) * 255).astype(np.uint8)), "PNG")
-    add("pattern", "checkerboard", _png(old["checkerboard"]), "PNG")
-    add("pattern", "fine_checkerboard", _png(((((x + 1) * 32).astype(int) + ((y + 1) * 32).astype(int)) % 2 * 255)
+    add("noise", "blobs", png_file(((blobs - blobs.min()) / np.ptp(blobs) * 255).astype(np.uint8)), "PNG")
+    add("pattern", "checkerboard", png_file(old["checkerboard"]), "PNG")
+    add("pattern", "fine_checkerboard", png_file(((((x + 1) * 32).astype(int) + ((y + 1) * 32).astype(int)) % 2 * 255)
                                               .astype(np.uint8)), "PNG")
-    add("pattern", "gradient", _png(old["gradient"]), "PNG")
-    add("pattern", "radial_gradient", _png((np.clip(1 - np.hypot(x, y) / 1.42, 0, 1) * 255).astype(np.uint8)), "PNG")
-    add("pattern", "stripes", _png(((np.sin(y * 40) > 0) * 255).astype(np.uint8)), "PNG")
-    add("photo", "drawing", _png(old["photo"]), "PNG")
+    add("pattern", "gradient", png_file(old["gradient"]), "PNG")
+    radial = np.clip(1 - np.hypot(x, y) / 1.42, 0, 1)
+    add("pattern", "radial_gradient", png_file((radial * 255).astype(np.uint8)), "PNG")
+    add("pattern", "stripes", png_file(((np.sin(y * 40) > 0) * 255).astype(np.uint8)), "PNG")
+    add("photo", "drawing", png_file(old["photo"]), "PNG")
     for i, photo in enumerate(_photos(size)):
-        add("photo", f"sample_{i}", _jpeg(photo), "JPEG")
+        add("photo", f"sample_{i}", jpeg_file(photo), "JPEG")
     for font_size, variant in ((10, "small_print"), (16, "letter"), (24, "large_print")):
-        add("document", variant, _png(np.asarray(Image.fromarray(_text_page(size, rng, font_size)).convert("L"))),
+        add("document", variant, png_file(np.asarray(Image.fromarray(text_page(size, rng, font_size)).convert("L"))),
             "PNG")
-    scanned = Image.fromarray(_text_page(size, rng, 14)).convert("L").rotate(3, fillcolor=230)
-    add("document", "scanned", _jpeg(np.clip(np.asarray(scanned) + rng.normal(0, 12, (size, size)), 0, 255)
+    scanned = Image.fromarray(text_page(size, rng, 14)).convert("L").rotate(3, fillcolor=230)
+    add("document", "scanned", jpeg_file(np.clip(np.asarray(scanned) + rng.normal(0, 12, (size, size)), 0, 255)
                                      .astype(np.uint8)), "JPEG")
     for dark in (False, True):
         for chart in (False, True):
             add("screenshot", f"{'dark' if dark else 'light'}_{'chart' if chart else 'text'}",
-                _png(_screenshot(size, rng, dark, chart)), "PNG")
-    add("radiograph", "drawn_chest", _png(old["xray_like"]), "PNG")
+                png_file(screenshot(size, rng, dark, chart)), "PNG")
+    add("radiograph", "drawn_chest", png_file(old["xray_like"]), "PNG")
     volume = chest_volume(size // 2, seed)
     wide = chest_volume(size // 2, seed + 1, lung_width=0.26)
     for name, axis, source in (("frontal", 1, volume), ("lateral", 2, volume), ("frontal_narrow", 1, wide)):
         projection = np.asarray(Image.fromarray(radiograph(source, axis).astype(np.float32)).resize((size, size)))
-        add("radiograph", f"{name}_dicom", _dicom(projection, modality="DX"), "DICOM")
+        add("radiograph", f"{name}_dicom", dicom_file(projection, modality="DX"), "DICOM")
         if axis == 1:
-            add("radiograph", f"{name}_png", _png((projection / projection.max() * 255).astype(np.uint8)), "PNG")
+            add("radiograph", f"{name}_png", png_file((projection / projection.max() * 255).astype(np.uint8)), "PNG")
     for i, (scale, ventricles) in enumerate(((1.0, True), (0.8, True), (1.1, False), (0.9, True))):
-        add("head_ct", f"dicom_{i}", _dicom(head_ct(size, rng, scale, ventricles)), "DICOM")
-    add("head_ct", "drawn_png", _png(old["head_ct_like"]), "PNG")
+        add("head_ct", f"dicom_{i}", dicom_file(head_ct(size, rng, scale, ventricles)), "DICOM")
+    add("head_ct", "drawn_png", png_file(old["head_ct_like"]), "PNG")
     for i, (width, gas) in enumerate(((0.85, 4), (0.75, 8), (0.92, 2), (0.8, 0))):
-        add("abdomen_ct", f"dicom_{i}", _dicom(abdomen_ct(size, rng, width, gas)), "DICOM")
-    add("abdomen_ct", "drawn_png", _png(old["abdomen_ct_like"]), "PNG")
+        add("abdomen_ct", f"dicom_{i}", dicom_file(abdomen_ct(size, rng, width, gas)), "DICOM")
+    add("abdomen_ct", "drawn_png", png_file(old["abdomen_ct_like"]), "PNG")
     for i, (width, bladder) in enumerate(((0.9, 0.18), (0.8, 0.1), (0.95, 0.25), (0.85, 0.05))):
-        add("pelvis_ct", f"dicom_{i}", _dicom(pelvis_ct(size, rng, width, bladder)), "DICOM")
+        add("pelvis_ct", f"dicom_{i}", dicom_file(pelvis_ct(size, rng, width, bladder)), "DICOM")
     for plane in ("coronal", "sagittal"):
         positions = (0.45, 0.55, 0.65) if plane == "coronal" else (0.3, 0.5, 0.7)
         for label, source in (("", volume), ("narrow_", wide)):
             for position, image in zip(positions, reformats(source, plane, positions)):
                 square = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-                add(f"{plane}_reformat", f"{label}at_{position:g}", _dicom(square), "DICOM")
+                add(f"{plane}_reformat", f"{label}at_{position:g}", dicom_file(square), "DICOM")
     for degrees in (0, 10):
-        add("phantom", f"shepp_logan_png_{degrees}", _png((shepp_logan(size, degrees) * 255).astype(np.uint8)), "PNG")
         sl = shepp_logan(size, degrees)
-        add("phantom", f"shepp_logan_dicom_{degrees}", _dicom(np.where(sl > 0, 30 + (sl - 0.2) * 1212, -1000)),
+        add("phantom", f"shepp_logan_png_{degrees}", png_file((sl * 255).astype(np.uint8)), "PNG")
+        add("phantom", f"shepp_logan_dicom_{degrees}", dicom_file(np.where(sl > 0, 30 + (sl - 0.2) * 1212, -1000)),
             "DICOM")
     water = np.where(np.hypot(x, y) < 0.8, 0.0, -1000.0)
-    add("phantom", "water_cylinder", _dicom(_scanned(water, rng, 10)), "DICOM")
+    add("phantom", "water_cylinder", dicom_file(_scanned(water, rng, 10)), "DICOM")
     inserts = water.copy()
     for k, value in enumerate((-1000, -100, 120, 400, 900, -500)):
         angle = 2 * np.pi * k / 6
         inserts[np.hypot(x - 0.5 * np.cos(angle), y - 0.5 * np.sin(angle)) < 0.12] = value
-    add("phantom", "calibration_inserts", _dicom(_scanned(inserts, rng, 10)), "DICOM")
+    add("phantom", "calibration_inserts", dicom_file(_scanned(inserts, rng, 10)), "DICOM")
     return made
 
 
