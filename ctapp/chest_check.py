@@ -142,6 +142,13 @@ def check_beside(model_folder: Path) -> ChestCheck | None:
         return _loaded[key]
 
 
+def out_of_fold_refusals_beside(model_folder: Path) -> dict[str, bool] | None:
+    """:func:`out_of_fold_refusals` of the check beside ``model_folder`` (as
+    :func:`check_beside` finds it), or None where there is none."""
+    folder = Path(model_folder).parent / CHECK_FOLDER
+    return out_of_fold_refusals(folder) if folder.is_dir() else None
+
+
 def out_of_fold_refusals(folder: Path) -> dict[str, bool]:
     """Whether the check refuses each training chest CT slice out of fold (its
     score from the fold model that never saw it, against the shipped

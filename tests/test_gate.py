@@ -117,15 +117,24 @@ SHIPPED = Path(__file__).resolve().parent.parent / "models"
 
 
 @pytest.mark.skipif(not (SHIPPED / "lung-ensemble" / ENSEMBLE_FILE).is_file(), reason="no shipped lung ensemble")
-def test_one_members_lone_not_a_chest_ct_is_not_the_shipped_ensembles():
-    """Real chest CT slices that lung-vgg19_bn alone called 'not a chest CT' out of fold: the ensemble
-    (its shipped rule) does not call them so, and still gives them no answer."""
+def test_one_members_lone_not_a_chest_ct_is_not_the_shipped_ensembles(tmp_path):
+    """Real chest CT slices that lung-vgg19_bn alone called 'not a chest CT' out of fold by its far score
+    (as a model folder without the chest-CT check beside it does): the ensemble (its shipped rule) does
+    not call them so, and still gives them no answer."""
+    import shutil
+
+    for name in ("lung-ensemble", "lung-vgg19_bn", "lung-resnet50"):  # their reports, away from the check
+        shutil.copytree(SHIPPED / name, tmp_path / name, ignore=shutil.ignore_patterns("*.pt"))
     # Every model's out-of-fold answers come in the order of their rows' paths, which the members share.
-    ensemble = oof_answers(SHIPPED / "lung-ensemble")
-    vgg, resnet = ([a["state"] for a in oof_answers(SHIPPED / name)] for name in ("lung-vgg19_bn", "lung-resnet50"))
+    ensemble = oof_answers(tmp_path / "lung-ensemble")
+    vgg, resnet = ([a["state"] for a in oof_answers(tmp_path / name)] for name in ("lung-vgg19_bn", "lung-resnet50"))
     lone = [i for i, (v, r) in enumerate(zip(vgg, resnet)) if v == NOT_CHEST_CT and r != NOT_CHEST_CT]
     assert lone  # the shipped reports hold such slices
     assert all(ensemble[i]["state"] == UNLIKE_TRAINING for i in lone)
     assert not any(a["state"] == NOT_CHEST_CT for a in ensemble)
-    severest = oof_answers(SHIPPED / "lung-ensemble", EnsembleGate("any", "max"))
+    severest = oof_answers(tmp_path / "lung-ensemble", EnsembleGate("any", "max"))
     assert all(severest[i]["state"] == NOT_CHEST_CT for i in lone)
+    # Beside the shipped chest-CT check, which refused none of them out of fold, the far score says "unlike".
+    if (SHIPPED / "chest-check").is_dir():
+        checked = [a["state"] for a in oof_answers(SHIPPED / "lung-vgg19_bn")]
+        assert all(checked[i] == UNLIKE_TRAINING for i in lone) and NOT_CHEST_CT not in checked

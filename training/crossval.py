@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ctapp.chest_check import out_of_fold_refusals_beside
 from ctapp.checkpoint import (
     CheckpointError,
     atomic_write_text,
@@ -392,9 +393,9 @@ def out_of_fold_scores(folder: Path, gate: EnsembleGate = ENSEMBLE_GATE, refused
                        ) -> tuple[OutOfFold, BatchScores]:
     """A cross-validated network's or ensemble's out-of-fold rows and the scores
     the app gives them (an ensemble's under ``gate``, with the temperature and
-    threshold each fold fitted on the other folds; with ``refused``, the
-    out-of-fold verdicts of a chest-CT check beside it, as the app answers with
-    that check)."""
+    threshold each fold fitted on the other folds), with the out-of-fold verdicts
+    of the chest-CT check beside it where there is one (or ``refused``)."""
+    refused = refused if refused is not None else out_of_fold_refusals_beside(folder)
     report = out_of_fold_report(folder)
     if not (folder / ENSEMBLE_FILE).is_file():
         oof = OutOfFold([folder], refused)
