@@ -314,9 +314,11 @@ def _read_series(key: str, _inputs: tuple) -> ReadResult:
 def read_series(inputs: list) -> ReadResult:
     """Series, volumes and loose images of uploaded files (a list of
     :class:`~ctapp.series.Input`), read once per distinct upload and shared
-    (read-only) by the sessions that upload the same files. A read with an
-    error is not kept: the user fixes the file or the PACS and asks again,
-    and is answered by a new read, not by the failure."""
+    (read-only) by the sessions that upload the same files. A read that found
+    nothing but errors is not kept: the user fixes the cause (a PACS, the
+    server's memory) and asks again, and is answered by a new read, not by the
+    failure. A read that found something is kept with its per-file errors, so
+    that a stray file does not make every rerun read the whole upload again."""
     import hashlib
 
     digest = hashlib.sha256()
@@ -324,7 +326,7 @@ def read_series(inputs: list) -> ReadResult:
         digest.update(item.name.encode("utf-8", "replace") + b"\0" + hashlib.sha256(item.data).digest())
     key, held = digest.hexdigest(), tuple(inputs)
     result = _read_series(key, held)
-    if result.errors:
+    if result.errors and not (result.series or result.images):
         _read_series.clear(key, held)
     return result
 

@@ -98,7 +98,7 @@ def test_an_ensemble_decodes_each_file_once_and_answers_as_its_members_one_by_on
 # --------------------------------------------------------------------------- caches of the series viewer
 
 
-def test_a_failed_series_read_is_read_again_and_a_good_one_is_not(monkeypatch):
+def test_a_series_read_that_found_nothing_is_read_again_and_others_are_not(monkeypatch):
     from ctapp import ui_cache
     from ctapp.volumes import Input
 
@@ -114,6 +114,11 @@ def test_a_failed_series_read_is_read_again_and_a_good_one_is_not(monkeypatch):
         result = ui_cache.read_series(good)
         assert not result.errors and len(result.images) == 1
     assert reads == [1, 1, 1]
+    partial = [Input("whole.png", png_bytes(seed=4)), Input("cut.png", png_bytes(seed=3)[:100])]
+    for _ in range(2):  # a stray bad file among good ones: kept, errors and all, not read on every rerun
+        result = ui_cache.read_series(partial)
+        assert len(result.errors) == 1 and len(result.images) == 1
+    assert reads == [1, 1, 1, 2]
 
 
 def test_a_failed_series_classification_is_handed_out_once_more_then_started_anew(tmp_path, monkeypatch):
