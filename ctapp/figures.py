@@ -401,6 +401,35 @@ INT8_OPT_IN = (f"int8 is opt-in: this server answers in int8 only when it is sta
                "class probability per slice against fp32.")
 
 
+def chest_check_summary(card: Mapping | None) -> tuple[str, list[dict]]:
+    """The chest-CT check beside a model as its card (``chest_check.json``,
+    ``python -m training.chest_check``) records it: a sentence, and one row per
+    set of images (out of fold per source; the foreign-image set per kind, by the
+    check as shipped and by the check trained without that kind). Empty when
+    the card records no figures."""
+    figures = (card or {}).get("figures")
+    if not isinstance(figures, Mapping) or not isinstance(figures.get("out_of_fold"), Mapping):
+        return "", []
+    chest = figures["out_of_fold"]
+    slices = sum(int(f.get("slices", 0)) for f in chest.values())
+    refused = sum(round(float(f.get("refused", 0)) * int(f.get("slices", 0))) for f in chest.values())
+    sentence = (f"Before any model of this directory answers, a small network asks whether the slice is an axial "
+                f"chest CT slice; below a score of {_formatted(card.get('threshold'), '.1%')} the slice is 'not a "
+                f"chest CT' for every model. Trained with outlier exposure (python -m training.chest_check): out of "
+                f"fold, with patients kept whole, it refused {refused} of {slices:,} chest CT slices. A kind left "
+                "out of its training is refused less often: it knows the kinds of image it was shown.")
+    rows = [{"Images": f"chest CT, out of fold: {source}", "Count": int(f.get("slices", 0)),
+             "Refused": _formatted(f.get("refused"), ".1%"), "Refused, kind left out of training": None}
+            for source, f in chest.items()]
+    left_out = figures.get("leave_one_kind_out") or {}
+    for kind, f in (figures.get("foreign_set") or {}).items():
+        rows.append({"Images": f"foreign: {kind}", "Count": int(f.get("images", 0)),
+                     "Refused": _formatted(f.get("refused_by_check"), ".0%"),
+                     "Refused, kind left out of training": _formatted((left_out.get(kind) or {}).get(
+                         "refused_by_check"), ".0%")})
+    return sentence, rows
+
+
 SPLIT_NAMES = {"valid": "validation split", "test": "test split", "train": "training split"}
 
 

@@ -13,6 +13,8 @@ import streamlit as st
 
 from ctapp import figures, ui_cache
 from ctapp.checkpoint import CheckpointError
+from ctapp.chest_check import CARD_FILE as CHECK_CARD_FILE
+from ctapp.chest_check import CHECK_FOLDER
 from ctapp.model_folders import ENSEMBLE_FILE, ModelEntry, read_ensemble_spec
 from ctapp.metrics import few_images_note
 from ctapp.quantized import CALIBRATION_FILE
@@ -317,6 +319,7 @@ def show_overview(entry: ModelEntry, card: Mapping) -> None:
         kv_table(key_values(card.get("calibration")))
     st.markdown("**Out-of-distribution check**")
     card_section(card, "out_of_distribution", members)
+    show_chest_check(entry)
     show_int8_agreement(entry)
     check = card.get("weight_storage_check")
     if check:
@@ -326,6 +329,16 @@ def show_overview(entry: ModelEntry, card: Mapping) -> None:
     if other:
         st.markdown("**Other fields**")
         kv_table(key_values(other))
+
+
+def show_chest_check(entry: ModelEntry) -> None:
+    """The chest-CT check that answers before this model, where one lies beside it."""
+    sentence, rows = figures.chest_check_summary(
+        ui_cache.read_json(entry.path.parent / CHECK_FOLDER / CHECK_CARD_FILE))
+    if rows:
+        st.markdown("**Chest-CT check** (shared by the models beside it)")
+        st.caption(sentence)
+        st.dataframe(rows, hide_index=True, key="card_chest_check")
 
 
 def show_int8_agreement(entry: ModelEntry) -> None:

@@ -187,6 +187,37 @@ def test_the_model_card_shows_the_int8_agreement_and_that_int8_is_opt_in(app_set
     assert "int8 against fp32" not in page_text(at)  # a model without a calibration file
 
 
+def test_the_chest_ct_check_is_summed_up_from_its_card():
+    from ctapp import figures
+
+    assert figures.chest_check_summary(None) == ("", []) and figures.chest_check_summary({"figures": {}}) == ("", [])
+    card = {"threshold": 0.0148, "figures": {
+        "out_of_fold": {"lung": {"slices": 600, "refused": 0.0}, "covid": {"slices": 400, "refused": 0.005}},
+        "foreign_set": {"head_ct": {"images": 5, "refused_by_check": 1.0}},
+        "leave_one_kind_out": {"head_ct": {"images": 5, "refused_by_check": 0.2}}}}
+    sentence, rows = figures.chest_check_summary(card)
+    assert "below a score of 1.5%" in sentence and "refused 2 of 1,000 chest CT slices" in sentence
+    assert rows == [
+        {"Images": "chest CT, out of fold: lung", "Count": 600, "Refused": "0.0%",
+         "Refused, kind left out of training": None},
+        {"Images": "chest CT, out of fold: covid", "Count": 400, "Refused": "0.5%",
+         "Refused, kind left out of training": None},
+        {"Images": "foreign: head_ct", "Count": 5, "Refused": "100%", "Refused, kind left out of training": "20%"}]
+
+
+@pytest.mark.skipif(not (SHIPPED.parent / "chest-check" / "chest_check.json").is_file(),
+                    reason="the shipped chest-CT check is absent")
+def test_the_model_card_shows_the_chest_ct_check_beside_the_model(app_settings):
+    at = run_page(AppTest.from_file(str(APP), default_timeout=TIMEOUT))
+    at = run_page(at.switch_page("pages/model_card.py"))
+    at = run_page(at.selectbox(key="card_model").set_value(str(SHIPPED)))
+    text = page_text(at)
+    assert "Chest-CT check" in text and "python -m training.chest_check" in text
+    assert "foreign: head_ct" in text and "chest CT, out of fold: mosmed" in text
+    at = run_page(at.selectbox(key="card_model").set_value(str(app_settings.model_a)))
+    assert "Chest-CT check" not in page_text(at)  # a model with no check beside it
+
+
 def test_a_batchs_slice_shown_in_detail_runs_each_network_once(app_settings, monkeypatch):
     """The slice shown in detail (the first that reads, then the one picked)
     gets its prediction from its map's pass; the others are predicted only."""
