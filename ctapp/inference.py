@@ -27,7 +27,7 @@ from .metrics import calibrated
 from .models import get_spec
 from .ood import ENSEMBLE_GATE, EnsembleGate, FeatureCapture, MahalanobisOOD
 from .precision import Precision, inference_precision
-from .preprocess import PreprocessConfig, cam_to_image, load_squares, model_input, normalize, to_square
+from .preprocess import PreprocessConfig, asked_once, cam_to_image, load_squares, model_input, normalize, to_square
 from .quantized import load_int8
 
 
@@ -167,16 +167,17 @@ class _Answering:
                           reasons=list(scores.reasons[i]), notes=notes, state=state)
 
     def member_inputs(self, slices: list[Slice]) -> list[tuple[torch.Tensor, list[bool], list[str]]]:
-        """Per member: the (N, 1, S, S) input squares of decoded slices (read as given: decoded in the
-        first member's window, as the members share it), whether each passed the body crop and the member's
-        chest-CT check, and the check's refusals (''); members alike in both share one squaring."""
+        """Per member: the (N, 1, S, S) input squares of decoded slices (decoded in the first member's window,
+        as the members share it), whether each passed the body crop and the chest-CT check, and the check's
+        refusals (''); members alike in both share one squaring, and a shared check is asked once a slice."""
         shared: dict[tuple, tuple[torch.Tensor, list[bool], list[str]]] = {}
+        asked = {check: asked_once(check) for check in dict.fromkeys(m.input_check for m in self.members)}
         for config, check in dict.fromkeys((m.preprocess, m.input_check) for m in self.members):
             squares = torch.zeros(len(slices), 1, config.img_size, config.img_size)
             body, refusals = [True] * len(slices), [""] * len(slices)
 
             def one(i: int, config=config, check=check, squares=squares, body=body, refusals=refusals) -> None:
-                square, geometry = to_square(slices[i].pixels, config, check)
+                square, geometry = to_square(slices[i].pixels, config, asked[check])
                 squares[i, 0] = torch.from_numpy(square)
                 body[i], refusals[i] = geometry.body_found, geometry.refusal
 
@@ -445,8 +446,7 @@ def ensemble_input_state(member_states: list[str], near_ratios: list[float] | No
 
 
 def ensemble_state(probs: np.ndarray, member_states: list[str], threshold: float,
-                   near_ratios: list[float] | None = None, gate: EnsembleGate = ENSEMBLE_GATE,
-                   ) -> tuple[str, list[str]]:
+                   near_ratios: list[float] | None = None, gate: EnsembleGate = ENSEMBLE_GATE) -> tuple[str, list[str]]:
     """One input's state and reasons from an ensemble's probabilities, its
     members' states and near ratios (:func:`ensemble_input_state`) and its
     confidence threshold."""

@@ -226,6 +226,22 @@ def to_square(pixels: np.ndarray, config: PreprocessConfig,
     return resized, Geometry(h, w, box, top, left, side, found and not refusal, refusal)
 
 
+def asked_once(input_check: Callable[[np.ndarray], str] | None) -> Callable[[np.ndarray], str] | None:
+    """``input_check`` answering each pixel array once, for squaring one batch of
+    slices several ways (an ensemble's members): keyed by the array's id, so the
+    caller keeps the arrays alive while it uses the answers."""
+    if input_check is None:
+        return None
+    answers: dict[int, str] = {}
+
+    def ask(pixels: np.ndarray) -> str:
+        if id(pixels) not in answers:
+            answers[id(pixels)] = input_check(pixels)
+        return answers[id(pixels)]
+
+    return ask
+
+
 def normalize(batch: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
     """(N, 1, S, S) grey in [0, 1] -> (N, C, S, S) normalised model input."""
     mean = torch.tensor(config.mean, dtype=batch.dtype, device=batch.device).view(1, -1, 1, 1)

@@ -187,3 +187,29 @@ def test_an_ensemble_beside_a_check_refuses_on_every_path(tmp_path):
     Image.fromarray(ct_phantom(96)).save(png)
     files = ensemble.score_files([png])
     assert files.states == [NOT_CHEST_CT] and files.refusals[0].startswith("the chest-CT check")
+
+
+def test_an_ensemble_asks_a_shared_check_once_a_slice_however_its_members_square_it(tmp_path):
+    from dataclasses import replace
+
+    models = tmp_path / "models"
+    for name, seed in (("a", 0), ("b", 1)):
+        write_model_folder(models / name, seed=seed)
+    (models / "ab").mkdir()
+    (models / "ab" / "ensemble.json").write_text(json.dumps({"members": ["../a", "../b"]}))
+    _check_folder(models / CHECK_FOLDER, threshold=0.5)
+    ensemble = load_model(models / "ab")
+    check, asked = ensemble.members[0].input_check, []
+
+    def counting(pixels):
+        asked.append(id(pixels))
+        return check(pixels)
+
+    a, b = ensemble.members
+    a.input_check = b.input_check = counting
+    b.preprocess = replace(b.preprocess, img_size=a.preprocess.img_size + 16)
+    slices = [decode(ct_phantom(96, seed)) for seed in range(3)]
+    inputs = ensemble.member_inputs(slices)
+    assert inputs[0][0].shape[-1] != inputs[1][0].shape[-1]  # two squarings
+    assert sorted(asked) == sorted(id(s.pixels) for s in slices)  # one question a slice
+    assert inputs[0][2] == inputs[1][2] == [check(s.pixels) for s in slices]
