@@ -38,6 +38,7 @@ from ctapp.checkpoint import atomic_write_text
 from ctapp.data import FILE_PER_PATIENT_SOURCES, cv_folds, group_ids
 from ctapp.imaging import LUNG_WINDOW, decode
 from ctapp.preprocess import PreprocessConfig, ScannerRender, normalize, to_square, train_augment
+from training.engine import backward_step
 from training.foreign import (FOREIGN_KINDS, abdomen_ct, chest_volume, dicom_file, foreign_set, head_ct, jpeg_file,
                               pelvis_ct, png_file, radiograph, reformats, screenshot, shepp_logan, text_page)
 from training.packed import FolderData, PackedData
@@ -376,9 +377,7 @@ def train_check(data: TrainingSet, seed: int, epochs: int = EPOCHS) -> torch.nn.
                 x = x.flip(-1)
             loss = (torch.nn.functional.cross_entropy(network(x), labels[batch], reduction="none")
                     * weights[batch]).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            backward_step(loss, optimizer)
             schedule.step()
     return network.eval()
 
