@@ -166,18 +166,22 @@ def test_the_gate_table_counts_what_the_check_refused_out_of_fold(tmp_path):
     assert [a["state"] for a in joined] == [NOT_CHEST_CT, UNLIKE_TRAINING]
 
 
+def _ensemble_beside_a_check(models, threshold: float):
+    """A two-member ensemble (tiny networks ``a`` and ``b``) loaded from ``models/ab``, beside a check."""
+    for name, seed in (("a", 0), ("b", 1)):
+        write_model_folder(models / name, seed=seed)
+    (models / "ab").mkdir()
+    (models / "ab" / "ensemble.json").write_text(json.dumps({"members": ["../a", "../b"]}))
+    _check_folder(models / CHECK_FOLDER, threshold=threshold)
+    return load_model(models / "ab")
+
+
 def test_an_ensemble_beside_a_check_refuses_on_every_path(tmp_path):
     """Its members share the check: a series of slices, and files scored for an evaluation, are refused
     with the check's reason."""
     from PIL import Image
 
-    models = tmp_path / "models"
-    for name, seed in (("a", 0), ("b", 1)):
-        write_model_folder(models / name, seed=seed)
-    (models / "ab").mkdir()
-    (models / "ab" / "ensemble.json").write_text(json.dumps({"members": ["../a", "../b"]}))
-    _check_folder(models / CHECK_FOLDER, threshold=1.0)
-    ensemble = load_model(models / "ab")
+    ensemble = _ensemble_beside_a_check(tmp_path / "models", threshold=1.0)
     assert all(member.input_check is ensemble.members[0].input_check is not None for member in ensemble.members)
     slices = [decode(ct_phantom(96, seed)) for seed in range(3)]
     answers = ensemble.classify_slices(lambda i: slices[i], len(slices), batch_size=2)
@@ -192,13 +196,7 @@ def test_an_ensemble_beside_a_check_refuses_on_every_path(tmp_path):
 def test_an_ensemble_asks_a_shared_check_once_a_slice_however_its_members_square_it(tmp_path):
     from dataclasses import replace
 
-    models = tmp_path / "models"
-    for name, seed in (("a", 0), ("b", 1)):
-        write_model_folder(models / name, seed=seed)
-    (models / "ab").mkdir()
-    (models / "ab" / "ensemble.json").write_text(json.dumps({"members": ["../a", "../b"]}))
-    _check_folder(models / CHECK_FOLDER, threshold=0.5)
-    ensemble = load_model(models / "ab")
+    ensemble = _ensemble_beside_a_check(tmp_path / "models", threshold=0.5)
     check, asked = ensemble.members[0].input_check, []
 
     def counting(pixels):
