@@ -14,7 +14,7 @@ For every shipped model (networks and ensembles), one row per set of slices:
   :data:`ctapp.ood.ENSEMBLE_GATE`; :func:`training.crossval.out_of_fold_scores`),
   and 'not a chest CT' where the chest-CT check beside the models
   (``models/chest-check``) refused the slice out of fold (by its own folds:
-  ``out_of_fold.csv``, :func:`ctapp.chest_check.out_of_fold_refusals`);
+  ``out_of_fold.csv``, :func:`ctapp.chest_check.out_of_fold_refusals_beside`);
 * each kind of the foreign-image set (``training.foreign.foreign_set``: photos,
   documents, radiographs, other body parts, reformats, phantoms...), answered by
   the shipped model through the app's own decoder;
@@ -73,20 +73,20 @@ def tally(answers: list[dict]) -> dict:
 # --------------------------------------------------------------------------- out of fold
 
 
-def oof_answers(folder: Path, gate: EnsembleGate = ENSEMBLE_GATE, refused: dict[str, bool] | None = None,
-                ) -> list[dict]:
+def oof_answers(folder: Path, gate: EnsembleGate = ENSEMBLE_GATE) -> list[dict]:
     """Every out-of-fold slice of a model: ``{"source", "state", "correct"}``, the
-    state as the app gives it (an ensemble's under ``gate``, with ``refused``,
-    the chest-CT check's out-of-fold verdicts by image, where the models have
-    one), by :func:`training.crossval.out_of_fold_scores`."""
-    oof, scores = out_of_fold_scores(folder, gate, refused)
+    state as the app gives it (an ensemble's under ``gate``, with the out-of-fold
+    verdicts of the chest-CT check beside it where there is one), by
+    :func:`training.crossval.out_of_fold_scores`."""
+    oof, scores = out_of_fold_scores(folder, gate)
     predicted = [oof.class_names[int(np.argmax(probs))] for probs in scores.probs]
     return [{"source": row["source"], "state": state, "correct": label == row["true"]}
             for row, state, label in zip(oof.rows, scores.states, predicted)]
 
 
 def chest_check_verdicts(models_dir: Path) -> dict[str, bool] | None:
-    """The out-of-fold verdicts of the chest-CT check beside the models, or None where there is none."""
+    """The out-of-fold verdicts of the chest-CT check beside the models, or None where there is none
+    (for the table's summary: :func:`oof_answers` finds them itself)."""
     folder = models_dir / CHECK_FOLDER
     return out_of_fold_refusals(folder) if folder.is_dir() else None
 
@@ -138,7 +138,7 @@ def measure(models_dir: Path, mosmed_root: Path | None, mosmed_limit: int | None
         mosmed_truth = [keys.index(class_key(label)) if class_key(label) in keys else None for label in mosmed_labels]
 
         def rows_for(gate: EnsembleGate) -> dict:
-            oof = oof_answers(folder, gate, refused)
+            oof = oof_answers(folder, gate)
             out = {f"out of fold: {s}": tally([a for a in oof if a["source"] == s])
                    for s in sorted({a["source"] for a in oof})}
             every = []

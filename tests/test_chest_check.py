@@ -12,8 +12,8 @@ import pytest
 import torch
 from tiny_models import write_model_folder
 
-from ctapp.chest_check import CARD_FILE, CHECK_FOLDER, WEIGHTS_FILE, ChestCheckError, build_network, check_beside, \
-    load_check, save_check
+from ctapp.chest_check import CARD_FILE, CHECK_FOLDER, OUT_OF_FOLD_FILE, WEIGHTS_FILE, ChestCheckError, \
+    build_network, check_beside, load_check, save_check
 from ctapp.imaging import LUNG_WINDOW, decode
 from ctapp.inference import NO_BODY_NOTE, NOT_CHEST_CT
 from ctapp.model_folders import DEFAULT_MODELS_DIR, load_model
@@ -134,15 +134,12 @@ def test_a_check_folder_beside_models_is_not_listed_as_a_model(tmp_path):
     assert [entry.name for entry in list_models([tmp_path])] == ["tiny"]
 
 
-def test_the_gate_table_counts_what_the_check_refused_out_of_fold(tmp_path):
-    """benchmarks/gate.py joins the check's out-of-fold verdicts to a model's out-of-fold rows by image."""
+def _write_out_of_fold_member(member, far_score: float):
+    """A cross-validated network's out-of-fold report: slices S/a.png (fold 0) and S/b.png (fold 1), both
+    answered 'x' at 0.9, near the training images, with ``far_score``."""
     import csv
 
-    from benchmarks.gate import oof_answers
-    from ctapp.inference import CONFIDENT, UNLIKE_TRAINING
-
-    member = tmp_path / "member"
-    member.mkdir()
+    member.mkdir(parents=True, exist_ok=True)
     fits = [{"fold": k, "temperature": 1.0, "confidence_threshold": 0.7, "ood_threshold": 2.0, "far_threshold": 10.0}
             for k in (0, 1)]
     with open(member / "eval_report.csv", "w", newline="", encoding="utf-8") as f:
@@ -150,20 +147,31 @@ def test_the_gate_table_counts_what_the_check_refused_out_of_fold(tmp_path):
         writer.writerow(["path", "source", "fold", "true", "pred", "confidence", "p_x", "p_y", "ood_score",
                          "far_score", "image", "sha256"])
         for name, fold in (("a", 0), ("b", 1)):
-            writer.writerow([f"{name}.png", "S", fold, "x", "x", 0.9, 0.9, 0.1, 1.0, 3.0, f"S/{name}.png", name])
+            writer.writerow([f"{name}.png", "S", fold, "x", "x", 0.9, 0.9, 0.1, 1.0, far_score, f"S/{name}.png",
+                             name])
     (member / "eval_report.json").write_text(json.dumps({"out_of_fold": True, "class_names": ["x", "y"],
                                                         "crossfit": {"per_fold": fits}}))
-    assert [a["state"] for a in oof_answers(member)] == [CONFIDENT, CONFIDENT]
-    joined = oof_answers(member, refused={"S/a.png": True, "S/b.png": False})
-    assert [a["state"] for a in joined] == [NOT_CHEST_CT, CONFIDENT]
+    return member
+
+
+def test_the_gate_table_counts_what_the_check_beside_a_model_refused_out_of_fold(tmp_path):
+    """benchmarks/gate.py joins the out-of-fold verdicts of the check beside a model to its out-of-fold rows
+    by image."""
+    from benchmarks.gate import oof_answers
+    from ctapp.inference import CONFIDENT, UNLIKE_TRAINING
+
+    beside = tmp_path / "beside"
+    _check_folder(beside / CHECK_FOLDER, threshold=0.5)
+    (beside / CHECK_FOLDER / OUT_OF_FOLD_FILE).write_text("image,score\nS/a.png,0.1\nS/b.png,0.9\n")
+    alone = _write_out_of_fold_member(tmp_path / "alone" / "member", far_score=3.0)
+    checked = _write_out_of_fold_member(beside / "member", far_score=3.0)
+    assert [a["state"] for a in oof_answers(alone)] == [CONFIDENT, CONFIDENT]
+    assert [a["state"] for a in oof_answers(checked)] == [NOT_CHEST_CT, CONFIDENT]
     # As in the app beside a check: a far score makes a slice unlike the training images, not "not a chest CT".
-    for row in (rows := list(csv.reader(open(member / "eval_report.csv", encoding="utf-8"))))[1:]:
-        row[9] = "30.0"
-    with open(member / "eval_report.csv", "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows(rows)
-    assert [a["state"] for a in oof_answers(member)] == [NOT_CHEST_CT, NOT_CHEST_CT]
-    joined = oof_answers(member, refused={"S/a.png": True, "S/b.png": False})
-    assert [a["state"] for a in joined] == [NOT_CHEST_CT, UNLIKE_TRAINING]
+    alone = _write_out_of_fold_member(tmp_path / "alone" / "member", far_score=30.0)
+    checked = _write_out_of_fold_member(beside / "member", far_score=30.0)
+    assert [a["state"] for a in oof_answers(alone)] == [NOT_CHEST_CT, NOT_CHEST_CT]
+    assert [a["state"] for a in oof_answers(checked)] == [NOT_CHEST_CT, UNLIKE_TRAINING]
 
 
 def _ensemble_beside_a_check(models, threshold: float):
