@@ -24,7 +24,7 @@ import torch
 from .checkpoint import CheckpointError, atomic_save, atomic_write_text, pack_state, safe_load, sha256_file, \
     unpack_state
 from .models import BaselineCNN
-from .preprocess import PreprocessConfig, normalize, to_square
+from .preprocess import Box, PreprocessConfig, body_box, normalize, square_found
 
 CHECK_FOLDER = "chest-check"
 WEIGHTS_FILE = "chest_check.pt"
@@ -59,12 +59,16 @@ class ChestCheck:
             logits = self.network(normalize(squares, self.config)).float()
         return torch.softmax(logits, dim=1)[:, CHEST].numpy()
 
-    def square(self, pixels: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(to_square(pixels, self.config)[0])[None]
+    def square(self, pixels: np.ndarray, body: Box | None = None) -> torch.Tensor:
+        """The (1, S, S) square of a decoded grey slice for the check; ``body``: its
+        :func:`~ctapp.preprocess.body_box` where the caller has found it already."""
+        body = body if body is not None else body_box(pixels)
+        return torch.from_numpy(square_found(pixels, self.config, body)[0])[None]
 
-    def __call__(self, pixels: np.ndarray) -> str:
-        """Why a decoded grey slice is refused, or '' when it passes."""
-        probability = float(self.chest_probability(self.square(pixels)[None])[0])
+    def __call__(self, pixels: np.ndarray, body: Box | None = None) -> str:
+        """Why a decoded grey slice is refused, or '' when it passes (``body`` as for :meth:`square`;
+        ``ctapp.preprocess.to_square`` passes the box it found)."""
+        probability = float(self.chest_probability(self.square(pixels, body)[None])[0])
         if probability >= self.threshold:
             return ""
         return (f"the chest-CT check finds this unlike an axial chest CT slice (score {probability:.1%}; "

@@ -72,6 +72,12 @@ class PreprocessConfig:
         return cls(**values)
 
 
+Box = tuple[int, int, int, int]  # (top, left, bottom, right), as body_box finds it
+# Why a slice with a body (the pixels and the box body_box found in them) is still
+# not a chest CT, or '' where it passes: the app's ctapp.chest_check.ChestCheck.
+InputCheck = Callable[[np.ndarray, Box], str]
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Where the model input came from in the original image, to map a
@@ -82,7 +88,7 @@ class Geometry:
 
     height: int
     width: int
-    box: tuple[int, int, int, int]
+    box: Box
     pad_top: int
     pad_left: int
     side: int
@@ -96,7 +102,7 @@ BODY_MARGIN = 0.02  # of the longer crop side, so the skin line is never cut
 BODY_PART_FRACTION = 0.25  # of the largest tissue component: big enough to be part of the body
 
 
-def _inside_frame(grey: np.ndarray, level: float) -> tuple[int, int, int, int]:
+def _inside_frame(grey: np.ndarray, level: float) -> Box:
     """``(top, left, bottom, right)`` inside a flat band brighter than ``level``
     pasted around the slice (the white or grey margin of a figure or an export),
     peeled one edge row or column at a time; the whole slice when there is none.
@@ -122,7 +128,7 @@ def _inside_frame(grey: np.ndarray, level: float) -> tuple[int, int, int, int]:
     return top, left, bottom, right
 
 
-def body_box(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
+def body_box(pixels: np.ndarray) -> Box | None:
     """Bounding box ``(top, left, bottom, right)`` of the patient's body in a grey
     slice in [0, 1], or None when no body-sized region is found.
 
@@ -205,17 +211,22 @@ def square(pixels: np.ndarray, size: int) -> tuple[np.ndarray, int, int, int]:
 
 
 def to_square(pixels: np.ndarray, config: PreprocessConfig,
-              input_check: Callable[[np.ndarray], str] | None = None) -> tuple[np.ndarray, Geometry]:
+              input_check: InputCheck | None = None) -> tuple[np.ndarray, Geometry]:
     """One decoded grey slice -> the (S, S) square the model sees, and its geometry.
     The single function behind training, evaluation, inference and Grad-CAM.
-    ``input_check`` (the app's :class:`ctapp.chest_check.ChestCheck`) says why a
-    slice with a body is still not a chest CT ('' where it passes)."""
-    h, w = pixels.shape
+    ``input_check`` is asked about a slice with a body, and given its box."""
     # The body is looked for whether or not the model crops: a slice without one
     # (blank, noise) is not a chest CT for any model.
     found_box = body_box(pixels)
-    found = found_box is not None
-    refusal = input_check(pixels) if input_check is not None and found else ""
+    refusal = input_check(pixels, found_box) if input_check is not None and found_box is not None else ""
+    return square_found(pixels, config, found_box, refusal)
+
+
+def square_found(pixels: np.ndarray, config: PreprocessConfig, found_box: Box | None,
+                 refusal: str = "") -> tuple[np.ndarray, Geometry]:
+    """:func:`to_square` of a slice whose :func:`body_box` is already known
+    (``found_box``, None where it found no body), and an input check's ``refusal``."""
+    h, w = pixels.shape
     box = found_box if found_box is not None and config.crop == "body" else (0, 0, h, w)
     region = pixels[box[0]:box[2], box[1]:box[3]]
     if config.intensity == "percentile":
@@ -223,10 +234,10 @@ def to_square(pixels: np.ndarray, config: PreprocessConfig,
     elif config.intensity == "equalise":
         region = equalise_intensity(region)
     resized, top, left, side = square(region, config.img_size)
-    return resized, Geometry(h, w, box, top, left, side, found and not refusal, refusal)
+    return resized, Geometry(h, w, box, top, left, side, found_box is not None and not refusal, refusal)
 
 
-def asked_once(input_check: Callable[[np.ndarray], str] | None) -> Callable[[np.ndarray], str] | None:
+def asked_once(input_check: InputCheck | None) -> InputCheck | None:
     """``input_check`` answering each pixel array once, for squaring one batch of
     slices several ways (an ensemble's members): keyed by the array's id, so the
     caller keeps the arrays alive while it uses the answers."""
@@ -234,9 +245,9 @@ def asked_once(input_check: Callable[[np.ndarray], str] | None) -> Callable[[np.
         return None
     answers: dict[int, str] = {}
 
-    def ask(pixels: np.ndarray) -> str:
+    def ask(pixels: np.ndarray, body: Box) -> str:
         if id(pixels) not in answers:
-            answers[id(pixels)] = input_check(pixels)
+            answers[id(pixels)] = input_check(pixels, body)
         return answers[id(pixels)]
 
     return ask
@@ -250,7 +261,7 @@ def normalize(batch: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
 
 
 def model_input(pixels: np.ndarray, config: PreprocessConfig,
-                input_check: Callable[[np.ndarray], str] | None = None) -> tuple[torch.Tensor, Geometry]:
+                input_check: InputCheck | None = None) -> tuple[torch.Tensor, Geometry]:
     """One decoded slice -> a (1, C, S, S) tensor and its geometry."""
     resized, geometry = to_square(pixels, config, input_check)
     batch = torch.from_numpy(resized)[None, None]
@@ -300,7 +311,7 @@ class LoadedSquares:
 
 def load_squares(paths: list[Path], config: PreprocessConfig, *, workers: int = 2,
                  on_progress: Callable[[int, int], None] | None = None,
-                 input_check: Callable[[np.ndarray], str] | None = None) -> LoadedSquares:
+                 input_check: InputCheck | None = None) -> LoadedSquares:
     size = config.img_size
     images = torch.zeros(len(paths), 1, size, size)
     boxes = [None] * len(paths)

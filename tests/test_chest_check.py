@@ -17,7 +17,7 @@ from ctapp.chest_check import CARD_FILE, CHECK_FOLDER, OUT_OF_FOLD_FILE, WEIGHTS
 from ctapp.imaging import LUNG_WINDOW, decode
 from ctapp.inference import NO_BODY_NOTE, NOT_CHEST_CT
 from ctapp.model_folders import DEFAULT_MODELS_DIR, load_model
-from ctapp.preprocess import to_square
+from ctapp.preprocess import body_box, to_square
 from training.chest_check import CONFIG, TrainingSet, choose_threshold, negative_files, scores, squares_of, \
     synthetic_chest_files, train_check
 from training.foreign import ct_phantom, foreign_set
@@ -207,9 +207,9 @@ def test_an_ensemble_asks_a_shared_check_once_a_slice_however_its_members_square
     ensemble = _ensemble_beside_a_check(tmp_path / "models", threshold=0.5)
     check, asked = ensemble.members[0].input_check, []
 
-    def counting(pixels):
+    def counting(pixels, body):
         asked.append(id(pixels))
-        return check(pixels)
+        return check(pixels, body)
 
     a, b = ensemble.members
     a.input_check = b.input_check = counting
@@ -219,3 +219,28 @@ def test_an_ensemble_asks_a_shared_check_once_a_slice_however_its_members_square
     assert inputs[0][0].shape[-1] != inputs[1][0].shape[-1]  # two squarings
     assert sorted(asked) == sorted(id(s.pixels) for s in slices)  # one question a slice
     assert inputs[0][2] == inputs[1][2] == [check(s.pixels) for s in slices]
+
+
+def test_the_check_squares_a_slice_in_the_body_box_to_square_found_as_if_it_had_looked_itself(tmp_path):
+    """to_square hands the check the body box it found, so the check need not look for it again: the
+    check's square is bit-identical to the one it makes finding the box itself, and so is its answer."""
+    check = load_check(_check_folder(tmp_path / CHECK_FOLDER, threshold=0.5))
+    given = []
+
+    def asked(pixels, body):
+        given.append(body)
+        return check(pixels, body)
+
+    tall = np.zeros((160, 96), np.uint8)
+    tall[32:128] = ct_phantom(96, 3)
+    framed = np.full((150, 150), 240, np.uint8)  # a white figure margin that body_box peels off
+    framed[11:139, 11:139] = ct_phantom(128, 4)
+    slices = [decode(image).pixels for image in (ct_phantom(96, 0), ct_phantom(200, 1), tall, framed)]
+    for pixels in slices:
+        body = body_box(pixels)
+        assert body is not None and body != (0, 0, *pixels.shape)  # the check's crop leaves something out
+        geometry = to_square(pixels, CONFIG, asked)[1]
+        assert given[-1] == body == geometry.box
+        assert torch.equal(check.square(pixels, body), check.square(pixels))
+        assert geometry.refusal == check(pixels)
+    assert len(given) == len(slices)
