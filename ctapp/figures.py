@@ -430,6 +430,36 @@ def chest_check_summary(card: Mapping | None) -> tuple[str, list[dict]]:
     return sentence, rows
 
 
+def scope_summary(scope: Mapping | None) -> tuple[str, list[dict]]:
+    """A model's scope rule as its ``scope.json`` (``python -m training.scope``)
+    records it: a sentence, and one row for the model's own out-of-fold slices
+    and one per source of slices showing the other finding. Empty without one."""
+    rule = (scope or {}).get("rule")
+    own = (scope or {}).get("own_out_of_fold")
+    if not isinstance(rule, Mapping) or not isinstance(own, Mapping):
+        return "", []
+    says = rule.get("says", "another finding")
+    finder = Path(str(rule.get("model", ""))).name
+    sentence = (f"This model is for {rule.get('scope', 'its own classes')}. Where {finder} gives {says} a "
+                f"probability of {_formatted(rule.get('min_probability'), '.0%')} or more, a confident answer becomes "
+                f"'another finding: not what this model was trained for'. Threshold: {scope.get('chosen_by', '')}. "
+                "Every figure is of slices neither model trained on.")
+    before, after = own.get("before") or {}, own.get("after") or {}
+    rows = [{"Slices": "this model's own, out of fold", "Count": own.get("slices"),
+             "Answered (before -> with the rule)": f"{before.get('answered')} -> {after.get('answered')}",
+             "Naming a finding class (before -> with the rule)": None,
+             "Accuracy when answered (before -> with the rule)":
+                 f"{_formatted(before.get('accuracy_when_confident'), '.1%')} -> "
+                 f"{_formatted(after.get('accuracy_when_confident'), '.1%')}"}]
+    for source, f in (scope.get("finding_slices") or {}).items():
+        rows.append({"Slices": f"{says}: {source}", "Count": f.get("slices"),
+                     "Answered (before -> with the rule)": f"{f.get('answered_before')} -> {f.get('answered_after')}",
+                     "Naming a finding class (before -> with the rule)":
+                         f"{f.get('finding_class_before')} -> {f.get('finding_class_after')}",
+                     "Accuracy when answered (before -> with the rule)": None})
+    return sentence, rows
+
+
 SPLIT_NAMES = {"valid": "validation split", "test": "test split", "train": "training split"}
 
 

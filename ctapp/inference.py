@@ -1,5 +1,5 @@
-"""Using trained models: prediction with calibrated probabilities, the answer
-state (with the out-of-distribution check of ``ctapp.ood``) and Grad-CAM
+"""Using trained models: prediction with calibrated probabilities, the answer state (with the
+out-of-distribution check of ``ctapp.ood`` and the scope check of ``ctapp.scope``) and Grad-CAM
 explanations, for one model or an ensemble. ``ctapp.model_folders`` loads them.
 
 One :class:`LoadedModel` may be shared by many threads (the app caches one per
@@ -27,7 +27,8 @@ from .metrics import calibrated
 from .models import get_spec
 from .ood import ENSEMBLE_GATE, EnsembleGate, FeatureCapture, MahalanobisOOD
 from .precision import Precision, inference_precision
-from .preprocess import PreprocessConfig, asked_once, cam_to_image, load_squares, model_input, normalize, to_square
+from .preprocess import (InputCheck, PreprocessConfig, asked_once, cam_to_image, load_squares, model_input, normalize,
+                         to_square)
 from .quantized import load_int8
 
 
@@ -62,6 +63,7 @@ CONFIDENT = "confident"
 LOW_CONFIDENCE = "low confidence"
 UNLIKE_TRAINING = "unlike the training images"
 NOT_CHEST_CT = "not a chest CT"
+OTHER_FINDING = "another finding"  # what the model was not trained for (ctapp.scope)
 NOT_CT_REASON = ("this does not look like a chest CT slice (blank, noise, photo, document or another body part): "
                  "no result")
 UNLIKE_TRAINING_REASON = ("this looks like a CT slice unlike the training images (another scanner, hospital or "
@@ -79,7 +81,7 @@ class Prediction:
     ood_score: float | None
     reasons: list[str] = field(default_factory=list)  # why the result is flagged
     notes: list[str] = field(default_factory=list)  # how the image was read
-    state: str = CONFIDENT  # CONFIDENT, NOT_CHEST_CT, UNLIKE_TRAINING or LOW_CONFIDENCE
+    state: str = CONFIDENT  # CONFIDENT, NOT_CHEST_CT, UNLIKE_TRAINING, LOW_CONFIDENCE or OTHER_FINDING
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -97,10 +99,9 @@ class Analysis:
 
 @dataclass
 class BatchScores:
-    """Per input of a batch: calibrated and uncalibrated probabilities, OOD score
-    (NaN without a check), answer state and its reasons, and whether the body
-    crop found a body; NaN rows and '' states where a file could not be read
-    (its error then says why)."""
+    """Per input of a batch: calibrated and uncalibrated probabilities, OOD score (NaN without a check), answer
+    state and its reasons, and whether the body crop found a body; NaN rows and '' states where a file could not
+    be read (its error then says why)."""
 
     probs: np.ndarray  # (N, C)
     raw_probs: np.ndarray  # (N, C), temperature 1
@@ -145,6 +146,7 @@ class _Answering:
     class_names: list[str]
     display_names: list[str]
     preprocess: PreprocessConfig
+    scope = None  # a ctapp.scope.ScopeCheck: what this model cannot judge (a top-level model's only)
 
     def combine(self, parts: list[BatchScores]) -> BatchScores:
         raise NotImplementedError
@@ -186,18 +188,17 @@ class _Answering:
             shared[config, check] = squares, body, refusals
         return [shared[m.preprocess, m.input_check] for m in self.members]
 
-    def score_slices(self, slices: list[Slice]) -> BatchScores:
-        """Decoded slices through every member as one batch, combined."""
-        return self.combine([m.score_squares(squares, body, batch_size=max(len(slices), 1), refusals=refusals)
-                             for m, (squares, body, refusals) in zip(self.members, self.member_inputs(slices))])
+    def score_slices(self, slices: list[Slice], *, scoped: bool = True) -> BatchScores:
+        """Decoded slices through every member as one batch, combined, and (``scoped``) held to the scope check."""
+        scores = self.combine([m.score_squares(squares, body, batch_size=max(len(slices), 1), refusals=refusals)
+                               for m, (squares, body, refusals) in zip(self.members, self.member_inputs(slices))])
+        return self.scope.apply(scores, slices) if scoped and self.scope is not None else scores
 
     def classify_slices(self, slice_at: Callable[[int], Slice], count: int, *, batch_size: int = 32,
                         on_progress: Callable[[int, int], None] | None = None) -> list[Prediction]:
-        """``count`` slices (``slice_at(i)`` decodes slice ``i``, once) answered
-        ``batch_size`` at a time by every member, with the out-of-distribution
-        check and the answer state: the same answers as :meth:`predict` gives
-        one at a time. Each member's lock is taken per batch, so other users go
-        on between batches; ``on_progress(done, count)`` counts slices."""
+        """``count`` slices (``slice_at(i)`` decodes slice ``i``, once) answered ``batch_size`` at a time by
+        every member, with the same answers and states as :meth:`predict` gives one at a time. Each member's lock
+        is taken per batch, so other users go on between batches; ``on_progress(done, count)`` counts slices."""
         predictions: list[Prediction] = []
         for start in range(0, count, batch_size):
             slices = [slice_at(i) for i in range(start, min(start + batch_size, count))]
@@ -237,7 +238,7 @@ class _Answering:
 
 class LoadedModel(_Answering):
     def __init__(self, model: nn.Module, meta: dict, path: Path | None = None, card: dict | None = None,
-                 input_check: Callable[[np.ndarray], str] | None = None):
+                 input_check: InputCheck | None = None):
         self.meta = meta
         self.input_check = input_check  # the chest-CT check of its directory (ctapp.chest_check) or None
         self.path = path
@@ -317,12 +318,9 @@ class LoadedModel(_Answering):
 
     def forward_batch(self, images: torch.Tensor, batch_size: int = 32,
                       on_progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Raw logits and the out-of-distribution features of cached (N, 1, S, S) grey squares.
-
-        The model's lock is taken per chunk of ``batch_size`` images, not for
-        the whole call, so one user's long evaluation lets other users'
-        predictions through between chunks.
-        """
+        """Raw logits and the out-of-distribution features of cached (N, 1, S, S) grey squares. The model's lock
+        is taken per chunk of ``batch_size`` images, so one user's long evaluation lets other users' predictions
+        through between chunks."""
         chunks = []
         for start in range(0, max(len(images), 1), batch_size):
             with self._lock:
@@ -346,16 +344,15 @@ class LoadedModel(_Answering):
     def score_squares(self, images: torch.Tensor, body_found: list[bool], batch_size: int = 32,
                       on_progress: Callable[[int, int], None] | None = None,
                       refusals: list[str] | None = None) -> BatchScores:
-        """Calibrated probabilities, OOD scores and answer states of prepared
-        (N, 1, S, S) input squares (``to_square``): the same answers as
-        :meth:`predict` gives one slice at a time, batched and without Grad-CAM."""
+        """Calibrated probabilities, OOD scores and answer states of prepared (N, 1, S, S) input squares
+        (``to_square``): :meth:`predict`'s answers, batched, without Grad-CAM or the scope check."""
         logits, features = self.forward_batch(images, batch_size, on_progress=on_progress)
         return self._scores(logits, features, body_found, refusals)
 
     def score_files(self, paths: list[Path], *, workers: int = 2,
                     on_progress: Callable[[int, int], None] | None = None) -> BatchScores:
-        """:meth:`score_squares` of many files (evaluation reports), with each
-        file's read error and SHA-256."""
+        """:meth:`score_squares` of many files, with each file's read error and SHA-256 (without the scope
+        check: evaluation reports use :func:`score_files_read_once`)."""
         loaded = load_squares(paths, self.preprocess, workers=workers, on_progress=on_progress,
                               input_check=self.input_check)
         ok = [i for i, error in enumerate(loaded.errors) if not error]
@@ -374,12 +371,11 @@ class LoadedModel(_Answering):
 
     def analyse(self, image: ImageSource | Slice, target: int | str | None = None,
                 method: str = "Grad-CAM") -> Analysis:
-        """Prediction and a class-activation map in one forward and one short backward pass.
-
-        The map explains the predicted class unless ``target`` names another.
-        """
+        """Prediction and a class-activation map (of the predicted class unless ``target`` names another) in one
+        forward and one short backward pass."""
         image = self._decode(image)
         scores, heat, cam_index = self.scored_cam(image, self.class_index(target), method)
+        scores = self.scope.apply(scores, [image]) if self.scope is not None else scores
         return Analysis(self.prediction(scores, 0, image.notes), heat, self.class_names[cam_index], image)
 
     def scored_cam(self, image: Slice, index: int | None, method: str = "Grad-CAM",
@@ -392,7 +388,7 @@ class LoadedModel(_Answering):
         methods = cam_methods()
         if method not in methods:
             raise ValueError(f"unknown CAM method {method!r}; choose one of {list(methods)}")
-        answer = self.score_slices([image]) if self.runs_int8 else None
+        answer = self.score_slices([image], scoped=False) if self.runs_int8 else None
         if answer is not None and index is None:
             index = int(np.argmax(answer.probs[0]))
         x, geometry = model_input(image.pixels, self.preprocess, self.input_check)
@@ -433,12 +429,10 @@ def ensemble_probabilities(member_probs, temperature: float = 1.0) -> np.ndarray
 
 def ensemble_input_state(member_states: list[str], near_ratios: list[float] | None = None,
                          gate: EnsembleGate = ENSEMBLE_GATE) -> str:
-    """What an ensemble makes of an input (``NOT_CHEST_CT``, ``UNLIKE_TRAINING``
-    or ``CONFIDENT``) from its members' states and near ratios (each member's
-    OOD score over its own threshold), by ``gate`` (the shipped rule:
-    :data:`ENSEMBLE_GATE`). Without ``near_ratios`` a member's flag stands for
-    its ratio (flagged: above any threshold), which makes one member's flag the
-    ensemble's."""
+    """What an ensemble makes of an input (``NOT_CHEST_CT``, ``UNLIKE_TRAINING`` or ``CONFIDENT``) from its
+    members' states and near ratios (each member's OOD score over its own threshold), by ``gate`` (the shipped
+    rule: :data:`ENSEMBLE_GATE`). Without ``near_ratios`` a member's flag stands for its ratio (flagged: above
+    any threshold), which makes one member's flag the ensemble's."""
     if near_ratios is None:
         near_ratios = [np.inf if state in (NOT_CHEST_CT, UNLIKE_TRAINING) else 0.0 for state in member_states]
     not_ct, unlike = gate.flags([state == NOT_CHEST_CT for state in member_states], near_ratios)
@@ -520,16 +514,18 @@ class EnsembleModel(_Answering):
 
     def analyse(self, image: ImageSource | Slice, target: int | str | None = None,
                 method: str = "Grad-CAM") -> Analysis:
-        """The ensemble's prediction, and a map of the class it predicts (or
-        ``target``): the members' maps averaged, or the named member's."""
+        """The ensemble's prediction, and a map of the class it predicts (or ``target``): the members' maps
+        averaged, or the named member's."""
         image = self._decode(image)
         index = self.class_index(target)
         explainers = [m for m in self.members if m.name == self.explain_with] or self.members
         # One pass per member: an explainer's map of its own top class (or ``target``) comes
         # with its scores, and is redrawn only where that class is not the ensemble's.
-        runs = [m.scored_cam(image, index, method) if m in explainers else (m.score_slices([image]), None, None)
-                for m in self.members]
-        prediction = self.prediction(self.combine([scores for scores, _, _ in runs]), 0, image.notes)
+        runs = [m.scored_cam(image, index, method) if m in explainers else
+                (m.score_slices([image], scoped=False), None, None) for m in self.members]
+        scores = self.combine([scores for scores, _, _ in runs])
+        scores = self.scope.apply(scores, [image]) if self.scope is not None else scores
+        prediction = self.prediction(scores, 0, image.notes)
         cam_index = index if index is not None else self.class_names.index(prediction.label)
         maps = [heat if drawn == cam_index else m.scored_cam(image, cam_index, method)[1]
                 for m, (_, heat, drawn) in zip(self.members, runs) if m in explainers]
@@ -537,23 +533,21 @@ class EnsembleModel(_Answering):
 
     def score_files(self, paths: list[Path], *, workers: int = 2,
                     on_progress: Callable[[int, int], None] | None = None) -> BatchScores:
-        """The ensemble's scores of many files, each decoded once for all members
+        """The ensemble's scores of many files, each decoded once for all members, without the scope check
         (:func:`score_files_read_once`)."""
-        return score_files_read_once(self, paths, workers=workers, on_progress=on_progress)[0]
+        return score_files_read_once(self, paths, workers=workers, on_progress=on_progress, scoped=False)[0]
 
 
 FILES_PER_DECODE = 32  # files decoded at a time: their squares are kept, their decoded pixels are not
 
 
 def score_files_read_once(model: LoadedModel | EnsembleModel, paths: list[Path], *, workers: int = 2,
-                          on_progress: Callable[[int, int], None] | None = None) -> tuple[BatchScores, list[str]]:
-    """A model's scores of many files (evaluation reports), each file read once
-    and decoded once for every member (in the first member's window, as
-    :meth:`_Answering.member_inputs` reads slices), with each file's read
-    error and pixel digest; and the SHA-256 of each file's bytes ('' where
-    unreadable). Each member scores its squares as :meth:`LoadedModel.score_files`
-    does, so the answers are those of scoring member by member.
-    ``on_progress(done, count)`` counts files decoded."""
+                          scoped: bool = True, on_progress: Callable[[int, int], None] | None = None
+                          ) -> tuple[BatchScores, list[str]]:
+    """A model's scores of many files (evaluation reports), each read once and decoded once for every member
+    (in the first member's window, as :meth:`_Answering.member_inputs` reads slices), with each file's read error
+    and pixel digest; and the SHA-256 of each file's bytes ('' where unreadable). Each member scores its squares
+    as :meth:`LoadedModel.score_files` does; ``scoped``: then the scope check. ``on_progress`` counts files decoded."""
     n = len(paths)
     errors, digests, sha256s = [""] * n, [""] * n, [""] * n
     window = model.members[0].preprocess.window
@@ -561,6 +555,8 @@ def score_files_read_once(model: LoadedModel | EnsembleModel, paths: list[Path],
     body_found: list[list[bool]] = [[] for _ in model.members]
     refusals: list[list[str]] = [[] for _ in model.members]
     readable: list[int] = []
+    scope = model.scope if scoped else None
+    finding = np.full(n, np.nan)  # the scope check's finding probability, where there is one
 
     def read(i: int) -> Slice | None:
         def hash_bytes(data: bytes) -> None:
@@ -583,6 +579,8 @@ def score_files_read_once(model: LoadedModel | EnsembleModel, paths: list[Path],
                     decoded.append(image)
                 if on_progress:
                     on_progress(i + 1, n)
+            if scope is not None:
+                finding[readable[len(readable) - len(decoded):]] = scope.finding_probability(decoded)
             for member, (chunk_squares, found, refused) in enumerate(model.member_inputs(decoded)):
                 squares[member].append(chunk_squares)
                 body_found[member], refusals[member] = body_found[member] + found, refusals[member] + refused
@@ -592,6 +590,7 @@ def score_files_read_once(model: LoadedModel | EnsembleModel, paths: list[Path],
     if readable:
         combined = model.combine([member.score_squares(torch.cat(parts), found, refusals=refused) for
                                   member, parts, found, refused in zip(model.members, squares, body_found, refusals)])
+        combined = scope.restate(combined, finding[readable]) if scope is not None else combined
         for name in ("probs", "raw_probs", "ood_scores"):
             getattr(scores, name)[readable] = getattr(combined, name)
         for name in ("states", "reasons", "body_found", "refusals"):

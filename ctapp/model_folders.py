@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from .chest_check import WEIGHTS_FILE as CHECK_WEIGHTS_FILE
 from .checkpoint import CheckpointError, load_model_file
 from .inference import EnsembleModel, LoadedModel
 from .quantized import CALIBRATION_FILE
+from .scope import SCOPE_FILE, ScopeCheck, read_rule
 
 WEIGHTS_FILE = "model.pt"
 CARD_FILE = "model_card.json"
@@ -35,24 +37,49 @@ def read_card(folder: Path) -> dict:
     return card
 
 
-def load_model(path: str | os.PathLike) -> LoadedModel | EnsembleModel:
+def load_model(path: str | os.PathLike, *, scoped: bool = True) -> LoadedModel | EnsembleModel:
     """Load a model folder (``model.pt`` plus ``model_card.json``), an ensemble
     folder (``ensemble.json`` naming member folders) or a checkpoint file.
 
     The weights' SHA-256 is checked against the model card when the card records it.
     A model folder beside a chest-CT check (``../chest-check``, as in ``models/``)
-    refuses what the check refuses (:mod:`ctapp.chest_check`).
+    refuses what the check refuses (:mod:`ctapp.chest_check`); one with a
+    ``scope.json`` (and ``scoped``) withholds what it cannot judge (:mod:`ctapp.scope`).
     """
     path = Path(path)
     if path.is_dir() and (path / ENSEMBLE_FILE).is_file():
-        return load_ensemble(path)
+        model = load_ensemble(path)
+        model.scope = scope_of(path) if scoped else None
+        return model
     folder, weights = (path, path / WEIGHTS_FILE) if path.is_dir() else (path.parent, path)
     if not weights.is_file():
         raise CheckpointError(f"{path}: no model here (expected {WEIGHTS_FILE} in the folder)")
     card = read_card(folder) if weights.name == WEIGHTS_FILE else {}
     model, meta = load_model_file(weights, expected_sha256=card.get("weights_sha256"))
-    return LoadedModel(model, meta, path=folder if weights.name == WEIGHTS_FILE else weights, card=card,
-                       input_check=check_beside(folder))
+    loaded = LoadedModel(model, meta, path=folder if weights.name == WEIGHTS_FILE else weights, card=card,
+                         input_check=check_beside(folder))
+    loaded.scope = scope_of(folder) if scoped and path.is_dir() else None
+    return loaded
+
+
+_finding_models: dict[tuple[Path, float], LoadedModel | EnsembleModel] = {}
+_loading_finding_models = threading.Lock()
+
+
+def scope_of(folder: Path) -> ScopeCheck | None:
+    """The scope check of a model folder (its ``scope.json``), or None; the
+    finding model it names is loaded once per process and version."""
+    rule = read_rule(folder)
+    if rule is None:
+        return None
+    target = (folder / rule.model).resolve()
+    if not target.is_dir():
+        raise CheckpointError(f"{folder / SCOPE_FILE}: names {rule.model}, which is not a model folder here")
+    key = (target, model_stamp(target))
+    with _loading_finding_models:
+        if key not in _finding_models:
+            _finding_models[key] = load_model(target, scoped=False)
+        return ScopeCheck(rule, _finding_models[key])
 
 
 def read_ensemble_spec(folder: Path) -> tuple[dict, list[Path]]:
@@ -75,14 +102,14 @@ def load_ensemble(folder: Path) -> EnsembleModel:
     for name, member_path in zip(spec["members"], members):
         if (member_path / ENSEMBLE_FILE).is_file():
             raise CheckpointError(f"{folder / ENSEMBLE_FILE}: member {name} is an ensemble itself")
-        loaded.append(load_model(member_path))
+        loaded.append(load_model(member_path, scoped=False))
     return EnsembleModel(loaded, spec, path=folder, card=read_card(folder))
 
 
 def model_stamp(folder: str | Path) -> float:
     """Modification time of what defines the model in ``folder`` (its weights, or an
-    ensemble's description), or of its int8 calibration or the chest-CT check beside
-    it where that is newer: part of every cache key of the app."""
+    ensemble's description), or of its int8 calibration, its scope rule or the
+    chest-CT check beside it where that is newer: part of every cache key of the app."""
     folder = Path(folder)
 
     def modified(name: str) -> float | None:
@@ -92,7 +119,7 @@ def model_stamp(folder: str | Path) -> float:
             return None
 
     defining = next((stamp for name in (WEIGHTS_FILE, ENSEMBLE_FILE) if (stamp := modified(name)) is not None), 0.0)
-    return max(defining, modified(CALIBRATION_FILE) or 0.0,
+    return max(defining, modified(CALIBRATION_FILE) or 0.0, modified(SCOPE_FILE) or 0.0,
                modified(f"../{CHECK_FOLDER}/{CHECK_WEIGHTS_FILE}") or 0.0)
 
 

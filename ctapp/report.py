@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 import numpy as np
 from PIL import Image
 
-from .inference import LOW_CONFIDENCE, NOT_CHEST_CT, UNLIKE_TRAINING, Prediction
+from .inference import LOW_CONFIDENCE, NOT_CHEST_CT, OTHER_FINDING, UNLIKE_TRAINING, Prediction
 
 DISCLAIMER = ("Research use only. Not a medical device: not for diagnosis or treatment decisions. "
               "Results must be reviewed by a qualified clinician.")
@@ -69,6 +69,8 @@ def verdict(prediction: Prediction, display_label: str | None = None) -> str:
     if prediction.state == UNLIKE_TRAINING:
         return (f"Unlike the training images: no reliable result (it leans {label}, {prediction.confidence:.0%}, "
                 "for reference only).")
+    if prediction.state == OTHER_FINDING:
+        return "Another finding: not what this model was trained for, no result."
     if prediction.uncertain or prediction.state == LOW_CONFIDENCE:
         return f"Uncertain: no confident answer (most likely {label}, {prediction.confidence:.0%})."
     return f"{label} ({prediction.confidence:.0%} calibrated probability)"
@@ -82,6 +84,8 @@ def result_cell(prediction: Prediction, display_label: str | None = None) -> str
         return "Not a chest CT (no result)"
     if prediction.state == UNLIKE_TRAINING:
         return f"Unlike the training images (leans {label})"
+    if prediction.state == OTHER_FINDING:
+        return "Another finding (no result)"
     return f"Uncertain (leans {label})" if prediction.uncertain else label
 
 

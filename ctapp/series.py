@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .inference import CONFIDENT, LOW_CONFIDENCE, NOT_CHEST_CT, UNLIKE_TRAINING, Prediction
+from .inference import CONFIDENT, LOW_CONFIDENCE, NOT_CHEST_CT, OTHER_FINDING, UNLIKE_TRAINING, Prediction
 from .metrics import NEGATIVE_NAME
 from .report import csv_text
 from .volumes import Series
@@ -89,14 +89,15 @@ MIN_ANSWERED_SHARE = 0.5  # a series most of whose slices are unanswered has no 
 KEY_SLICES = 5
 VERDICT_RULE = (
     f"Only confidently answered slices count: uncertain ones (low confidence, unlike the training images, not a "
-    f"chest CT, or any other state the model cannot judge) never do. A series has no result, one for the whole "
+    f"chest CT, another finding the model was not trained for) never do. A series has no result, one for the whole "
     f"series, when fewer than {MIN_ANSWERED_SHARE:.0%} of its slices, or fewer than {MIN_FINDING_SLICES}, are "
     f"answered confidently. Otherwise a finding class is reported when at least {MIN_FINDING_SLICES} slices are "
     f"confidently predicted as it; the series shows the finding class with the most such slices (the others are "
     f"listed). Classes named normal, non-... or negative are not findings, and a series that reaches no finding "
     f"class is not thereby normal: the model only looks for its own classes. That neutral verdict is given only "
     f"by a model whose card shows that, out of fold, no held-out series of a finding class got it; where some "
-    f"did, the series has no result, with the card's figures; a model whose card has no such check says so.")
+    f"did, the series has no result, with the card's figures; a model whose card has no such check says so. "
+    f"Another finding on {MIN_FINDING_SLICES} or more slices is added to a judged series' verdict.")
 NOT_VALIDATED = "this rule was not validated on series for this model"
 
 
@@ -141,7 +142,7 @@ def summarise(series_id: str, result: SeriesPredictions, *, rule_only: bool = Fa
     n = len(preds)
     names = dict(zip(result.class_names, result.display_names))
     counts = {c: sum(1 for p in preds if p.state == CONFIDENT and p.label == c) for c in result.class_names}
-    by_state = {s: 0 for s in (LOW_CONFIDENCE, UNLIKE_TRAINING, NOT_CHEST_CT)}
+    by_state = {s: 0 for s in (LOW_CONFIDENCE, UNLIKE_TRAINING, NOT_CHEST_CT, OTHER_FINDING)}
     for p in preds:
         if p.state != CONFIDENT:
             by_state[p.state] = by_state.get(p.state, 0) + 1
@@ -150,7 +151,8 @@ def summarise(series_id: str, result: SeriesPredictions, *, rule_only: bool = Fa
     findings = finding_classes(result.class_names)
     reached = {c: counts[c] for c in findings if counts[c] >= MIN_FINDING_SLICES}
     probs = result.probabilities
-    if confident < MIN_FINDING_SLICES or confident < MIN_ANSWERED_SHARE * n:
+    judged = confident >= MIN_FINDING_SLICES and confident >= MIN_ANSWERED_SHARE * n
+    if not judged:
         label, has_result, reached = None, False, {}
         states = ", ".join(f"{state} {k}" for state, k in by_state.items() if k)
         verdict = (f"No result: only {confident} of {n} slices were answered confidently ({uncertain} uncertain: "
@@ -186,6 +188,9 @@ def summarise(series_id: str, result: SeriesPredictions, *, rule_only: bool = Fa
     others = dict(sorted(((c, k) for c, k in reached.items() if c != label), key=lambda item: -item[1]))
     if others:
         verdict += "; also " + ", ".join(f"{names[c]}-like on {k}" for c, k in others.items())
+    if judged and by_state[OTHER_FINDING] >= MIN_FINDING_SLICES:
+        verdict += (f"; another finding on {by_state[OTHER_FINDING]} slices, which this model was not trained for "
+                    f"(see the slices' reasons)")
     return SeriesSummary(series_id, n, label, verdict, VERDICT_RULE, counts, uncertain, by_state, key, has_result,
                          others)
 

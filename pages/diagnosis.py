@@ -26,6 +26,7 @@ from ctapp.imaging import LUNG_WINDOW, ImageDecodeError, Slice, Window
 from ctapp.inference import (
     NOT_CHEST_CT,
     NOT_CT_REASON,
+    OTHER_FINDING,
     UNLIKE_TRAINING,
     UNLIKE_TRAINING_REASON,
     Analysis,
@@ -105,7 +106,7 @@ def clean_error(message: str) -> str:
 def flags(prediction: Prediction) -> list[str]:
     """Short flags for the table, the CSV and the audit log."""
     out = []
-    if prediction.state in (NOT_CHEST_CT, UNLIKE_TRAINING):
+    if prediction.state in (NOT_CHEST_CT, UNLIKE_TRAINING, OTHER_FINDING):
         out.append(prediction.state)
     if any(reason.startswith("low confidence") for reason in prediction.reasons):
         out.append("low confidence")
@@ -341,6 +342,9 @@ def show_verdict(prediction: Prediction, model: LoadedModel) -> None:
                    f"another scanner, hospital or export than the model learned from; it may misread it."
                    f"{reasons}\n\nIt leans {label} ({prediction.confidence:.0%}), for reference only.",
                    icon=":material/help:")
+    elif prediction.state == OTHER_FINDING:
+        st.warning(f"**Another finding: not what this model was trained for, no result.**{reasons}",
+                   icon=":material/report:")
     elif prediction.uncertain:
         st.warning(f"**Uncertain: no confident answer.**{reasons}\n\nMost likely class, for reference only: "
                    f"{label} ({prediction.confidence:.0%}).", icon=":material/help:")

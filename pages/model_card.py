@@ -19,6 +19,7 @@ from ctapp.model_folders import ENSEMBLE_FILE, ModelEntry, read_ensemble_spec
 from ctapp.metrics import few_images_note
 from ctapp.quantized import CALIBRATION_FILE
 from ctapp.report import DISCLAIMER
+from ctapp.scope import SCOPE_FILE
 
 # Card keys shown in their own sections; anything else appears under "Other fields".
 SHOWN = {"name", "task", "classes", "display_names", "architecture", "architecture_title", "weights_origin",
@@ -320,6 +321,7 @@ def show_overview(entry: ModelEntry, card: Mapping) -> None:
     st.markdown("**Out-of-distribution check**")
     card_section(card, "out_of_distribution", members)
     show_chest_check(entry)
+    show_scope(entry)
     show_int8_agreement(entry)
     check = card.get("weight_storage_check")
     if check:
@@ -339,6 +341,15 @@ def show_chest_check(entry: ModelEntry) -> None:
         st.markdown("**Chest-CT check** (shared by the models beside it)")
         st.caption(sentence)
         st.dataframe(rows, hide_index=True, key="card_chest_check")
+
+
+def show_scope(entry: ModelEntry) -> None:
+    """What this model withholds because another model sees a finding it was not trained for."""
+    sentence, rows = figures.scope_summary(ui_cache.read_json(entry.path / SCOPE_FILE))
+    if rows:
+        st.markdown("**Scope: another finding**")
+        st.caption(sentence)
+        st.dataframe(rows, hide_index=True, key="card_scope")
 
 
 def show_int8_agreement(entry: ModelEntry) -> None:

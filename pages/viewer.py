@@ -34,7 +34,7 @@ import streamlit as st
 from ctapp import figures, ui_cache
 from ctapp.checkpoint import CheckpointError
 from ctapp.imaging import LUNG_WINDOW, Window
-from ctapp.inference import CONFIDENT, LOW_CONFIDENCE, NOT_CHEST_CT, UNLIKE_TRAINING
+from ctapp.inference import CONFIDENT, LOW_CONFIDENCE, NOT_CHEST_CT, OTHER_FINDING, UNLIKE_TRAINING
 from ctapp.model_folders import ModelEntry
 from ctapp.report import DISCLAIMER, KeySlice, markdown_text, result_cell, safe_stem, series_report, verdict
 from ctapp.series import SeriesPredictions, finding_classes, series_csv, slice_rows, summarise
@@ -182,7 +182,8 @@ def show_summary(series: Series, result: SeriesPredictions, key: str) -> None:
             st.metric(f"{names[cls]} (confident)", count, width="content")
         st.metric("Uncertain (no result)", summary.uncertain, width="content",
                   help=f"low confidence {by_state[LOW_CONFIDENCE]}, unlike the training images "
-                       f"{by_state[UNLIKE_TRAINING]}, not a chest CT {by_state[NOT_CHEST_CT]}")
+                       f"{by_state[UNLIKE_TRAINING]}, not a chest CT {by_state[NOT_CHEST_CT]}, another finding "
+                       f"{by_state[OTHER_FINDING]}")
     st.caption(f"How the series verdict is reached: {summary.rule}")
     if summary.key_slices:
         st.markdown("Key slices: " + ("the slices that drive the verdict" if summary.label else
