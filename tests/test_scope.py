@@ -114,6 +114,8 @@ def test_the_threshold_withholds_at_most_the_budget_of_confident_answers():
     for budget, withheld in ((0.0, 0), (0.1, 0), (0.12, 1), (0.25, 2), (0.5, 4)):
         t = choose_threshold(probability, confident, budget)
         assert int((probability[confident] >= t).sum()) == withheld
+    with pytest.raises(ValueError, match="answered none of its out-of-fold slices confidently"):
+        choose_threshold(probability, np.zeros(10, bool), 0.5)
 
 
 def test_report_rows_written_elsewhere_match_files_by_source_class_and_name():

@@ -56,9 +56,9 @@ def resolve(row_path: str, data: Path) -> Path:
 def choose_threshold(probability: np.ndarray, confident: np.ndarray, budget: float) -> float:
     """The lowest finding probability whose rule withholds at most ``budget`` of the confident answers."""
     asked = np.sort(probability[confident])[::-1]
+    if not len(asked):
+        raise ValueError("the model answered none of its out-of-fold slices confidently: no threshold to choose")
     allowed = int(np.floor(budget * len(asked)))
-    if allowed >= len(asked):
-        return 0.0
     # Withholding p >= t; t just above the (allowed+1)-th highest keeps `allowed` withheld at most.
     return float(np.nextafter(asked[allowed], np.inf))
 
