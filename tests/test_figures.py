@@ -294,6 +294,19 @@ def test_slice_report_states_uncertainty_and_reasons():
     assert "NOT A VALID RESULT" not in confident and "bar muted" not in confident
 
 
+def test_another_finding_reads_as_no_result_in_the_report_and_the_tables():
+    from ctapp.inference import OTHER_FINDING
+    from ctapp.report import result_cell
+
+    why = "another finding: covid-resnet50 sees COVID-19 here (91%; this rule withholds from 57%)"
+    other = prediction(uncertain=True, confidence=0.9, state=OTHER_FINDING, reasons=[why])
+    assert verdict(other) == "Another finding: not what this model was trained for, no result."
+    assert result_cell(other) == "Another finding (no result)"
+    html = slice_report(image=np.zeros((20, 20)), results=[ModelResult("m", "v", other)])
+    assert "Another finding: not what this model was trained for" in html and "covid-resnet50 sees COVID-19" in html
+    assert "NOT A VALID RESULT" in html and "calibrated probability)" not in html
+
+
 def _summary(**kw):
     from ctapp.series import SeriesSummary
 
