@@ -192,7 +192,11 @@ class _Answering:
         """Decoded slices through every member as one batch, combined, and (``scoped``) held to the scope check."""
         scores = self.combine([m.score_squares(squares, body, batch_size=max(len(slices), 1), refusals=refusals)
                                for m, (squares, body, refusals) in zip(self.members, self.member_inputs(slices))])
-        return self.scope.apply(scores, slices) if scoped and self.scope is not None else scores
+        return self.held_to_scope(scores, slices) if scoped else scores
+
+    def held_to_scope(self, scores: BatchScores, slices: list[Slice]) -> BatchScores:
+        """``scores`` of ``slices`` with what the scope check withholds, where the model has one."""
+        return scores if self.scope is None else self.scope.apply(scores, slices)
 
     def classify_slices(self, slice_at: Callable[[int], Slice], count: int, *, batch_size: int = 32,
                         on_progress: Callable[[int, int], None] | None = None) -> list[Prediction]:
@@ -375,7 +379,7 @@ class LoadedModel(_Answering):
         forward and one short backward pass."""
         image = self._decode(image)
         scores, heat, cam_index = self.scored_cam(image, self.class_index(target), method)
-        scores = self.scope.apply(scores, [image]) if self.scope is not None else scores
+        scores = self.held_to_scope(scores, [image])
         return Analysis(self.prediction(scores, 0, image.notes), heat, self.class_names[cam_index], image)
 
     def scored_cam(self, image: Slice, index: int | None, method: str = "Grad-CAM",
@@ -524,7 +528,7 @@ class EnsembleModel(_Answering):
         runs = [m.scored_cam(image, index, method) if m in explainers else
                 (m.score_slices([image], scoped=False), None, None) for m in self.members]
         scores = self.combine([scores for scores, _, _ in runs])
-        scores = self.scope.apply(scores, [image]) if self.scope is not None else scores
+        scores = self.held_to_scope(scores, [image])
         prediction = self.prediction(scores, 0, image.notes)
         cam_index = index if index is not None else self.class_names.index(prediction.label)
         maps = [heat if drawn == cam_index else m.scored_cam(image, cam_index, method)[1]
@@ -538,25 +542,21 @@ class EnsembleModel(_Answering):
         return score_files_read_once(self, paths, workers=workers, on_progress=on_progress, scoped=False)[0]
 
 
-FILES_PER_DECODE = 32  # files decoded at a time: their squares are kept, their decoded pixels are not
+FILES_PER_DECODE = 32  # files decoded, squared and scored at a time: nothing of a chunk is kept but its scores
 
 
 def score_files_read_once(model: LoadedModel | EnsembleModel, paths: list[Path], *, workers: int = 2,
                           scoped: bool = True, on_progress: Callable[[int, int], None] | None = None
                           ) -> tuple[BatchScores, list[str]]:
     """A model's scores of many files (evaluation reports), each read once and decoded once for every member
-    (in the first member's window, as :meth:`_Answering.member_inputs` reads slices), with each file's read error
-    and pixel digest; and the SHA-256 of each file's bytes ('' where unreadable). Each member scores its squares
-    as :meth:`LoadedModel.score_files` does; ``scoped``: then the scope check. ``on_progress`` counts files decoded."""
-    n = len(paths)
+    (in the first member's window), answered a chunk at a time as :meth:`_Answering.score_slices` answers
+    slices (``scoped``: with the scope check), with each file's read error and pixel digest; and the SHA-256 of
+    each file's bytes ('' where unreadable). ``on_progress(done, count)`` counts files decoded."""
+    n, k = len(paths), len(model.class_names)
     errors, digests, sha256s = [""] * n, [""] * n, [""] * n
     window = model.members[0].preprocess.window
-    squares: list[list[torch.Tensor]] = [[] for _ in model.members]
-    body_found: list[list[bool]] = [[] for _ in model.members]
-    refusals: list[list[str]] = [[] for _ in model.members]
-    readable: list[int] = []
-    scope = model.scope if scoped else None
-    finding = np.full(n, np.nan)  # the scope check's finding probability, where there is one
+    scores = BatchScores(np.full((n, k), np.nan), np.full((n, k), np.nan), np.full(n, np.nan), [""] * n,
+                         [[] for _ in range(n)], errors, digests, [True] * n, [""] * n)
 
     def read(i: int) -> Slice | None:
         def hash_bytes(data: bytes) -> None:
@@ -572,28 +572,19 @@ def score_files_read_once(model: LoadedModel | EnsembleModel, paths: list[Path],
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, n, FILES_PER_DECODE):
-            chunk, decoded = range(start, min(start + FILES_PER_DECODE, n)), []
+            chunk, readable, decoded = range(start, min(start + FILES_PER_DECODE, n)), [], []
             for i, image in zip(chunk, pool.map(read, chunk)):
                 if image is not None:
                     readable.append(i)
                     decoded.append(image)
                 if on_progress:
                     on_progress(i + 1, n)
-            if scope is not None:
-                finding[readable[len(readable) - len(decoded):]] = scope.finding_probability(decoded)
-            for member, (chunk_squares, found, refused) in enumerate(model.member_inputs(decoded)):
-                squares[member].append(chunk_squares)
-                body_found[member], refusals[member] = body_found[member] + found, refusals[member] + refused
-    k = len(model.class_names)
-    scores = BatchScores(np.full((n, k), np.nan), np.full((n, k), np.nan), np.full(n, np.nan), [""] * n,
-                         [[] for _ in range(n)], errors, digests, [True] * n, [""] * n)
-    if readable:
-        combined = model.combine([member.score_squares(torch.cat(parts), found, refusals=refused) for
-                                  member, parts, found, refused in zip(model.members, squares, body_found, refusals)])
-        combined = scope.restate(combined, finding[readable]) if scope is not None else combined
-        for name in ("probs", "raw_probs", "ood_scores"):
-            getattr(scores, name)[readable] = getattr(combined, name)
-        for name in ("states", "reasons", "body_found", "refusals"):
-            for row, value in zip(readable, getattr(combined, name)):
-                getattr(scores, name)[row] = value
+            if not decoded:
+                continue
+            answered = model.score_slices(decoded, scoped=scoped)
+            for name in ("probs", "raw_probs", "ood_scores"):
+                getattr(scores, name)[readable] = getattr(answered, name)
+            for name in ("states", "reasons", "body_found", "refusals"):
+                for row, value in zip(readable, getattr(answered, name)):
+                    getattr(scores, name)[row] = value
     return scores, sha256s
