@@ -1,6 +1,6 @@
 """Choose a model's scope rule out of fold (``ctapp.scope``) and write its ``scope.json``.
 
-    python -m training.scope --model models/lung-ensemble --finding-model models/covid-ensemble \\
+    python -m training.scope --model models/lung-ensemble --finding-model models/covid-resnet50 \\
         --finding covid --says "COVID-19" --scope "lung cancer subtypes and normal slices" \\
         --data ../shared/data/chest-ct-scan-images/Data \\
         --finding-data ../shared/data/sarscov2-ctscan ../shared/data/covid-ct-ucsd ../shared/data/mosmed \\
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -64,10 +65,12 @@ def choose_threshold(probability: np.ndarray, confident: np.ndarray, budget: flo
 
 
 def take(scores: BatchScores, rows: list[int]) -> BatchScores:
-    """The given rows of ``scores``, in that order."""
-    return BatchScores(scores.probs[rows], scores.raw_probs[rows], scores.ood_scores[rows],
-                       *([values[i] for i in rows] for values in (scores.states, scores.reasons, scores.errors,
-                                                                   scores.digests, scores.body_found, scores.refusals)))
+    """The given rows of ``scores``, in that order (an optional list the scores leave empty stays empty)."""
+
+    def rows_of(values):
+        return values[rows] if isinstance(values, np.ndarray) else [values[i] for i in rows] if values else []
+
+    return BatchScores(**{f.name: rows_of(getattr(scores, f.name)) for f in fields(BatchScores)})
 
 
 def answered(scores: BatchScores, rows: np.ndarray | None = None) -> np.ndarray:
@@ -105,7 +108,8 @@ def finding_figures(scores: BatchScores, restated: BatchScores, sources: np.ndar
     return out
 
 
-def finding_probabilities(finding_folder: Path, paths: list[Path], index: int) -> tuple[np.ndarray, dict]:
+def finding_probabilities(finding_folder: Path, finding_model, paths: list[Path], index: int
+                          ) -> tuple[np.ndarray, dict]:
     """The finding model's probability of its finding in each file, out of fold where it trained on the
     file's source (NaN where such a file has no out-of-fold row), fresh elsewhere; and how many were which."""
     oof, scores = out_of_fold_scores(finding_folder)
@@ -120,8 +124,7 @@ def finding_probabilities(finding_folder: Path, paths: list[Path], index: int) -
         elif path.parent.parent.name not in trained_sources:
             fresh.append(i)
     if fresh:
-        model = load_model(finding_folder, scoped=False)
-        probability[fresh] = model.score_files([paths[i] for i in fresh]).probs[:, index]
+        probability[fresh] = finding_model.score_files([paths[i] for i in fresh]).probs[:, index]
     counts = {"out_of_fold": int(len(paths) - len(fresh) - np.isnan(probability).sum()), "fresh": len(fresh),
               "left_out": int(np.isnan(probability).sum())}
     return probability, counts
@@ -170,7 +173,7 @@ def main(args: argparse.Namespace) -> dict:
     paths = [path for _, _, _, path in items]
     scoped = load_model(args.model, scoped=False)
     before = scoped.score_files(paths)
-    probability, asked = finding_probabilities(args.finding_model, paths, index)
+    probability, asked = finding_probabilities(args.finding_model, finding_model, paths, index)
     keep = ~np.isnan(probability)
     after = restate(before, np.where(keep, probability, -np.inf), rule)
     sources = np.array([path.parent.parent.name for path in paths])
